@@ -1,0 +1,65 @@
+# GPU training orchestrator on Apache Airflow 3.
+#   make demo            one real training job end to end on the embedded default (local provider)
+#   make test            the whole test suite
+#   make run CONF='{}'   one job with these params, exactly as the demo runs it
+SHELL := /bin/bash
+PYTHON ?= python3.11
+ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
+PYTHON := python3
+endif
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+
+export AIRFLOW_HOME ?= $(CURDIR)/airflow_home
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__UNIT_TEST_MODE := False
+export AIRFLOW__LOGGING__LOGGING_LEVEL ?= INFO
+export PYTHONPATH := $(CURDIR)/plugins
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+CONF ?= {}
+PYTEST_ARGS ?=
+
+.PHONY: help install migrate demo run test lint bench clean status-db
+
+help:
+	@sed -n '2,4p' Makefile
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+$(AIRFLOW_HOME)/.migrated: $(BIN)/.installed $(wildcard plugins/gpu_training/results/migrations/versions/*.py)
+	mkdir -p $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -30 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+	$(BIN)/python -m gpu_training.results.migrate upgrade
+	touch $@
+
+migrate: $(AIRFLOW_HOME)/.migrated
+
+demo: migrate
+	@echo "== running one gpu_training job on the local provider (AIRFLOW_HOME=$(AIRFLOW_HOME))"
+	$(BIN)/python -m gpu_training.cli run --conf '{"project_id": "demo"}'
+
+run: migrate
+	$(BIN)/python -m gpu_training.cli run --conf '$(CONF)'
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: migrate
+	$(BIN)/python bench/ingest.py
+
+lint: install
+	$(BIN)/ruff check plugins dags tests bench include
+	$(BIN)/ruff format --check plugins dags tests bench include
+	$(BIN)/mypy plugins/gpu_training
+
+clean:
+	rm -rf $(AIRFLOW_HOME)

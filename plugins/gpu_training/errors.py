@@ -1,0 +1,74 @@
+"""One exception hierarchy for the orchestrator.
+
+Messages say what failed, with which input, and what to do about it. Provider errors carry the id of
+anything half-created so teardown can still find and terminate it.
+"""
+
+from __future__ import annotations
+
+
+class TrainingError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class JobParamsError(TrainingError, ValueError):
+    """A job parameter is invalid; raised before anything is provisioned."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(f"invalid param {param!r}: {message}")
+
+
+class ResultsDbError(TrainingError):
+    """The results database is missing, unreachable or not migrated."""
+
+
+class JobNotFoundError(ResultsDbError):
+    """No training job with this uuid exists in the results database."""
+
+
+class ProviderError(TrainingError):
+    """A compute provider call failed. ``instance_id`` is set when something was created anyway."""
+
+    retryable: bool = False
+
+    def __init__(self, provider: str, message: str, *, instance_id: str | None = None) -> None:
+        self.provider = provider
+        self.instance_id = instance_id
+        super().__init__(f"{provider}: {message}")
+
+
+class NoCapacityError(ProviderError):
+    """The provider has no capacity for the requested offer right now; try another offer."""
+
+    retryable = True
+
+
+class BadRequestError(ProviderError):
+    """The provider rejected the request as invalid; retrying the same request will not help."""
+
+
+class ProviderUnavailableError(ProviderError):
+    """The provider's API is down, timing out or rate limiting; retry later."""
+
+    retryable = True
+
+
+class InstanceNotFoundError(ProviderError):
+    """The provider does not know this instance (never created, or already gone)."""
+
+
+class HostError(TrainingError):
+    """A command or file operation on the instance failed."""
+
+
+class TransferError(HostError):
+    """A file did not arrive intact (size or SHA256 mismatch) or could not be copied."""
+
+
+class StorageError(TrainingError):
+    """Reading the dataset or writing outputs to ``file://`` / ``s3://`` storage failed."""
+
+
+class TrainerFailedError(TrainingError):
+    """The trainer ended without ``PROJECT end``, stalled, or ran past its limits."""

@@ -1,0 +1,1 @@
+"""Hosts: the work directory and trainer process of a running instance."""

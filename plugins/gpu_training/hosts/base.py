@@ -1,0 +1,129 @@
+"""The host interface: what the job's steps do on a running instance.
+
+A host is the instance seen from the orchestrator: a work directory to put files in, a detached
+trainer to start and watch, files to read back by byte offset. The local provider implements it
+with the local filesystem; the SSH provider (and every cloud through it) with SSH and SFTP.
+
+Work directory layout (relative paths are part of the contract with the remote scripts)::
+
+    config/job.yaml     the job's YAML config        (TRAINING_CONFIG)
+    data/               the dataset
+    outputs/            everything the trainer writes (TRAINING_OUTPUT_DIR), global.json included
+    trainer/            the reference trainer, for the default command
+    logs/trainer.log    the trainer's stdout and stderr
+    run/                pgid, trainer.pid, exit_code (see include/remote/run_trainer.sh)
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+CONFIG_PATH = "config/job.yaml"
+DATA_DIR = "data"
+OUTPUT_DIR = "outputs"
+TRAINER_DIR = "trainer"
+LOG_PATH = "logs/trainer.log"
+RUN_DIR = "run"
+
+INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
+RUN_TRAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_trainer.sh"
+REFERENCE_TRAINER_DIR = INCLUDE_DIR / "trainer"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerStatus:
+    """Whether the trainer was started, still runs, and how it ended."""
+
+    started: bool
+    running: bool
+    exit_code: int | None = None
+    pid: int | None = None
+
+    @property
+    def vanished(self) -> bool:
+        """Started, not running, and no exit code: the wrapper itself was killed."""
+        return self.started and not self.running and self.exit_code is None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    path: str  # relative to the directory that was listed
+    size: int
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Host(abc.ABC):
+    """Operations on one instance's work directory. Paths are relative to ``workdir``."""
+
+    workdir: str
+    #: The interpreter the ``{python}`` placeholder of ``command`` expands to.
+    python: str = "python3"
+
+    def path(self, relpath: str = "") -> str:
+        return f"{self.workdir.rstrip('/')}/{relpath}" if relpath else self.workdir
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Create the work directory layout (idempotent)."""
+
+    @abc.abstractmethod
+    def put_bytes(self, data: bytes, relpath: str) -> str:
+        """Write ``data`` atomically and verify it; returns its SHA256."""
+
+    @abc.abstractmethod
+    def put_file(self, local_path: Path, relpath: str) -> str:
+        """Copy a local file, verify size and SHA256 on arrival; returns the SHA256."""
+
+    def put_tree(self, local_dir: Path, relpath: str) -> list[RemoteFile]:
+        """Copy a local directory recursively (every file verified)."""
+        copied: list[RemoteFile] = []
+        for src in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = src.relative_to(local_dir).as_posix()
+            if "__pycache__" in rel:
+                continue
+            self.put_file(src, f"{relpath}/{rel}")
+            copied.append(RemoteFile(rel, src.stat().st_size))
+        return copied
+
+    @abc.abstractmethod
+    def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
+        """Bytes from ``offset`` (at most ``max_bytes``); ``None`` if the file does not exist."""
+
+    @abc.abstractmethod
+    def start_trainer(self, argv: Sequence[str], env: Mapping[str, str]) -> TrainerStatus:
+        """Start the trainer detached; if it was started already, return its status instead."""
+
+    @abc.abstractmethod
+    def trainer_status(self) -> TrainerStatus:
+        """Started? running? exit code?"""
+
+    @abc.abstractmethod
+    def stop_trainer(self, grace_seconds: float = 10.0) -> None:
+        """SIGTERM the trainer's process group, SIGKILL after ``grace_seconds``."""
+
+    @abc.abstractmethod
+    def log_tail(self, max_lines: int = 40) -> str:
+        """The last lines of the trainer's log (empty if none)."""
+
+    @abc.abstractmethod
+    def list_files(self, relpath: str) -> list[RemoteFile]:
+        """Files under ``relpath``, recursively; empty if it does not exist."""
+
+    @abc.abstractmethod
+    def fetch_file(self, relpath: str, local_path: Path) -> str:
+        """Copy a file to the orchestrator's machine; returns its SHA256."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Kill everything the job started and remove the work directory (idempotent)."""

@@ -1,0 +1,274 @@
+"""The steps of a training job, as plain functions over the results store and a provider.
+
+Operators are thin wrappers around these; tests call them directly. Each step reads what it needs
+from the results DB (not XCom), so any step can be retried on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from gpu_training.errors import InstanceNotFoundError, ProviderError, TrainerFailedError
+from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
+from gpu_training.job_config import build_job_config, render_yaml
+from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
+from gpu_training.progress import PollOutcome, poll_progress
+from gpu_training.providers.base import ComputeProvider, GpuRequest, InstanceInfo, InstanceState, instance_name
+from gpu_training.providers.registry import get_provider
+from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.store import ResultsStore
+from gpu_training.storage import fetch_dataset, job_outputs_uri, upload_outputs
+
+log = logging.getLogger(__name__)
+
+
+def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
+    return parse_job_params(store.job(job_uuid).params)
+
+
+def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str, map_index: int = -1) -> str:
+    """Validate params and create the job row (idempotent per dag run). Returns the job uuid."""
+    spec = parse_job_params(params)
+    get_provider(spec.provider)  # an unavailable provider fails here, before anything is created
+    if spec.runtime != "process":
+        from gpu_training.errors import JobParamsError
+
+        raise JobParamsError("runtime", f"{spec.runtime!r} is not available yet in this installation (available: process)")
+    store.check_schema()
+    job_uuid = store.create_job(
+        project_id=spec.project_id,
+        provider=spec.provider,
+        runtime=spec.runtime,
+        params=spec.to_dict(),
+        dag_id=dag_id,
+        run_id=run_id,
+        map_index=map_index,
+    )
+    store.update_job(job_uuid, outputs_uri=job_outputs_uri(spec.outputs_uri, job_uuid))
+    return job_uuid
+
+
+def build_config(store: ResultsStore, job_uuid: str) -> str:
+    """Render the job's YAML config and store it on the job row."""
+    config = build_job_config(job_uuid, job_spec(store, job_uuid))
+    text = render_yaml(config)
+    store.update_job(job_uuid, config_yaml=text)
+    return text
+
+
+def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> InstanceInfo:
+    """Choose an offer and launch an instance; the intent is recorded before the launch call."""
+    job = store.job(job_uuid)
+    spec = parse_job_params(job.params)
+    provider = get_provider(spec.provider)
+    store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
+    offers = provider.list_offers(GpuRequest())
+    if not offers:
+        raise ProviderError(provider.name, "no offers available")
+    offer = offers[0]
+    name = instance_name(job.dag_id, job.run_id, job_uuid, attempt)
+    store.record_instance_intent(
+        job_uuid,
+        provider=provider.name,
+        name=name,
+        instance_type=offer.instance_type,
+        region=offer.region,
+        price_per_hour=offer.price_per_hour,
+        spot=offer.spot,
+    )
+    try:
+        info = provider.find_instance(name) or provider.launch(offer, name)
+    except ProviderError as err:
+        if err.instance_id:  # created despite the error: make sure teardown can find it
+            store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=str(err))
+        else:
+            store.update_instance(name, state="failed", state_reason=str(err))
+        raise
+    store.update_instance(
+        name,
+        instance_id=info.instance_id,
+        state=str(info.state),
+        address=info.address,
+        launched_at=utcnow(),
+        details=info.details,
+    )
+    return info
+
+
+def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
+    """The job's latest instance record that was not terminated."""
+    live = [i for i in store.instances_for_job(job_uuid) if i.state not in ("terminated", "failed")]
+    if not live:
+        raise InstanceNotFoundError(store.job(job_uuid).provider, f"job {job_uuid} has no live instance")
+    return live[-1]
+
+
+def _provider_and_info(store: ResultsStore, job_uuid: str) -> tuple[ComputeProvider, InstanceInfo]:
+    record = current_instance(store, job_uuid)
+    provider = get_provider(record.provider)
+    if not record.instance_id:
+        found = provider.find_instance(record.name)
+        if found is None:
+            raise InstanceNotFoundError(provider.name, f"instance {record.name} was never created")
+        return provider, found
+    return provider, provider.get_instance(record.instance_id)
+
+
+def host_for(store: ResultsStore, job_uuid: str) -> Host:
+    provider, info = _provider_and_info(store, job_uuid)
+    return provider.host(info)
+
+
+def check_ready(store: ResultsStore, job_uuid: str) -> bool:
+    """Whether the instance is up and its host usable; raises if it failed while booting."""
+    record = current_instance(store, job_uuid)
+    provider, info = _provider_and_info(store, job_uuid)
+    if info.state != record.state:
+        store.update_instance(record.name, state=str(info.state))
+    if info.state.is_gone:
+        raise ProviderError(provider.name, f"instance {info.instance_id} is {info.state} while booting")
+    if info.state != InstanceState.RUNNING:
+        return False
+    provider.host(info).prepare()
+    store.update_instance(record.name, ready_at=utcnow())
+    return True
+
+
+def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
+    """Put the config, the dataset and (for the default command) the reference trainer on the host."""
+    job = store.job(job_uuid)
+    spec = parse_job_params(job.params)
+    if job.config_yaml is None:
+        raise TrainerFailedError(f"job {job_uuid} has no config yet: the build_config step did not run")
+    host = host_for(store, job_uuid)
+    host.prepare()
+    host.put_bytes(job.config_yaml.encode(), CONFIG_PATH)
+    files = 1
+    if spec.dataset_uri:
+        files += len(fetch_dataset(spec.dataset_uri, host))
+    if list(spec.command) == DEFAULT_COMMAND or any("{workdir}/trainer/" in part for part in spec.command):
+        files += len(host.put_tree(REFERENCE_TRAINER_DIR, TRAINER_DIR))
+    return {"files": files}
+
+
+def trainer_env(host: Host) -> dict[str, str]:
+    """The trainer's whole environment: nothing of the worker's (no secrets) leaks into it."""
+    import os
+
+    env = {key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "TZ") if key in os.environ}
+    env.update(
+        {
+            "HOME": host.workdir,
+            "PYTHONUNBUFFERED": "1",
+            "TRAINING_CONFIG": host.path(CONFIG_PATH),
+            "TRAINING_OUTPUT_DIR": host.path(OUTPUT_DIR),
+        }
+    )
+    return env
+
+
+def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
+    """Start the trainer detached (re-attaching if a retry finds it started). Returns its pid."""
+    spec = job_spec(store, job_uuid)
+    host = host_for(store, job_uuid)
+    argv = render_command(spec.command, python=host.python, workdir=host.workdir)
+    status = host.start_trainer(argv, trainer_env(host))
+    job = store.job(job_uuid)
+    if job.trainer_started_at is None:
+        store.update_job(job_uuid, trainer_started_at=utcnow())
+    store.set_status(job_uuid, "running", from_statuses=("pending", "provisioning"))
+    return status.pid
+
+
+def poll(store: ResultsStore, job_uuid: str) -> PollOutcome:
+    """One progress poll (see :func:`gpu_training.progress.poll_progress`)."""
+    spec = job_spec(store, job_uuid)
+    host = host_for(store, job_uuid)
+    outcome = poll_progress(
+        store,
+        host,
+        job_uuid,
+        stall_timeout=timedelta(minutes=spec.stall_timeout_minutes),
+        max_runtime=timedelta(minutes=spec.max_runtime_minutes),
+    )
+    if outcome.done and not outcome.succeeded:
+        host.stop_trainer()  # a stalled or overdue trainer must not keep the GPU busy
+    return outcome
+
+
+def upload(store: ResultsStore, job_uuid: str) -> int:
+    """Upload outputs with checksums and record them as artifacts; returns the file count."""
+    job = store.job(job_uuid)
+    spec = parse_job_params(job.params)
+    host = host_for(store, job_uuid)
+    records = upload_outputs(host, spec.outputs_uri, job_uuid)
+    store.record_artifacts(job_uuid, records)
+    return len(records)
+
+
+def teardown(store: ResultsStore, job_uuid: str) -> list[str]:
+    """Terminate every instance of the job that is not known to be gone; returns their names.
+
+    Works from the results DB alone, so it also catches an instance whose launch call crashed
+    after the cloud created it (found by its deterministic name).
+    """
+    terminated: list[str] = []
+    errors: list[str] = []
+    total_cost = 0.0
+    for record in store.instances_for_job(job_uuid):
+        if record.state == "terminated":
+            total_cost += _cost(record)
+            continue
+        try:
+            provider = get_provider(record.provider)
+            instance_id = record.instance_id
+            if not instance_id:
+                found = provider.find_instance(record.name)
+                instance_id = found.instance_id if found else None
+            if instance_id:
+                provider.terminate(instance_id)
+                _confirm_gone(provider, instance_id)
+            now = utcnow()
+            store.update_instance(record.name, state="terminated", terminated_at=now, instance_id=instance_id)
+            record.terminated_at = now
+            total_cost += _cost(record)
+            terminated.append(record.name)
+        except Exception as err:  # keep going: one stuck instance must not shield the others
+            log.exception("terminating %s failed", record.name)
+            errors.append(f"{record.name}: {err}")
+    store.update_job(job_uuid, cost_usd=round(total_cost, 6))
+    if errors:
+        raise ProviderError("teardown", "could not terminate " + "; ".join(errors))
+    return terminated
+
+
+def _confirm_gone(provider: ComputeProvider, instance_id: str) -> None:
+    try:
+        info = provider.get_instance(instance_id)
+    except InstanceNotFoundError:
+        return
+    if info.state not in (InstanceState.TERMINATED, InstanceState.STOPPING):
+        raise ProviderError(provider.name, f"instance {instance_id} is still {info.state} after terminate")
+
+
+def _cost(record: Instance) -> float:
+    if not record.price_per_hour or not record.launched_at:
+        return 0.0
+    end = record.terminated_at or utcnow()
+    return max(0.0, (end - record.launched_at).total_seconds()) / 3600 * record.price_per_hour
+
+
+def finalize(store: ResultsStore, job_uuid: str, *, failed_tasks: list[str]) -> str:
+    """Settle the job's final status from what happened; returns it."""
+    job = store.job(job_uuid)
+    if job.status == "cancelled":
+        store.finish(job_uuid, "cancelled")
+        return "cancelled"
+    if job.failure_reason is None and (failed_tasks or not job.project_ended):
+        what = ", ".join(failed_tasks) if failed_tasks else "the trainer never reported PROJECT end"
+        store.record_failure(job_uuid, f"job did not complete: {what}")
+    job = store.job(job_uuid)
+    status = "failed" if job.failure_reason else "completed"
+    store.finish(job_uuid, status)
+    return status

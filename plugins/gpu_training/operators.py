@@ -1,0 +1,248 @@
+"""Operators of the ``gpu_training`` DAG: thin wrappers around :mod:`gpu_training.lifecycle`.
+
+Each finds its job in the results DB by (dag_id, run_id, map_index), so nothing depends on XCom
+and every step survives its own retry. A step that fails for good records why on the job; errors
+that a retry cannot fix (bad params, a trainer that crashed) fail without retrying. Waiting steps
+defer between polls, so no worker slot is held while an instance boots or a model trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
+
+from gpu_training import lifecycle
+from gpu_training.errors import (
+    BadRequestError,
+    JobNotFoundError,
+    JobParamsError,
+    ResultsDbError,
+    TrainerFailedError,
+)
+from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
+from gpu_training.results.store import ResultsStore
+
+NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError)
+
+
+class TrainingJobStepOperator(BaseOperator):
+    """Base of the job's steps: resolves the job and records a final failure on it."""
+
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, results_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.results_conn_id = results_conn_id
+
+    def store(self) -> ResultsStore:
+        return ResultsDbHook(self.results_conn_id).get_store()
+
+    @staticmethod
+    def job_uuid(store: ResultsStore, context: Context) -> str:
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        job_uuid = store.job_uuid_for_run(ti.dag_id, ti.run_id, -1 if map_index is None else map_index)
+        if job_uuid is None:
+            raise JobNotFoundError(f"no training job registered for dag run {ti.dag_id}/{ti.run_id}")
+        return job_uuid
+
+    def execute(self, context: Context) -> Any:
+        store = self.store()
+        job_uuid = self.job_uuid(store, context)
+        return self._guarded(store, job_uuid, context, lambda: self.run_step(store, job_uuid, context))
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> Any:
+        raise NotImplementedError
+
+    def _guarded(self, store: ResultsStore, job_uuid: str, context: Context, step: Any) -> Any:
+        try:
+            return step()
+        except (Exception, AirflowTaskTimeout) as err:
+            ti = context["ti"]
+            final = isinstance(err, NOT_RETRYABLE) or ti.try_number > (ti.max_tries or 0)
+            if final:
+                store.record_failure(job_uuid, f"{self.task_id}: {err}")
+            if isinstance(err, NOT_RETRYABLE):
+                raise AirflowFailException(str(err)) from err
+            raise
+
+
+class RegisterTrainingJobOperator(BaseOperator):
+    """Validates the params and creates the job row; returns the job uuid."""
+
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, results_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.results_conn_id = results_conn_id
+
+    def execute(self, context: Context) -> str:
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        try:
+            job_uuid = lifecycle.register_job(
+                ResultsDbHook(self.results_conn_id).get_store(),
+                dict(context["params"]),
+                dag_id=ti.dag_id,
+                run_id=ti.run_id,
+                map_index=-1 if map_index is None else map_index,
+            )
+        except NOT_RETRYABLE as err:
+            raise AirflowFailException(str(err)) from err
+        self.log.info("training job %s registered for run %s", job_uuid, ti.run_id)
+        return job_uuid
+
+
+class BuildJobConfigOperator(TrainingJobStepOperator):
+    """Renders the job's YAML config and stores it on the job row."""
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> None:
+        text = lifecycle.build_config(store, job_uuid)
+        self.log.info("job config:\n%s", text)
+
+
+class ProvisionInstanceOperator(TrainingJobStepOperator):
+    """Launches the job's instance (idempotently, by a deterministic name)."""
+
+    ui_color = "#fef7e0"
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> str:
+        # The name is fixed per job, not per try: a retried launch must find its first instance.
+        info = lifecycle.provision(store, job_uuid, attempt=1)
+        self.log.info("instance %s (%s) is %s", info.name, info.instance_id, info.state)
+        return info.name
+
+
+class _PollingStepOperator(TrainingJobStepOperator):
+    """Polls once per resume and defers in between: no worker slot is held while waiting."""
+
+    def __init__(self, *, poll_interval_seconds: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.poll_interval_seconds = poll_interval_seconds
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> Any:
+        done, value = self.poll_once(store, job_uuid, context)
+        if not done:
+            interval = self.poll_interval_seconds or lifecycle.job_spec(store, job_uuid).poll_interval_seconds
+            self.defer(
+                trigger=TimeDeltaTrigger(timedelta(seconds=float(interval))),
+                method_name="execute_complete",
+            )
+        return value
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        return self.execute(context)
+
+    def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
+        raise NotImplementedError
+
+
+class WaitForInstanceOperator(_PollingStepOperator):
+    """Waits until the instance runs and its host answers."""
+
+    def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
+        ready = lifecycle.check_ready(store, job_uuid)
+        self.log.info("instance ready: %s", ready)
+        return ready, None
+
+
+class TransferInputsOperator(TrainingJobStepOperator):
+    """Puts the config, the dataset and the trainer on the instance, each file verified."""
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> None:
+        self.log.info("transferred: %s", lifecycle.transfer_inputs(store, job_uuid))
+
+
+class StartTrainerOperator(TrainingJobStepOperator):
+    """Starts the trainer in the background (re-attaching on retry)."""
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> None:
+        pid = lifecycle.start_trainer(store, job_uuid)
+        self.log.info("trainer running, pid %s", pid)
+
+
+class GlobalJsonSensor(_PollingStepOperator):
+    """Follows ``global.json`` until the job ends; fails with the reason when it ends badly."""
+
+    ui_color = "#f3e8fd"
+
+    def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
+        outcome = lifecycle.poll(store, job_uuid)
+        self.log.info(
+            "ingested %d events, %d malformed lines; offset %d", outcome.events, outcome.errors, outcome.offset
+        )
+        if outcome.done and not outcome.succeeded:
+            raise TrainerFailedError(outcome.reason)
+        if outcome.done:
+            self.log.info("job ended: %s", outcome.reason)
+        return outcome.done, outcome.offset
+
+
+class UploadOutputsOperator(TrainingJobStepOperator):
+    """Uploads outputs with a SHA256 manifest; also after a failed training (logs, checkpoints)."""
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> None:
+        try:
+            lifecycle.current_instance(store, job_uuid)
+        except Exception:
+            self.log.warning("no live instance for job %s: nothing to upload", job_uuid)
+            return
+        count = lifecycle.upload(store, job_uuid)
+        self.log.info("uploaded %d files to %s", count, store.job(job_uuid).outputs_uri)
+
+
+class TeardownInstanceOperator(TrainingJobStepOperator):
+    """Terminates every instance of the job; runs whatever failed before it."""
+
+    ui_color = "#fce8e6"
+
+    def execute(self, context: Context) -> Any:
+        store = self.store()
+        try:
+            job_uuid = self.job_uuid(store, context)
+        except JobNotFoundError:
+            self.log.info("no job was registered for this run: nothing to tear down")
+            return None
+        return self._guarded(store, job_uuid, context, lambda: self.run_step(store, job_uuid, context))
+
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> list[str]:
+        names = lifecycle.teardown(store, job_uuid)
+        self.log.info("terminated: %s", names or "nothing left running")
+        return names
+
+
+class FinalizeJobOperator(TrainingJobStepOperator):
+    """Sets the job's final status; fails the dag run when the job did not complete."""
+
+    def __init__(self, *, watched_task_ids: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.watched_task_ids = list(watched_task_ids)
+
+    def execute(self, context: Context) -> str | None:
+        store = self.store()
+        try:
+            job_uuid = self.job_uuid(store, context)
+        except JobNotFoundError as err:
+            raise AirflowFailException(f"the job was never registered: {err}") from err
+        failed = self._failed_tasks(context)
+        status = lifecycle.finalize(store, job_uuid, failed_tasks=failed)
+        job = store.job(job_uuid)
+        self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
+        if status != "completed":
+            raise AirflowFailException(f"training job {job_uuid} {status}: {job.failure_reason}")
+        return status
+
+    def _failed_tasks(self, context: Context) -> list[str]:
+        ti = context["ti"]
+        if not self.watched_task_ids:
+            return []
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=self.watched_task_ids)
+        by_task: dict[str, Any] = states.get(ti.run_id, {}) if isinstance(states, dict) else {}
+        return sorted(
+            task_id for task_id, state in by_task.items() if str(state) in ("failed", "upstream_failed")
+        )

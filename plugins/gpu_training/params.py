@@ -1,0 +1,156 @@
+"""The ``gpu_training`` DAG's params: one JSON schema per param, and the validated ``JobSpec``.
+
+The same schemas feed Airflow's ``Param`` objects (trigger form, REST API validation) and
+:func:`parse_job_params`, which the first task runs again so that a run created any other way is
+still rejected, naming the param, before anything is provisioned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jsonschema
+
+from gpu_training.errors import JobParamsError
+
+PROVIDERS = ("local", "ssh", "lambda", "runpod", "vast", "ec2")
+RUNTIMES = ("process", "docker")
+DEFAULT_IMAGE = "gpu-trainer:latest"
+# ``{python}`` and ``{workdir}`` are expanded on the instance (see ``render_command``).
+DEFAULT_COMMAND = ["{python}", "{workdir}/trainer/train.py"]
+_URI_PATTERN = r"^$|^(file|s3)://.+"
+
+# name -> (default, JSON schema, title, description). Order is the trigger form's order.
+PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
+    "project_id": (
+        "demo",
+        {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+        "Project",
+        "Your project's name: 1-64 characters of letters, digits, '_', '.', '-'.",
+    ),
+    "provider": (
+        "local",
+        {"type": "string", "enum": list(PROVIDERS)},
+        "Provider",
+        "Where the GPU comes from. 'local' runs on the Airflow worker itself.",
+    ),
+    "runtime": (
+        "process",
+        {"type": "string", "enum": list(RUNTIMES)},
+        "Runtime",
+        "'process' runs `command` directly on the instance; 'docker' runs `image`.",
+    ),
+    "image": (
+        DEFAULT_IMAGE,
+        {"type": "string", "minLength": 1, "maxLength": 512},
+        "Trainer image",
+        "Docker image of the trainer (runtime 'docker').",
+    ),
+    "command": (
+        DEFAULT_COMMAND,
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        "Command",
+        "The trainer command as a list of strings. '{python}' is the instance's Python, "
+        "'{workdir}' the job's work directory; the default runs the reference trainer.",
+    ),
+    "dataset_uri": (
+        "",
+        {"type": "string", "pattern": _URI_PATTERN},
+        "Dataset URI",
+        "file:// or s3:// file or prefix holding the training data; empty for the bundled data.",
+    ),
+    "config": (
+        {},
+        {"type": "object"},
+        "Hyperparameters",
+        "Object of hyperparameters, written into the job's YAML config under 'hyperparameters'.",
+    ),
+    "outputs_uri": (
+        "",
+        {"type": "string", "pattern": _URI_PATTERN},
+        "Outputs URI",
+        "file:// or s3:// prefix for outputs; each job writes under <outputs_uri>/<job uuid>/. "
+        "Empty: the embedded storage.",
+    ),
+    "max_runtime_minutes": (
+        120,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 60 * 24 * 14},
+        "Max runtime (minutes)",
+        "The trainer is stopped and the job failed after this long.",
+    ),
+    "stall_timeout_minutes": (
+        15,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 60 * 24},
+        "Stall timeout (minutes)",
+        "The job fails as stalled when global.json gets no new bytes for this long.",
+    ),
+    "poll_interval_seconds": (
+        5,
+        {"type": "number", "minimum": 0.5, "maximum": 3600},
+        "Poll interval (seconds)",
+        "How often progress is read from global.json.",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A validated training job request: the DAG run's params after schema checks."""
+
+    project_id: str
+    provider: str = "local"
+    runtime: str = "process"
+    image: str = DEFAULT_IMAGE
+    command: tuple[str, ...] = tuple(DEFAULT_COMMAND)
+    dataset_uri: str = ""
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    outputs_uri: str = ""
+    max_runtime_minutes: float = 120
+    stall_timeout_minutes: float = 15
+    poll_interval_seconds: float = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored on the job row."""
+        out = dataclasses.asdict(self)
+        out["command"] = list(self.command)
+        out["config"] = dict(self.config)
+        return out
+
+
+def airflow_params() -> dict[str, Any]:
+    """The DAG's ``params``: Airflow ``Param`` objects built from :data:`PARAM_SPECS`."""
+    from airflow.sdk import Param
+
+    return {
+        name: Param(default, title=title, description=description, **schema)
+        for name, (default, schema, title, description) in PARAM_SPECS.items()
+    }
+
+
+def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
+    """Validate raw params (defaults filled for missing ones) and return a :class:`JobSpec`.
+
+    Raises :class:`JobParamsError` naming the first bad param. Unknown params are ignored so that
+    later additions to the DAG do not break older callers.
+    """
+    values: dict[str, Any] = {}
+    for name, (default, schema, _title, _description) in PARAM_SPECS.items():
+        value = params.get(name, default)
+        if value is None:
+            value = default
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as err:
+            raise JobParamsError(name, f"{err.message} (got {value!r})") from None
+        values[name] = value
+    if values["runtime"] == "process" and not any(part.strip() for part in values["command"]):
+        raise JobParamsError("command", "must contain a program to run")
+    values["command"] = tuple(values["command"])
+    return JobSpec(**values)
+
+
+def render_command(command: tuple[str, ...] | list[str], *, python: str, workdir: str) -> list[str]:
+    """Expand the ``{python}`` and ``{workdir}`` placeholders; nothing else is interpreted."""
+    return [part.replace("{python}", python).replace("{workdir}", workdir) for part in command]

@@ -1,0 +1,1 @@
+"""Compute providers behind one narrow interface (``providers.base.ComputeProvider``)."""

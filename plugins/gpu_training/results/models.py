@@ -1,0 +1,274 @@
+"""The results schema: SQLAlchemy 2 models of training jobs, their metrics, artifacts and instances.
+
+This schema is a public interface: users query it with SQL, so columns are added, never renamed.
+It lives in its own database (connection ``training_results``) and is migrated by Alembic
+(``gpu_training/results/migrations``). Natural keys are unique so that ingestion is idempotent: an
+event read twice can never become a second row. Timestamps are stored in UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+JOB_STATUSES = ("pending", "provisioning", "running", "completed", "failed", "cancelled")
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+STEP_TYPES = ("traj_gen", "training", "evaluation")
+INSTANCE_STATES = ("requested", "pending", "booting", "running", "stopping", "terminated", "failed", "unknown")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, whatever the backend does with time zones."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the results DB; pass an aware datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class TrainingJob(Base):
+    """One training job: one run of the ``gpu_training`` DAG (or one mapped job of a sweep)."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        UniqueConstraint("dag_id", "run_id", "map_index"),
+        Index(None, "project_id", "created_at"),
+        Index(None, "status", "created_at"),
+        Index(None, "created_at"),
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    project_id: Mapped[str] = mapped_column(String(64))
+    dag_id: Mapped[str] = mapped_column(String(250))
+    run_id: Mapped[str] = mapped_column(String(250))
+    map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    provider: Mapped[str] = mapped_column(String(32))
+    runtime: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    training_config: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    config_yaml: Mapped[str | None] = mapped_column(Text)
+    outputs_uri: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    time_taken: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    # Progress bookkeeping: byte offset of global.json already ingested, when bytes last arrived.
+    ingest_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    project_ended: Mapped[bool] = mapped_column(Boolean, default=False)
+    trainer_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    trainer_exit_code: Mapped[int | None] = mapped_column(Integer)
+
+    iterations: Mapped[list[TrainingIteration]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="TrainingIteration.iteration"
+    )
+
+
+class TrainingIteration(Base):
+    """An ``ITERATION`` of a job; epochs, steps and evals hang off it by iteration number."""
+
+    __tablename__ = "training_iterations"
+    __table_args__ = (UniqueConstraint("job_id", "iteration"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    time_taken: Mapped[float | None] = mapped_column(Float)
+
+    job: Mapped[TrainingJob] = relationship(back_populates="iterations")
+
+
+class TrainingStep(Base):
+    """A step of an iteration: ``traj_gen`` (TRAJECTORY), ``training``, ``evaluation``."""
+
+    __tablename__ = "training_steps"
+    __table_args__ = (
+        UniqueConstraint("job_id", "iteration", "step_type"),
+        CheckConstraint(
+            "step_type IN (" + ", ".join(f"'{s}'" for s in STEP_TYPES) + ")", name="step_type"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    step_type: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    duration: Mapped[float | None] = mapped_column(Float)
+
+
+class EpochTrain(Base):
+    """A ``TRAINING epoch_complete`` event. ``metrics`` holds every other number it carried."""
+
+    __tablename__ = "epoch_train"
+    __table_args__ = (UniqueConstraint("job_id", "iteration", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    avg_loss: Mapped[float | None] = mapped_column(Float)
+    model_path: Mapped[str | None] = mapped_column(Text)
+    optimizer_path: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    completed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Eval(Base):
+    """An ``EVAL_MODEL metrics`` event. ``epoch`` 0 means the event named no epoch."""
+
+    __tablename__ = "evals"
+    __table_args__ = (UniqueConstraint("job_id", "iteration", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    precision: Mapped[float | None] = mapped_column(Float)
+    recall: Mapped[float | None] = mapped_column(Float)
+    f1: Mapped[float | None] = mapped_column(Float)
+    auc: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    confusion_matrix: Mapped[list[list[int]] | None] = mapped_column(JsonType)
+    model_path: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    evaluated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Artifact(Base):
+    """An uploaded output file with its size and SHA256."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(1024))  # path relative to the job's output dir
+    uri: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Instance(Base):
+    """A compute instance launched for a job. The row exists before the launch call is made."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        Index(None, "provider", "instance_id"),
+        Index(None, "state"),
+        Index(None, "job_id"),
+        CheckConstraint(
+            "state IN (" + ", ".join(f"'{s}'" for s in INSTANCE_STATES) + ")", name="state"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    instance_id: Mapped[str | None] = mapped_column(String(128))
+    instance_type: Mapped[str | None] = mapped_column(String(128))
+    region: Mapped[str | None] = mapped_column(String(64))
+    price_per_hour: Mapped[float | None] = mapped_column(Float)
+    spot: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default="requested")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    address: Mapped[str | None] = mapped_column(String(255))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    launched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    ready_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    terminated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class IngestError(Base):
+    """A ``global.json`` line that could not be parsed, kept with its byte offset."""
+
+    __tablename__ = "ingest_errors"
+    __table_args__ = (UniqueConstraint("job_id", "byte_offset"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    byte_offset: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[str] = mapped_column(Text)
+    line_excerpt: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class JobEvent(Base):
+    """An event with a phase or name this schema has no table for; kept as it came."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "byte_offset"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    byte_offset: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[datetime] = mapped_column(UtcDateTime)
+    phase: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(64))
+    iteration: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

@@ -1,0 +1,281 @@
+"""``ResultsStore``: every read and write of the orchestrator's state in the results database.
+
+State that must survive a task retry (the job, its instances, the byte offset of ``global.json``)
+lives here rather than in XCom. Each method is one short transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid as uuidlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gpu_training.errors import JobNotFoundError
+from gpu_training.events import MalformedLine, TrainingEvent
+from gpu_training.results.ingest import JOBS, MetricsWriter, insert_ignore
+from gpu_training.results.models import (
+    TERMINAL_STATUSES,
+    Artifact,
+    Instance,
+    TrainingJob,
+    utcnow,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactRecord:
+    name: str
+    uri: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    """What one ingestion did; ``conflict`` means another poller advanced the offset first."""
+
+    events: int
+    errors: int
+    offset: int
+    conflict: bool = False
+
+
+class _OffsetMoved(Exception):
+    """Another poller advanced the offset between our read and our update."""
+
+
+class ResultsStore:
+    """Reads and writes jobs, instances, metrics and artifacts."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def check_schema(self) -> None:
+        from gpu_training.results.migrate import check_at_head
+
+        check_at_head(self.engine)
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        project_id: str,
+        provider: str,
+        runtime: str,
+        params: dict[str, Any],
+        dag_id: str,
+        run_id: str,
+        map_index: int = -1,
+        outputs_uri: str | None = None,
+    ) -> str:
+        """Create the job of a dag run (idempotent: a retry gets the same uuid back)."""
+        existing = self.job_uuid_for_run(dag_id, run_id, map_index)
+        if existing:
+            return existing
+        job = TrainingJob(
+            uuid=str(uuidlib.uuid4()),
+            project_id=project_id,
+            provider=provider,
+            runtime=runtime,
+            params=params,
+            training_config=params.get("config"),
+            dag_id=dag_id,
+            run_id=run_id,
+            map_index=map_index,
+            outputs_uri=outputs_uri,
+            status="pending",
+        )
+        try:
+            with self.session() as s, s.begin():
+                s.add(job)
+        except IntegrityError:  # a concurrent attempt of the same task won the race
+            existing = self.job_uuid_for_run(dag_id, run_id, map_index)
+            if existing:
+                return existing
+            raise
+        return job.uuid
+
+    def job_uuid_for_run(self, dag_id: str, run_id: str, map_index: int = -1) -> str | None:
+        with self.session() as s:
+            return s.scalar(
+                select(TrainingJob.uuid).where(
+                    TrainingJob.dag_id == dag_id, TrainingJob.run_id == run_id, TrainingJob.map_index == map_index
+                )
+            )
+
+    def job(self, job_uuid: str) -> TrainingJob:
+        with self.session() as s:
+            job = s.scalar(select(TrainingJob).where(TrainingJob.uuid == job_uuid))
+            if job is None:
+                raise JobNotFoundError(f"no training job {job_uuid!r} in the results DB")
+            return job
+
+    def update_job(self, job_uuid: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.uuid == job_uuid).values(updated_at=utcnow(), **values))
+
+    def set_status(self, job_uuid: str, status: str, *, from_statuses: Sequence[str] | None = None) -> bool:
+        """Move the job to ``status``; with ``from_statuses`` only from one of those."""
+        stmt = update(JOBS).where(JOBS.c.uuid == job_uuid)
+        if from_statuses is not None:
+            stmt = stmt.where(JOBS.c.status.in_(tuple(from_statuses)))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt.values(status=status, updated_at=utcnow())).rowcount == 1
+
+    def record_failure(self, job_uuid: str, reason: str) -> None:
+        """Keep the first failure reason (later ones are consequences) and mark the job failed."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(JOBS)
+                .where((JOBS.c.uuid == job_uuid) & JOBS.c.failure_reason.is_(None))
+                .values(failure_reason=reason[:4000], updated_at=utcnow())
+            )
+            conn.execute(
+                update(JOBS)
+                .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.not_in(("failed", "cancelled")))
+                .values(status="failed", updated_at=utcnow())
+            )
+
+    def finish(self, job_uuid: str, status: str, *, completed_at: datetime | None = None) -> None:
+        """Set the final status; ``completed_at`` and ``time_taken`` are kept if already known."""
+        job = self.job(job_uuid)
+        end = job.completed_at or completed_at or utcnow()
+        values: dict[str, Any] = {"status": status, "completed_at": end}
+        if job.time_taken is None and job.started_at is not None:
+            values["time_taken"] = (end - job.started_at).total_seconds()
+        self.update_job(job_uuid, **values)
+
+    # --- instances ----------------------------------------------------------------------------
+
+    def record_instance_intent(
+        self,
+        job_uuid: str,
+        *,
+        provider: str,
+        name: str,
+        instance_type: str | None = None,
+        region: str | None = None,
+        price_per_hour: float | None = None,
+        spot: bool = False,
+    ) -> None:
+        """Write the instance row *before* the launch call, so a crash still leaves a trace."""
+        job = self.job(job_uuid)
+        with self.engine.begin() as conn:
+            insert_ignore(
+                conn,
+                Instance.__table__,  # type: ignore[arg-type]
+                [
+                    {
+                        "job_id": job.id,
+                        "provider": provider,
+                        "name": name,
+                        "instance_type": instance_type,
+                        "region": region,
+                        "price_per_hour": price_per_hour,
+                        "spot": spot,
+                        "state": "requested",
+                        "created_at": utcnow(),
+                    }
+                ],
+            )
+
+    def update_instance(self, name: str, **values: Any) -> None:
+        table = Instance.__table__
+        with self.engine.begin() as conn:
+            conn.execute(update(table).where(table.c.name == name).values(**values))  # type: ignore[attr-defined]
+
+    def instance(self, name: str) -> Instance | None:
+        with self.session() as s:
+            return s.scalar(select(Instance).where(Instance.name == name))
+
+    def instances_for_job(self, job_uuid: str) -> list[Instance]:
+        job = self.job(job_uuid)
+        with self.session() as s:
+            return list(s.scalars(select(Instance).where(Instance.job_id == job.id).order_by(Instance.id)))
+
+    # --- progress -----------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        job_uuid: str,
+        *,
+        expected_offset: int,
+        new_offset: int,
+        events: Sequence[TrainingEvent],
+        errors: Sequence[MalformedLine] = (),
+        now: datetime | None = None,
+    ) -> IngestResult:
+        """Store events and advance the byte offset in one transaction (exactly once).
+
+        The offset moves only from ``expected_offset``: if another poller got there first nothing
+        is written and ``conflict`` is set, so no event is stored twice.
+        """
+        now = now or utcnow()
+        try:
+            return self._ingest(job_uuid, expected_offset, new_offset, events, errors, now)
+        except _OffsetMoved:
+            return IngestResult(0, 0, expected_offset, conflict=True)
+
+    def _ingest(
+        self,
+        job_uuid: str,
+        expected_offset: int,
+        new_offset: int,
+        events: Sequence[TrainingEvent],
+        errors: Sequence[MalformedLine],
+        now: datetime,
+    ) -> IngestResult:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(JOBS.c.id, JOBS.c.ingest_offset).where(JOBS.c.uuid == job_uuid)
+            ).one_or_none()
+            if row is None:
+                raise JobNotFoundError(f"no training job {job_uuid!r} in the results DB")
+            if row.ingest_offset != expected_offset:
+                return IngestResult(0, 0, row.ingest_offset, conflict=True)
+            values: dict[str, Any] = {"ingest_offset": new_offset, "updated_at": now}
+            if new_offset > expected_offset:
+                values["last_progress_at"] = now
+            moved = conn.execute(
+                update(JOBS)
+                .where((JOBS.c.id == row.id) & (JOBS.c.ingest_offset == expected_offset))
+                .values(**values)
+            ).rowcount
+            if moved != 1:
+                raise _OffsetMoved  # rolls the transaction back
+            MetricsWriter(conn, row.id).apply(events, errors)
+        return IngestResult(len(events), len(errors), new_offset)
+
+    # --- artifacts ----------------------------------------------------------------------------
+
+    def record_artifacts(self, job_uuid: str, artifacts: Sequence[ArtifactRecord]) -> None:
+        """Upsert artifacts by name: a re-upload replaces the row of the same file."""
+        job = self.job(job_uuid)
+        with self.session() as s, s.begin():
+            existing = {a.name: a for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id))}
+            for rec in artifacts:
+                row = existing.get(rec.name)
+                if row is None:
+                    s.add(Artifact(job_id=job.id, **dataclasses.asdict(rec)))
+                else:
+                    row.uri, row.size_bytes, row.sha256 = rec.uri, rec.size_bytes, rec.sha256
+
+    def artifacts(self, job_uuid: str) -> list[Artifact]:
+        job = self.job(job_uuid)
+        with self.session() as s:
+            return list(s.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES

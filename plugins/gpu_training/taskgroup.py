@@ -1,0 +1,71 @@
+"""The chain of tasks of one training job, built in the current DAG (or task group).
+
+``dags/gpu_training.py`` wires it as the whole DAG; retraining, pipelines and sweeps reuse it, so
+the job logic exists once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import TriggerRule
+
+from gpu_training.operators import (
+    BuildJobConfigOperator,
+    FinalizeJobOperator,
+    GlobalJsonSensor,
+    ProvisionInstanceOperator,
+    RegisterTrainingJobOperator,
+    StartTrainerOperator,
+    TeardownInstanceOperator,
+    TransferInputsOperator,
+    UploadOutputsOperator,
+    WaitForInstanceOperator,
+)
+
+# Task ids are part of the contract (tests, the UI, the API read task states by them).
+STEP_TASK_IDS = (
+    "register_job",
+    "build_config",
+    "provision",
+    "wait_until_ready",
+    "transfer_inputs",
+    "start_trainer",
+    "sense_progress",
+    "upload_outputs",
+    "teardown",
+    "finalize",
+)
+
+
+def training_job_tasks(*, results_conn_id: str = "training_results") -> dict[str, Any]:
+    """Create the job's tasks in the current DAG context and wire them; returns them by id.
+
+    ``provision`` is the setup and ``teardown`` its teardown. Teardown runs when anything before
+    it failed, and also when provisioning itself failed (its trigger rule is widened to
+    ``all_done``), because a launch can fail after the cloud created the instance.
+    """
+    common: dict[str, Any] = {"results_conn_id": results_conn_id}
+    register = RegisterTrainingJobOperator(task_id="register_job", **common)
+    build = BuildJobConfigOperator(task_id="build_config", **common)
+    provision = ProvisionInstanceOperator(task_id="provision", retries=2, **common)
+    wait = WaitForInstanceOperator(task_id="wait_until_ready", **common)
+    transfer = TransferInputsOperator(task_id="transfer_inputs", retries=2, **common)
+    start = StartTrainerOperator(task_id="start_trainer", retries=1, **common)
+    sense = GlobalJsonSensor(task_id="sense_progress", retries=2, **common)
+    upload = UploadOutputsOperator(task_id="upload_outputs", retries=2, trigger_rule=TriggerRule.ALL_DONE, **common)
+    teardown = TeardownInstanceOperator(task_id="teardown", retries=3, **common)
+    finalize = FinalizeJobOperator(
+        task_id="finalize",
+        watched_task_ids=[t for t in STEP_TASK_IDS if t not in ("finalize",)],
+        **common,
+    )
+
+    register >> build >> provision >> wait >> transfer >> start >> sense >> upload >> teardown >> finalize
+    teardown.as_teardown(setups=provision)
+    teardown.trigger_rule = TriggerRule.ALL_DONE
+    # finalize is a teardown too: it must run when the run is marked failed (a cancel), when
+    # Airflow skips every ordinary task that has not run yet.
+    finalize.as_teardown(setups=provision, on_failure_fail_dagrun=True)
+    finalize.trigger_rule = TriggerRule.ALL_DONE
+    return {t.task_id: t for t in (register, build, provision, wait, transfer, start, sense, upload, teardown, finalize)}

@@ -1,0 +1,57 @@
+"""Shared fixtures: a migrated results DB per test and helpers to write global.json events."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# Tests never touch the developer's Airflow home: a fresh one per session, set before Airflow loads.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-tests-")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_REPO, "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(_REPO, "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ.pop("AIRFLOW_CONN_TRAINING_RESULTS", None)
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from gpu_training.hooks.results import create_results_engine
+from gpu_training.results.migrate import upgrade
+from gpu_training.results.store import ResultsStore
+
+
+@pytest.fixture
+def results_engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = create_results_engine(f"sqlite:///{tmp_path / 'results.db'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(results_engine: Engine) -> ResultsStore:
+    return ResultsStore(results_engine)
+
+
+@pytest.fixture
+def job_uuid(store: ResultsStore) -> str:
+    return store.create_job(
+        project_id="unit",
+        provider="local",
+        runtime="process",
+        params={"project_id": "unit", "config": {}},
+        dag_id="gpu_training",
+        run_id="manual__unit",
+    )
+
+
+def event_line(phase: str, event: str, ts: str = "2026-11-22T15:04:05.000+05:30", **fields: Any) -> bytes:
+    """One global.json line, newline included."""
+    payload: dict[str, Any] = {"ts": ts, "phase": phase, "event": event}
+    payload.update(fields)
+    return (json.dumps(payload) + "\n").encode()

@@ -1,0 +1,301 @@
+"""Ingestion rules of global.json: each rule of the contract has its own test.
+
+Real files in a real work directory (``LocalHost``), a real migrated SQLite results DB.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from gpu_training.hosts.local import LocalHost
+from gpu_training.progress import GLOBAL_JSON_PATH, ingest_new_bytes, poll_progress
+from gpu_training.results.models import EpochTrain, Eval, IngestError, JobEvent, TrainingIteration, TrainingStep
+from gpu_training.results.store import ResultsStore
+
+from .conftest import event_line
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> LocalHost:
+    h = LocalHost(tmp_path / "instance")
+    h.prepare()
+    return h
+
+
+def append(host: LocalHost, data: bytes) -> None:
+    path = Path(host.path(GLOBAL_JSON_PATH))
+    with path.open("ab") as fh:
+        fh.write(data)
+
+
+def count(store: ResultsStore, model: type) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def ingest(store: ResultsStore, host: LocalHost, job_uuid: str, *, writer_done: bool = False) -> tuple[int, int, int]:
+    return ingest_new_bytes(store, host, job_uuid, writer_done=writer_done)
+
+
+def test_missing_file_is_not_an_error(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    assert ingest(store, host, job_uuid) == (0, 0, 0)
+    assert store.job(job_uuid).ingest_offset == 0
+
+
+def test_partial_last_line_is_completed_on_the_next_poll(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    line = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.7})
+    append(host, line[:25])
+    assert ingest(store, host, job_uuid) == (0, 0, 0)
+    append(host, line[25:])
+    assert ingest(store, host, job_uuid) == (1, 0, len(line))
+    assert count(store, EpochTrain) == 1
+    assert count(store, IngestError) == 0
+
+
+def test_unterminated_last_line_counts_once_the_trainer_exited(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    line = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.7})
+    append(host, line.rstrip(b"\n"))
+    assert ingest(store, host, job_uuid)[0] == 0
+    assert ingest(store, host, job_uuid, writer_done=True)[0] == 1
+
+
+def test_malformed_line_is_recorded_with_its_offset_and_skipped(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    first = event_line("ITERATION", "start", iteration=1)
+    bad = b'{"ts": "2026-11-22T15:04:05", "phase": "TRAINING", oops}\n'
+    last = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5})
+    append(host, first + bad + last)
+    assert ingest(store, host, job_uuid) == (2, 1, len(first + bad + last))
+    with store.session() as s:
+        error = s.scalars(select(IngestError)).one()
+    assert error.byte_offset == len(first)
+    assert "not valid JSON" in error.error
+    assert "oops" in (error.line_excerpt or "")
+    assert count(store, EpochTrain) == 1
+
+
+def test_duplicated_event_makes_no_second_row(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    epoch = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5})
+    evaluation = event_line("EVAL_MODEL", "metrics", iteration=1, epoch=1, data={"accuracy": 0.9})
+    append(host, epoch + evaluation + epoch)
+    ingest(store, host, job_uuid)
+    append(host, epoch + evaluation)  # and again in a later poll
+    ingest(store, host, job_uuid)
+    assert count(store, EpochTrain) == 1
+    assert count(store, Eval) == 1
+    assert count(store, TrainingIteration) == 1
+
+
+def test_epoch_before_its_iteration_start_lands_under_the_right_iteration(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("TRAINING", "epoch_complete", iteration=2, epoch=1, data={"avg_loss": 0.4}))
+    ingest(store, host, job_uuid)
+    append(host, event_line("ITERATION", "start", ts="2026-11-22T15:00:00+05:30", iteration=2, data={"lr": 0.1}))
+    append(host, event_line("ITERATION", "end", ts="2026-11-22T15:01:30+05:30", iteration=2))
+    ingest(store, host, job_uuid)
+    with store.session() as s:
+        it = s.scalars(select(TrainingIteration)).one()
+        ep = s.scalars(select(EpochTrain)).one()
+    assert (it.iteration, ep.iteration) == (2, 2)
+    assert it.started_at == datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
+    assert it.time_taken == 90.0
+    assert it.config == {"lr": 0.1}
+
+
+def test_steps_without_iteration_go_to_the_current_iteration(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("ITERATION", "start", iteration=3))
+    ingest(store, host, job_uuid)
+    append(host, event_line("TRAJECTORY", "start", ts="2026-11-22T15:04:00+05:30", data={"n": 5}))
+    append(host, event_line("TRAJECTORY", "end", ts="2026-11-22T15:04:05+05:30"))
+    append(host, event_line("EVAL_TRAINING", "end", data={"duration_seconds": 2.5}))
+    ingest(store, host, job_uuid)
+    with store.session() as s:
+        steps = {st.step_type: st for st in s.scalars(select(TrainingStep))}
+    assert steps["traj_gen"].iteration == 3
+    assert steps["traj_gen"].duration == 5.0
+    assert steps["traj_gen"].config == {"n": 5}
+    assert steps["evaluation"].duration == 2.5
+
+
+def test_unknown_phase_is_kept_not_fatal(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    append(host, event_line("CUSTOM_PHASE", "checkpoint_uploaded", data={"bytes": 12}))
+    append(host, event_line("TRAINING", "lr_changed", iteration=1, data={"lr": 0.01}))
+    append(host, event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 1.0}))
+    assert ingest(store, host, job_uuid)[:2] == (3, 0)
+    with store.session() as s:
+        kept = [(e.phase, e.event, e.data) for e in s.scalars(select(JobEvent).order_by(JobEvent.byte_offset))]
+    assert kept == [("CUSTOM_PHASE", "checkpoint_uploaded", {"bytes": 12}), ("TRAINING", "lr_changed", {"lr": 0.01})]
+    assert count(store, EpochTrain) == 1
+
+
+def test_project_end_completes_the_job_with_time_taken(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    append(host, event_line("PROJECT", "start", ts="2026-11-22T15:00:00+05:30"))
+    ingest(store, host, job_uuid)
+    assert store.job(job_uuid).status == "running"
+    append(host, event_line("PROJECT", "end", ts="2026-11-22T15:02:03.500+05:30"))
+    ingest(store, host, job_uuid)
+    job = store.job(job_uuid)
+    assert job.status == "completed"
+    assert job.project_ended
+    assert job.time_taken == 123.5
+    assert job.completed_at == datetime(2026, 11, 22, 9, 32, 3, 500000, tzinfo=UTC)
+
+
+def test_project_end_duration_in_event_wins(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    append(host, event_line("PROJECT", "start", ts="2026-11-22T15:00:00+05:30"))
+    append(host, event_line("PROJECT", "end", ts="2026-11-22T15:10:00+05:30", data={"duration_seconds": 42.0}))
+    ingest(store, host, job_uuid)
+    assert store.job(job_uuid).time_taken == 42.0
+
+
+def test_group_iteration_start_sets_training_config(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    append(host, event_line("GROUP_ITERATION", "start", data={"training_config": {"epochs": 3, "lr": 0.01}}))
+    ingest(store, host, job_uuid)
+    assert store.job(job_uuid).training_config == {"epochs": 3, "lr": 0.01}
+
+
+def test_eval_metrics_are_stored_in_columns(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    data = {
+        "accuracy": 0.95,
+        "precision": 0.94,
+        "recall": 0.93,
+        "f1": 0.935,
+        "auc": 0.99,
+        "loss": 0.2,
+        "confusion_matrix": [[5, 1], [0, 6]],
+        "num_samples": 12,
+    }
+    append(host, event_line("EVAL_MODEL", "metrics", iteration=1, epoch=4, data=data))
+    ingest(store, host, job_uuid)
+    with store.session() as s:
+        ev = s.scalars(select(Eval)).one()
+    assert (ev.accuracy, ev.precision, ev.recall, ev.f1, ev.auc, ev.loss) == (0.95, 0.94, 0.93, 0.935, 0.99, 0.2)
+    assert ev.confusion_matrix == [[5, 1], [0, 6]]
+    assert ev.metrics == {"num_samples": 12}
+    assert ev.epoch == 4
+
+
+def test_nan_loss_is_recorded_without_breaking_ingestion(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    append(host, b'{"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete", '
+           b'"iteration": 1, "epoch": 1, "data": {"avg_loss": NaN, "grad_norm": Infinity}}\n')
+    ingest(store, host, job_uuid)
+    with store.session() as s:
+        ep = s.scalars(select(EpochTrain)).one()
+    assert ep.avg_loss is None
+    assert ep.metrics == {"grad_norm": "Infinity"}
+
+
+def test_offset_lives_in_the_db_and_a_new_poller_resumes_there(
+    store: ResultsStore, results_engine, host: LocalHost, job_uuid: str
+) -> None:
+    first = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5})
+    append(host, first)
+    ingest(store, host, job_uuid)
+    second = event_line("TRAINING", "epoch_complete", iteration=1, epoch=2, data={"avg_loss": 0.4})
+    append(host, second)
+    reads: list[int] = []
+    original = host.read_chunk
+
+    def spy(relpath: str, offset: int, max_bytes: int) -> bytes | None:
+        reads.append(offset)
+        return original(relpath, offset, max_bytes)
+
+    host.read_chunk = spy  # type: ignore[method-assign]
+    fresh = ResultsStore(results_engine)  # as after a task retry: nothing but the DB survives
+    assert ingest(fresh, host, job_uuid) == (1, 0, len(first) + len(second))
+    assert reads[0] == len(first)
+    assert count(store, EpochTrain) == 2
+
+
+def test_concurrent_ingestion_of_the_same_range_stores_it_once(store: ResultsStore, job_uuid: str) -> None:
+    from gpu_training.events import parse_chunk
+
+    chunk = event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5})
+    events, errors, consumed = parse_chunk(chunk, 0)
+    first = store.ingest(job_uuid, expected_offset=0, new_offset=consumed, events=events, errors=errors)
+    second = store.ingest(job_uuid, expected_offset=0, new_offset=consumed, events=events, errors=errors)
+    assert not first.conflict and second.conflict
+    assert second.offset == consumed
+    assert count(store, EpochTrain) == 1
+
+
+# --- judging the job after a poll ----------------------------------------------------------------
+
+LIMITS = {"stall_timeout": timedelta(minutes=15), "max_runtime": timedelta(minutes=120)}
+
+
+def start_script(host: LocalHost, script: str) -> None:
+    import sys
+
+    Path(host.path("t.py")).write_text(script)
+    host.start_trainer([sys.executable, host.path("t.py")], {"PATH": "/usr/bin:/bin"})
+
+
+def wait_exit(host: LocalHost) -> None:
+    import time
+
+    for _ in range(200):
+        if not host.trainer_status().running:
+            return
+        time.sleep(0.05)
+    raise AssertionError("trainer did not exit")
+
+
+def test_trainer_exit_without_project_end_fails_with_code_and_log(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    start_script(host, "import sys\nprint('loading data')\nprint('CUDA error: out of memory', file=sys.stderr)\nsys.exit(3)\n")
+    wait_exit(host)
+    store.update_job(job_uuid, trainer_started_at=datetime.now(UTC))
+    outcome = poll_progress(store, host, job_uuid, **LIMITS)
+    assert outcome.done and not outcome.succeeded
+    assert "exited with code 3 without PROJECT end" in outcome.reason
+    assert "CUDA error: out of memory" in outcome.reason
+    assert store.job(job_uuid).trainer_exit_code == 3
+
+
+def test_project_end_succeeds_even_if_written_just_before_exit(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    line = event_line("PROJECT", "end").decode().strip()
+    start_script(host, f"open('outputs/global.json','a').write({line!r})\n")  # no trailing newline
+    wait_exit(host)
+    store.update_job(job_uuid, trainer_started_at=datetime.now(UTC))
+    outcome = poll_progress(store, host, job_uuid, **LIMITS)
+    assert (outcome.done, outcome.succeeded, outcome.reason) == (True, True, "PROJECT end")
+
+
+def test_no_new_bytes_for_the_stall_timeout_is_a_stall(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    start_script(host, "import time\ntime.sleep(30)\n")
+    try:
+        now = datetime.now(UTC)
+        store.update_job(job_uuid, trainer_started_at=now - timedelta(minutes=20), last_progress_at=now - timedelta(minutes=16))
+        outcome = poll_progress(store, host, job_uuid, **LIMITS)
+        assert outcome.done and not outcome.succeeded
+        assert outcome.reason.startswith("stalled: no new bytes in global.json for 16")
+        store.update_job(job_uuid, last_progress_at=now - timedelta(minutes=1))
+        assert not poll_progress(store, host, job_uuid, **LIMITS).done
+    finally:
+        host.stop_trainer(grace_seconds=2)
+
+
+def test_max_runtime(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
+    start_script(host, "import time\ntime.sleep(30)\n")
+    try:
+        now = datetime.now(UTC)
+        store.update_job(job_uuid, trainer_started_at=now - timedelta(minutes=121), last_progress_at=now)
+        outcome = poll_progress(store, host, job_uuid, **LIMITS)
+        assert outcome.done and not outcome.succeeded
+        assert "exceeded max_runtime_minutes (120 min)" in outcome.reason
+    finally:
+        host.stop_trainer(grace_seconds=2)

@@ -1,0 +1,80 @@
+"""The results schema: Alembic migrations match the models; natural keys are unique."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import IntegrityError
+
+from gpu_training.errors import ResultsDbError
+from gpu_training.hooks.results import create_results_engine, url_from_connection
+from gpu_training.results.migrate import VERSION_TABLE, check_at_head, head_revision
+from gpu_training.results.models import EpochTrain, metadata
+from gpu_training.results.store import ResultsStore
+
+
+def test_migrations_match_the_models(results_engine: Engine) -> None:
+    with results_engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
+        diff = [d for d in compare_metadata(ctx, metadata) if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == VERSION_TABLE)]
+    assert diff == []
+
+
+def test_tables_of_the_contract_exist(results_engine: Engine) -> None:
+    tables = set(inspect(results_engine).get_table_names())
+    assert {
+        "training_jobs",
+        "training_iterations",
+        "training_steps",
+        "epoch_train",
+        "evals",
+        "artifacts",
+        "instances",
+        "ingest_errors",
+    } <= tables
+
+
+def test_unmigrated_db_is_refused_with_what_to_run(tmp_path) -> None:
+    engine = create_results_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(ResultsDbError, match=f"expected {head_revision()}: run `make migrate`"):
+        check_at_head(engine)
+
+
+def test_natural_keys_are_unique(store: ResultsStore, job_uuid: str) -> None:
+    job = store.job(job_uuid)
+    now = datetime.now(UTC)
+    with store.session() as s, s.begin():
+        s.add(EpochTrain(job_id=job.id, iteration=1, epoch=1, completed_at=now))
+    with pytest.raises(IntegrityError), store.session() as s, s.begin():
+        s.add(EpochTrain(job_id=job.id, iteration=1, epoch=1, completed_at=now))
+
+
+def test_create_job_is_idempotent_per_dag_run(store: ResultsStore, job_uuid: str) -> None:
+    again = store.create_job(
+        project_id="unit", provider="local", runtime="process", params={}, dag_id="gpu_training", run_id="manual__unit"
+    )
+    assert again == job_uuid
+
+
+def test_first_failure_reason_wins(store: ResultsStore, job_uuid: str) -> None:
+    store.record_failure(job_uuid, "sense_progress: trainer exited with code 3")
+    store.record_failure(job_uuid, "upload_outputs: nothing to upload")
+    job = store.job(job_uuid)
+    assert (job.status, job.failure_reason) == ("failed", "sense_progress: trainer exited with code 3")
+
+
+def test_connection_urls() -> None:
+    class Conn:
+        def __init__(self, conn_type, host=None, extra=None, uri=None):
+            self.conn_type, self.host, self.extra_dejson, self._uri = conn_type, host, extra or {}, uri
+
+        def get_uri(self):
+            return self._uri
+
+    assert url_from_connection(Conn("sqlite", host="/data/results.db")) == "sqlite:////data/results.db"
+    assert url_from_connection(Conn("generic", extra={"sqlalchemy_url": "postgresql://u:p@h/db"})) == "postgresql://u:p@h/db"
+    assert url_from_connection(Conn("postgres", uri="postgres://u:p@h:5432/results")) == "postgresql://u:p@h:5432/results"
