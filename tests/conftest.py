@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests never touch the developer's Airflow home: a fresh one per session, set before Airflow loads.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-tests-")
+atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.join(_REPO, "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = os.path.join(_REPO, "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
