@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from gpu_training.hooks.results import create_results_engine  # noqa: E402
-from gpu_training.hosts.local import LocalHost  # noqa: E402
-from gpu_training.progress import GLOBAL_JSON_PATH, ingest_new_bytes  # noqa: E402
-from gpu_training.results.migrate import upgrade  # noqa: E402
-from gpu_training.results.store import ResultsStore  # noqa: E402
+from gpu_training.hooks.results import create_results_engine
+from gpu_training.hosts.local import LocalHost
+from gpu_training.progress import GLOBAL_JSON_PATH, ingest_new_bytes
+from gpu_training.results.migrate import upgrade
+from gpu_training.results.store import ResultsStore
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
@@ -42,6 +42,7 @@ def generate(path: Path, target_bytes: int, epochs_per_iteration: int = 50) -> i
     it = 0
     ts = T0
     with path.open("w") as fh:
+
         def put(text: str) -> None:
             nonlocal n, size
             fh.write(text)

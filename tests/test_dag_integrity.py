@@ -75,7 +75,7 @@ def test_dag_files_do_no_work_at_import() -> None:
 
     for path in DAGS_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
-        imported = {
-            (n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-        } | {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
         assert not imported & {"requests", "boto3", "paramiko", "subprocess", "sqlalchemy", "socket"}, path

@@ -186,8 +186,11 @@ def test_eval_metrics_are_stored_in_columns(store: ResultsStore, host: LocalHost
 
 
 def test_nan_loss_is_recorded_without_breaking_ingestion(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
-    append(host, b'{"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete", '
-           b'"iteration": 1, "epoch": 1, "data": {"avg_loss": NaN, "grad_norm": Infinity}}\n')
+    append(
+        host,
+        b'{"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete", '
+        b'"iteration": 1, "epoch": 1, "data": {"avg_loss": NaN, "grad_norm": Infinity}}\n',
+    )
     ingest(store, host, job_uuid)
     with store.session() as s:
         ep = s.scalars(select(EpochTrain)).one()
@@ -254,7 +257,9 @@ def wait_exit(host: LocalHost) -> None:
 def test_trainer_exit_without_project_end_fails_with_code_and_log(
     store: ResultsStore, host: LocalHost, job_uuid: str
 ) -> None:
-    start_script(host, "import sys\nprint('loading data')\nprint('CUDA error: out of memory', file=sys.stderr)\nsys.exit(3)\n")
+    start_script(
+        host, "import sys\nprint('loading data')\nprint('CUDA error: out of memory', file=sys.stderr)\nsys.exit(3)\n"
+    )
     wait_exit(host)
     store.update_job(job_uuid, trainer_started_at=datetime.now(UTC))
     outcome = poll_progress(store, host, job_uuid, **LIMITS)
@@ -279,7 +284,9 @@ def test_no_new_bytes_for_the_stall_timeout_is_a_stall(store: ResultsStore, host
     start_script(host, "import time\ntime.sleep(30)\n")
     try:
         now = datetime.now(UTC)
-        store.update_job(job_uuid, trainer_started_at=now - timedelta(minutes=20), last_progress_at=now - timedelta(minutes=16))
+        store.update_job(
+            job_uuid, trainer_started_at=now - timedelta(minutes=20), last_progress_at=now - timedelta(minutes=16)
+        )
         outcome = poll_progress(store, host, job_uuid, **LIMITS)
         assert outcome.done and not outcome.succeeded
         assert outcome.reason.startswith("stalled: no new bytes in global.json for 16")

@@ -47,11 +47,14 @@ def test_terminate_kills_the_whole_process_group_and_removes_the_dir(provider: L
     host = provider.host(info)
     host.prepare()
     # The trainer forks a grandchild that ignores SIGTERM: it must die all the same.
-    script = (
-        "import os, signal, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', "
-        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); open(\"run/child.pid\",\"w\").write(str(__import__(\"os\").getpid())); time.sleep(600)'])\n"
+    grandchild = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open('run/child.pid', 'w').write(str(os.getpid()))\n"
         "time.sleep(600)\n"
+    )
+    script = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\ntime.sleep(600)\n"
     )
     Path(host.path("t.py")).write_text(script)
     status = host.start_trainer([sys.executable, host.path("t.py")], {"PATH": os.environ["PATH"]})

@@ -54,5 +54,7 @@ def test_airflow_params_carry_schema_title_and_description() -> None:
 
 
 def test_command_placeholders_are_the_only_thing_expanded() -> None:
-    argv = render_command(["{python}", "{workdir}/t.py", "--name", "$HOME;rm -rf /"], python="/usr/bin/python3", workdir="/w")
+    argv = render_command(
+        ["{python}", "{workdir}/t.py", "--name", "$HOME;rm -rf /"], python="/usr/bin/python3", workdir="/w"
+    )
     assert argv == ["/usr/bin/python3", "/w/t.py", "--name", "$HOME;rm -rf /"]

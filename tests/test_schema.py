@@ -20,7 +20,11 @@ from gpu_training.results.store import ResultsStore
 def test_migrations_match_the_models(results_engine: Engine) -> None:
     with results_engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
-        diff = [d for d in compare_metadata(ctx, metadata) if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == VERSION_TABLE)]
+        diff = [
+            d
+            for d in compare_metadata(ctx, metadata)
+            if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == VERSION_TABLE)
+        ]
     assert diff == []
 
 
@@ -76,5 +80,10 @@ def test_connection_urls() -> None:
             return self._uri
 
     assert url_from_connection(Conn("sqlite", host="/data/results.db")) == "sqlite:////data/results.db"
-    assert url_from_connection(Conn("generic", extra={"sqlalchemy_url": "postgresql://u:p@h/db"})) == "postgresql://u:p@h/db"
-    assert url_from_connection(Conn("postgres", uri="postgres://u:p@h:5432/results")) == "postgresql://u:p@h:5432/results"
+    assert (
+        url_from_connection(Conn("generic", extra={"sqlalchemy_url": "postgresql://u:p@h/db"}))
+        == "postgresql://u:p@h/db"
+    )
+    assert (
+        url_from_connection(Conn("postgres", uri="postgres://u:p@h:5432/results")) == "postgresql://u:p@h:5432/results"
+    )

@@ -84,7 +84,9 @@ def run(conf: dict, *, quiet: bool = False) -> int:
     started = datetime.now(UTC) - timedelta(seconds=1)
     cmd = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "--conf", json.dumps(conf)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None
+    )
     elapsed = time.monotonic() - t0
     with store.session() as s:
         job = s.scalars(

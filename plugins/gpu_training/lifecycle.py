@@ -34,7 +34,9 @@ def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str,
     if spec.runtime != "process":
         from gpu_training.errors import JobParamsError
 
-        raise JobParamsError("runtime", f"{spec.runtime!r} is not available yet in this installation (available: process)")
+        raise JobParamsError(
+            "runtime", f"{spec.runtime!r} is not available yet in this installation (available: process)"
+        )
     store.check_schema()
     job_uuid = store.create_job(
         project_id=spec.project_id,

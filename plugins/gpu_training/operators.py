@@ -243,6 +243,4 @@ class FinalizeJobOperator(TrainingJobStepOperator):
             return []
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=self.watched_task_ids)
         by_task: dict[str, Any] = states.get(ti.run_id, {}) if isinstance(states, dict) else {}
-        return sorted(
-            task_id for task_id, state in by_task.items() if str(state) in ("failed", "upstream_failed")
-        )
+        return sorted(task_id for task_id, state in by_task.items() if str(state) in ("failed", "upstream_failed"))

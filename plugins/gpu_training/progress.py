@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
+from typing import Any
 
 from gpu_training.events import GLOBAL_JSON, MalformedLine, parse_chunk
 from gpu_training.hosts.base import OUTPUT_DIR, Host
@@ -53,7 +54,9 @@ def ingest_new_bytes(store: ResultsStore, host: Host, job_uuid: str, *, writer_d
             errors = [MalformedLine(offset, f"line longer than {CHUNK_BYTES} bytes", "")]
             if consumed == 0:
                 break
-        result = store.ingest(job_uuid, expected_offset=offset, new_offset=offset + consumed, events=events, errors=errors)
+        result = store.ingest(
+            job_uuid, expected_offset=offset, new_offset=offset + consumed, events=events, errors=errors
+        )
         if result.conflict:  # someone else ingested this range; continue from where they are
             offset = result.offset
             continue
@@ -92,7 +95,7 @@ def poll_progress(
     n_events, n_errors, offset = ingest_new_bytes(store, host, job_uuid, writer_done=not status.running)
     job = store.job(job_uuid)
     now = now or utcnow()
-    counts = {"events": n_events, "errors": n_errors, "offset": offset}
+    counts: dict[str, Any] = {"events": n_events, "errors": n_errors, "offset": offset}
     if job.project_ended:
         return PollOutcome(True, True, "PROJECT end", **counts)
     if not status.started:
@@ -100,7 +103,11 @@ def poll_progress(
     if not status.running:
         if status.exit_code is not None:
             store.update_job(job_uuid, trainer_exit_code=status.exit_code)
-        how = f"exited with code {status.exit_code}" if status.exit_code is not None else "vanished (killed with its wrapper)"
+        how = (
+            f"exited with code {status.exit_code}"
+            if status.exit_code is not None
+            else "vanished (killed with its wrapper)"
+        )
         if status.exit_code is not None and status.exit_code in (137, -9):
             how += " (SIGKILL: out of memory?)"
         tail = host.log_tail(20)

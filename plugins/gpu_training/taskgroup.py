@@ -68,4 +68,6 @@ def training_job_tasks(*, results_conn_id: str = "training_results") -> dict[str
     # Airflow skips every ordinary task that has not run yet.
     finalize.as_teardown(setups=provision, on_failure_fail_dagrun=True)
     finalize.trigger_rule = TriggerRule.ALL_DONE
-    return {t.task_id: t for t in (register, build, provision, wait, transfer, start, sense, upload, teardown, finalize)}
+    return {
+        t.task_id: t for t in (register, build, provision, wait, transfer, start, sense, upload, teardown, finalize)
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -124,8 +125,15 @@ class LocalHost(Host):
         # teardown kills whole, and it is not our child, so it outlives the task that started it
         # and is never left a zombie of a long-lived worker.
         subprocess.run(
-            ["bash", "-c", 'setsid bash "$0" "$@" </dev/null >/dev/null 2>&1 &', str(RUN_TRAINER_SCRIPT),
-             self.workdir, "--", *argv],
+            [
+                "bash",
+                "-c",
+                'setsid bash "$0" "$@" </dev/null >/dev/null 2>&1 &',
+                str(RUN_TRAINER_SCRIPT),
+                self.workdir,
+                "--",
+                *argv,
+            ],
             cwd=self.workdir,
             env=dict(env),
             stdin=subprocess.DEVNULL,
@@ -172,10 +180,8 @@ class LocalHost(Host):
             if not _group_members(pgid):
                 return
             time.sleep(0.1)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def group_alive(self) -> bool:
         """Whether any process of the trainer's process group still exists."""

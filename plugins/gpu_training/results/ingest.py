@@ -21,6 +21,7 @@ from gpu_training.results.models import (
     EpochTrain,
     Eval,
     IngestError,
+    Instance,
     JobEvent,
     TrainingIteration,
     TrainingJob,
@@ -35,6 +36,7 @@ EPOCHS: Table = EpochTrain.__table__  # type: ignore[assignment]
 EVALS: Table = Eval.__table__  # type: ignore[assignment]
 ERRORS: Table = IngestError.__table__  # type: ignore[assignment]
 EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 
 STEP_PHASES = {"TRAJECTORY": "traj_gen", "TRAINING": "training", "EVAL_TRAINING": "evaluation"}
 EVAL_COLUMNS = ("accuracy", "precision", "recall", "f1", "auc", "loss")
@@ -224,7 +226,11 @@ class MetricsWriter:
         if end is not None:
             duration = duration_from(end.data)
             if duration is None:
-                started = start.ts if start is not None else self.conn.execute(select(table.c.started_at).where(base)).scalar()
+                started = (
+                    start.ts
+                    if start is not None
+                    else self.conn.execute(select(table.c.started_at).where(base)).scalar()
+                )
                 duration = (end.ts - started).total_seconds() if isinstance(started, datetime) else None
             self.conn.execute(
                 update(table)
@@ -261,9 +267,7 @@ class MetricsWriter:
         elif ev.kind == ("GROUP_ITERATION", "start"):
             config = ev.data.get("training_config")
             if isinstance(config, dict):
-                self.conn.execute(
-                    update(JOBS).where(job.id == self.job_id).values(training_config=json_safe(config))
-                )
+                self.conn.execute(update(JOBS).where(job.id == self.job_id).values(training_config=json_safe(config)))
 
 
 def _str_or_none(value: Any) -> str | None:

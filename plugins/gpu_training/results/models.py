@@ -82,9 +82,7 @@ class TrainingJob(Base):
         Index(None, "project_id", "created_at"),
         Index(None, "status", "created_at"),
         Index(None, "created_at"),
-        CheckConstraint(
-            "status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"
-        ),
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -142,9 +140,7 @@ class TrainingStep(Base):
     __tablename__ = "training_steps"
     __table_args__ = (
         UniqueConstraint("job_id", "iteration", "step_type"),
-        CheckConstraint(
-            "step_type IN (" + ", ".join(f"'{s}'" for s in STEP_TYPES) + ")", name="step_type"
-        ),
+        CheckConstraint("step_type IN (" + ", ".join(f"'{s}'" for s in STEP_TYPES) + ")", name="step_type"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -219,9 +215,7 @@ class Instance(Base):
         Index(None, "provider", "instance_id"),
         Index(None, "state"),
         Index(None, "job_id"),
-        CheckConstraint(
-            "state IN (" + ", ".join(f"'{s}'" for s in INSTANCE_STATES) + ")", name="state"
-        ),
+        CheckConstraint("state IN (" + ", ".join(f"'{s}'" for s in INSTANCE_STATES) + ")", name="state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gpu_training.errors import JobNotFoundError
 from gpu_training.events import MalformedLine, TrainingEvent
-from gpu_training.results.ingest import JOBS, MetricsWriter, insert_ignore
+from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore
 from gpu_training.results.models import (
     TERMINAL_STATUSES,
     Artifact,
@@ -174,7 +174,7 @@ class ResultsStore:
         with self.engine.begin() as conn:
             insert_ignore(
                 conn,
-                Instance.__table__,  # type: ignore[arg-type]
+                INSTANCES,
                 [
                     {
                         "job_id": job.id,
@@ -191,9 +191,8 @@ class ResultsStore:
             )
 
     def update_instance(self, name: str, **values: Any) -> None:
-        table = Instance.__table__
         with self.engine.begin() as conn:
-            conn.execute(update(table).where(table.c.name == name).values(**values))  # type: ignore[attr-defined]
+            conn.execute(update(INSTANCES).where(INSTANCES.c.name == name).values(**values))
 
     def instance(self, name: str) -> Instance | None:
         with self.session() as s:
@@ -237,9 +236,7 @@ class ResultsStore:
         now: datetime,
     ) -> IngestResult:
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(JOBS.c.id, JOBS.c.ingest_offset).where(JOBS.c.uuid == job_uuid)
-            ).one_or_none()
+            row = conn.execute(select(JOBS.c.id, JOBS.c.ingest_offset).where(JOBS.c.uuid == job_uuid)).one_or_none()
             if row is None:
                 raise JobNotFoundError(f"no training job {job_uuid!r} in the results DB")
             if row.ingest_offset != expected_offset:
@@ -248,9 +245,7 @@ class ResultsStore:
             if new_offset > expected_offset:
                 values["last_progress_at"] = now
             moved = conn.execute(
-                update(JOBS)
-                .where((JOBS.c.id == row.id) & (JOBS.c.ingest_offset == expected_offset))
-                .values(**values)
+                update(JOBS).where((JOBS.c.id == row.id) & (JOBS.c.ingest_offset == expected_offset)).values(**values)
             ).rowcount
             if moved != 1:
                 raise _OffsetMoved  # rolls the transaction back
