@@ -79,3 +79,15 @@ def test_dag_files_do_no_work_at_import() -> None:
             a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }
         assert not imported & {"requests", "boto3", "paramiko", "subprocess", "sqlalchemy", "socket"}, path
+
+
+def test_airflow_loads_the_plugin_and_only_the_plugin() -> None:
+    import sys
+
+    from airflow import plugins_manager
+
+    plugins, errors = plugins_manager._get_plugins()
+    assert errors == {}
+    assert "gpu_training" in [p.name for p in plugins]
+    # The package is in .airflowignore: its modules must not be imported as top-level modules.
+    assert "store" not in sys.modules and "operators" not in sys.modules
