@@ -111,3 +111,23 @@ def test_paths_cannot_escape_the_workdir(provider: LocalProvider) -> None:
     host = provider.host(provider.launch(provider.list_offers(GpuRequest())[0], "gpujob-escape"))
     with pytest.raises(HostError, match="escapes"):
         host.put_bytes(b"x", "../../etc/evil")
+
+
+def test_wait_for_ready_gives_up_after_the_boot_timeout(store, job_uuid, monkeypatch, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gpu_training import lifecycle
+    from gpu_training.errors import ProviderError
+    from gpu_training.providers.base import InstanceInfo
+
+    class SlowBoot(LocalProvider):
+        def get_instance(self, instance_id: str) -> InstanceInfo:
+            return InstanceInfo("local", instance_id, instance_id, InstanceState.BOOTING)
+
+    monkeypatch.setattr(lifecycle, "get_provider", lambda name: SlowBoot(tmp_path / "i"))
+    store.record_instance_intent(job_uuid, provider="local", name="gpujob-slow")
+    store.update_instance("gpujob-slow", instance_id="gpujob-slow", state="booting", launched_at=datetime.now(UTC))
+    assert lifecycle.check_ready(store, job_uuid) is False
+    store.update_instance("gpujob-slow", launched_at=datetime.now(UTC) - timedelta(minutes=31))
+    with pytest.raises(ProviderError, match=r"still booting after 31\.0 min"):
+        lifecycle.check_ready(store, job_uuid)

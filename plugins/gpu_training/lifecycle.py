@@ -22,6 +22,9 @@ from gpu_training.storage import fetch_dataset, job_outputs_uri, upload_outputs
 
 log = logging.getLogger(__name__)
 
+# How long an instance may take to become usable before the job gives up on it.
+BOOT_TIMEOUT = timedelta(minutes=30)
+
 
 def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
     return parse_job_params(store.job(job_uuid).params)
@@ -122,8 +125,8 @@ def host_for(store: ResultsStore, job_uuid: str) -> Host:
     return provider.host(info)
 
 
-def check_ready(store: ResultsStore, job_uuid: str) -> bool:
-    """Whether the instance is up and its host usable; raises if it failed while booting."""
+def check_ready(store: ResultsStore, job_uuid: str, *, boot_timeout: timedelta = BOOT_TIMEOUT) -> bool:
+    """Whether the instance is up and its host usable; raises if it failed or overran its boot time."""
     record = current_instance(store, job_uuid)
     provider, info = _provider_and_info(store, job_uuid)
     if info.state != record.state:
@@ -131,6 +134,13 @@ def check_ready(store: ResultsStore, job_uuid: str) -> bool:
     if info.state.is_gone:
         raise ProviderError(provider.name, f"instance {info.instance_id} is {info.state} while booting")
     if info.state != InstanceState.RUNNING:
+        waited = utcnow() - (record.launched_at or record.created_at)
+        if waited > boot_timeout:
+            raise ProviderError(
+                provider.name,
+                f"instance {info.instance_id} still {info.state} after {waited.total_seconds() / 60:.1f} min "
+                f"(boot timeout {boot_timeout.total_seconds() / 60:g} min)",
+            )
         return False
     provider.host(info).prepare()
     store.update_instance(record.name, ready_at=utcnow())
