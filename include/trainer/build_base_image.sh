@@ -8,9 +8,10 @@ set -euo pipefail
 tag=${1:-gpu-trainer-base:bookworm}
 mirror=${DEBIAN_MIRROR:-}
 if [ -z "$mirror" ]; then
-  # The first deb line of apt's own configuration: whatever mirror this machine is allowed to use.
-  mirror=$(grep -rhoE '^(deb|URIs:)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-           | awk '{print $2}' | grep -E '^https?://' | head -1)
+  # The mirror apt itself uses for bookworm here (after apt-get update), else Debian's default.
+  mirror=$(apt-get indextargets --format '$(URI)' 'Created-By: Packages' 2>/dev/null \
+           | grep -m1 '/dists/bookworm/' | sed 's#/dists/.*##' || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
 fi
 [ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt; set DEBIAN_MIRROR" >&2; exit 1; }
 rootfs=$(mktemp -d)
