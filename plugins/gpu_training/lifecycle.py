@@ -33,7 +33,7 @@ def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
 def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str, map_index: int = -1) -> str:
     """Validate params and create the job row (idempotent per dag run). Returns the job uuid."""
     spec = parse_job_params(params)
-    get_provider(spec.provider)  # an unavailable provider fails here, before anything is created
+    get_provider(spec.provider, spec)  # an unavailable provider fails here, before anything is created
     if spec.runtime != "process":
         from gpu_training.errors import JobParamsError
 
@@ -66,7 +66,7 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
     """Choose an offer and launch an instance; the intent is recorded before the launch call."""
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
-    provider = get_provider(spec.provider)
+    provider = get_provider(spec.provider, spec)
     store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
     offers = provider.list_offers(GpuRequest())
     if not offers:
@@ -111,7 +111,7 @@ def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
 
 def _provider_and_info(store: ResultsStore, job_uuid: str) -> tuple[ComputeProvider, InstanceInfo]:
     record = current_instance(store, job_uuid)
-    provider = get_provider(record.provider)
+    provider = get_provider(record.provider, job_spec(store, job_uuid))
     if not record.instance_id:
         found = provider.find_instance(record.name)
         if found is None:
@@ -228,12 +228,13 @@ def teardown(store: ResultsStore, job_uuid: str) -> list[str]:
     terminated: list[str] = []
     errors: list[str] = []
     total_cost = 0.0
+    spec = job_spec(store, job_uuid)
     for record in store.instances_for_job(job_uuid):
         if record.state == "terminated":
             total_cost += _cost(record)
             continue
         try:
-            provider = get_provider(record.provider)
+            provider = get_provider(record.provider, spec)
             instance_id = record.instance_id
             if not instance_id:
                 found = provider.find_instance(record.name)

@@ -42,6 +42,12 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Runtime",
         "'process' runs `command` directly on the instance; 'docker' runs `image`.",
     ),
+    "ssh_conn_id": (
+        "",
+        {"type": "string", "pattern": r"^$|^[A-Za-z0-9_.-]{1,250}$"},
+        "SSH connection",
+        "Airflow SSH connection of your GPU host (provider 'ssh'). Host keys are verified.",
+    ),
     "image": (
         DEFAULT_IMAGE,
         {"type": "string", "minLength": 1, "maxLength": 512},
@@ -102,6 +108,7 @@ class JobSpec:
     project_id: str
     provider: str = "local"
     runtime: str = "process"
+    ssh_conn_id: str = ""
     image: str = DEFAULT_IMAGE
     command: tuple[str, ...] = tuple(DEFAULT_COMMAND)
     dataset_uri: str = ""
@@ -147,6 +154,8 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
         values[name] = value
     if values["runtime"] == "process" and not any(part.strip() for part in values["command"]):
         raise JobParamsError("command", "must contain a program to run")
+    if values["provider"] == "ssh" and not values["ssh_conn_id"]:
+        raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
     values["command"] = tuple(values["command"])
     return JobSpec(**values)
 

@@ -1,0 +1,281 @@
+"""``SshHost``: the host interface over SSH and SFTP (the SSH provider's ``SSHHook``).
+
+Every remote command is an argument vector joined with ``shlex.join``, or a constant script with
+its inputs passed as quoted positional arguments: no param value is ever spliced into shell text.
+Files go up by SFTP into ``<name>.partial``, resume where an interrupted copy stopped (after the
+prefix is checked), and are renamed into place only after size and SHA256 match on the host; a
+mismatch is re-sent once, then fails with both checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gpu_training.errors import HostError, TransferError
+from gpu_training.hosts.base import (
+    LOG_PATH,
+    RUN_DIR,
+    RUN_TRAINER_SCRIPT,
+    Host,
+    RemoteFile,
+    TrainerStatus,
+    sha256_file,
+)
+
+CHUNK = 1 << 20
+REMOTE_BIN = "bin"
+
+# Status in one round trip: "<exit_code or -> <pid or -> <alive 0/1>".
+_STATUS_SCRIPT = r"""
+cd "$1" 2>/dev/null || { echo "- - 0"; exit 0; }
+code=$(cat run/exit_code 2>/dev/null || echo -)
+pid=$(cat run/trainer.pid 2>/dev/null || echo -)
+alive=0
+if [ "$pid" != "-" ] && kill -0 "$pid" 2>/dev/null; then alive=1; fi
+echo "$code $pid $alive"
+"""
+
+# SIGTERM the trainer's process group, SIGKILL after the grace period ($2 seconds).
+_STOP_SCRIPT = r"""
+pg=$(cat "$1/run/pgid" 2>/dev/null) || exit 0
+case "$pg" in ''|*[!0-9]*) exit 0 ;; esac
+[ "$pg" -gt 1 ] || exit 0
+kill -TERM -- "-$pg" 2>/dev/null || exit 0
+end=$(( $(date +%s) + $2 ))
+while [ "$(date +%s)" -lt "$end" ]; do
+  kill -0 -- "-$pg" 2>/dev/null || exit 0
+  sleep 0.2
+done
+kill -KILL -- "-$pg" 2>/dev/null
+exit 0
+"""
+
+
+class SshHost(Host):
+    """A work directory on a remote host reached through an Airflow SSH connection."""
+
+    def __init__(self, hook: Any, workdir: str, *, python: str = "python3") -> None:
+        self.hook = hook
+        self.workdir = workdir.rstrip("/")
+        self.python = python
+        self._sftp: Any = None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        return self.hook.get_conn()
+
+    def sftp(self) -> Any:
+        transport = self.client().get_transport()
+        if self._sftp is None or self._sftp.get_channel() is None or self._sftp.get_channel().closed:
+            self._sftp = self.client().open_sftp()
+        if transport is None or not transport.is_active():
+            self._sftp = self.client().open_sftp()
+        return self._sftp
+
+    def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float = 300, check: bool = True
+    ) -> tuple[int, str, str]:
+        """Run an argument vector on the host; returns (exit status, stdout, stderr)."""
+        command = shlex.join(argv)
+        try:
+            chan_in, chan_out, chan_err = self.client().exec_command(command, timeout=timeout)
+            if stdin is not None:
+                chan_in.write(stdin)
+            chan_in.channel.shutdown_write()
+            out = chan_out.read()
+            err = chan_err.read()
+            status = chan_out.channel.recv_exit_status()
+        except (TimeoutError, OSError) as exc:
+            raise HostError(f"{self.hook.remote_host}: running {argv[0]!r} failed: {exc}") from exc
+        text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        if check and status != 0:
+            raise HostError(
+                f"{self.hook.remote_host}: {argv[0]!r} exited {status}: {text_err.strip()[-2000:] or text_out[-2000:]}"
+            )
+        return status, text_out, text_err
+
+    def script(self, body: str, *args: str, timeout: float = 300, check: bool = True) -> tuple[int, str, str]:
+        """A constant bash script with its inputs as quoted positional parameters."""
+        return self.run(["bash", "-c", body, "bash", *args], timeout=timeout, check=check)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def _check_rel(self, relpath: str) -> str:
+        parts = Path(relpath).parts
+        if Path(relpath).is_absolute() or ".." in parts or not parts:
+            raise HostError(f"path {relpath!r} escapes the work directory {self.workdir}")
+        return self.path(Path(*parts).as_posix())
+
+    def _mkdirs(self, remote_dir: str) -> None:
+        self.run(["mkdir", "-p", "--", remote_dir])
+
+    def prepare(self) -> None:
+        self.run(
+            ["mkdir", "-p", "--", *(self.path(d) for d in ("config", "data", "outputs", "logs", RUN_DIR, REMOTE_BIN))]
+        )
+        self.put_file(RUN_TRAINER_SCRIPT, f"{REMOTE_BIN}/run_trainer.sh")
+
+    def remote_sha256(self, remote: str) -> tuple[int, str]:
+        """Size and SHA256 of a file on the host (computed there: nothing is read back)."""
+        _, out, _ = self.script('wc -c < "$1" && sha256sum -- "$1"', remote)
+        lines = out.split("\n")
+        return int(lines[0].strip()), lines[1].split()[0]
+
+    def _prefix_sha256(self, remote: str, length: int) -> str:
+        _, out, _ = self.script('head -c "$2" -- "$1" | sha256sum', remote, str(length))
+        return out.split()[0]
+
+    def put_bytes(self, data: bytes, relpath: str) -> str:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(prefix="gpu-put-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            return self.put_file(Path(tmp.name), relpath)
+
+    def put_file(self, local_path: Path, relpath: str) -> str:
+        remote = self._check_rel(relpath)
+        partial = remote + ".partial"
+        size = local_path.stat().st_size
+        digest = sha256_file(local_path)
+        self._mkdirs(remote.rsplit("/", 1)[0])
+        sftp = self.sftp()
+        got = ""
+        for attempt in (1, 2):
+            offset = self._resume_offset(sftp, partial, local_path, size) if attempt == 1 else 0
+            self._send(sftp, local_path, partial, offset)
+            remote_size, got = self.remote_sha256(partial)
+            if remote_size == size and got == digest:
+                sftp.posix_rename(partial, remote)
+                return digest
+            self.bytes_resent = getattr(self, "bytes_resent", 0) + size
+        self.script('rm -f -- "$1"', partial, check=False)
+        raise TransferError(
+            f"{local_path} -> {self.hook.remote_host}:{remote}: SHA256 mismatch after a re-send "
+            f"(local {digest}, remote {got})"
+        )
+
+    def _resume_offset(self, sftp: Any, partial: str, local_path: Path, size: int) -> int:
+        """Bytes of an interrupted copy that can be kept: its prefix must match the local file."""
+        try:
+            have = sftp.stat(partial).st_size or 0
+        except OSError:
+            return 0
+        if have <= 0 or have > size:
+            return 0
+        digest = hashlib.sha256()
+        with local_path.open("rb") as fh:
+            remaining = have
+            while remaining and (chunk := fh.read(min(CHUNK, remaining))):
+                digest.update(chunk)
+                remaining -= len(chunk)
+        return have if self._prefix_sha256(partial, have) == digest.hexdigest() else 0
+
+    def _send(self, sftp: Any, local_path: Path, partial: str, offset: int) -> None:
+        with local_path.open("rb") as src, sftp.open(partial, "ab" if offset else "wb") as dst:
+            dst.set_pipelined(True)
+            if offset:
+                src.seek(offset)
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+        self.bytes_sent = getattr(self, "bytes_sent", 0) + (local_path.stat().st_size - offset)
+
+    def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
+        try:
+            with self.sftp().open(self._check_rel(relpath), "rb") as fh:
+                fh.seek(offset)
+                data: bytes = fh.read(max_bytes)
+                return data
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if getattr(exc, "errno", None) == 2:
+                return None
+            raise HostError(f"{self.hook.remote_host}: reading {relpath} failed: {exc}") from exc
+
+    def list_files(self, relpath: str) -> list[RemoteFile]:
+        base = self._check_rel(relpath)
+        _, out, _ = self.script(
+            '[ -d "$1" ] || exit 0; find "$1" -type f ! -name "*.partial" -printf "%s\\t%P\\n"', base
+        )
+        files = []
+        for line in out.splitlines():
+            if "\t" in line:
+                size, name = line.split("\t", 1)
+                files.append(RemoteFile(name, int(size)))
+        return sorted(files, key=lambda f: f.path)
+
+    def fetch_file(self, relpath: str, local_path: Path) -> str:
+        remote = self._check_rel(relpath)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        size, expected = self.remote_sha256(remote)
+        for _attempt in (1, 2):
+            self.sftp().get(remote, str(local_path))
+            got = sha256_file(local_path)
+            if got == expected and local_path.stat().st_size == size:
+                return got
+        raise TransferError(f"{self.hook.remote_host}:{remote} -> {local_path}: SHA256 mismatch after a re-fetch")
+
+    def file_mode(self, relpath: str) -> int | None:
+        try:
+            return stat.S_IMODE(self.sftp().stat(self._check_rel(relpath)).st_mode)
+        except OSError:
+            return None
+
+    # --- the trainer ---------------------------------------------------------------------------
+
+    def start_trainer(self, argv: Sequence[str], env: Mapping[str, str]) -> TrainerStatus:
+        status = self.trainer_status()
+        if status.started:
+            return status
+        env_args = [f"{k}={v}" for k, v in env.items()]
+        launcher = [
+            "env",
+            "-i",
+            *env_args,
+            "setsid",
+            "bash",
+            self.path(f"{REMOTE_BIN}/run_trainer.sh"),
+            self.workdir,
+            "--",
+            *argv,
+        ]
+        # Only the launcher is backgrounded, with every stream redirected: the SSH channel closes
+        # at once instead of waiting on a subshell that still holds its stdout.
+        self.script('cd "$1" || exit 1; shift; nohup "$@" </dev/null >/dev/null 2>&1 &', self.workdir, *launcher)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = self.trainer_status()
+            if status.started:
+                return status
+            time.sleep(0.2)
+        raise HostError(f"{self.hook.remote_host}: the trainer wrapper did not start in {self.workdir} within 20 s")
+
+    def trainer_status(self) -> TrainerStatus:
+        _, out, _ = self.script(_STATUS_SCRIPT, self.workdir)
+        code, pid, alive = [*out.split(), "-", "-", "0"][:3]
+        exit_code = int(code) if code.lstrip("-").isdigit() else None
+        pid_value = int(pid) if pid.isdigit() else None
+        if exit_code is not None:
+            return TrainerStatus(started=True, running=False, exit_code=exit_code, pid=pid_value)
+        if pid_value is None:
+            return TrainerStatus(started=False, running=False)
+        return TrainerStatus(started=True, running=alive == "1", pid=pid_value)
+
+    def stop_trainer(self, grace_seconds: float = 10.0) -> None:
+        self.script(_STOP_SCRIPT, self.workdir, str(int(max(1, grace_seconds))), timeout=grace_seconds + 30)
+
+    def log_tail(self, max_lines: int = 40) -> str:
+        _, out, _ = self.script('tail -n "$2" -- "$1" 2>/dev/null || true', self.path(LOG_PATH), str(max_lines))
+        return out.rstrip("\n")
+
+    def destroy(self) -> None:
+        self.stop_trainer(grace_seconds=5.0)
+        self.run(["rm", "-rf", "--", self.workdir])
