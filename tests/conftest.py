@@ -58,3 +58,54 @@ def event_line(phase: str, event: str, ts: str = "2026-11-22T15:04:05.000+05:30"
     payload: dict[str, Any] = {"ts": ts, "phase": phase, "event": event}
     payload.update(fields)
     return (json.dumps(payload) + "\n").encode()
+
+
+# --- real servers shared by a session (see tests/servers.py and tests/sshd.py) ----------------------
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} needs root (CI runs the suite as root)")
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[Any]:
+    from tests.servers import start_moto
+
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    _need_root("sshd with root login")
+    from tests.sshd import start_sshd
+
+    server = start_sshd(tmp_path_factory.mktemp("sshd-session"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[str]:
+    """A running dockerd with the trainer image built; yields the image name."""
+    _need_root("dockerd")
+    from tests.servers import ensure_dockerd, ensure_trainer_image
+
+    proc = ensure_dockerd()
+    try:
+        yield ensure_trainer_image()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def registry(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.servers import start_registry
+
+    server = start_registry(tmp_path_factory.mktemp("registry"))
+    yield server
+    server.stop()

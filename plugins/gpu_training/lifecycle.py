@@ -6,6 +6,7 @@ from the results DB (not XCom), so any step can be retried on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 
@@ -13,12 +14,13 @@ from gpu_training.errors import InstanceNotFoundError, ProviderError, TrainerFai
 from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
-from gpu_training.progress import PollOutcome, poll_progress
+from gpu_training.progress import PollOutcome, poll_progress, read_log_since
 from gpu_training.providers.base import ComputeProvider, GpuRequest, InstanceInfo, InstanceState, instance_name
 from gpu_training.providers.registry import get_provider
 from gpu_training.results.models import Instance, utcnow
 from gpu_training.results.store import ResultsStore
-from gpu_training.storage import fetch_dataset, job_outputs_uri, upload_outputs
+from gpu_training.runtimes import ContainerSpec, ContainerTrainer, Trainer, registry_login, trainer_for
+from gpu_training.storage import fetch_dataset, fetch_dataset_direct, job_outputs_uri, upload_outputs
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,6 @@ def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str,
     """Validate params and create the job row (idempotent per dag run). Returns the job uuid."""
     spec = parse_job_params(params)
     get_provider(spec.provider, spec)  # an unavailable provider fails here, before anything is created
-    if spec.runtime != "process":
-        from gpu_training.errors import JobParamsError
-
-        raise JobParamsError(
-            "runtime", f"{spec.runtime!r} is not available yet in this installation (available: process)"
-        )
     store.check_schema()
     job_uuid = store.create_job(
         project_id=spec.project_id,
@@ -125,6 +121,13 @@ def host_for(store: ResultsStore, job_uuid: str) -> Host:
     return provider.host(info)
 
 
+def host_and_trainer(store: ResultsStore, job_uuid: str) -> tuple[Host, Trainer]:
+    """The instance's host and the job's trainer on it (a process or a container)."""
+    provider, info = _provider_and_info(store, job_uuid)
+    host = provider.host(info)
+    return host, trainer_for(job_spec(store, job_uuid), host, info.name)
+
+
 def check_ready(store: ResultsStore, job_uuid: str, *, boot_timeout: timedelta = BOOT_TIMEOUT) -> bool:
     """Whether the instance is up and its host usable; raises if it failed or overran its boot time."""
     record = current_instance(store, job_uuid)
@@ -158,10 +161,20 @@ def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
     host.put_bytes(job.config_yaml.encode(), CONFIG_PATH)
     files = 1
     if spec.dataset_uri:
-        files += len(fetch_dataset(spec.dataset_uri, host))
-    if list(spec.command) == DEFAULT_COMMAND or any("{workdir}/trainer/" in part for part in spec.command):
+        if _direct_s3(spec, host, spec.dataset_uri):
+            expiry = int(spec.presigned_url_expiry_minutes * 60)
+            files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
+        else:
+            files += len(fetch_dataset(spec.dataset_uri, host))
+    reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
+    if reference_trainer or any("{workdir}/trainer/" in part for part in spec.command):
         files += len(host.put_tree(REFERENCE_TRAINER_DIR, TRAINER_DIR))
     return {"files": files}
+
+
+def _direct_s3(spec: JobSpec, host: Host, uri: str) -> bool:
+    """S3 data moves between a remote instance and S3 itself, not through this worker."""
+    return uri.startswith("s3://") and host.remote and spec.s3_transfer == "direct"
 
 
 def trainer_env(host: Host) -> dict[str, str]:
@@ -183,9 +196,14 @@ def trainer_env(host: Host) -> dict[str, str]:
 def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
     """Start the trainer detached (re-attaching if a retry finds it started). Returns its pid."""
     spec = job_spec(store, job_uuid)
-    host = host_for(store, job_uuid)
-    argv = render_command(spec.command, python=host.python, workdir=host.workdir)
-    status = host.start_trainer(argv, trainer_env(host))
+    host, trainer = host_and_trainer(store, job_uuid)
+    if isinstance(trainer, ContainerTrainer):
+        report = trainer.start(ContainerSpec.for_job(spec, host), registry_login(spec.registry_conn_id))
+        log.info("%s", report)
+        status = trainer.status()
+    else:
+        argv = render_command(spec.command, python=host.python, workdir=host.workdir)
+        status = host.start_trainer(argv, trainer_env(host))
     job = store.job(job_uuid)
     if job.trainer_started_at is None:
         store.update_job(job_uuid, trainer_started_at=utcnow())
@@ -193,20 +211,23 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
     return status.pid
 
 
-def poll(store: ResultsStore, job_uuid: str) -> PollOutcome:
-    """One progress poll (see :func:`gpu_training.progress.poll_progress`)."""
+def poll(store: ResultsStore, job_uuid: str, *, log_offset: int | None = None) -> PollOutcome:
+    """One progress poll (see :func:`gpu_training.progress.poll_progress`), with the trainer's new
+    log lines since ``log_offset`` (``None``: its recent tail) for the task log."""
     spec = job_spec(store, job_uuid)
-    host = host_for(store, job_uuid)
+    host, trainer = host_and_trainer(store, job_uuid)
     outcome = poll_progress(
         store,
         host,
         job_uuid,
         stall_timeout=timedelta(minutes=spec.stall_timeout_minutes),
         max_runtime=timedelta(minutes=spec.max_runtime_minutes),
+        trainer=trainer,
     )
     if outcome.done and not outcome.succeeded:
-        host.stop_trainer()  # a stalled or overdue trainer must not keep the GPU busy
-    return outcome
+        trainer.stop()  # a stalled or overdue trainer must not keep the GPU busy
+    text, next_offset = read_log_since(host, log_offset)
+    return dataclasses.replace(outcome, log_text=text, log_offset=next_offset)
 
 
 def upload(store: ResultsStore, job_uuid: str) -> int:
@@ -214,7 +235,13 @@ def upload(store: ResultsStore, job_uuid: str) -> int:
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
     host = host_for(store, job_uuid)
-    records = upload_outputs(host, spec.outputs_uri, job_uuid)
+    records = upload_outputs(
+        host,
+        spec.outputs_uri,
+        job_uuid,
+        direct=_direct_s3(spec, host, job.outputs_uri or ""),
+        expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
+    )
     store.record_artifacts(job_uuid, records)
     return len(records)
 

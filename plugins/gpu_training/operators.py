@@ -9,10 +9,8 @@ defer between polls, so no worker slot is held while an instance boots or a mode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
-from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
@@ -26,6 +24,7 @@ from gpu_training.errors import (
 )
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
 from gpu_training.results.store import ResultsStore
+from gpu_training.triggers import PollIntervalTrigger
 
 NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError)
 
@@ -124,18 +123,22 @@ class _PollingStepOperator(TrainingJobStepOperator):
     def __init__(self, *, poll_interval_seconds: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.poll_interval_seconds = poll_interval_seconds
+        #: Small state carried from one poll to the next through the deferral (display only:
+        #: whatever must survive a retry lives in the results DB).
+        self.poll_state: dict[str, Any] = {}
 
     def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> Any:
         done, value = self.poll_once(store, job_uuid, context)
         if not done:
             interval = self.poll_interval_seconds or lifecycle.job_spec(store, job_uuid).poll_interval_seconds
             self.defer(
-                trigger=TimeDeltaTrigger(timedelta(seconds=float(interval))),
+                trigger=PollIntervalTrigger(float(interval), self.poll_state),
                 method_name="execute_complete",
             )
         return value
 
     def execute_complete(self, context: Context, event: Any = None) -> Any:
+        self.poll_state = dict((event or {}).get("state") or {}) if isinstance(event, dict) else {}
         return self.execute(context)
 
     def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
@@ -172,7 +175,10 @@ class GlobalJsonSensor(_PollingStepOperator):
     ui_color = "#f3e8fd"
 
     def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
-        outcome = lifecycle.poll(store, job_uuid)
+        outcome = lifecycle.poll(store, job_uuid, log_offset=self.poll_state.get("log_offset"))
+        self.poll_state["log_offset"] = outcome.log_offset
+        for line in outcome.log_text.splitlines():  # the trainer's own output, as it runs
+            self.log.info("[trainer] %s", line)
         self.log.info(
             "ingested %d events, %d malformed lines; offset %d", outcome.events, outcome.errors, outcome.offset
         )

@@ -21,6 +21,9 @@ DEFAULT_IMAGE = "gpu-trainer:latest"
 # ``{python}`` and ``{workdir}`` are expanded on the instance (see ``render_command``).
 DEFAULT_COMMAND = ["{python}", "{workdir}/trainer/train.py"]
 _URI_PATTERN = r"^$|^(file|s3)://.+"
+_SIZE_PATTERN = r"^$|^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$"
+# A Docker image reference: never empty, never starting with '-' (it must not read as an option).
+_IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$"
 
 # name -> (default, JSON schema, title, description). Order is the trigger form's order.
 PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
@@ -50,9 +53,41 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
     ),
     "image": (
         DEFAULT_IMAGE,
-        {"type": "string", "minLength": 1, "maxLength": 512},
+        {"type": "string", "pattern": _IMAGE_PATTERN},
         "Trainer image",
-        "Docker image of the trainer (runtime 'docker').",
+        "Docker image of the trainer (runtime 'docker'), e.g. registry.example.com:5000/team/trainer:1.4.",
+    ),
+    "registry_conn_id": (
+        "",
+        {"type": "string", "pattern": r"^$|^[A-Za-z0-9_.-]{1,250}$"},
+        "Registry connection",
+        "Airflow connection with the image registry's host[:port], login and password (runtime 'docker'); "
+        "empty for a public or already present image.",
+    ),
+    "image_pull": (
+        "missing",
+        {"type": "string", "enum": ["missing", "always"]},
+        "Image pull policy",
+        "'missing' uses an image already on the host and pulls otherwise; 'always' pulls every run.",
+    ),
+    "container_memory": (
+        "",
+        {"type": "string", "pattern": _SIZE_PATTERN},
+        "Container memory limit",
+        "Docker memory limit, e.g. '32g' (runtime 'docker'); empty for none. Exceeding it ends the "
+        "job as out of memory (exit 137).",
+    ),
+    "container_cpus": (
+        0,
+        {"type": "number", "minimum": 0, "maximum": 1024},
+        "Container CPUs",
+        "Docker CPU limit (runtime 'docker'); 0 for none.",
+    ),
+    "container_shm_size": (
+        "1g",
+        {"type": "string", "pattern": _SIZE_PATTERN},
+        "Container /dev/shm size",
+        "Shared memory for data loader workers (runtime 'docker'); empty for Docker's default (64 MB).",
     ),
     "command": (
         DEFAULT_COMMAND,
@@ -79,6 +114,20 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Outputs URI",
         "file:// or s3:// prefix for outputs; each job writes under <outputs_uri>/<job uuid>/. "
         "Empty: the embedded storage.",
+    ),
+    "s3_transfer": (
+        "direct",
+        {"type": "string", "enum": ["direct", "relay"]},
+        "S3 transfer",
+        "'direct': a remote instance pulls an s3:// dataset and pushes outputs itself through presigned "
+        "URLs, verified by SHA256, and nothing passes through the Airflow worker; 'relay': through the "
+        "worker (for storage the instance cannot reach).",
+    ),
+    "presigned_url_expiry_minutes": (
+        60,
+        {"type": "number", "minimum": 1, "maximum": 7 * 24 * 60},
+        "Presigned URL expiry (minutes)",
+        "How long the presigned URLs handed to the instance stay valid (S3 allows up to 7 days).",
     ),
     "max_runtime_minutes": (
         120,
@@ -110,10 +159,17 @@ class JobSpec:
     runtime: str = "process"
     ssh_conn_id: str = ""
     image: str = DEFAULT_IMAGE
+    registry_conn_id: str = ""
+    image_pull: str = "missing"
+    container_memory: str = ""
+    container_cpus: float = 0
+    container_shm_size: str = "1g"
     command: tuple[str, ...] = tuple(DEFAULT_COMMAND)
     dataset_uri: str = ""
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outputs_uri: str = ""
+    s3_transfer: str = "direct"
+    presigned_url_expiry_minutes: float = 60
     max_runtime_minutes: float = 120
     stall_timeout_minutes: float = 15
     poll_interval_seconds: float = 5

@@ -13,9 +13,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gpu_training.events import GLOBAL_JSON, MalformedLine, parse_chunk
-from gpu_training.hosts.base import OUTPUT_DIR, Host
+from gpu_training.hosts.base import LOG_PATH, OUTPUT_DIR, Host
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
+from gpu_training.runtimes import ProcessTrainer, Trainer
 
 GLOBAL_JSON_PATH = f"{OUTPUT_DIR}/{GLOBAL_JSON}"
 CHUNK_BYTES = 8 << 20
@@ -31,6 +32,9 @@ class PollOutcome:
     events: int = 0
     errors: int = 0
     offset: int = 0
+    #: New complete lines of the trainer's log since the caller's log offset, and the next offset.
+    log_text: str = ""
+    log_offset: int = 0
 
 
 def ingest_new_bytes(store: ResultsStore, host: Host, job_uuid: str, *, writer_done: bool) -> tuple[int, int, int]:
@@ -88,10 +92,11 @@ def poll_progress(
     stall_timeout: timedelta,
     max_runtime: timedelta,
     now: datetime | None = None,
+    trainer: Trainer | None = None,
 ) -> PollOutcome:
     """One poll: ingest, then judge whether the job has ended and how."""
     # Status first: bytes written before the trainer exited are then surely read below.
-    status = host.trainer_status()
+    status = (trainer or ProcessTrainer(host)).status()
     n_events, n_errors, offset = ingest_new_bytes(store, host, job_uuid, writer_done=not status.running)
     job = store.job(job_uuid)
     now = now or utcnow()
@@ -108,7 +113,9 @@ def poll_progress(
             if status.exit_code is not None
             else "vanished (killed with its wrapper)"
         )
-        if status.exit_code is not None and status.exit_code in (137, -9):
+        if status.oom_killed:
+            how += ": out of memory (the kernel's OOM killer ended it; raise container_memory or use less)"
+        elif status.exit_code is not None and status.exit_code in (137, -9):
             how += " (SIGKILL: out of memory?)"
         tail = host.log_tail(20)
         return PollOutcome(
@@ -130,6 +137,26 @@ def poll_progress(
             **counts,
         )
     return PollOutcome(False, **counts)
+
+
+LOG_TAIL_ON_ATTACH = 64 * 1024
+LOG_BYTES_PER_POLL = 1 << 20
+
+
+def read_log_since(host: Host, offset: int | None) -> tuple[str, int]:
+    """New complete lines of ``logs/trainer.log`` from ``offset``; returns (text, next offset).
+
+    ``offset=None`` (a fresh task try) starts at the last 64 KiB, so a retry shows recent output
+    without replaying a long log.
+    """
+    if offset is None:
+        size = next((f.size for f in host.list_files("logs") if f.path == "trainer.log"), 0)
+        offset = max(0, size - LOG_TAIL_ON_ATTACH)
+    chunk = host.read_chunk(LOG_PATH, offset, LOG_BYTES_PER_POLL)
+    if not chunk:
+        return "", offset
+    end = chunk.rfind(b"\n") + 1 if len(chunk) < LOG_BYTES_PER_POLL else len(chunk)
+    return chunk[:end].decode("utf-8", "replace"), offset + end
 
 
 def _minutes(delta: timedelta) -> str:

@@ -16,7 +16,15 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from gpu_training.errors import StorageError, TransferError
-from gpu_training.hosts.base import DATA_DIR, LOG_PATH, OUTPUT_DIR, Host, sha256_file
+from gpu_training.hosts.base import (
+    DATA_DIR,
+    FETCH_URLS_SCRIPT,
+    LOG_PATH,
+    OUTPUT_DIR,
+    PUSH_URLS_SCRIPT,
+    Host,
+    sha256_file,
+)
 from gpu_training.results.store import ArtifactRecord
 
 AWS_CONN_ID = "aws_default"
@@ -123,6 +131,85 @@ def fetch_dataset(dataset_uri: str, host: Host) -> list[tuple[str, int, str]]:
     return copied
 
 
+@dataclasses.dataclass(frozen=True)
+class S3Object:
+    key: str
+    relpath: str  # under data/
+    size: int
+    sha256: str | None  # from the object's own SHA256 checksum, when it was stored with one
+    md5: str | None  # the ETag of a single-part upload is the content's MD5
+
+
+def list_dataset_objects(dataset_uri: str) -> list[S3Object]:
+    """The objects of an ``s3://`` dataset (one object, or every object under a prefix)."""
+    import base64
+
+    loc = parse_uri(dataset_uri)
+    client = _s3_hook().get_conn()
+    try:
+        found: list[dict[str, Any]] = []
+        prefix = loc.path
+        if not dataset_uri.endswith("/") and loc.path:
+            exact = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.path, MaxKeys=1).get("Contents") or []
+            if exact and exact[0]["Key"] == loc.path:
+                found = exact
+                prefix = loc.path.rsplit("/", 1)[0] + "/" if "/" in loc.path else ""
+            else:
+                prefix = loc.path + "/"
+        if not found:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                found.extend(o for o in page.get("Contents") or [] if not o["Key"].endswith("/"))
+        if not found:
+            raise StorageError(f"dataset {dataset_uri} does not exist (no object and no objects under it)")
+        objects = []
+        for obj in found:
+            sha = None
+            if "SHA256" in (obj.get("ChecksumAlgorithm") or []):
+                head = client.head_object(Bucket=loc.bucket, Key=obj["Key"], ChecksumMode="ENABLED")
+                if head.get("ChecksumSHA256") and "-" not in head["ChecksumSHA256"]:
+                    sha = base64.b64decode(head["ChecksumSHA256"]).hex()
+            etag = str(obj.get("ETag", "")).strip('"')
+            md5 = etag if len(etag) == 32 and "-" not in etag else None
+            rel = _safe_relpath(obj["Key"][len(prefix) :])
+            objects.append(S3Object(obj["Key"], f"{DATA_DIR}/{rel}", int(obj["Size"]), sha, md5))
+        return objects
+    except StorageError:
+        raise
+    except Exception as err:
+        raise StorageError(f"could not list dataset {dataset_uri}: {err}") from err
+
+
+def fetch_dataset_direct(dataset_uri: str, host: Host, *, expiry_seconds: int) -> list[tuple[str, int, str]]:
+    """Let the instance download an ``s3://`` dataset itself from presigned URLs (resumed,
+    size and checksum verified there): no byte of it passes through this worker."""
+    loc = parse_uri(dataset_uri)
+    objects = list_dataset_objects(dataset_uri)
+    client = _s3_hook().get_conn()
+    lines = []
+    for obj in objects:
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": loc.bucket, "Key": obj.key}, ExpiresIn=expiry_seconds
+        )
+        lines.append("\t".join([obj.sha256 or "-", obj.md5 or "-", str(obj.size), obj.relpath, url]))
+    rc, out, err = host.script(
+        'exec bash "$1" "$2"',
+        host.remote_script(FETCH_URLS_SCRIPT),
+        host.workdir,
+        stdin=("\n".join(lines) + "\n").encode(),
+        timeout=24 * 3600,
+        check=False,
+    )
+    if rc != 0:
+        raise TransferError(f"the instance could not fetch dataset {dataset_uri}: {err.strip()[-1500:]}")
+    copied = []
+    for line in out.splitlines():
+        rel, size, digest = line.split("\t")
+        copied.append((rel, int(size), digest))
+    if len(copied) != len(objects):
+        raise TransferError(f"dataset {dataset_uri}: {len(copied)} of {len(objects)} files arrived")
+    return copied
+
+
 # --- outputs ------------------------------------------------------------------------------------
 
 
@@ -146,17 +233,33 @@ def _put(local: Path, dest: Location, sha256: str) -> None:
         raise TransferError(f"{dest.uri}: uploaded size does not match the local {size} bytes")
 
 
-def upload_outputs(host: Host, outputs_uri: str, job_uuid: str) -> list[ArtifactRecord]:
-    """Upload the trainer's outputs and log; every file hashed, manifest last."""
-    root = parse_uri(job_outputs_uri(outputs_uri, job_uuid))
+def _output_sources(host: Host) -> list[tuple[str, str]]:
+    """(path on the host, artifact name) of everything a job uploads; the manifest is ours."""
     sources = [(f"{OUTPUT_DIR}/{f.path}", _safe_relpath(f.path)) for f in host.list_files(OUTPUT_DIR)]
-    if host.read_chunk(LOG_PATH, 0, 1) is not None:
+    if any(f.path == "trainer.log" for f in host.list_files("logs")):
         sources.append((LOG_PATH, "logs/trainer.log"))
+    return [(remote, name) for remote, name in sources if name != MANIFEST_NAME]
+
+
+# A single presigned PUT takes at most 5 GiB; bigger files go through the worker (multipart).
+MAX_SINGLE_PUT = 5 * 1024**3
+
+
+def upload_outputs(
+    host: Host, outputs_uri: str, job_uuid: str, *, direct: bool = False, expiry_seconds: int = 3600
+) -> list[ArtifactRecord]:
+    """Upload the trainer's outputs and log; every file hashed, manifest last.
+
+    ``direct`` (an ``s3://`` target and a remote instance): the instance PUTs each file to a
+    presigned URL and this worker only checks size and ETag (MD5) of what arrived.
+    """
+    root = parse_uri(job_outputs_uri(outputs_uri, job_uuid))
+    sources = _output_sources(host)
     records: list[ArtifactRecord] = []
+    if direct and root.scheme == "s3":
+        records, sources = _push_direct(host, root, sources, expiry_seconds)
     with tempfile.TemporaryDirectory(prefix="gpu-outputs-") as tmp:
         for remote_rel, name in sources:
-            if name == MANIFEST_NAME:
-                continue
             local = Path(tmp) / name
             digest = host.fetch_file(remote_rel, local)
             dest = root.child(name)
@@ -176,3 +279,56 @@ def upload_outputs(host: Host, outputs_uri: str, job_uuid: str) -> list[Artifact
             )
         )
     return records
+
+
+def _push_direct(
+    host: Host, root: Location, sources: list[tuple[str, str]], expiry_seconds: int
+) -> tuple[list[ArtifactRecord], list[tuple[str, str]]]:
+    """PUT files from the instance to presigned URLs; returns (records, files left to relay)."""
+    wanted = dict(sources)
+    facts: dict[str, tuple[int, str, str]] = {}
+    for directory in sorted({remote.split("/", 1)[0] for remote in wanted}):
+        _, out, _ = host.script(
+            'exec bash "$1" hash "$2" "$3"', host.remote_script(PUSH_URLS_SCRIPT), host.workdir, directory
+        )
+        for line in out.splitlines():
+            size_text, sha_hex, md5_hex, rel = line.split("\t", 3)
+            if rel in wanted:
+                facts[rel] = (int(size_text), sha_hex, md5_hex)
+    client = _s3_hook().get_conn()
+    direct = [(remote, name) for remote, name in sources if remote in facts and facts[remote][0] <= MAX_SINGLE_PUT]
+    relay = [(remote, name) for remote, name in sources if (remote, name) not in direct]
+    records: list[ArtifactRecord] = []
+    pending = direct
+    for _attempt in (1, 2):  # what arrived wrong is sent once more
+        if not pending:
+            break
+        lines = []
+        for remote, name in pending:
+            url = client.generate_presigned_url(
+                "put_object", Params={"Bucket": root.bucket, "Key": root.child(name).path}, ExpiresIn=expiry_seconds
+            )
+            lines.append(f"{remote}\t{url}")
+        rc, _, err = host.script(
+            'exec bash "$1" put "$2"',
+            host.remote_script(PUSH_URLS_SCRIPT),
+            host.workdir,
+            stdin=("\n".join(lines) + "\n").encode(),
+            timeout=24 * 3600,
+            check=False,
+        )
+        if rc != 0:
+            raise TransferError(f"the instance could not upload outputs to {root.uri}: {err.strip()[-1500:]}")
+        failed = []
+        for remote, name in pending:
+            size, sha, md5 = facts[remote]
+            dest = root.child(name)
+            head = client.head_object(Bucket=root.bucket, Key=dest.path)
+            if int(head.get("ContentLength", -1)) != size or str(head.get("ETag", "")).strip('"') != md5:
+                failed.append((remote, name))
+                continue
+            records.append(ArtifactRecord(name=name, uri=dest.uri, size_bytes=size, sha256=sha))
+        pending = failed
+    if pending:
+        raise TransferError(f"{', '.join(n for _, n in pending)}: size or MD5 mismatch in S3 after a re-send")
+    return records, relay

@@ -31,6 +31,11 @@ RUN_DIR = "run"
 
 INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
 RUN_TRAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_trainer.sh"
+RUN_CONTAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_container.sh"
+FETCH_URLS_SCRIPT = INCLUDE_DIR / "remote" / "fetch_urls.sh"
+PUSH_URLS_SCRIPT = INCLUDE_DIR / "remote" / "push_urls.sh"
+#: The remote scripts every host carries (in ``bin/`` of the work directory on remote hosts).
+REMOTE_SCRIPTS = (RUN_TRAINER_SCRIPT, RUN_CONTAINER_SCRIPT, FETCH_URLS_SCRIPT, PUSH_URLS_SCRIPT)
 REFERENCE_TRAINER_DIR = INCLUDE_DIR / "trainer"
 
 
@@ -42,6 +47,8 @@ class TrainerStatus:
     running: bool
     exit_code: int | None = None
     pid: int | None = None
+    #: The kernel's OOM killer ended it (known for containers; ``None`` when unknown).
+    oom_killed: bool | None = None
 
     @property
     def vanished(self) -> bool:
@@ -69,9 +76,40 @@ class Host(abc.ABC):
     workdir: str
     #: The interpreter the ``{python}`` placeholder of ``command`` expands to.
     python: str = "python3"
+    #: GPU names seen on the host (``nvidia-smi``); empty when it has none.
+    gpus: tuple[str, ...] = ()
+    #: ``uid:gid`` the work directory belongs to (containers run as it); empty when unknown.
+    user: str = ""
+    #: Another machine than this worker: S3 data then moves between it and S3 directly.
+    remote: bool = False
 
     def path(self, relpath: str = "") -> str:
         return f"{self.workdir.rstrip('/')}/{relpath}" if relpath else self.workdir
+
+    @abc.abstractmethod
+    def script(
+        self, body: str, *args: str, stdin: bytes | None = None, timeout: float = 300, check: bool = True
+    ) -> tuple[int, str, str]:
+        """Run a constant bash script with ``args`` as its positional parameters (never spliced
+        into the script text); ``stdin`` carries what must not appear in an argument list.
+        Returns (exit status, stdout, stderr); raises ``HostError`` on failure when ``check``."""
+
+    @abc.abstractmethod
+    def remote_script(self, script: Path) -> str:
+        """Where one of :data:`REMOTE_SCRIPTS` is on the host."""
+
+    def remove_container(self) -> None:
+        """Remove the job's container, if the Docker runtime started one (idempotent)."""
+        name = self.read_chunk(f"{RUN_DIR}/container", 0, 256)
+        if name and name.strip():
+            self.script(
+                'bash "$1" remove "$2" "$3"',
+                self.remote_script(RUN_CONTAINER_SCRIPT),
+                self.workdir,
+                name.decode().strip(),
+                check=False,
+                timeout=120,
+            )
 
     @abc.abstractmethod
     def prepare(self) -> None:

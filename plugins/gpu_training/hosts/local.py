@@ -67,10 +67,33 @@ def _read_int(path: Path) -> int | None:
 class LocalHost(Host):
     """A work directory on this machine; the trainer runs in its own session and process group."""
 
-    def __init__(self, workdir: Path | str, *, python: str | None = None) -> None:
+    def __init__(self, workdir: Path | str, *, python: str | None = None, gpus: Sequence[str] = ()) -> None:
         self.root = Path(workdir)
         self.workdir = str(self.root)
         self.python = python or sys.executable
+        self.gpus = tuple(gpus)
+        self.user = f"{os.getuid()}:{os.getgid()}"
+
+    def script(
+        self, body: str, *args: str, stdin: bytes | None = None, timeout: float = 300, check: bool = True
+    ) -> tuple[int, str, str]:
+        try:
+            proc = subprocess.run(
+                ["bash", "-c", body, "bash", *args],
+                input=stdin or b"",
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HostError(f"local script timed out after {timeout:g} s") from exc
+        out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+        if check and proc.returncode != 0:
+            raise HostError(f"local script exited {proc.returncode}: {err.strip()[-2000:] or out[-2000:]}")
+        return proc.returncode, out, err
+
+    def remote_script(self, script: Path) -> str:
+        return str(script)
 
     def _abs(self, relpath: str) -> Path:
         target = (self.root / relpath).resolve()
@@ -215,5 +238,6 @@ class LocalHost(Host):
         return sha256_file(local_path)
 
     def destroy(self) -> None:
+        self.remove_container()
         self.stop_trainer(grace_seconds=5.0)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -20,8 +20,8 @@ from typing import Any
 from gpu_training.errors import HostError, TransferError
 from gpu_training.hosts.base import (
     LOG_PATH,
+    REMOTE_SCRIPTS,
     RUN_DIR,
-    RUN_TRAINER_SCRIPT,
     Host,
     RemoteFile,
     TrainerStatus,
@@ -60,11 +60,20 @@ exit 0
 class SshHost(Host):
     """A work directory on a remote host reached through an Airflow SSH connection."""
 
-    def __init__(self, hook: Any, workdir: str, *, python: str = "python3") -> None:
+    remote = True
+
+    def __init__(
+        self, hook: Any, workdir: str, *, python: str = "python3", gpus: Sequence[str] = (), user: str = ""
+    ) -> None:
         self.hook = hook
         self.workdir = workdir.rstrip("/")
         self.python = python
+        self.gpus = tuple(gpus)
+        self.user = user
         self._sftp: Any = None
+        #: Payload bytes this worker moved to and from the host (the transfer benchmark reads it).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -101,9 +110,14 @@ class SshHost(Host):
             )
         return status, text_out, text_err
 
-    def script(self, body: str, *args: str, timeout: float = 300, check: bool = True) -> tuple[int, str, str]:
+    def script(
+        self, body: str, *args: str, stdin: bytes | None = None, timeout: float = 300, check: bool = True
+    ) -> tuple[int, str, str]:
         """A constant bash script with its inputs as quoted positional parameters."""
-        return self.run(["bash", "-c", body, "bash", *args], timeout=timeout, check=check)
+        return self.run(["bash", "-c", body, "bash", *args], stdin=stdin, timeout=timeout, check=check)
+
+    def remote_script(self, script: Path) -> str:
+        return self.path(f"{REMOTE_BIN}/{script.name}")
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -120,7 +134,8 @@ class SshHost(Host):
         self.run(
             ["mkdir", "-p", "--", *(self.path(d) for d in ("config", "data", "outputs", "logs", RUN_DIR, REMOTE_BIN))]
         )
-        self.put_file(RUN_TRAINER_SCRIPT, f"{REMOTE_BIN}/run_trainer.sh")
+        for script in REMOTE_SCRIPTS:
+            self.put_file(script, f"{REMOTE_BIN}/{script.name}")
 
     def remote_sha256(self, remote: str) -> tuple[int, str]:
         """Size and SHA256 of a file on the host (computed there: nothing is read back)."""
@@ -155,7 +170,6 @@ class SshHost(Host):
             if remote_size == size and got == digest:
                 sftp.posix_rename(partial, remote)
                 return digest
-            self.bytes_resent = getattr(self, "bytes_resent", 0) + size
         self.script('rm -f -- "$1"', partial, check=False)
         raise TransferError(
             f"{local_path} -> {self.hook.remote_host}:{remote}: SHA256 mismatch after a re-send "
@@ -185,13 +199,14 @@ class SshHost(Host):
                 src.seek(offset)
             while chunk := src.read(CHUNK):
                 dst.write(chunk)
-        self.bytes_sent = getattr(self, "bytes_sent", 0) + (local_path.stat().st_size - offset)
+        self.bytes_sent += local_path.stat().st_size - offset
 
     def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
         try:
             with self.sftp().open(self._check_rel(relpath), "rb") as fh:
                 fh.seek(offset)
                 data: bytes = fh.read(max_bytes)
+                self.bytes_received += len(data)
                 return data
         except FileNotFoundError:
             return None
@@ -218,6 +233,7 @@ class SshHost(Host):
         size, expected = self.remote_sha256(remote)
         for _attempt in (1, 2):
             self.sftp().get(remote, str(local_path))
+            self.bytes_received += size
             got = sha256_file(local_path)
             if got == expected and local_path.stat().st_size == size:
                 return got
@@ -277,5 +293,6 @@ class SshHost(Host):
         return out.rstrip("\n")
 
     def destroy(self) -> None:
+        self.remove_container()
         self.stop_trainer(grace_seconds=5.0)
         self.run(["rm", "-rf", "--", self.workdir])

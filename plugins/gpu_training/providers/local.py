@@ -92,7 +92,7 @@ class LocalProvider(ComputeProvider):
             region="localhost",
             price_per_hour=0.0,
             address=str(path),
-            details={"workdir": str(path), "launched_at": meta.get("launched_at")},
+            details={"workdir": str(path), "launched_at": meta.get("launched_at"), "gpus": meta.get("gpus", [])},
         )
 
     def find_instance(self, name: str) -> InstanceInfo | None:
@@ -104,7 +104,12 @@ class LocalProvider(ComputeProvider):
             return existing
         path = self._dir(name)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"name": name, "instance_type": offer.instance_type, "launched_at": datetime.now(UTC).isoformat()}
+        meta = {
+            "name": name,
+            "instance_type": offer.instance_type,
+            "launched_at": datetime.now(UTC).isoformat(),
+            "gpus": [offer.gpu_name] * offer.gpu_count if offer.gpu_name else [],
+        }
         tmp = path / (INSTANCE_FILE + ".tmp")
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, path / INSTANCE_FILE)
@@ -130,4 +135,4 @@ class LocalProvider(ComputeProvider):
         return [info for info in found if info is not None]
 
     def host(self, instance: InstanceInfo) -> LocalHost:
-        return LocalHost(self._dir(instance.name))
+        return LocalHost(self._dir(instance.name), gpus=instance.details.get("gpus") or ())

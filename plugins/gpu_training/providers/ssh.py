@@ -208,4 +208,11 @@ class SshProvider(ComputeProvider):
         return [i for i in found if i is not None]
 
     def host(self, instance: InstanceInfo) -> SshHost:
-        return SshHost(self.hook, self._dir(instance.name), python=str(self.extras.get("python", "python3")))
+        uid, gid = self.facts.get("uid"), self.facts.get("gid")
+        return SshHost(
+            self.hook,
+            self._dir(instance.name),
+            python=str(self.extras.get("python", "python3")),
+            gpus=self.facts["gpus"],
+            user=f"{uid}:{gid}" if uid and gid else "",
+        )

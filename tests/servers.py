@@ -1,0 +1,210 @@
+"""Real servers for the tests, on 127.0.0.1: moto's S3 server, Docker's dockerd, a Docker registry
+(Debian's docker-registry with htpasswd auth), and the trainer image built without Docker Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER_DIR = REPO / "include" / "trainer"
+TRAINER_IMAGE = "gpu-trainer:latest"
+BASE_IMAGE = "gpu-trainer-base:bookworm"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+# --- S3 ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MotoServer:
+    endpoint: str
+    proc: subprocess.Popen
+
+    def aws_connection(self) -> str:
+        """An Airflow ``aws`` connection (JSON form) to this server."""
+        return json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            }
+        )
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def start_moto() -> MotoServer:
+    port = free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_port(port, proc)
+    return MotoServer(f"http://127.0.0.1:{port}", proc)
+
+
+# --- Docker --------------------------------------------------------------------------------------
+
+
+def docker_ok() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def ensure_dockerd() -> subprocess.Popen | None:
+    """A usable Docker engine: the running one, or a dockerd started here (returned, to stop).
+
+    The default data root is kept, so built images stay cached between test runs.
+    """
+    if docker_ok():
+        return None
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        raise RuntimeError("no running Docker engine and no way to start dockerd (needs root and docker.io)")
+    log = open("/tmp/gpu-training-dockerd.log", "ab")  # noqa: SIM115 - lives as long as dockerd
+    proc = subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if docker_ok():
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError("dockerd exited; see /tmp/gpu-training-dockerd.log")
+        time.sleep(0.5)
+    raise RuntimeError("dockerd did not answer within 60 s; see /tmp/gpu-training-dockerd.log")
+
+
+def image_exists(image: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+
+
+def ensure_trainer_image() -> str:
+    """The reference trainer image, built locally (base image from Debian's mirror, no Docker Hub)."""
+    if not image_exists(TRAINER_IMAGE):
+        if not image_exists(BASE_IMAGE):
+            subprocess.run(["bash", str(TRAINER_DIR / "build_base_image.sh"), BASE_IMAGE], check=True)
+        subprocess.run(["docker", "build", "-q", "-t", TRAINER_IMAGE, str(TRAINER_DIR)], check=True)
+    return TRAINER_IMAGE
+
+
+@dataclass
+class Registry:
+    """Debian's docker-registry with one htpasswd user."""
+
+    address: str  # 127.0.0.1:PORT (Docker trusts plain HTTP on loopback)
+    username: str
+    password: str
+    proc: subprocess.Popen
+    docker_config: Path
+
+    def connection(self, password: str | None = None) -> str:
+        host, port = self.address.split(":")
+        return json.dumps(
+            {
+                "conn_type": "generic",
+                "host": host,
+                "port": int(port),
+                "login": self.username,
+                "password": self.password if password is None else password,
+            }
+        )
+
+    def docker(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DOCKER_CONFIG": str(self.docker_config)}
+        return subprocess.run(["docker", *args], env=env, capture_output=True, text=True, check=True)
+
+    def push(self, local_image: str, name: str) -> str:
+        """Push ``local_image`` as ``name``; the registry tag is then removed locally, so using it
+        means pulling it."""
+        ref = f"{self.address}/{name}"
+        self.docker("tag", local_image, ref)
+        self.docker("push", "--quiet", ref)
+        self.docker("image", "rm", ref)
+        return ref
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def start_registry(root: Path, username: str = "trainer", password: str = "s3cret-registry-pw") -> Registry:
+    import bcrypt
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
+    (root / "htpasswd").write_text(f"{username}:{hashed}\n")
+    (root / "config.yml").write_text(
+        "\n".join(
+            [
+                "version: 0.1",
+                "log:",
+                "  level: error",
+                "storage:",
+                "  filesystem:",
+                f"    rootdirectory: {root / 'data'}",
+                "http:",
+                f"  addr: 127.0.0.1:{port}",
+                "auth:",
+                "  htpasswd:",
+                "    realm: gpu-training-tests",
+                f"    path: {root / 'htpasswd'}",
+                "",
+            ]
+        )
+    )
+    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    proc = subprocess.Popen(
+        [binary, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_port(port, proc)
+    registry = Registry(f"127.0.0.1:{port}", username, password, proc, root / "docker-config")
+    registry.docker_config.mkdir(exist_ok=True)
+    subprocess.run(
+        ["docker", "login", "--username", username, "--password-stdin", registry.address],
+        input=password,
+        text=True,
+        env={**os.environ, "DOCKER_CONFIG": str(registry.docker_config)},
+        capture_output=True,
+        check=True,
+    )
+    return registry
