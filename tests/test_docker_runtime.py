@@ -62,7 +62,7 @@ def py(code: str, image: str, **kw: Any) -> ContainerSpec:
 
 
 def test_container_starts_once_streams_its_log_and_reports_its_exit(box: Any, docker_engine: str) -> None:
-    provider, host, name = box
+    _, host, name = box
     trainer = ContainerTrainer(host, name)
     spec = py("import os, sys; print('hello from', os.getcwd(), os.getuid()); sys.exit(3)", docker_engine, user="0:0")
     assert "started container" in trainer.start(spec)

@@ -36,27 +36,6 @@ DIGITS = REPO / "include" / "trainer" / "data" / "digits.csv.gz"
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("airflow_home")
-    env = dict(os.environ)
-    env.update(
-        {
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "PYTHONPATH": str(REPO / "plugins"),
-        }
-    )
-    env.pop("AIRFLOW_CONN_TRAINING_RESULTS", None)
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-    subprocess.run(
-        [sys.executable, "-m", "gpu_training.results.migrate", "upgrade"], env=env, check=True, capture_output=True
-    )
-    return env
-
-
 def run_dag(env: dict[str, str], conf: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "airflow", "dags", "test", "gpu_training", "--conf", json.dumps(conf)],
