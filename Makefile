@@ -22,7 +22,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?=
 
-.PHONY: help install migrate demo run test lint bench clean status-db
+.PHONY: help install system-deps migrate demo run test lint bench clean status-db
 
 help:
 	@sed -n '2,4p' Makefile
@@ -50,11 +50,15 @@ demo: migrate
 run: migrate
 	$(BIN)/python -m gpu_training.cli run --conf '$(CONF)'
 
-test: install
+system-deps:
+	@bash .ci/system-deps
+
+test: system-deps install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: migrate
 	$(BIN)/python bench/ingest.py
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/transfer.py; else echo "bench/transfer.py needs root (sshd)"; fi
 
 lint: install
 	$(BIN)/ruff check plugins dags tests bench include

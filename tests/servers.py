@@ -117,12 +117,26 @@ def image_exists(image: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
 
 
+def image_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpu-training" / "base-image.tar"
+
+
 def ensure_trainer_image() -> str:
-    """The reference trainer image, built locally (base image from Debian's mirror, no Docker Hub)."""
-    if not image_exists(TRAINER_IMAGE):
+    """The reference trainer image, built locally (base image from Debian's mirror, no Docker Hub).
+
+    The base image is kept in Docker and saved to ``~/.cache/gpu-training`` so a later run, even
+    on a wiped Docker data root, does not debootstrap again. The trainer layer is always rebuilt
+    (seconds), so the image tested is the one in this checkout.
+    """
+    if not image_exists(BASE_IMAGE):
+        cache = image_cache()
+        if cache.exists():
+            subprocess.run(["docker", "load", "-q", "-i", str(cache)], check=True, capture_output=True)
         if not image_exists(BASE_IMAGE):
             subprocess.run(["bash", str(TRAINER_DIR / "build_base_image.sh"), BASE_IMAGE], check=True)
-        subprocess.run(["docker", "build", "-q", "-t", TRAINER_IMAGE, str(TRAINER_DIR)], check=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["docker", "save", "-o", str(cache), BASE_IMAGE], check=True)
+    subprocess.run(["docker", "build", "-q", "-t", TRAINER_IMAGE, str(TRAINER_DIR)], check=True, capture_output=True)
     return TRAINER_IMAGE
 
 
