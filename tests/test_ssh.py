@@ -93,6 +93,41 @@ def test_interrupted_transfer_resumes_where_it_stopped(host: SshHost, tmp_path: 
     assert Path(host.path("data/big.bin")).read_bytes() == data
 
 
+def test_transfer_cut_mid_file_resumes_with_a_good_checksum(host: SshHost, tmp_path: Path) -> None:
+    import threading
+
+    local = tmp_path / "cut.bin"
+    data = os.urandom(24 * 1024 * 1024)
+    local.write_bytes(data)
+    partial = Path(host.path("data/cut.bin.partial"))
+    cut_at = 4 * 1024 * 1024
+
+    def cut_the_connection() -> None:  # drop the SSH connection once 4 MiB have arrived
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if partial.exists() and partial.stat().st_size >= cut_at:
+                host.client().get_transport().close()
+                return
+            time.sleep(0.002)
+
+    cutter = threading.Thread(target=cut_the_connection)
+    cutter.start()
+    with pytest.raises(TransferError, match=r"connection lost after about .* a retry resumes"):
+        host.put_file(local, "data/cut.bin")
+    cutter.join()
+    kept = -1
+    while kept != partial.stat().st_size:  # sshd may still be writing what it had received
+        kept = partial.stat().st_size
+        time.sleep(0.5)
+    assert cut_at <= kept < len(data)
+
+    host.bytes_sent = 0
+    digest = host.put_file(local, "data/cut.bin")  # the task's retry: a new connection, resumed
+    assert host.bytes_sent == len(data) - kept
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert Path(host.path("data/cut.bin")).read_bytes() == data
+
+
 def test_corrupt_partial_is_not_resumed(host: SshHost, tmp_path: Path) -> None:
     local = tmp_path / "f.bin"
     data = os.urandom(100_000)

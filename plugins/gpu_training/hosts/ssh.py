@@ -193,13 +193,25 @@ class SshHost(Host):
         return have if self._prefix_sha256(partial, have) == digest.hexdigest() else 0
 
     def _send(self, sftp: Any, local_path: Path, partial: str, offset: int) -> None:
-        with local_path.open("rb") as src, sftp.open(partial, "ab" if offset else "wb") as dst:
-            dst.set_pipelined(True)
-            if offset:
-                src.seek(offset)
-            while chunk := src.read(CHUNK):
-                dst.write(chunk)
-        self.bytes_sent += local_path.stat().st_size - offset
+        import paramiko
+
+        sent = 0
+        try:
+            with local_path.open("rb") as src, sftp.open(partial, "ab" if offset else "wb") as dst:
+                dst.set_pipelined(True)
+                if offset:
+                    src.seek(offset)
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                    sent += len(chunk)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise TransferError(
+                f"{local_path} -> {self.hook.remote_host}:{partial}: connection lost after about "
+                f"{offset + sent} of {local_path.stat().st_size} bytes ({exc or type(exc).__name__}); "
+                "a retry resumes from there"
+            ) from exc
+        finally:
+            self.bytes_sent += sent
 
     def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
         try:
