@@ -3,6 +3,7 @@ registry with a password, and moto's S3 server."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -244,3 +245,31 @@ def test_push_failure_is_a_transfer_error(box: Any, bucket: Any, monkeypatch: py
     Path(host.path("outputs/model.npz")).write_bytes(b"w")
     with pytest.raises(TransferError, match="could not upload outputs"):
         upload_outputs(host, "s3://no-such-bucket-here/runs", "job-2", direct=True, expiry_seconds=300)
+
+
+def test_gpus_found_by_nvidia_smi_are_requested_from_docker(
+    sshd_server: Any, docker_engine: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A box whose nvidia-smi lists GPUs gets ``--gpus all``; this engine has no NVIDIA runtime,
+    so Docker's refusal proves the flag was passed."""
+    fake = Path("/usr/local/bin/nvidia-smi")
+    if fake.exists():
+        pytest.skip("a real nvidia-smi is installed here")
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\necho 'NVIDIA H100 80GB HBM3'\n")
+    fake.chmod(0o755)
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_GPU_BOX2", sshd_server.connection(work_root=str(tmp_path / "jobs")))
+        provider = SshProvider("gpu_box2", require_docker=True)
+        offer = provider.list_offers(GpuRequest())[0]
+        assert (offer.gpu_name, offer.gpu_count) == ("NVIDIA H100 80GB HBM3", 2)
+        info = provider.launch(offer, "gpujob-gpus")
+        host = provider.host(info)
+        host.prepare()
+        assert host.gpus == ("NVIDIA H100 80GB HBM3",) * 2
+        spec = ContainerSpec.for_job(parse_job_params({"project_id": "p", "runtime": "docker"}), host)
+        assert spec.gpus
+        with pytest.raises(TrainerFailedError, match=r"container did not start: .*(gpu|device driver)"):
+            ContainerTrainer(host, "gpujob-gpus").start(dataclasses.replace(spec, image=docker_engine))
+        provider.terminate("gpujob-gpus")
+    finally:
+        fake.unlink()
