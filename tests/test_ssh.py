@@ -252,3 +252,8 @@ def test_unreachable_host_retries_then_fails_clearly(sshd: Sshd, monkeypatch: py
     with pytest.raises(ProviderUnavailableError, match="is unreachable"):
         SshProvider("down").list_offers(GpuRequest())
     assert time.monotonic() - started >= 3  # it waited and tried again
+
+
+def test_undefined_connection_is_a_clear_non_retryable_error() -> None:
+    with pytest.raises(BadRequestError, match="SSH connection 'nobody_defined_this' is not defined"):
+        SshProvider("nobody_defined_this").list_offers(GpuRequest())

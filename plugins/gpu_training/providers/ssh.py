@@ -54,7 +54,10 @@ def _ssh_hook(conn_id: str) -> Any:
     from airflow.providers.ssh.hooks.ssh import SSHHook
     from airflow.sdk import BaseHook
 
-    extras = BaseHook.get_connection(conn_id).extra_dejson or {}
+    try:
+        extras = BaseHook.get_connection(conn_id).extra_dejson or {}
+    except Exception as err:  # AirflowNotFoundException and friends: a retry will not help
+        raise BadRequestError("ssh", f"SSH connection {conn_id!r} is not defined in Airflow: {err}") from err
     # SSHHook retries the initial connect with a 3-5 s wait between attempts.
     return SSHHook(ssh_conn_id=conn_id, conn_retry_attempts=int(extras.get("conn_retry_attempts", 3)))
 
