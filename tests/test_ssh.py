@@ -81,6 +81,23 @@ def test_put_file_verifies_and_renames_into_place(host: SshHost, tmp_path: Path)
     assert not Path(host.path("data/blob.bin.partial")).exists()
 
 
+def test_a_tree_goes_up_verified_in_few_round_trips(host: SshHost, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    files = {f"d{i % 4}/sub/f{i}.bin": os.urandom(1000 + i) for i in range(60)}
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    sessions = []
+    real_run = host.run
+    monkeypatch_run = lambda argv, **kw: sessions.append(argv[0]) or real_run(argv, **kw)  # noqa: E731
+    host.run = monkeypatch_run  # type: ignore[method-assign]
+    copied = host.put_tree(tree, "data/tree")
+    assert sorted((f.path, f.size) for f in copied) == sorted((k, len(v)) for k, v in files.items())
+    for rel, data in files.items():
+        assert Path(host.path(f"data/tree/{rel}")).read_bytes() == data
+    assert len(sessions) <= 3  # mkdir for all, one checksum pass: not three round trips per file
+
+
 def test_interrupted_transfer_resumes_where_it_stopped(host: SshHost, tmp_path: Path) -> None:
     local = tmp_path / "big.bin"
     data = os.urandom(4 * 1024 * 1024)
@@ -144,17 +161,17 @@ def test_wrong_checksum_is_resent_once_then_fails(
 ) -> None:
     local = tmp_path / "c.bin"
     local.write_bytes(b"payload")
-    real = host.remote_sha256
-    lies = iter([(7, "0" * 64)])  # the first arrival looks corrupted, the re-send is fine
+    real = host.remote_sha256_many
+    lies = iter([[(7, "0" * 64)]])  # the first arrival looks corrupted, the re-send is fine
 
-    def flaky(remote: str) -> tuple[int, str]:
-        return next(lies, None) or real(remote)
+    def flaky(remotes: list[str]) -> list[tuple[int, str]]:
+        return next(lies, None) or real(remotes)
 
-    monkeypatch.setattr(host, "remote_sha256", flaky)
+    monkeypatch.setattr(host, "remote_sha256_many", flaky)
     host.put_file(local, "data/c.bin")
     assert Path(host.path("data/c.bin")).read_bytes() == b"payload"
 
-    monkeypatch.setattr(host, "remote_sha256", lambda remote: (7, "f" * 64))
+    monkeypatch.setattr(host, "remote_sha256_many", lambda remotes: [(7, "f" * 64)] * len(remotes))
     with pytest.raises(TransferError, match="SHA256 mismatch after a re-send"):
         host.put_file(local, "data/d.bin")
     assert not Path(host.path("data/d.bin")).exists()

@@ -130,18 +130,32 @@ class SshHost(Host):
     def _mkdirs(self, remote_dir: str) -> None:
         self.run(["mkdir", "-p", "--", remote_dir])
 
+    def _mkdirs_many(self, remote_dirs: Sequence[str]) -> None:
+        for start in range(0, len(remote_dirs), 500):
+            self.run(["mkdir", "-p", "--", *remote_dirs[start : start + 500]])
+
     def prepare(self) -> None:
         self.run(
             ["mkdir", "-p", "--", *(self.path(d) for d in ("config", "data", "outputs", "logs", RUN_DIR, REMOTE_BIN))]
         )
-        for script in REMOTE_SCRIPTS:
-            self.put_file(script, f"{REMOTE_BIN}/{script.name}")
+        self.put_files([(script, f"{REMOTE_BIN}/{script.name}") for script in REMOTE_SCRIPTS])
 
     def remote_sha256(self, remote: str) -> tuple[int, str]:
         """Size and SHA256 of a file on the host (computed there: nothing is read back)."""
-        _, out, _ = self.script('wc -c < "$1" && sha256sum -- "$1"', remote)
-        lines = out.split("\n")
-        return int(lines[0].strip()), lines[1].split()[0]
+        return self.remote_sha256_many([remote])[0]
+
+    def remote_sha256_many(self, remotes: Sequence[str]) -> list[tuple[int, str]]:
+        """Sizes and SHA256s of files on the host, in one round trip per 500 files."""
+        facts: list[tuple[int, str]] = []
+        for start in range(0, len(remotes), 500):
+            batch = list(remotes[start : start + 500])
+            _, out, _ = self.script(
+                'for f in "$@"; do printf "%s %s\\n" "$(wc -c < "$f")" "$(sha256sum < "$f" | cut -d" " -f1)"; done',
+                *batch,
+            )
+            lines = out.split("\n")
+            facts.extend((int(line.split()[0]), line.split()[1]) for line in lines[: len(batch)])
+        return facts
 
     def _prefix_sha256(self, remote: str, length: int) -> str:
         _, out, _ = self.script('head -c "$2" -- "$1" | sha256sum', remote, str(length))
@@ -156,24 +170,48 @@ class SshHost(Host):
             return self.put_file(Path(tmp.name), relpath)
 
     def put_file(self, local_path: Path, relpath: str) -> str:
-        remote = self._check_rel(relpath)
-        partial = remote + ".partial"
-        size = local_path.stat().st_size
-        digest = sha256_file(local_path)
-        self._mkdirs(remote.rsplit("/", 1)[0])
+        return self.put_files([(local_path, relpath)])[0]
+
+    def put_tree(self, local_dir: Path, relpath: str) -> list[RemoteFile]:
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        rels = [p.relative_to(local_dir).as_posix() for p in files]
+        self.put_files([(p, f"{relpath}/{rel}") for p, rel in zip(files, rels, strict=True)])
+        return [RemoteFile(rel, p.stat().st_size) for p, rel in zip(files, rels, strict=True)]
+
+    def put_files(self, items: Sequence[tuple[Path, str]]) -> list[str]:
+        """Send files into ``<name>.partial`` (resuming a cut copy), check size and SHA256 of all
+        of them on the host in one round trip, rename the good ones into place; what arrived
+        wrong is sent once more from scratch, then fails naming both checksums."""
+        if not items:
+            return []
+        remotes = [self._check_rel(rel) for _, rel in items]
+        self._mkdirs_many(sorted({r.rsplit("/", 1)[0] for r in remotes}))
+        local = [(path.stat().st_size, sha256_file(path)) for path, _ in items]
         sftp = self.sftp()
-        got = ""
+        pending = list(range(len(items)))
+        got: dict[int, tuple[int, str]] = {}
         for attempt in (1, 2):
-            offset = self._resume_offset(sftp, partial, local_path, size) if attempt == 1 else 0
-            self._send(sftp, local_path, partial, offset)
-            remote_size, got = self.remote_sha256(partial)
-            if remote_size == size and got == digest:
-                sftp.posix_rename(partial, remote)
-                return digest
-        self.script('rm -f -- "$1"', partial, check=False)
+            for i in pending:
+                partial = remotes[i] + ".partial"
+                offset = self._resume_offset(sftp, partial, items[i][0], local[i][0]) if attempt == 1 else 0
+                self._send(sftp, items[i][0], partial, offset)
+            facts = self.remote_sha256_many([remotes[i] + ".partial" for i in pending])
+            bad = []
+            for i, fact in zip(pending, facts, strict=True):
+                got[i] = fact
+                if fact == local[i]:
+                    sftp.posix_rename(remotes[i] + ".partial", remotes[i])
+                else:
+                    bad.append(i)
+            pending = bad
+            if not pending:
+                return [digest for _, digest in local]
+        self.run(["rm", "-f", "--", *(remotes[i] + ".partial" for i in pending)], check=False)
+        i = pending[0]
         raise TransferError(
-            f"{local_path} -> {self.hook.remote_host}:{remote}: SHA256 mismatch after a re-send "
-            f"(local {digest}, remote {got})"
+            f"{items[i][0]} -> {self.hook.remote_host}:{remotes[i]}: SHA256 mismatch after a re-send "
+            f"(local {local[i][1]}, remote {got[i][1]})"
+            + (f"; {len(pending) - 1} more files failed the same way" if len(pending) > 1 else "")
         )
 
     def _resume_offset(self, sftp: Any, partial: str, local_path: Path, size: int) -> int:
