@@ -59,7 +59,12 @@ def _ssh_hook(conn_id: str) -> Any:
     except Exception as err:  # AirflowNotFoundException and friends: a retry will not help
         raise BadRequestError("ssh", f"SSH connection {conn_id!r} is not defined in Airflow: {err}") from err
     # SSHHook retries the initial connect with a 3-5 s wait between attempts.
-    return SSHHook(ssh_conn_id=conn_id, conn_retry_attempts=int(extras.get("conn_retry_attempts", 3)))
+    hook = SSHHook(ssh_conn_id=conn_id, conn_retry_attempts=int(extras.get("conn_retry_attempts", 3)))
+    if "compress" not in extras:
+        # SSHHook compresses by default; data and checkpoints do not compress, and zlib cost 4x the
+        # whole send in bench/transfer.py. It must be off before the first connect.
+        hook.compress = False
+    return hook
 
 
 def describe_connect_error(err: BaseException, where: str) -> ProviderError:
