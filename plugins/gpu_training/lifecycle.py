@@ -10,12 +10,13 @@ import dataclasses
 import logging
 from datetime import timedelta
 
-from gpu_training.errors import InstanceNotFoundError, ProviderError, TrainerFailedError
+from gpu_training.errors import InstanceNotFoundError, NoCapacityError, ProviderError, TrainerFailedError
 from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
 from gpu_training.job_config import build_job_config, render_yaml
+from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
 from gpu_training.progress import PollOutcome, poll_progress, read_log_since
-from gpu_training.providers.base import ComputeProvider, GpuRequest, InstanceInfo, InstanceState, instance_name
+from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer, instance_name
 from gpu_training.providers.registry import get_provider
 from gpu_training.results.models import Instance, utcnow
 from gpu_training.results.store import ResultsStore
@@ -59,42 +60,80 @@ def build_config(store: ResultsStore, job_uuid: str) -> str:
 
 
 def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> InstanceInfo:
-    """Choose an offer and launch an instance; the intent is recorded before the launch call."""
+    """Launch the cheapest offer that fits, failing over to the next on a capacity error.
+
+    Every attempt gets its own deterministic name and its ``instances`` row *before* the launch
+    call; a refused attempt stays there as ``failed`` with the cloud's error. A retried task first
+    looks for a live instance of an earlier try and keeps it.
+    """
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
-    provider = get_provider(spec.provider, spec)
     store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
-    offers = provider.list_offers(GpuRequest())
-    if not offers:
-        raise ProviderError(provider.name, "no offers available")
-    offer = offers[0]
-    name = instance_name(job.dag_id, job.run_id, job_uuid, attempt)
-    store.record_instance_intent(
-        job_uuid,
-        provider=provider.name,
-        name=name,
-        instance_type=offer.instance_type,
-        region=offer.region,
-        price_per_hour=offer.price_per_hour,
-        spot=offer.spot,
+    live = [i for i in store.instances_for_job(job_uuid) if i.state not in ("terminated", "failed")]
+    for record in reversed(live):
+        provider = get_provider(record.provider, spec)
+        found = provider.find_instance(record.name)
+        if found is not None:
+            store.update_instance(record.name, instance_id=found.instance_id, state=str(found.state))
+            return found
+    request = request_from(
+        spec.gpu,
+        instance_type=spec.instance_type,
+        regions=spec.regions,
+        max_price_per_hour=spec.max_price_per_hour,
+        spot=spec.spot,
     )
+    providers = {name: get_provider(name, spec) for name in (spec.providers or (spec.provider,))}
+    offers: list[Offer] = []
+    unreachable: list[str] = []
+    for name, provider in providers.items():
+        try:
+            offers.extend(provider.list_offers(request))
+        except ProviderError as err:
+            if len(providers) == 1:
+                raise
+            unreachable.append(f"{name}: {err}")  # the other clouds may still serve the job
     try:
-        info = provider.find_instance(name) or provider.launch(offer, name)
-    except ProviderError as err:
-        if err.instance_id:  # created despite the error: make sure teardown can find it
-            store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=str(err))
-        else:
-            store.update_instance(name, state="failed", state_reason=str(err))
-        raise
-    store.update_instance(
-        name,
-        instance_id=info.instance_id,
-        state=str(info.state),
-        address=info.address,
-        launched_at=utcnow(),
-        details=info.details,
+        ranked = rank_offers(offers, request)
+    except NoOfferError as err:
+        raise NoOfferError(str(err) + "".join(f"; {u}" for u in unreachable)) from None
+    refusals: list[str] = []
+    for number, offer in enumerate(ranked, start=attempt):
+        provider = providers[offer.provider]
+        name = instance_name(job.dag_id, job.run_id, job_uuid, number)
+        store.record_instance_intent(
+            job_uuid,
+            provider=provider.name,
+            name=name,
+            instance_type=offer.instance_type,
+            region=offer.region,
+            price_per_hour=offer.price_per_hour,
+            spot=offer.spot,
+        )
+        try:
+            info = provider.find_instance(name) or provider.launch(offer, name)
+        except ProviderError as err:
+            if err.instance_id:  # created despite the error: make sure teardown can find it
+                store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=str(err))
+            else:
+                store.update_instance(name, state="failed", state_reason=str(err))
+            if isinstance(err, NoCapacityError):
+                refusals.append(f"{offer.provider} {offer.instance_type} {offer.region or ''}: {err}".strip())
+                log.warning("no capacity for %s %s, trying the next offer", offer.provider, offer.instance_type)
+                continue
+            raise
+        store.update_instance(
+            name,
+            instance_id=info.instance_id,
+            state=str(info.state),
+            address=info.address,
+            launched_at=utcnow(),
+            details=info.details,
+        )
+        return info
+    raise NoCapacityError(
+        "all", f"every fitting offer was refused for capacity ({len(refusals)}): " + "; ".join(refusals)
     )
-    return info
 
 
 def current_instance(store: ResultsStore, job_uuid: str) -> Instance:

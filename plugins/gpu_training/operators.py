@@ -23,10 +23,11 @@ from gpu_training.errors import (
     TrainerFailedError,
 )
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
+from gpu_training.offers import NoOfferError
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import PollIntervalTrigger
 
-NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError)
+NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError, NoOfferError)
 
 
 class TrainingJobStepOperator(BaseOperator):

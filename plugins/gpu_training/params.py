@@ -39,6 +39,43 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Provider",
         "Where the GPU comes from. 'local' runs on the Airflow worker itself.",
     ),
+    "gpu": (
+        "",
+        {"type": "string", "maxLength": 64},
+        "GPU",
+        "GPU model and count, e.g. 'H100', 'A100:8' or '8xA100'; empty for any (the local provider has none).",
+    ),
+    "instance_type": (
+        "",
+        {"type": "string", "maxLength": 128},
+        "Instance type",
+        "An exact instance type (e.g. 'gpu_1x_a100', 'p4d.24xlarge'); empty to choose by GPU and price.",
+    ),
+    "providers": (
+        [],
+        {"type": "array", "items": {"type": "string", "enum": list(PROVIDERS)}, "uniqueItems": True},
+        "Providers to consider",
+        "Clouds whose offers are compared, cheapest first, with failover on capacity errors; empty: just `provider`.",
+    ),
+    "regions": (
+        [],
+        {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+        "Regions",
+        "Allowed regions; empty for any.",
+    ),
+    "max_price_per_hour": (
+        0,
+        {"type": "number", "minimum": 0},
+        "Max price per hour (USD)",
+        "No offer above this is launched; 0 for no cap. With no offer under it the job fails before "
+        "launching and says what the cheapest was.",
+    ),
+    "spot": (
+        False,
+        {"type": "boolean"},
+        "Allow spot / interruptible",
+        "Consider interruptible (spot) offers too.",
+    ),
     "runtime": (
         "process",
         {"type": "string", "enum": list(RUNTIMES)},
@@ -156,6 +193,12 @@ class JobSpec:
 
     project_id: str
     provider: str = "local"
+    gpu: str = ""
+    instance_type: str = ""
+    providers: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    max_price_per_hour: float = 0
+    spot: bool = False
     runtime: str = "process"
     ssh_conn_id: str = ""
     image: str = DEFAULT_IMAGE
@@ -178,6 +221,8 @@ class JobSpec:
         """JSON-ready form, as stored on the job row."""
         out = dataclasses.asdict(self)
         out["command"] = list(self.command)
+        out["providers"] = list(self.providers)
+        out["regions"] = list(self.regions)
         out["config"] = dict(self.config)
         return out
 
@@ -213,6 +258,11 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
     if values["provider"] == "ssh" and not values["ssh_conn_id"]:
         raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
     values["command"] = tuple(values["command"])
+    values["providers"] = tuple(values["providers"])
+    values["regions"] = tuple(values["regions"])
+    from gpu_training.offers import parse_gpu
+
+    parse_gpu(values["gpu"])  # a bad GPU request is refused here, naming the param
     return JobSpec(**values)
 
 
