@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port, wait_for_port
 
 
 @dataclass
@@ -81,14 +75,9 @@ def start_sshd(root: Path) -> Sshd:
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    try:
+        wait_for_port(port, proc, timeout=10)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}: {proc.stderr.read().decode() if proc.stderr else ''}") from err
     pub = host_key.with_suffix(".pub").read_text().split()
     return Sshd(port=port, host_key_pub=f"{pub[0]} {pub[1]}", user_key=user_key, proc=proc)

@@ -16,7 +16,8 @@ from gpu_training.hosts.ssh import SshHost
 from gpu_training.providers.base import GpuRequest
 from gpu_training.providers.ssh import SshProvider
 
-from .sshd import Sshd, free_port, start_sshd
+from .servers import free_port
+from .sshd import Sshd, start_sshd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sshd for root login needs root (CI runs as root)")
 
