@@ -90,10 +90,10 @@ class TimedHost:
 
     def __init__(self, workdir: Path) -> None:
         from gpu_training.hosts.ssh import SshHost
-        from gpu_training.providers.ssh import _ssh_hook
+        from gpu_training.providers.ssh import ssh_hook
 
         logging.getLogger("paramiko").setLevel(logging.WARNING)  # no per-connection info lines in the table
-        self.host = SshHost(_ssh_hook(CONN_ID), str(workdir), python=sys.executable)  # the provider's hook
+        self.host = SshHost(ssh_hook(CONN_ID), str(workdir), python=sys.executable)  # the provider's hook
         self.phases: dict[str, float] = {}
         # put_file checks through remote_sha256_many (batched uploads); older code through remote_sha256.
         check = "remote_sha256_many" if hasattr(self.host, "remote_sha256_many") else "remote_sha256"

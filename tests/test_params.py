@@ -50,7 +50,7 @@ def test_airflow_params_carry_schema_title_and_description() -> None:
         assert param.schema["title"], name
         assert param.description, name
         assert param.schema["type"], name
-    assert params["provider"].schema["enum"] == ["local", "ssh", "lambda", "runpod", "vast", "ec2"]
+    assert params["provider"].schema["enum"] == ["local", "ssh", "lambda", "runpod", "vast", "ec2", "cloud"]
 
 
 def test_command_placeholders_are_the_only_thing_expanded() -> None:

@@ -83,7 +83,7 @@ def test_capacity_refusal_moves_to_the_next_offer_and_is_recorded(
 def test_every_offer_refused_fails_with_each_reason(store: ResultsStore, clouds: dict[str, FakeCloud]) -> None:
     clouds["runpod"].refuse.add("NVIDIA H100 80GB HBM3")
     job = job_with(store, gpu="H100", providers=["lambda", "runpod"])
-    with pytest.raises(NoCapacityError, match=r"every fitting offer was refused for capacity \(2\)"):
+    with pytest.raises(NoCapacityError, match=r"every fitting offer was refused or given up \(2\)"):
         lifecycle.provision(store, job)
     assert [r.state for r in store.instances_for_job(job)] == ["failed", "failed"]
 

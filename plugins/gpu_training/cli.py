@@ -64,9 +64,18 @@ def summary(store: ResultsStore, job_uuid: str) -> str:
         lines.append(f"final eval (iteration {last.iteration}, epoch {last.epoch}): {metrics}")
     for inst in instances:
         lines.append(
-            f"instance   {inst.name} ({inst.provider}) state {inst.state}"
+            f"instance   {inst.name} ({inst.provider}"
+            + (f" {inst.instance_type}" if inst.instance_type and inst.provider not in ("local", "ssh") else "")
+            + (f" {inst.region}" if inst.region and inst.provider not in ("local", "ssh") else "")
+            + f") state {inst.state}"
             + (f", terminated {inst.terminated_at:%Y-%m-%d %H:%M:%S} UTC" if inst.terminated_at else "")
+            + (f" ({inst.state_reason})" if inst.state_reason and inst.state != "running" else "")
         )
+        if inst.price_per_hour and inst.billable_seconds is not None:
+            lines.append(
+                f"  cost     {inst.billable_seconds:.0f} s x {inst.price_per_hour:g} USD/h"
+                f" = {inst.cost_usd or 0:.4f} USD"
+            )
     if artifacts:
         lines.append(f"outputs    {job.outputs_uri}  ({len(artifacts)} files, MANIFEST.sha256)")
     lines.append(f"results DB {store.engine.url.render_as_string(hide_password=True)}")

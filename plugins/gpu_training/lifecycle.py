@@ -10,14 +10,21 @@ import dataclasses
 import logging
 from datetime import timedelta
 
-from gpu_training.errors import InstanceNotFoundError, NoCapacityError, ProviderError, TrainerFailedError
+from gpu_training.errors import (
+    BadRequestError,
+    HostError,
+    InstanceNotFoundError,
+    NoCapacityError,
+    ProviderError,
+    TrainerFailedError,
+)
 from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
 from gpu_training.progress import PollOutcome, poll_progress, read_log_since
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer, instance_name
-from gpu_training.providers.registry import get_provider
+from gpu_training.providers.registry import get_provider, provider_names
 from gpu_training.results.models import Instance, utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.runtimes import ContainerSpec, ContainerTrainer, Trainer, registry_login, trainer_for
@@ -25,8 +32,12 @@ from gpu_training.storage import fetch_dataset, fetch_dataset_direct, job_output
 
 log = logging.getLogger(__name__)
 
-# How long an instance may take to become usable before the job gives up on it.
-BOOT_TIMEOUT = timedelta(minutes=30)
+#: How long teardown keeps terminating and querying an instance until the provider reports it gone.
+TERMINATE_BUDGET = timedelta(minutes=15)
+TERMINATE_BACKOFF_SECONDS = 2.0
+#: ``state_reason`` prefixes of attempts whose offer is not tried again for the job.
+NO_CAPACITY = "no capacity:"
+REPLACED = "replaced:"
 
 
 def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
@@ -36,7 +47,7 @@ def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
 def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str, map_index: int = -1) -> str:
     """Validate params and create the job row (idempotent per dag run). Returns the job uuid."""
     spec = parse_job_params(params)
-    get_provider(spec.provider, spec)  # an unavailable provider fails here, before anything is created
+    _providers(spec)  # an unavailable provider fails here, before anything is created
     store.check_schema()
     job_uuid = store.create_job(
         project_id=spec.project_id,
@@ -59,12 +70,15 @@ def build_config(store: ResultsStore, job_uuid: str) -> str:
     return text
 
 
-def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> InstanceInfo:
-    """Launch the cheapest offer that fits, failing over to the next on a capacity error.
+def _providers(spec: JobSpec) -> dict[str, ComputeProvider]:
+    return {name: get_provider(name, spec) for name in provider_names(spec)}
 
-    Every attempt gets its own deterministic name and its ``instances`` row *before* the launch
-    call; a refused attempt stays there as ``failed`` with the cloud's error. A retried task first
-    looks for a live instance of an earlier try and keeps it.
+
+def provision(store: ResultsStore, job_uuid: str) -> InstanceInfo:
+    """The job's instance: a live one from an earlier try, else the cheapest offer that fits.
+
+    A retried task first asks the cloud for the instances it recorded (by their deterministic
+    names) and keeps a live one; see :func:`launch_next` for the launch itself.
     """
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
@@ -76,6 +90,24 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
         if found is not None:
             store.update_instance(record.name, instance_id=found.instance_id, state=str(found.state))
             return found
+        if not record.instance_id:  # the intent was recorded, the launch never happened
+            store.update_instance(record.name, state="failed", state_reason="launch did not complete")
+    return launch_next(store, job_uuid)
+
+
+def _offer_key(provider: str, instance_type: str | None, region: str | None) -> tuple[str, str, str]:
+    return provider, instance_type or "", region or ""
+
+
+def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
+    """Launch the cheapest fitting offer not yet given up on, failing over on capacity refusals.
+
+    Every attempt gets its own deterministic name and its ``instances`` row *before* the launch
+    call; a refused attempt stays there as ``failed`` with the cloud's error, and its offer is not
+    tried again for this job (nor is one whose instance was replaced for being broken).
+    """
+    job = store.job(job_uuid)
+    spec = parse_job_params(job.params)
     request = request_from(
         spec.gpu,
         instance_type=spec.instance_type,
@@ -83,7 +115,7 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
         max_price_per_hour=spec.max_price_per_hour,
         spot=spec.spot,
     )
-    providers = {name: get_provider(name, spec) for name in (spec.providers or (spec.provider,))}
+    providers = _providers(spec)
     offers: list[Offer] = []
     unreachable: list[str] = []
     for name, provider in providers.items():
@@ -97,8 +129,23 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
         ranked = rank_offers(offers, request)
     except NoOfferError as err:
         raise NoOfferError(str(err) + "".join(f"; {u}" for u in unreachable)) from None
-    refusals: list[str] = []
-    for number, offer in enumerate(ranked, start=attempt):
+    records = store.instances_for_job(job_uuid)
+    given_up = {
+        _offer_key(r.provider, r.instance_type, r.region): r.state_reason or ""
+        for r in records
+        if (r.state_reason or "").startswith((NO_CAPACITY, REPLACED))
+    }
+    history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
+    for offer in ranked:
+        if _offer_key(offer.provider, offer.instance_type, offer.region) in given_up:
+            continue
+        number = len(store.instances_for_job(job_uuid)) + 1
+        if number > spec.max_launch_attempts:
+            raise NoCapacityError(
+                "all",
+                f"gave up after {spec.max_launch_attempts} launch attempts (max_launch_attempts): "
+                + "; ".join(history),
+            )
         provider = providers[offer.provider]
         name = instance_name(job.dag_id, job.run_id, job_uuid, number)
         store.record_instance_intent(
@@ -113,13 +160,17 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
         try:
             info = provider.find_instance(name) or provider.launch(offer, name)
         except ProviderError as err:
-            if err.instance_id:  # created despite the error: make sure teardown can find it
-                store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=str(err))
-            else:
-                store.update_instance(name, state="failed", state_reason=str(err))
             if isinstance(err, NoCapacityError):
-                refusals.append(f"{offer.provider} {offer.instance_type} {offer.region or ''}: {err}".strip())
+                reason = f"{NO_CAPACITY} {err}"
+                history.append(f"{offer.provider} {offer.instance_type} {offer.region or ''}".strip() + f": {err}")
                 log.warning("no capacity for %s %s, trying the next offer", offer.provider, offer.instance_type)
+            else:
+                reason = str(err)
+            if err.instance_id:  # created despite the error: make sure teardown can find it
+                store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=reason)
+            else:
+                store.update_instance(name, state="failed", state_reason=reason)
+            if isinstance(err, NoCapacityError):
                 continue
             raise
         store.update_instance(
@@ -130,10 +181,17 @@ def provision(store: ResultsStore, job_uuid: str, *, attempt: int = 1) -> Instan
             launched_at=utcnow(),
             details=info.details,
         )
+        log.info(
+            "launched %s: %s %s %s at %s USD/h (%s)",
+            name,
+            offer.provider,
+            offer.instance_type,
+            offer.region or "",
+            offer.price_per_hour,
+            info.instance_id,
+        )
         return info
-    raise NoCapacityError(
-        "all", f"every fitting offer was refused for capacity ({len(refusals)}): " + "; ".join(refusals)
-    )
+    raise NoCapacityError("all", f"every fitting offer was refused or given up ({len(history)}): " + "; ".join(history))
 
 
 def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
@@ -147,12 +205,7 @@ def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
 def _provider_and_info(store: ResultsStore, job_uuid: str) -> tuple[ComputeProvider, InstanceInfo]:
     record = current_instance(store, job_uuid)
     provider = get_provider(record.provider, job_spec(store, job_uuid))
-    if not record.instance_id:
-        found = provider.find_instance(record.name)
-        if found is None:
-            raise InstanceNotFoundError(provider.name, f"instance {record.name} was never created")
-        return provider, found
-    return provider, provider.get_instance(record.instance_id)
+    return provider, _instance_info(provider, record)
 
 
 def host_for(store: ResultsStore, job_uuid: str) -> Host:
@@ -167,26 +220,78 @@ def host_and_trainer(store: ResultsStore, job_uuid: str) -> tuple[Host, Trainer]
     return host, trainer_for(job_spec(store, job_uuid), host, info.name)
 
 
-def check_ready(store: ResultsStore, job_uuid: str, *, boot_timeout: timedelta = BOOT_TIMEOUT) -> bool:
-    """Whether the instance is up and its host usable; raises if it failed or overran its boot time."""
+def provision_timeout(spec: JobSpec, provider: ComputeProvider) -> timedelta:
+    if spec.boot_timeout_minutes:
+        return timedelta(minutes=spec.boot_timeout_minutes)
+    return provider.provision_timeout
+
+
+def check_ready(store: ResultsStore, job_uuid: str) -> bool:
+    """Whether the instance runs and answers SSH; called once per poll by the boot wait.
+
+    A rented instance that turns unhealthy, vanishes, or is not usable within the provider's
+    provisioning timeout is terminated and replaced by the next offer (``False``: keep waiting).
+    """
+    spec = job_spec(store, job_uuid)
     record = current_instance(store, job_uuid)
-    provider, info = _provider_and_info(store, job_uuid)
+    provider = get_provider(record.provider, spec)
+    timeout = provision_timeout(spec, provider)
+    waited = utcnow() - (record.launched_at or record.created_at)
+    over = waited > timeout
+    took = f"after {waited.total_seconds() / 60:.1f} min (provisioning timeout {timeout.total_seconds() / 60:g} min)"
+    try:
+        info = _instance_info(provider, record)
+    except InstanceNotFoundError as err:
+        return _replace_or_raise(store, job_uuid, record, provider, f"instance vanished while booting: {err}")
     if info.state != record.state:
-        store.update_instance(record.name, state=str(info.state))
+        store.update_instance(record.name, state=str(info.state), address=info.address)
     if info.state.is_gone:
-        raise ProviderError(provider.name, f"instance {info.instance_id} is {info.state} while booting")
+        status = info.details.get("status") or info.state
+        return _replace_or_raise(
+            store, job_uuid, record, provider, f"instance {info.instance_id} turned {status} while booting"
+        )
     if info.state != InstanceState.RUNNING:
-        waited = utcnow() - (record.launched_at or record.created_at)
-        if waited > boot_timeout:
-            raise ProviderError(
-                provider.name,
-                f"instance {info.instance_id} still {info.state} after {waited.total_seconds() / 60:.1f} min "
-                f"(boot timeout {boot_timeout.total_seconds() / 60:g} min)",
-            )
+        if over:
+            return _replace_or_raise(store, job_uuid, record, provider, f"instance still {info.state} {took}")
         return False
-    provider.host(info).prepare()
-    store.update_instance(record.name, ready_at=utcnow())
+    try:
+        provider.host(info).prepare()
+    except BadRequestError:
+        raise  # a wrong key or host key: a new instance would not help
+    except (ProviderError, HostError) as err:
+        if not provider.ephemeral:
+            raise
+        if over:
+            return _replace_or_raise(store, job_uuid, record, provider, f"not reachable by SSH {took}: {err}")
+        log.info("instance %s runs but does not answer SSH yet: %s", info.instance_id, err)
+        return False
+    store.update_instance(record.name, ready_at=utcnow(), address=info.address)
     return True
+
+
+def _instance_info(provider: ComputeProvider, record: Instance) -> InstanceInfo:
+    if record.instance_id:
+        return provider.get_instance(record.instance_id)
+    found = provider.find_instance(record.name)
+    if found is None:
+        raise InstanceNotFoundError(provider.name, f"instance {record.name} was never created")
+    return found
+
+
+def _replace_or_raise(
+    store: ResultsStore, job_uuid: str, record: Instance, provider: ComputeProvider, reason: str
+) -> bool:
+    """Terminate a broken instance and launch the next offer (rented instances only)."""
+    if not provider.ephemeral:
+        raise ProviderError(provider.name, reason)
+    log.warning("%s: %s; terminating it and trying the next offer", record.name, reason)
+    _terminate_record(store, record, provider, reason=f"{REPLACED} {reason}")
+    try:
+        info = launch_next(store, job_uuid)
+    except (NoCapacityError, NoOfferError) as err:
+        raise NoOfferError(f"{reason}; no other offer could replace it: {err}") from err
+    log.info("replacement instance %s (%s) is %s", info.name, info.instance_id, info.state)
+    return False
 
 
 def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
@@ -289,53 +394,91 @@ def teardown(store: ResultsStore, job_uuid: str) -> list[str]:
     """Terminate every instance of the job that is not known to be gone; returns their names.
 
     Works from the results DB alone, so it also catches an instance whose launch call crashed
-    after the cloud created it (found by its deterministic name).
+    after the cloud created it (found by its deterministic name). Each termination is retried
+    until the provider reports the instance gone; cost is settled per instance and on the job.
     """
     terminated: list[str] = []
     errors: list[str] = []
-    total_cost = 0.0
     spec = job_spec(store, job_uuid)
     for record in store.instances_for_job(job_uuid):
         if record.state == "terminated":
-            total_cost += _cost(record)
             continue
         try:
             provider = get_provider(record.provider, spec)
-            instance_id = record.instance_id
-            if not instance_id:
-                found = provider.find_instance(record.name)
-                instance_id = found.instance_id if found else None
-            if instance_id:
-                provider.terminate(instance_id)
-                _confirm_gone(provider, instance_id)
-            now = utcnow()
-            store.update_instance(record.name, state="terminated", terminated_at=now, instance_id=instance_id)
-            record.terminated_at = now
-            total_cost += _cost(record)
-            terminated.append(record.name)
+            if _terminate_record(store, record, provider):
+                terminated.append(record.name)
         except Exception as err:  # keep going: one stuck instance must not shield the others
             log.exception("terminating %s failed", record.name)
             errors.append(f"{record.name}: {err}")
-    store.update_job(job_uuid, cost_usd=round(total_cost, 6))
+    costs = [i.cost_usd or 0.0 for i in store.instances_for_job(job_uuid)]
+    store.update_job(job_uuid, cost_usd=round(sum(costs), 6))
     if errors:
         raise ProviderError("teardown", "could not terminate " + "; ".join(errors))
     return terminated
 
 
-def _confirm_gone(provider: ComputeProvider, instance_id: str) -> None:
-    try:
-        info = provider.get_instance(instance_id)
-    except InstanceNotFoundError:
-        return
-    if info.state not in (InstanceState.TERMINATED, InstanceState.STOPPING):
-        raise ProviderError(provider.name, f"instance {instance_id} is still {info.state} after terminate")
+def _terminate_record(store: ResultsStore, record: Instance, provider: ComputeProvider, *, reason: str = "") -> bool:
+    """Terminate the recorded instance until gone and settle its cost; False if it never existed."""
+    instance_id = record.instance_id
+    if not instance_id:
+        found = provider.find_instance(record.name)  # a launch that crashed after the cloud acted
+        instance_id = found.instance_id if found else None
+    now = utcnow()
+    if not instance_id:
+        if record.state != "failed":
+            store.update_instance(record.name, state="failed", state_reason=record.state_reason or "never launched")
+        return False
+    terminate_until_gone(provider, instance_id)
+    now = utcnow()
+    started = record.launched_at or record.created_at
+    billable = max(0.0, (now - started).total_seconds())
+    store.update_instance(
+        record.name,
+        instance_id=instance_id,
+        state="terminated",
+        terminated_at=now,
+        billable_seconds=round(billable, 3),
+        cost_usd=round(billable / 3600 * (record.price_per_hour or 0.0), 6),
+        **({"state_reason": reason} if reason else {}),
+    )
+    return True
 
 
-def _cost(record: Instance) -> float:
-    if not record.price_per_hour or not record.launched_at:
-        return 0.0
-    end = record.terminated_at or utcnow()
-    return max(0.0, (end - record.launched_at).total_seconds()) / 3600 * record.price_per_hour
+def terminate_until_gone(provider: ComputeProvider, instance_id: str, *, budget: timedelta | None = None) -> None:
+    """Terminate and query until the provider reports the instance gone (backoff, up to ``budget``).
+
+    An instance that is already gone is fine; a request the provider refuses as invalid is raised
+    at once. The last query is the verification: no "terminated" is recorded without it.
+    """
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+    def again(err: BaseException) -> bool:
+        return isinstance(err, (ProviderError, HostError)) and not isinstance(err, BadRequestError)
+
+    state: InstanceState | None = None
+    retrying = Retrying(
+        retry=retry_if_exception(again),
+        wait=wait_exponential_jitter(initial=TERMINATE_BACKOFF_SECONDS, max=60),
+        stop=stop_after_delay((budget or TERMINATE_BUDGET).total_seconds()),
+        before_sleep=lambda rs: log.warning(
+            "terminate %s: %s; trying again", instance_id, rs.outcome.exception() if rs.outcome else ""
+        ),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            if state != InstanceState.STOPPING:  # already on its way out: just ask again
+                try:
+                    provider.terminate(instance_id)
+                except InstanceNotFoundError:
+                    return
+            try:
+                info = provider.get_instance(instance_id)
+            except InstanceNotFoundError:
+                return
+            state = info.state
+            if state != InstanceState.TERMINATED:
+                raise ProviderError(provider.name, f"instance {instance_id} is still {state} after terminate")
 
 
 def finalize(store: ResultsStore, job_uuid: str, *, failed_tasks: list[str]) -> str:

@@ -112,8 +112,8 @@ class ProvisionInstanceOperator(TrainingJobStepOperator):
     ui_color = "#fef7e0"
 
     def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> str:
-        # The name is fixed per job, not per try: a retried launch must find its first instance.
-        info = lifecycle.provision(store, job_uuid, attempt=1)
+        # Names are fixed per job and attempt, not per try: a retried launch finds its instance.
+        info = lifecycle.provision(store, job_uuid)
         self.log.info("instance %s (%s) is %s", info.name, info.instance_id, info.state)
         return info.name
 

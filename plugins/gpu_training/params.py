@@ -35,9 +35,11 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
     ),
     "provider": (
         "local",
-        {"type": "string", "enum": list(PROVIDERS)},
+        {"type": "string", "enum": [*PROVIDERS, "cloud"]},
         "Provider",
-        "Where the GPU comes from. 'local' runs on the Airflow worker itself.",
+        "Where the GPU comes from. 'local' runs on the Airflow worker itself, 'ssh' on your own box; "
+        "'lambda', 'runpod', 'vast', 'ec2' rent one; 'cloud' takes the cheapest offer of `providers` "
+        "(empty: every cloud with a connection).",
     ),
     "gpu": (
         "",
@@ -55,7 +57,8 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         [],
         {"type": "array", "items": {"type": "string", "enum": list(PROVIDERS)}, "uniqueItems": True},
         "Providers to consider",
-        "Clouds whose offers are compared, cheapest first, with failover on capacity errors; empty: just `provider`.",
+        "Clouds whose offers are compared, cheapest first, with failover on capacity errors; empty: just `provider` "
+        "(or, with provider 'cloud', every cloud with a connection).",
     ),
     "regions": (
         [],
@@ -75,6 +78,19 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         {"type": "boolean"},
         "Allow spot / interruptible",
         "Consider interruptible (spot) offers too.",
+    ),
+    "boot_timeout_minutes": (
+        0,
+        {"type": "number", "minimum": 0, "maximum": 1440},
+        "Provisioning timeout (minutes)",
+        "How long an instance may take from launch to answering SSH before it is terminated and the next "
+        "offer tried; 0 for the provider's default (Lambda 30, RunPod 20, Vast.ai 20, EC2 10).",
+    ),
+    "max_launch_attempts": (
+        4,
+        {"type": "integer", "minimum": 1, "maximum": 20},
+        "Max launch attempts",
+        "Instances a job may launch in all (capacity refusals, unhealthy or unreachable instances each use one).",
     ),
     "runtime": (
         "process",
@@ -199,6 +215,8 @@ class JobSpec:
     regions: tuple[str, ...] = ()
     max_price_per_hour: float = 0
     spot: bool = False
+    boot_timeout_minutes: float = 0
+    max_launch_attempts: int = 4
     runtime: str = "process"
     ssh_conn_id: str = ""
     image: str = DEFAULT_IMAGE

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import re
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -95,6 +96,15 @@ class ComputeProvider(abc.ABC):
     """One compute provider: where instances come from and how they go away."""
 
     name: ClassVar[str]
+    #: How long an instance may take from launch to a usable host before the job gives up on it.
+    provision_timeout: ClassVar[timedelta] = timedelta(minutes=30)
+    #: Instances are rented for the job: a broken one is terminated and replaced by the next offer.
+    ephemeral: ClassVar[bool] = False
+
+    @property
+    def api_calls(self) -> int:
+        """API requests this provider object has sent (0 where there is no API)."""
+        return 0
 
     @abc.abstractmethod
     def list_offers(self, request: GpuRequest) -> list[Offer]:

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 from gpu_training.errors import JobParamsError
 from gpu_training.params import JobSpec
 from gpu_training.providers.base import ComputeProvider
 
-AVAILABLE = ("local", "ssh")
+#: The GPU clouds: provider name -> "module:class". Each reads its credentials from one connection.
+CLOUDS = {
+    "lambda": "gpu_training.providers.lambda_cloud:LambdaProvider",
+    "runpod": "gpu_training.providers.runpod:RunPodProvider",
+    "vast": "gpu_training.providers.vast:VastProvider",
+    "ec2": "gpu_training.providers.ec2:Ec2Provider",
+}
+AVAILABLE = ("local", "ssh", *CLOUDS)
+
+
+def cloud_class(name: str) -> type[ComputeProvider]:
+    module, _, attr = CLOUDS[name].partition(":")
+    cls: type[ComputeProvider] = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 def get_provider(name: str, spec: JobSpec | None = None) -> ComputeProvider:
@@ -21,6 +36,39 @@ def get_provider(name: str, spec: JobSpec | None = None) -> ComputeProvider:
         if spec is None or not spec.ssh_conn_id:
             raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
         return SshProvider(spec.ssh_conn_id, require_docker=spec.runtime == "docker")
+    if name in CLOUDS:
+        return cloud_class(name)()
     raise JobParamsError(
-        "provider", f"{name!r} is not available yet in this installation (available: {', '.join(AVAILABLE)})"
+        "provider", f"{name!r} is not available in this installation (available: {', '.join(AVAILABLE)})"
     )
+
+
+def configured_clouds() -> tuple[str, ...]:
+    """The clouds whose Airflow connection exists (``lambda_default``, ``runpod_default``, ...)."""
+    from airflow.sdk import BaseHook
+
+    found = []
+    for name in CLOUDS:
+        conn_id = getattr(cloud_class(name), "default_conn_id", f"{name}_default")
+        try:
+            BaseHook.get_connection(conn_id)
+        except Exception:  # AirflowNotFoundException: not configured here
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def provider_names(spec: JobSpec) -> tuple[str, ...]:
+    """Which providers a job compares offers of: ``providers``, else ``provider`` ('cloud': all configured)."""
+    if spec.providers:
+        return spec.providers
+    if spec.provider == "cloud":
+        clouds = configured_clouds()
+        if not clouds:
+            raise JobParamsError(
+                "provider",
+                "'cloud' needs at least one cloud connection: define one of "
+                + ", ".join(f"{getattr(cloud_class(n), 'default_conn_id', n)}" for n in CLOUDS),
+            )
+        return clouds
+    return (spec.provider,)

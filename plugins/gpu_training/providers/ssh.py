@@ -50,7 +50,8 @@ echo "gid=$(id -g)"
 """
 
 
-def _ssh_hook(conn_id: str) -> Any:
+def ssh_hook(conn_id: str, **overrides: Any) -> Any:
+    """An ``SSHHook`` on ``conn_id`` (``remote_host``/``port``/``username`` overrides allowed)."""
     from airflow.providers.ssh.hooks.ssh import SSHHook
     from airflow.sdk import BaseHook
 
@@ -59,7 +60,7 @@ def _ssh_hook(conn_id: str) -> Any:
     except Exception as err:  # AirflowNotFoundException and friends: a retry will not help
         raise BadRequestError("ssh", f"SSH connection {conn_id!r} is not defined in Airflow: {err}") from err
     # SSHHook retries the initial connect with a 3-5 s wait between attempts.
-    hook = SSHHook(ssh_conn_id=conn_id, conn_retry_attempts=int(extras.get("conn_retry_attempts", 3)))
+    hook = SSHHook(ssh_conn_id=conn_id, conn_retry_attempts=int(extras.get("conn_retry_attempts", 3)), **overrides)
     if "compress" not in extras:
         # SSHHook compresses by default; data and checkpoints do not compress, and zlib cost 4x the
         # whole send in bench/transfer.py. It must be off before the first connect.
@@ -88,6 +89,68 @@ def describe_connect_error(err: BaseException, where: str) -> ProviderError:
     return ProviderUnavailableError("ssh", f"{where} is unreachable: {err}")
 
 
+class SshBox:
+    """One machine reached by SSH: its facts (probed once), job work directories and hosts.
+
+    The SSH provider is one box named by a connection; a cloud instance becomes one once it boots.
+    """
+
+    def __init__(self, hook: Any, extras: dict[str, Any], *, label: str) -> None:
+        self.hook = hook
+        self.extras = extras
+        self.label = label
+
+    @property
+    def where(self) -> str:
+        return f"{self.hook.remote_host}:{self.hook.port or 22} ({self.label})"
+
+    @cached_property
+    def facts(self) -> dict[str, Any]:
+        """Probe the host once: work root, free disk, docker, GPUs, uid/gid."""
+        try:
+            self.hook.get_conn()
+        except Exception as err:
+            raise describe_connect_error(err, self.where) from err
+        session = SshHost(self.hook, "/", python=self.python)
+        _, out, _ = session.script(_PROBE_SCRIPT, str(self.extras.get("work_root", "gpu-training-jobs")))
+        facts: dict[str, Any] = {"gpus": []}
+        for line in out.splitlines():
+            key, _, value = line.partition("=")
+            if key == "gpu":
+                facts["gpus"].append(value.strip())
+            elif key:
+                facts[key] = value.strip()
+        return facts
+
+    @property
+    def python(self) -> str:
+        return str(self.extras.get("python", "python3"))
+
+    def workdir(self, name: str) -> str:
+        if not name.startswith(NAME_PREFIX) or "/" in name:
+            raise BadRequestError("ssh", f"invalid instance name {name!r}")
+        return f"{self.facts['root']}/{name}"
+
+    def details(self, name: str) -> dict[str, Any]:
+        return {
+            "workdir": self.workdir(name),
+            "gpus": self.facts["gpus"],
+            "docker": self.facts.get("docker") == "1",
+            "uid": self.facts.get("uid"),
+            "gid": self.facts.get("gid"),
+        }
+
+    def host(self, name: str) -> SshHost:
+        uid, gid = self.facts.get("uid"), self.facts.get("gid")
+        return SshHost(
+            self.hook,
+            self.workdir(name),
+            python=self.python,
+            gpus=self.facts["gpus"],
+            user=f"{uid}:{gid}" if uid and gid else "",
+        )
+
+
 class SshProvider(ComputeProvider):
     """One SSH host; each job's "instance" is a work directory on it."""
 
@@ -99,38 +162,26 @@ class SshProvider(ComputeProvider):
 
     @cached_property
     def hook(self) -> Any:
-        return _ssh_hook(self.ssh_conn_id)
+        return ssh_hook(self.ssh_conn_id)
 
     @cached_property
     def extras(self) -> dict[str, Any]:
         return dict(self.hook.get_connection(self.ssh_conn_id).extra_dejson or {})
 
+    @cached_property
+    def box(self) -> SshBox:
+        return SshBox(self.hook, self.extras, label=f"connection {self.ssh_conn_id!r}")
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return self.box.facts
+
     def _session(self) -> SshHost:
         """A host handle on the work root, for provider-level commands."""
-        return SshHost(self.hook, "/", python=str(self.extras.get("python", "python3")))
-
-    @cached_property
-    def facts(self) -> dict[str, Any]:
-        """Probe the host once: work root, free disk, docker, GPUs, uid/gid."""
-        where = f"{self.hook.remote_host}:{self.hook.port or 22} (connection {self.ssh_conn_id!r})"
-        try:
-            self.hook.get_conn()
-        except Exception as err:
-            raise describe_connect_error(err, where) from err
-        _, out, _ = self._session().script(_PROBE_SCRIPT, str(self.extras.get("work_root", "gpu-training-jobs")))
-        facts: dict[str, Any] = {"gpus": []}
-        for line in out.splitlines():
-            key, _, value = line.partition("=")
-            if key == "gpu":
-                facts["gpus"].append(value.strip())
-            elif key:
-                facts[key] = value.strip()
-        return facts
+        return SshHost(self.hook, "/", python=self.box.python)
 
     def _dir(self, name: str) -> str:
-        if not name.startswith(NAME_PREFIX) or "/" in name:
-            raise BadRequestError(self.name, f"invalid instance name {name!r}")
-        return f"{self.facts['root']}/{name}"
+        return self.box.workdir(name)
 
     def list_offers(self, request: GpuRequest) -> list[Offer]:
         gpus = self.facts["gpus"]
@@ -155,13 +206,7 @@ class SshProvider(ComputeProvider):
             region=self.hook.remote_host,
             price_per_hour=meta.get("price_per_hour"),
             address=f"{self.hook.remote_host}:{self._dir(name)}",
-            details={
-                "workdir": self._dir(name),
-                "gpus": self.facts["gpus"],
-                "docker": self.facts.get("docker") == "1",
-                "uid": self.facts.get("uid"),
-                "gid": self.facts.get("gid"),
-            },
+            details=self.box.details(name),
         )
 
     def find_instance(self, name: str) -> InstanceInfo | None:
@@ -216,11 +261,4 @@ class SshProvider(ComputeProvider):
         return [i for i in found if i is not None]
 
     def host(self, instance: InstanceInfo) -> SshHost:
-        uid, gid = self.facts.get("uid"), self.facts.get("gid")
-        return SshHost(
-            self.hook,
-            self._dir(instance.name),
-            python=str(self.extras.get("python", "python3")),
-            gpus=self.facts["gpus"],
-            user=f"{uid}:{gid}" if uid and gid else "",
-        )
+        return self.box.host(instance.name)

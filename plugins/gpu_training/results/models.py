@@ -235,6 +235,9 @@ class Instance(Base):
     launched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     terminated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    #: Seconds billed, launch to verified termination; cost_usd = billable_seconds/3600 * price_per_hour.
+    billable_seconds: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
 
 
 class IngestError(Base):

@@ -1,0 +1,70 @@
+"""What the GPU clouds (Lambda, RunPod, Vast.ai, EC2) share behind the provider interface.
+
+A cloud provider lists offers, launches by a deterministic name, reports states and terminates; its
+hook talks to the cloud's API and nothing else. Once an instance runs it is an SSH box like the
+``ssh`` provider's, so the transfer and Docker machinery is the same.
+
+SSH to instances goes through one Airflow SSH connection (the cloud connection's extra
+``ssh_conn_id``, default ``gpu_instance_ssh``): its private key (``key_file`` or ``private_key``)
+and optionally its login (else the cloud's default user). Fresh instances have unknown host keys,
+so that connection usually sets ``no_host_key_check``. Its host and port are normally empty: the
+cloud says where the instance is. Set them only when instances are reached through a fixed forward
+or bastion; they then replace what the cloud reports.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cached_property
+from typing import Any, ClassVar
+
+from gpu_training.errors import BadRequestError, ProviderUnavailableError
+from gpu_training.providers.base import ComputeProvider, InstanceInfo
+from gpu_training.providers.ssh import SshBox, ssh_hook
+
+DEFAULT_SSH_CONN_ID = "gpu_instance_ssh"
+
+
+class CloudProvider(ComputeProvider):
+    """Base of the GPU clouds: configuration from one Airflow connection, SSH to the instance."""
+
+    #: The Airflow connection holding the cloud's credentials.
+    default_conn_id: ClassVar[str]
+    #: How long an instance may take from launch to answering SSH before it is given up.
+    provision_timeout: ClassVar[timedelta]
+    #: The login of the cloud's images when the SSH connection names none.
+    default_ssh_user: ClassVar[str] = "ubuntu"
+    ephemeral = True
+
+    def __init__(self, conn_id: str | None = None) -> None:
+        self.conn_id = conn_id or self.default_conn_id
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The provider's settings (the cloud connection's extras)."""
+        return {}
+
+    @cached_property
+    def ssh_conn_id(self) -> str:
+        return str(self.settings.get("ssh_conn_id") or DEFAULT_SSH_CONN_ID)
+
+    def ssh_box(self, instance: InstanceInfo) -> SshBox:
+        """The running instance as an SSH box."""
+        from airflow.sdk import BaseHook
+
+        try:
+            conn = BaseHook.get_connection(self.ssh_conn_id)
+        except Exception as err:
+            raise BadRequestError(
+                self.name,
+                f"SSH connection {self.ssh_conn_id!r} (the key for {self.name} instances) is not defined: {err}",
+            ) from err
+        host = conn.host or instance.address
+        if not host:
+            raise ProviderUnavailableError(self.name, f"instance {instance.instance_id} has no address yet")
+        port = conn.port or int(instance.details.get("ssh_port") or 22)
+        hook = ssh_hook(self.ssh_conn_id, remote_host=host, port=port, username=conn.login or self.default_ssh_user)
+        return SshBox(hook, dict(conn.extra_dejson or {}), label=f"{self.name} instance {instance.instance_id}")
+
+    def host(self, instance: InstanceInfo) -> Any:
+        return self.ssh_box(instance).host(instance.name)

@@ -1,0 +1,211 @@
+"""What the fake GPU clouds share: an HTTP server on 127.0.0.1, a record of every instance, and
+the same fault switches on every cloud.
+
+Each cloud's fake (``tests/fakeclouds/<cloud>.py``) speaks that cloud's API as documented: paths,
+auth, field names, status codes and error bodies. A launched instance "boots" for
+``faults.boot_seconds`` and then answers SSH at ``ssh_host:ssh_port`` (the test sshd), so a whole
+job runs on it. The record (``instances``, ``calls``) is what the tests assert on: every fault test
+ends with :meth:`FakeCloud.assert_all_terminated`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclasses.dataclass
+class Faults:
+    """Fault switches, the same names on every fake cloud. Counters count down as they fire."""
+
+    no_capacity: bool = False  # every offer is listed without capacity
+    refuse_launch: int = 0  # the next N launches are refused for capacity although listed as available
+    rate_limit: int = 0  # the next N requests are answered 429
+    retry_after: float | None = 1.0  # the Retry-After those 429s carry (None: no header)
+    error_after_create: int = 0  # the next N launches create the instance, then answer 500
+    terminate_fail: int = 0  # the next N terminate calls answer 500 and do nothing
+    unhealthy: bool = False  # instances turn unhealthy instead of running once booted
+    vanish: bool = False  # instances disappear (404, absent from lists) once booted
+    boot_seconds: float = 0.0  # launch -> running
+    terminate_seconds: float = 0.0  # terminating -> terminated
+
+
+@dataclasses.dataclass
+class FakeInstance:
+    id: str
+    name: str
+    instance_type: str
+    region: str
+    price_per_hour: float
+    spot: bool = False
+    launched_at: float = dataclasses.field(default_factory=time.time)
+    terminate_requested_at: float | None = None
+    terminated_at: float | None = None
+    vanished: bool = False
+    unhealthy: bool = False
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def phase(self, faults: Faults) -> str:
+        """Provider-neutral phase now: booting, running, unhealthy, terminating, terminated."""
+        now = time.time()
+        if self.terminated_at is not None:
+            return "terminated"
+        if self.terminate_requested_at is not None:
+            if now - self.terminate_requested_at >= faults.terminate_seconds:
+                self.terminated_at = now
+                return "terminated"
+            return "terminating"
+        if now - self.launched_at < faults.boot_seconds:
+            return "booting"
+        if faults.vanish:
+            self.vanished = True
+        if faults.unhealthy:
+            self.unhealthy = True
+        return "unhealthy" if self.unhealthy else "running"
+
+    @property
+    def gone(self) -> bool:
+        return self.terminated_at is not None or self.vanished
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    body: Any = None  # dict/list -> JSON; str -> text/plain; bytes -> as is
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class FakeCloud:
+    """Base of the fake clouds. Subclasses implement :meth:`route` (and :meth:`authorized`)."""
+
+    name = "fake"
+
+    def __init__(self, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
+        self.ssh_host = ssh_host
+        self.ssh_port = ssh_port
+        self.api_key = f"{self.name}-secret-{secrets.token_hex(8)}"
+        self.faults = Faults()
+        self.instances: dict[str, FakeInstance] = {}
+        self.calls: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.lock = threading.RLock()
+        self._seq = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                reply = fake._dispatch(self.command, self.path, dict(self.headers.items()), raw)
+                body = reply.body
+                headers = dict(reply.headers)
+                if isinstance(body, (dict, list)):
+                    data = json.dumps(body).encode()
+                    headers.setdefault("Content-Type", "application/json")
+                elif isinstance(body, str):
+                    data = body.encode()
+                    headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+                else:
+                    data = body or b""
+                self.send_response(reply.status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    # --- what tests use --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def connection(self, **extra: Any) -> str:
+        """The cloud's Airflow connection (JSON form, for ``AIRFLOW_CONN_*``) pointing at this fake."""
+        return json.dumps({"conn_type": "http", "host": self.url, "password": self.api_key, "extra": extra})
+
+    def reset(self) -> None:
+        with self.lock:
+            self.faults = Faults()
+            self.instances.clear()
+            self.calls.clear()
+
+    def launched(self) -> list[FakeInstance]:
+        with self.lock:
+            return list(self.instances.values())
+
+    def live(self) -> list[FakeInstance]:
+        with self.lock:
+            return [i for i in self.instances.values() if not i.gone and i.phase(self.faults) != "terminated"]
+
+    def assert_all_terminated(self) -> None:
+        """The fake's own record: every instance ever launched is terminated (or was lost by the cloud)."""
+        with self.lock:
+            left = [(i.id, i.name, i.phase(self.faults)) for i in self.instances.values() if not i.gone]
+        assert not left, f"{self.name}: instances not terminated: {left}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # --- for subclasses --------------------------------------------------------------------------
+
+    def new_id(self, prefix: str = "") -> str:
+        with self.lock:
+            self._seq += 1
+            return f"{prefix}{secrets.token_hex(6)}{self._seq:04d}"
+
+    def visible(self, inst: FakeInstance) -> bool:
+        """Whether the cloud still shows the instance (terminated ones linger, vanished ones do not)."""
+        inst.phase(self.faults)
+        return not inst.vanished
+
+    def authorized(self, headers: Mapping[str, str], query: Mapping[str, list[str]]) -> bool:
+        return headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    def unauthorized(self) -> Reply:
+        return Reply(401, {"error": "unauthorized"})
+
+    def rate_limited(self) -> Reply:
+        headers = {} if self.faults.retry_after is None else {"Retry-After": f"{self.faults.retry_after:g}"}
+        return Reply(429, {"error": "Too many requests"}, headers)
+
+    def route(self, method: str, path: str, query: Mapping[str, list[str]], body: Any) -> Reply:
+        raise NotImplementedError
+
+    def _dispatch(self, method: str, raw_path: str, headers: Mapping[str, str], raw: bytes) -> Reply:
+        parts = urlsplit(raw_path)
+        query = parse_qs(parts.query)
+        with self.lock:
+            if not self.authorized(headers, query):
+                reply = self.unauthorized()
+            elif self.faults.rate_limit > 0:
+                self.faults.rate_limit -= 1
+                reply = self.rate_limited()
+            else:
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    reply = Reply(400, {"error": "malformed JSON body"})
+                else:
+                    reply = self.route(method, parts.path, query, body)
+            self.calls.append((method, parts.path, reply.status))
+        return reply
