@@ -159,7 +159,8 @@ class FakeCloud:
     def assert_all_terminated(self) -> None:
         """The fake's own record: every instance ever launched is terminated (or was lost by the cloud)."""
         with self.lock:
-            left = [(i.id, i.name, i.phase(self.faults)) for i in self.instances.values() if not i.gone]
+            phases = {i.id: i.phase(self.faults) for i in self.instances.values()}  # settles due terminations
+            left = [(i.id, i.name, phases[i.id]) for i in self.instances.values() if not i.gone]
         assert not left, f"{self.name}: instances not terminated: {left}"
 
     def stop(self) -> None:

@@ -67,6 +67,7 @@ class CloudApiHook(BaseHook):
     """Base of the GPU clouds' API hooks: connection, auth, typed errors, retries."""
 
     conn_name_attr = "conn_id"
+    default_conn_name: ClassVar[str]
     conn_type = "http"
     #: Provider name used in errors and records (``lambda``, ``runpod``, ``vast``).
     provider: ClassVar[str]
