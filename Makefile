@@ -59,6 +59,7 @@ test: system-deps install
 bench: migrate
 	$(BIN)/python bench/ingest.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/transfer.py; else echo "bench/transfer.py needs root (sshd)"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/provision.py; else echo "bench/provision.py needs root (sshd)"; fi
 
 lint: install
 	$(BIN)/ruff check plugins dags tests bench include
