@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,7 +112,7 @@ def test_one_refusal_then_the_next_offer_runs(store: ResultsStore, rig: Rig) -> 
     rig.fake.faults.refuse_launch = 1
     job = new_job(store, rig)
     lifecycle.provision(store, job)
-    assert [s for s, _ in states(store, job)][0] == "failed"
+    assert states(store, job)[0][0] == "failed"
     wait_ready(store, job)
     lifecycle.teardown(store, job)
     assert len(rig.fake.launched()) == 1
@@ -202,3 +201,23 @@ def test_a_slow_boot_past_the_timeout_is_replaced(store: ResultsStore, rig: Rig)
     wait_ready(store, job)
     lifecycle.teardown(store, job)
     rig.fake.assert_all_terminated()
+
+
+def test_provider_cloud_takes_the_clouds_that_have_a_connection(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig, provider="cloud")
+    info = lifecycle.provision(store, job)
+    assert info.provider == rig.name  # the only cloud whose connection is defined here
+    lifecycle.teardown(store, job)
+    rig.fake.assert_all_terminated()
+
+
+def test_provider_cloud_without_any_cloud_connection_is_refused(
+    store: ResultsStore, rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpu_training.errors import JobParamsError
+    from gpu_training.providers.registry import CLOUD_CONNECTIONS
+
+    for conn_id in CLOUD_CONNECTIONS.values():
+        monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
+    with pytest.raises(JobParamsError, match="'cloud' needs at least one cloud connection"):
+        lifecycle.register_job(store, {"project_id": "nocloud", "provider": "cloud"}, dag_id="d", run_id="r")

@@ -15,6 +15,13 @@ CLOUDS = {
     "vast": "gpu_training.providers.vast:VastProvider",
     "ec2": "gpu_training.providers.ec2:Ec2Provider",
 }
+#: Each cloud's Airflow connection (its ``default_conn_id``); "configured" means it exists.
+CLOUD_CONNECTIONS = {
+    "lambda": "lambda_default",
+    "runpod": "runpod_default",
+    "vast": "vast_default",
+    "ec2": "aws_default",
+}
 AVAILABLE = ("local", "ssh", *CLOUDS)
 
 
@@ -49,7 +56,7 @@ def configured_clouds() -> tuple[str, ...]:
 
     found = []
     for name in CLOUDS:
-        conn_id = getattr(cloud_class(name), "default_conn_id", f"{name}_default")
+        conn_id = CLOUD_CONNECTIONS[name]
         try:
             BaseHook.get_connection(conn_id)
         except Exception:  # AirflowNotFoundException: not configured here
@@ -67,8 +74,7 @@ def provider_names(spec: JobSpec) -> tuple[str, ...]:
         if not clouds:
             raise JobParamsError(
                 "provider",
-                "'cloud' needs at least one cloud connection: define one of "
-                + ", ".join(f"{getattr(cloud_class(n), 'default_conn_id', n)}" for n in CLOUDS),
+                "'cloud' needs at least one cloud connection: define one of " + ", ".join(CLOUD_CONNECTIONS.values()),
             )
         return clouds
     return (spec.provider,)
