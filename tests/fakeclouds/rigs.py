@@ -60,3 +60,15 @@ def start_lambda(sshd: Any, work_root: Path) -> Rig:
 
 
 STARTERS: dict[str, Callable[..., Rig]] = {"lambda": start_lambda}
+
+
+def start_vast(sshd: Any, work_root: Path) -> Rig:
+    from tests.fakeclouds.vast import FakeVast
+
+    fake = FakeVast(ssh_host="127.0.0.1", ssh_port=sshd.port)
+    env = ssh_connections(sshd, work_root)
+    env["AIRFLOW_CONN_VAST_DEFAULT"] = fake.connection(ssh_conn_id="gpu_instance_ssh", **FAST_RETRIES)
+    return Rig("vast", fake, env, "gpu_instance_ssh", "A100", fake.stop)
+
+
+STARTERS["vast"] = start_vast
