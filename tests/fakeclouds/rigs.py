@@ -72,3 +72,15 @@ def start_vast(sshd: Any, work_root: Path) -> Rig:
 
 
 STARTERS["vast"] = start_vast
+
+
+def start_runpod(sshd: Any, work_root: Path) -> Rig:
+    from tests.fakeclouds.runpod import FakeRunPod
+
+    fake = FakeRunPod(ssh_host="127.0.0.1", ssh_port=sshd.port)
+    env = ssh_connections(sshd, work_root)
+    env["AIRFLOW_CONN_RUNPOD_DEFAULT"] = fake.connection(ssh_conn_id="gpu_instance_ssh", **FAST_RETRIES)
+    return Rig("runpod", fake, env, "gpu_instance_ssh", "A100", fake.stop)
+
+
+STARTERS["runpod"] = start_runpod

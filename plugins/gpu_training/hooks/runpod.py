@@ -1,0 +1,160 @@
+"""``RunPodHook``: the RunPod REST API v2 (pods and the GPU catalog), and nothing else.
+
+Follows the RunPod REST API v2 reference (https://docs.runpod.io/api-reference-v2, OpenAPI
+"Runpod REST API" 2.0.0, server ``https://api.runpod.io``; the published ``openapi.json`` of
+``runpod/docs``, August 2026). v2 replaces REST v1 (``https://rest.runpod.io/v1``, deprecated and
+retired on 2026-11-15) and the legacy GraphQL API. The calls made here:
+
+- ``GET /v2/catalog/gpus?include=AVAILABILITY&product=POD&count=N&cloud=SECURE|COMMUNITY``
+  (``listGpuTypes``) -> ``{"gpus": [GpuType]}``; ``GpuType`` has ``id`` (the id pods are created
+  with, e.g. ``NVIDIA A100 80GB PCIe``), ``name``, ``manufacturer``, ``memory`` (GB), ``secure`` /
+  ``community`` (offered in that cloud), ``price {secure, community, serverless?}`` (USD per hour
+  for ONE GPU: a pod costs that times ``gpu.count``), ``maxCount {secure, community}`` (GPUs per pod
+  at most) and, with ``include=AVAILABILITY`` (which requires ``product``), ``availability``
+  (``NONE|LOW|MEDIUM|HIGH``) and ``dataCenters [{id, name, availability}]`` (only the data centers
+  offering the type in that configuration; omitted when it is unavailable everywhere). ``count``
+  and ``cloud`` are valid only with ``include=AVAILABILITY``.
+- ``POST /v2/pods`` (``createPod``) with ``CreatePodRequest`` ``{name, image, gpu: {id, count},
+  cloud, dataCenterIds, disk, ports, env, mounts: {persistent: {size, path}}, startSsh}`` ->
+  ``201`` with the ``Pod`` (status ``PROVISIONING``). The body is closed
+  (``unevaluatedProperties: false``): any other key, a v1 one included, is a ``422``.
+- ``GET /v2/pods`` (``listPods``) -> ``{"pods": [Pod]}``. v2 has no server-side name or status
+  filter (unknown query parameters are ignored), so :meth:`RunPodHook.list_pods` filters by name here.
+- ``GET /v2/pods/{id}`` (``getPod``) -> ``Pod``; ``404`` for an unknown or deleted pod.
+- ``DELETE /v2/pods/{id}`` (``deletePod``) -> ``204`` without body; the pod is terminated for good
+  and no longer listed; ``404`` when it does not exist (any more); ``409`` for an Instant Cluster
+  member.
+
+``Pod`` fields read by the provider: ``id, name, status (PROVISIONING|STARTING|RUNNING|EXITED|
+ERROR|TERMINATED), gpu {id, count}, cloud, dataCenterId, cost`` (USD/h), ``ports``, ``runtime``
+(null unless running; ``runtime.ports [{private, public, type, ip}]`` are the live port mappings)
+and ``ssh {proxy, direct}`` (``direct`` = ``{host, port, username, command}`` of the published
+``22/tcp`` mapping, null until it exists).
+
+Auth: ``Authorization: Bearer <API key>``. Errors are RFC 9457 problem objects
+(``application/problem+json``) ``{title, status, detail, errors?}``: ``401`` bad or missing key,
+``403`` key without access (on a create: the account cannot use that GPU pool, "skip this
+candidate"), ``404``, ``422`` contract violations listed in ``errors``, ``402`` insufficient
+balance, ``429`` rate limited with ``Retry-After`` (integer seconds) and ``RateLimit`` /
+``RateLimit-Policy`` headers (per-user windows; the documented example policy is 60 a minute,
+3000 an hour, 50000 a day). A create refused for capacity is a ``400`` whose only mark is the
+human ``detail`` ("There are no longer any instances available with the requested
+specifications. Please refresh and try again.", as recorded from live v2 calls): such a ``400``,
+and a ``403`` on a create, raise :class:`~gpu_training.errors.NoCapacityError` (try the next
+offer); any other ``400`` is a :class:`~gpu_training.errors.BadRequestError`.
+
+Not in v2: interruptible (spot) pods and bids. v1 had an ``interruptible`` flag and GraphQL
+``podRentInterruptable(bidPerGpu)``; v2's create body has neither (a request carrying them is a
+``422``) and RunPod removed spot pods from its documentation in May 2026. Inferred, as the
+reference does not say it: the ``dataCenters`` of the catalog are scoped by ``count`` and
+``cloud`` like ``availability``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import requests
+
+from gpu_training.errors import NoCapacityError, ProviderError
+from gpu_training.hooks.cloud_api import CloudApiHook
+
+#: Phrases of RunPod's capacity refusals (the ``detail`` of a ``400`` on ``POST /v2/pods``).
+CAPACITY_PHRASES = (
+    "no longer any instances available",
+    "no instances available",
+    "not enough capacity",
+    "insufficient capacity",
+    "out of stock",
+    "no gpus available",
+    "no available machines",
+)
+CLOUDS = ("SECURE", "COMMUNITY")
+
+
+def problem(response: requests.Response) -> dict[str, Any]:
+    """The RFC 9457 problem object of a v2 error answer (empty when the body is not one)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) and ("detail" in body or "title" in body) else {}
+
+
+class RunPodHook(CloudApiHook):
+    """RunPod REST API v2 over the ``runpod_default`` connection (API key in the password)."""
+
+    default_conn_name = "runpod_default"
+    hook_name = "RunPod"
+    provider: ClassVar[str] = "runpod"
+    default_url: ClassVar[str] = "https://api.runpod.io"
+    api_path: ClassVar[str] = "/v2"
+
+    # --- errors ----------------------------------------------------------------------------------
+
+    def error_message(self, response: requests.Response) -> str:
+        """``title: detail (errors)`` from the problem object, else the base rendering."""
+        body = problem(response)
+        if not body:
+            return super().error_message(response)
+        title, detail = str(body.get("title") or "").strip(), str(body.get("detail") or "").strip()
+        text = f"{title}: {detail}" if title and detail and title != detail else (detail or title)
+        errors = [str(e) for e in body.get("errors") or [] if e]
+        return text + (f" ({'; '.join(errors)})" if errors else "")
+
+    def is_capacity_error(self, response: requests.Response, message: str) -> bool:
+        """A ``400`` whose ``detail`` says no machine is free (v2 has no code for it)."""
+        if response.status_code != 400:
+            return False
+        detail = str(problem(response).get("detail") or message).lower()
+        return any(phrase in detail for phrase in CAPACITY_PHRASES)
+
+    def error_for(self, method: str, path: str, response: requests.Response) -> ProviderError:
+        error = super().error_for(method, path, response)
+        if method == "POST" and path == "/pods" and response.status_code == 403:
+            # The reference: a 403 on create means this pool is closed to the account; try the next.
+            return NoCapacityError(
+                self.provider,
+                f"{method} {path} -> HTTP 403: {self.error_message(response)} (this GPU pool is "
+                "not open to the account; trying the next offer)",
+            )
+        return error
+
+    # --- catalog ---------------------------------------------------------------------------------
+
+    def gpu_types(self, *, cloud: str = "SECURE", count: int = 1) -> list[dict[str, Any]]:
+        """``GET /v2/catalog/gpus`` with pod stock for ``count`` GPUs in ``cloud``."""
+        params = {"include": "AVAILABILITY", "product": "POD", "count": max(1, int(count)), "cloud": cloud}
+        body = self.request("GET", "/catalog/gpus", params=params)
+        return list(self._field(body, "gpus"))
+
+    # --- pods ------------------------------------------------------------------------------------
+
+    def create_pod(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v2/pods``: the created pod. Not idempotent: retried only on 429."""
+        pod = self.request("POST", "/pods", json_body=body, idempotent=False)
+        if not isinstance(pod, dict):
+            raise ProviderError(self.provider, f"unexpected answer to POST /pods: {str(pod)[:300]}")
+        return pod
+
+    def list_pods(self, name: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v2/pods``, optionally only those named ``name`` (filtered here: v2 has no filter)."""
+        pods = [p for p in self._field(self.request("GET", "/pods"), "pods") if isinstance(p, dict)]
+        return pods if name is None else [p for p in pods if p.get("name") == name]
+
+    def get_pod(self, pod_id: str) -> dict[str, Any]:
+        """``GET /v2/pods/{id}``; raises InstanceNotFoundError on 404."""
+        pod = self.request("GET", f"/pods/{quote(pod_id, safe='')}")
+        if not isinstance(pod, dict):
+            raise ProviderError(self.provider, f"unexpected answer to GET /pods/{pod_id}: {str(pod)[:300]}")
+        return pod
+
+    def delete_pod(self, pod_id: str) -> None:
+        """``DELETE /v2/pods/{id}`` (terminate for good). Idempotent, so retried on 5xx too; 404 raises."""
+        self.request("DELETE", f"/pods/{quote(pod_id, safe='')}")
+
+    def _field(self, body: Any, key: str) -> list[Any]:
+        if not isinstance(body, dict) or not isinstance(body.get(key), list):
+            raise ProviderError(self.provider, f"unexpected answer from the RunPod API (no {key!r}): {str(body)[:300]}")
+        return list(body[key])
