@@ -84,3 +84,21 @@ def start_runpod(sshd: Any, work_root: Path) -> Rig:
 
 
 STARTERS["runpod"] = start_runpod
+
+
+def start_ec2(sshd: Any, work_root: Path) -> Rig:
+    """EC2 is moto behind a fault-injecting proxy; moto's public IPs lead nowhere, so SSH goes to
+    the sshd through the forward connection."""
+    from tests.fakeclouds.ec2 import Ec2FaultProxy
+
+    fake = Ec2FaultProxy()  # starts its own moto server
+    images = fake.moto(fake.region).describe_images(
+        Owners=["amazon"], Filters=[{"Name": "name", "Values": ["*ubuntu*"]}]
+    )["Images"]
+    ami = sorted(i["ImageId"] for i in images if i.get("RootDeviceName"))[0]
+    env = ssh_connections(sshd, work_root)
+    env["AIRFLOW_CONN_AWS_DEFAULT"] = fake.connection(ami_id=ami, ssh_conn_id="gpu_instance_fwd", retry_attempts=4)
+    return Rig("ec2", fake, env, "gpu_instance_fwd", "A10G", fake.stop)
+
+
+STARTERS["ec2"] = start_ec2

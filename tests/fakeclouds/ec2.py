@@ -1,0 +1,486 @@
+"""``Ec2FaultProxy``: EC2's Query API as moto answers it, with the uniform fault switches on top.
+
+moto's standalone server answers EC2 faithfully (RunInstances, DescribeInstances, spot markets,
+instance type offerings) but cannot inject faults, so this proxy on 127.0.0.1 sits between the
+provider and moto: the ``aws`` connection's ``endpoint_url`` points at the proxy, which forwards
+each request to moto and injects faults the way EC2 reports them. Shapes follow the Amazon EC2 API
+Reference (Query API 2016-11-15): the request is form-encoded (``Action=RunInstances&...``), replies
+are XML; errors are ``<Response><Errors><Error><Code>..</Code><Message>..</Message></Error></Errors>
+<RequestID>..</RequestID></Response>`` with EC2's status codes ("Error codes for the Amazon EC2
+API"): 400 for client errors, 401 AuthFailure, 403 UnauthorizedOperation, 500 InternalError and
+InsufficientInstanceCapacity (a "server" error, which EC2 answers with HTTP 500), 503
+RequestLimitExceeded.
+
+What the proxy adds to moto:
+
+- Authentication: the SigV4 signature (``Authorization: AWS4-HMAC-SHA256 Credential=...``) is checked
+  against the proxy's access key pair (:meth:`connection`); a wrong key answers 401 AuthFailure.
+- ``ClientToken`` idempotency ("Ensuring idempotency in Amazon EC2 API requests"), which moto lacks:
+  a repeated RunInstances with the same token and parameters answers the first reply and starts
+  nothing; other parameters answer 400 IdempotentParameterMismatch.
+- Malformed instance ids answer 400 ``InvalidInstanceID.Malformed`` (moto says NotFound).
+- The :class:`~tests.fakeclouds.base.Faults` switches: ``no_capacity`` (DescribeInstanceTypeOfferings
+  lists nothing, RunInstances answers InsufficientInstanceCapacity), ``refuse_launch`` (the next N
+  RunInstances answer InsufficientInstanceCapacity), ``rate_limit`` (the next N requests answer 503
+  RequestLimitExceeded; EC2 sends no Retry-After, so a ``retry_after`` is sent as
+  ``x-amz-retry-after`` in milliseconds, the header botocore's standard retry mode reads),
+  ``error_after_create`` (RunInstances is forwarded, then answered 500 InternalError),
+  ``terminate_fail`` (TerminateInstances answers 500 InternalError and is not forwarded),
+  ``unhealthy`` (DescribeInstanceStatus reports the instance status check ``impaired``), ``vanish``
+  (the instance is terminated in moto, answers ``InvalidInstanceID.NotFound`` and is dropped from
+  DescribeInstances), ``boot_seconds`` (DescribeInstances says ``pending`` until then) and
+  ``terminate_seconds`` (``shutting-down`` before ``terminated``).
+- Spot prices: moto's DescribeSpotPriceHistory answers a fixed price from 2006; a test may set
+  :attr:`spot_prices` (answered instead, filtered by ``InstanceType.N``) or
+  :attr:`spot_history_error` (answered as that error code, 403).
+
+The record: :attr:`instances` (FakeInstance per launched id), :attr:`calls` ``(method, Action,
+status)``, :attr:`timed_calls` with a monotonic time first, and :meth:`assert_all_terminated`,
+which asks moto directly that every instance launched through the proxy is terminated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import http.client
+import json
+import re
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from tests.fakeclouds.base import FakeCloud, FakeInstance, Reply
+
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+INSTANCE_ID_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+AUTH_RE = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,"
+    r"\s*SignedHeaders=(?P<signed>[^,]+),\s*Signature=(?P<signature>[0-9a-f]+)"
+)
+_STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+_PHASE_STATES = {"booting": "pending", "terminating": "shutting-down", "terminated": "terminated"}
+
+
+@dataclasses.dataclass
+class SpotPrice:
+    """One DescribeSpotPriceHistory record."""
+
+    instance_type: str
+    availability_zone: str
+    price: float
+    timestamp: float = dataclasses.field(default_factory=time.time)  # epoch seconds
+    product_description: str = "Linux/UNIX"
+
+
+def error_xml(code: str, message: str) -> bytes:
+    """EC2's Query API error body."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{_esc(code)}</Code><Message>{_esc(message)}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
+
+
+class Ec2FaultProxy(FakeCloud):
+    """A fault-injecting proxy in front of moto's EC2 (see the module docstring)."""
+
+    name = "ec2"
+
+    def __init__(self, moto_endpoint: str | None = None, *, region: str = "us-east-1", **kwargs: Any) -> None:
+        self._own_moto: Any = None
+        if moto_endpoint is None:
+            from tests.servers import start_moto
+
+            self._own_moto = start_moto()
+            moto_endpoint = self._own_moto.endpoint
+        self.moto_endpoint = moto_endpoint.rstrip("/")
+        self.region = region
+        super().__init__(**kwargs)
+        # Headers and body go out in two writes: without TCP_NODELAY each reply waits ~40 ms for the
+        # client's delayed ACK.
+        self.server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
+        self.access_key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
+        self.secret_access_key = self.api_key
+        self.timed_calls: list[tuple[float, str, str, int]] = []
+        self.spot_prices: list[SpotPrice] | None = None
+        self.spot_history_error: str | None = None
+        self._tokens: dict[tuple[str, str], tuple[tuple[str, ...], bytes]] = {}
+        self._moto_clients: dict[str, Any] = {}
+
+    # --- what tests use --------------------------------------------------------------------------
+
+    def connection(self, **settings: Any) -> str:
+        """The Airflow ``aws`` connection (JSON) through this proxy; ``settings`` go to extra ``gpu_training``."""
+        extra = {"endpoint_url": self.url, "region_name": self.region, "gpu_training": settings}
+        return json.dumps(
+            {"conn_type": "aws", "login": self.access_key_id, "password": self.secret_access_key, "extra": extra}
+        )
+
+    def moto(self, region: str | None = None) -> Any:
+        """A boto3 EC2 client straight to moto (no proxy, no faults)."""
+        import boto3
+
+        region = region or self.region
+        if region not in self._moto_clients:
+            self._moto_clients[region] = boto3.client(
+                "ec2",
+                endpoint_url=self.moto_endpoint,
+                region_name=region,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
+        return self._moto_clients[region]
+
+    def moto_instance(self, instance_id: str) -> dict[str, Any]:
+        """What moto itself says about one instance launched through the proxy."""
+        inst = self.instances[instance_id]
+        reply = self.moto(inst.region).describe_instances(InstanceIds=[instance_id])
+        return dict(reply["Reservations"][0]["Instances"][0])
+
+    def reset(self) -> None:
+        with self.lock:
+            self._terminate_in_moto([i for i in self.instances.values() if not i.extra.get("moto_terminated")])
+            super().reset()
+            self.timed_calls.clear()
+            self._tokens.clear()
+            self.spot_prices = None
+            self.spot_history_error = None
+
+    def assert_all_terminated(self) -> None:
+        """moto's own answer: every instance launched through the proxy is terminated."""
+        with self.lock:
+            by_region: dict[str, list[str]] = {}
+            for inst in self.instances.values():
+                by_region.setdefault(inst.region, []).append(inst.id)
+            left = []
+            for region, ids in by_region.items():
+                reply = self.moto(region).describe_instances(InstanceIds=ids)
+                for reservation in reply["Reservations"]:
+                    for data in reservation["Instances"]:
+                        if data["State"]["Name"] != "terminated":
+                            left.append((data["InstanceId"], self.instances[data["InstanceId"]].name))
+        assert not left, f"ec2: instances not terminated in moto: {left}"
+
+    def stop(self) -> None:
+        super().stop()
+        if self._own_moto is not None:
+            self._own_moto.stop()
+
+    # --- request handling ------------------------------------------------------------------------
+
+    def _dispatch(self, method: str, raw_path: str, headers: Mapping[str, str], raw: bytes) -> Reply:
+        params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+        action = params.get("Action", "")
+        lower = {k.lower(): v for k, v in headers.items()}
+        with self.lock:
+            region = self._authenticated_region(method, raw_path, lower, raw)
+            if region is None:
+                reply = self._error(401, "AuthFailure", "AWS was not able to validate the provided access credentials")
+            elif self.faults.rate_limit > 0:
+                self.faults.rate_limit -= 1
+                reply = self._error(503, "RequestLimitExceeded", "Request limit exceeded.")
+                if self.faults.retry_after is not None:
+                    reply.headers["x-amz-retry-after"] = str(int(self.faults.retry_after * 1000))
+            else:
+                reply = self._route(action, region, params, raw_path, lower, raw)
+            self.calls.append((method, action, reply.status))
+            self.timed_calls.append((time.monotonic(), method, action, reply.status))
+        return reply
+
+    def _authenticated_region(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The region of a correctly signed request (SigV4, recomputed with botocore), else None."""
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        match = AUTH_RE.match(headers.get("authorization", ""))
+        if not match or match["key"] != self.access_key_id or "x-amz-date" not in headers:
+            return None
+        signed = match["signed"].split(";")
+        request = AWSRequest(
+            method=method,
+            url=f"http://{headers.get('host', '')}{path}",
+            data=body,
+            headers={name: headers.get(name, "") for name in signed},
+        )
+        request.context["timestamp"] = headers["x-amz-date"]
+        signer = SigV4Auth(Credentials(self.access_key_id, self.secret_access_key), match["service"], match["region"])
+        expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+        return match["region"] if hmac.compare_digest(expected, match["signature"]) else None
+
+    def _error(self, status: int, code: str, message: str) -> Reply:
+        return Reply(status, error_xml(code, message), {"Content-Type": "text/xml;charset=UTF-8"})
+
+    def _forward(self, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
+        parts = urlsplit(self.moto_endpoint)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=30)
+        try:
+            keep = {k: v for k, v in headers.items() if k not in ("host", "connection", "content-length")}
+            conn.request("POST", path, body=body, headers=keep)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def _xml(self, status: int, body: bytes) -> Reply:
+        return Reply(status, body, {"Content-Type": "text/xml;charset=UTF-8"})
+
+    def _route(
+        self, action: str, region: str, params: dict[str, str], path: str, headers: Mapping[str, str], raw: bytes
+    ) -> Reply:
+        ids = [v for k, v in params.items() if re.fullmatch(r"InstanceId\.\d+", k)]
+        if action in ("DescribeInstances", "DescribeInstanceStatus", "TerminateInstances"):
+            bad = [i for i in ids if not INSTANCE_ID_RE.match(i)]
+            if bad:
+                return self._error(400, "InvalidInstanceID.Malformed", f'Invalid id: "{bad[0]}"')
+            self._settle()
+            lost = [i for i in ids if i in self.instances and self.instances[i].vanished]
+            if lost:
+                return self._error(400, "InvalidInstanceID.NotFound", f"The instance ID '{lost[0]}' does not exist")
+            if action == "TerminateInstances" and self.faults.terminate_fail > 0:
+                self.faults.terminate_fail -= 1
+                return self._error(500, "InternalError", "An internal error has occurred")
+        if action == "RunInstances":
+            return self._run_instances(region, params, path, headers, raw)
+        if action == "DescribeSpotPriceHistory" and self.spot_history_error:
+            return self._error(403, self.spot_history_error, "You are not authorized to perform this operation.")
+        if action == "DescribeSpotPriceHistory" and self.spot_prices is not None:
+            return self._xml(200, self._spot_history(params))
+        wanted_states: set[str] | None = None
+        if action == "DescribeInstances":
+            raw, wanted_states = self._without_state_filter(params)
+        status, body = self._forward(path, headers, raw)
+        if status != 200:
+            return self._xml(status, body)
+        if action == "DescribeInstances":
+            body = self._rewrite_instances(body, wanted_states)
+        elif action == "DescribeInstanceStatus":
+            body = self._rewrite_status(body)
+        elif action == "DescribeInstanceTypeOfferings" and self.faults.no_capacity:
+            body = self._rewrite(body, lambda root, q: [s.clear() for s in root.iter(q("instanceTypeOfferingSet"))])
+        elif action == "TerminateInstances":
+            for instance_id in ids:
+                inst = self.instances.get(instance_id)
+                if inst is not None and inst.terminate_requested_at is None:
+                    inst.terminate_requested_at = time.time()
+                    inst.extra["moto_terminated"] = True
+        return self._xml(status, body)
+
+    # --- RunInstances ----------------------------------------------------------------------------
+
+    def _run_instances(
+        self, region: str, params: dict[str, str], path: str, headers: Mapping[str, str], raw: bytes
+    ) -> Reply:
+        token = params.get("ClientToken", "")
+        itype = params.get("InstanceType", "")
+        fingerprint = tuple(f"{k}={v}" for k, v in sorted(params.items()) if k != "ClientToken")
+        if token and (region, token) in self._tokens:
+            first, body = self._tokens[region, token]
+            if first != fingerprint:
+                return self._error(
+                    400,
+                    "IdempotentParameterMismatch",
+                    f"Arguments on this idempotent request are inconsistent with arguments used in previous request(s) "
+                    f"for client token '{token}'.",
+                )
+            return self._after_create(self._xml(200, body))
+        if self.faults.no_capacity or self.faults.refuse_launch > 0:
+            if not self.faults.no_capacity:
+                self.faults.refuse_launch -= 1
+            zone = params.get("Placement.AvailabilityZone") or f"{region}a"
+            return self._error(
+                500,
+                "InsufficientInstanceCapacity",
+                f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
+                f"({zone}). Our system will be working on provisioning additional capacity. You can currently get "
+                f"{itype} capacity by not specifying an Availability Zone in your request or choosing {region}b, "
+                f"{region}c.",
+            )
+        status, body = self._forward(path, headers, raw)
+        if status != 200:
+            return self._xml(status, body)
+        tags = self._launch_tags(params)
+        root = ET.fromstring(body)
+        q = _qualifier(root)
+        for item in root.iter(q("item")):
+            instance_id = item.findtext(q("instanceId"))
+            if instance_id and item.find(q("instanceState")) is not None:
+                self.instances[instance_id] = FakeInstance(
+                    id=instance_id,
+                    name=tags.get("Name", ""),
+                    instance_type=itype,
+                    region=region,
+                    price_per_hour=float(tags.get("gpu-training:price") or 0),
+                    spot=params.get("InstanceMarketOptions.MarketType") == "spot",
+                    extra={"client_token": token, "image_id": params.get("ImageId"), "params": params},
+                )
+        if token:
+            self._tokens[region, token] = (fingerprint, body)
+        return self._after_create(self._xml(200, body))
+
+    def _after_create(self, reply: Reply) -> Reply:
+        if self.faults.error_after_create > 0:
+            self.faults.error_after_create -= 1
+            return self._error(500, "InternalError", "An internal error has occurred")
+        return reply
+
+    @staticmethod
+    def _launch_tags(params: dict[str, str]) -> dict[str, str]:
+        tags = {}
+        for key, value in params.items():
+            match = re.fullmatch(r"TagSpecification\.(\d+)\.Tag\.(\d+)\.Key", key)
+            if match and params.get(f"TagSpecification.{match[1]}.ResourceType") == "instance":
+                tags[value] = params.get(f"TagSpecification.{match[1]}.Tag.{match[2]}.Value", "")
+        return tags
+
+    # --- rewriting moto's answers ----------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Advance every record's phase; an instance that just vanished is terminated in moto (lost)."""
+        for inst in self.instances.values():
+            inst.phase(self.faults)
+        self._terminate_in_moto(
+            [i for i in self.instances.values() if i.vanished and not i.extra.get("moto_terminated")]
+        )
+
+    def _terminate_in_moto(self, lost: list[FakeInstance]) -> None:
+        for inst in lost:
+            self.moto(inst.region).terminate_instances(InstanceIds=[inst.id])
+            inst.extra["moto_terminated"] = True
+
+    @staticmethod
+    def _without_state_filter(params: dict[str, str]) -> tuple[bytes, set[str] | None]:
+        """The DescribeInstances body without its ``instance-state-name`` filter (applied here instead,
+        after the simulated states replace moto's), and that filter's values."""
+        filters: dict[str, tuple[str, list[str]]] = {}
+        rest: dict[str, str] = {}
+        for key, value in params.items():
+            match = re.fullmatch(r"Filter\.(\d+)\.(Name|Value\.\d+)", key)
+            if not match:
+                rest[key] = value
+                continue
+            name, values = filters.setdefault(match[1], ("", []))
+            filters[match[1]] = (value, values) if match[2] == "Name" else (name, [*values, value])
+        states: set[str] | None = None
+        number = 0
+        for name, values in filters.values():
+            if name == "instance-state-name":
+                states = set(values)
+                continue
+            number += 1
+            rest[f"Filter.{number}.Name"] = name
+            rest.update({f"Filter.{number}.Value.{i}": v for i, v in enumerate(values, start=1)})
+        return urlencode(rest).encode(), states
+
+    def _simulated_state(self, instance_id: str | None) -> str | None:
+        inst = self.instances.get(instance_id or "")
+        if inst is None:
+            return None
+        return _PHASE_STATES.get(inst.phase(self.faults), "running")
+
+    def _rewrite_instances(self, body: bytes, wanted_states: set[str] | None) -> bytes:
+        def edit(root: ET.Element, q: Any) -> None:
+            for rset in root.iter(q("reservationSet")):
+                for reservation in list(rset):
+                    iset = reservation.find(q("instancesSet"))
+                    if iset is None:
+                        continue
+                    for item in list(iset):
+                        instance_id = item.findtext(q("instanceId"))
+                        inst = self.instances.get(instance_id or "")
+                        if inst is not None and inst.vanished:
+                            iset.remove(item)
+                            continue
+                        state = item.find(q("instanceState"))
+                        simulated = self._simulated_state(instance_id)
+                        moto_state = state.findtext(q("name")) if state is not None else None
+                        requested = inst is not None and inst.terminate_requested_at is not None
+                        if simulated and state is not None and (moto_state in ("pending", "running") or requested):
+                            _set_state(state, q, simulated)
+                        name = state.findtext(q("name")) if state is not None else None
+                        if wanted_states is not None and name not in wanted_states:
+                            iset.remove(item)
+                    if not len(iset):
+                        rset.remove(reservation)
+
+        return self._rewrite(body, edit)
+
+    def _rewrite_status(self, body: bytes) -> bytes:
+        def edit(root: ET.Element, q: Any) -> None:
+            for sset in root.iter(q("instanceStatusSet")):
+                for item in list(sset):
+                    inst = self.instances.get(item.findtext(q("instanceId")) or "")
+                    if inst is None:
+                        continue
+                    phase = inst.phase(self.faults)
+                    if inst.vanished:
+                        sset.remove(item)
+                        continue
+                    state = item.find(q("instanceState"))
+                    if state is not None:
+                        _set_state(state, q, _PHASE_STATES.get(phase, "running"))
+                    if phase == "unhealthy":
+                        check = item.find(q("instanceStatus"))
+                        if check is not None:
+                            _set_text(check, q("status"), "impaired")
+                            for detail in check.iter(q("item")):
+                                _set_text(detail, q("status"), "failed")
+
+        return self._rewrite(body, edit)
+
+    @staticmethod
+    def _rewrite(body: bytes, edit: Any) -> bytes:
+        root = ET.fromstring(body)
+        q = _qualifier(root)
+        edit(root, q)
+        ET.register_namespace("", _namespace(root))
+        return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
+
+    def _spot_history(self, params: dict[str, str]) -> bytes:
+        types = {v for k, v in params.items() if re.fullmatch(r"InstanceType\.\d+", k)}
+        items = "".join(
+            f"<item><availabilityZone>{p.availability_zone}</availabilityZone>"
+            f"<instanceType>{p.instance_type}</instanceType>"
+            f"<productDescription>{_esc(p.product_description)}</productDescription>"
+            f"<spotPrice>{p.price:.6f}</spotPrice><timestamp>{_iso(p.timestamp)}</timestamp></item>"
+            for p in self.spot_prices or []
+            if not types or p.instance_type in types
+        )
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<DescribeSpotPriceHistoryResponse xmlns="{EC2_NS}"><requestId>{uuid.uuid4()}</requestId>'
+            f"<spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken/></DescribeSpotPriceHistoryResponse>"
+        ).encode()
+
+
+def _namespace(root: ET.Element) -> str:
+    return root.tag[1:].split("}", 1)[0] if root.tag.startswith("{") else ""
+
+
+def _qualifier(root: ET.Element) -> Any:
+    ns = _namespace(root)
+    return (lambda tag: f"{{{ns}}}{tag}") if ns else (lambda tag: tag)
+
+
+def _set_text(parent: ET.Element, tag: str, text: str) -> None:
+    node = parent.find(tag)
+    if node is None:
+        node = ET.SubElement(parent, tag)
+    node.text = text
+
+
+def _set_state(state: ET.Element, q: Any, name: str) -> None:
+    _set_text(state, q("code"), str(_STATE_CODES[name]))
+    _set_text(state, q("name"), name)
