@@ -21,8 +21,9 @@ from gpu_training.errors import (
     ProviderUnavailableError,
 )
 from gpu_training.offers import gpu_matches
-from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
+from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.ec2 import INSTANCE_TYPES, TAG_MANAGED, TAG_PRICE, Ec2Provider, client_token
+from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.ec2 import Ec2FaultProxy, SpotPrice
 
 REGION = "us-east-1"
@@ -82,22 +83,6 @@ def offer_for(provider: Ec2Provider, instance_type: str = "g5.xlarge", *, spot: 
 
 def actions(fake: Ec2FaultProxy, action: str) -> list[int]:
     return [status for _, name, status in fake.calls if name == action]
-
-
-def wait_state(provider: Ec2Provider, instance_id: str, *states: InstanceState, timeout: float = 5) -> InstanceInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = provider.get_instance(instance_id)
-        if info.state in states:
-            return info
-        assert time.monotonic() < deadline, f"{instance_id} still {info.state}, wanted {states}"
-        time.sleep(0.05)
-
-
-def terminate_all(provider: Ec2Provider, fake: Ec2FaultProxy) -> None:
-    for inst in fake.launched():
-        provider.terminate(inst.id)
-    fake.assert_all_terminated()
 
 
 def offered_by_moto(fake: Ec2FaultProxy, region: str) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +18,9 @@ from gpu_training.errors import (
     ProviderUnavailableError,
 )
 from gpu_training.offers import gpu_matches, rank_offers
-from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
+from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.lambda_cloud import LambdaProvider, gpu_from_type
+from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.lambda_cloud import FakeLambda
 
 SETTINGS = {"retry_initial_seconds": 0.05, "retry_max_wait_seconds": 2, "ssh_key_name": "test-key"}
@@ -48,22 +48,6 @@ def provider(fake: FakeLambda) -> LambdaProvider:
 def offer_for(provider: LambdaProvider, instance_type: str, region: str | None = None) -> Offer:
     offers = [o for o in provider.list_offers(GpuRequest()) if o.instance_type == instance_type]
     return next(o for o in offers if region is None or o.region == region)
-
-
-def wait_state(provider: LambdaProvider, instance_id: str, *states: InstanceState, timeout: float = 5) -> InstanceInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = provider.get_instance(instance_id)
-        if info.state in states:
-            return info
-        assert time.monotonic() < deadline, f"{instance_id} still {info.state}, wanted {states}"
-        time.sleep(0.05)
-
-
-def terminate_all(provider: LambdaProvider, fake: FakeLambda) -> None:
-    for inst in fake.launched():
-        provider.terminate(inst.id)
-    fake.assert_all_terminated()
 
 
 # --- offers ----------------------------------------------------------------------------------------

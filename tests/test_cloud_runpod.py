@@ -20,8 +20,9 @@ from gpu_training.errors import (
     ProviderUnavailableError,
 )
 from gpu_training.offers import gpu_matches, rank_offers
-from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
+from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.runpod import DEFAULT_IMAGE, RunPodProvider, parse_instance_type, state_of
+from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.runpod import CAPACITY_DETAIL, FakeRunPod
 
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKey tests@gpu-training"
@@ -62,22 +63,6 @@ def use_settings(monkeypatch: pytest.MonkeyPatch, fake: FakeRunPod, **settings: 
 def offer_for(provider: RunPodProvider, gpu_id: str, region: str | None = None, count: int = 1) -> Offer:
     offers = provider.list_offers(GpuRequest(gpu_count=count))
     return next(o for o in offers if o.gpu_name == gpu_id and (region is None or o.region == region))
-
-
-def wait_state(provider: RunPodProvider, pod_id: str, *states: InstanceState, timeout: float = 5) -> InstanceInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = provider.get_instance(pod_id)
-        if info.state in states:
-            return info
-        assert time.monotonic() < deadline, f"{pod_id} still {info.state}, wanted {states}"
-        time.sleep(0.02)
-
-
-def terminate_all(provider: RunPodProvider, fake: FakeRunPod) -> None:
-    for inst in fake.launched():
-        provider.terminate(inst.id)
-    fake.assert_all_terminated()
 
 
 def posts(fake: FakeRunPod) -> list[int]:

@@ -21,8 +21,9 @@ from gpu_training.errors import (
 )
 from gpu_training.hooks.cloud_api import RateLimitedError, ServerError
 from gpu_training.offers import gpu_matches, rank_offers
-from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
+from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.vast import DEFAULT_IMAGE, VastProvider, ask_id_of, state_of
+from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.vast import FakeVast
 
 SETTINGS: dict[str, Any] = {"retry_initial_seconds": 0.05, "retry_max_wait_seconds": 2}
@@ -56,22 +57,6 @@ def configured(fake: FakeVast, monkeypatch: pytest.MonkeyPatch, **extra: Any) ->
 def offer_for(provider: VastProvider, ask_id: int, *, spot: bool = False) -> Offer:
     offers = provider.list_offers(GpuRequest(spot=spot))
     return next(o for o in offers if ask_id_of(o.instance_type) == ask_id and o.spot == spot)
-
-
-def wait_state(provider: VastProvider, instance_id: str, *states: InstanceState, timeout: float = 5) -> InstanceInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = provider.get_instance(instance_id)
-        if info.state in states:
-            return info
-        assert time.monotonic() < deadline, f"{instance_id} still {info.state}, wanted {states}"
-        time.sleep(0.05)
-
-
-def terminate_all(provider: VastProvider, fake: FakeVast) -> None:
-    for inst in fake.launched():
-        provider.terminate(inst.id)
-    fake.assert_all_terminated()
 
 
 def creates(fake: FakeVast) -> list[tuple[str, int]]:

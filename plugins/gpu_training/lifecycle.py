@@ -423,7 +423,6 @@ def _terminate_record(store: ResultsStore, record: Instance, provider: ComputePr
     if not instance_id:
         found = provider.find_instance(record.name)  # a launch that crashed after the cloud acted
         instance_id = found.instance_id if found else None
-    now = utcnow()
     if not instance_id:
         if record.state != "failed":
             store.update_instance(record.name, state="failed", state_reason=record.state_reason or "never launched")

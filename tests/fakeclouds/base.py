@@ -210,3 +210,21 @@ class FakeCloud:
                     reply = self.route(method, parts.path, query, body)
             self.calls.append((method, parts.path, reply.status))
         return reply
+
+
+def wait_state(provider: Any, instance_id: str, *states: Any, timeout: float = 5) -> Any:
+    """Poll ``provider.get_instance`` until the instance is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = provider.get_instance(instance_id)
+        if info.state in states:
+            return info
+        assert time.monotonic() < deadline, f"{instance_id} still {info.state}, wanted {states}"
+        time.sleep(0.02)
+
+
+def terminate_all(provider: Any, fake: FakeCloud) -> None:
+    """Terminate every instance the fake launched, then check its record."""
+    for inst in fake.launched():
+        provider.terminate(inst.id)
+    fake.assert_all_terminated()

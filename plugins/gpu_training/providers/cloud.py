@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from gpu_training.errors import BadRequestError, ProviderUnavailableError
+from gpu_training.hooks.cloud_api import CloudApiHook
 from gpu_training.providers.base import ComputeProvider, InstanceInfo
 from gpu_training.providers.ssh import SshBox, ssh_hook
 
 DEFAULT_SSH_CONN_ID = "gpu_instance_ssh"
+HookT = TypeVar("HookT", bound=CloudApiHook)
 
 
 class CloudProvider(ComputeProvider):
@@ -68,3 +70,21 @@ class CloudProvider(ComputeProvider):
 
     def host(self, instance: InstanceInfo) -> Any:
         return self.ssh_box(instance).host(instance.name)
+
+
+class HttpCloudProvider(CloudProvider, Generic[HookT]):
+    """A cloud whose API is one :class:`CloudApiHook`: settings are its connection's extras."""
+
+    hook_class: type[HookT]
+
+    @cached_property
+    def hook(self) -> HookT:
+        return self.hook_class(self.conn_id)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.hook.extras
+
+    @property
+    def api_calls(self) -> int:
+        return self.hook.calls

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from functools import cached_property
 from typing import Any
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, NoCapacityError, ProviderError
@@ -29,7 +28,7 @@ from gpu_training.hooks.cloud_api import ServerError
 from gpu_training.hooks.lambda_cloud import LambdaCloudHook
 from gpu_training.offers import fits, gpu_matches
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
-from gpu_training.providers.cloud import CloudProvider
+from gpu_training.providers.cloud import HttpCloudProvider
 
 STATES = {
     "booting": InstanceState.BOOTING,
@@ -76,25 +75,14 @@ def price_of(instance_type: dict[str, Any]) -> float | None:
     return None if cents is None else round(float(cents) / 100, 4)
 
 
-class LambdaProvider(CloudProvider):
+class LambdaProvider(HttpCloudProvider[LambdaCloudHook]):
     """Lambda Cloud on-demand GPU instances."""
 
     name = "lambda"
     default_conn_id = "lambda_default"
     provision_timeout = timedelta(minutes=30)
     default_ssh_user = "ubuntu"
-
-    @cached_property
-    def hook(self) -> LambdaCloudHook:
-        return LambdaCloudHook(self.conn_id)
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.hook.extras
-
-    @property
-    def api_calls(self) -> int:
-        return self.hook.calls
+    hook_class = LambdaCloudHook
 
     # --- offers ----------------------------------------------------------------------------------
 

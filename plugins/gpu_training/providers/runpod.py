@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from functools import cached_property
 from typing import Any
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, NoCapacityError, ProviderError
@@ -46,7 +45,7 @@ from gpu_training.hooks.cloud_api import ServerError
 from gpu_training.hooks.runpod import CLOUDS, RunPodHook
 from gpu_training.offers import fits, gpu_matches
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
-from gpu_training.providers.cloud import CloudProvider
+from gpu_training.providers.cloud import HttpCloudProvider
 
 #: A RunPod PyTorch image with CUDA and sshd started from PUBLIC_KEY.
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
@@ -104,25 +103,14 @@ def state_of(pod: dict[str, Any]) -> InstanceState:
     return state
 
 
-class RunPodProvider(CloudProvider):
+class RunPodProvider(HttpCloudProvider[RunPodHook]):
     """RunPod GPU pods (on demand, Secure and/or Community Cloud)."""
 
     name = "runpod"
     default_conn_id = "runpod_default"
     provision_timeout = timedelta(minutes=20)
     default_ssh_user = "root"
-
-    @cached_property
-    def hook(self) -> RunPodHook:
-        return RunPodHook(self.conn_id)
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.hook.extras
-
-    @property
-    def api_calls(self) -> int:
-        return self.hook.calls
+    hook_class = RunPodHook
 
     # --- settings --------------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from functools import cached_property
 from typing import Any
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, ProviderError
@@ -41,7 +40,7 @@ from gpu_training.hooks.cloud_api import ServerError
 from gpu_training.hooks.vast import VastHook
 from gpu_training.offers import fits
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
-from gpu_training.providers.cloud import CloudProvider
+from gpu_training.providers.cloud import HttpCloudProvider
 
 #: A PyTorch image with CUDA; Vast pulls it on the rented host.
 DEFAULT_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
@@ -113,25 +112,14 @@ def _price(value: Any) -> float | None:
         return None
 
 
-class VastProvider(CloudProvider):
+class VastProvider(HttpCloudProvider[VastHook]):
     """Vast.ai marketplace GPU instances."""
 
     name = "vast"
     default_conn_id = "vast_default"
     provision_timeout = timedelta(minutes=20)
     default_ssh_user = "root"
-
-    @cached_property
-    def hook(self) -> VastHook:
-        return VastHook(self.conn_id)
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.hook.extras
-
-    @property
-    def api_calls(self) -> int:
-        return self.hook.calls
+    hook_class = VastHook
 
     # --- settings --------------------------------------------------------------------------------
 
