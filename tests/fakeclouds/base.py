@@ -100,6 +100,7 @@ class FakeCloud:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out separately: no delayed-ACK wait
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass

@@ -108,9 +108,6 @@ class Ec2FaultProxy(FakeCloud):
         self.moto_endpoint = moto_endpoint.rstrip("/")
         self.region = region
         super().__init__(**kwargs)
-        # Headers and body go out in two writes: without TCP_NODELAY each reply waits ~40 ms for the
-        # client's delayed ACK.
-        self.server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
         self.access_key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
         self.secret_access_key = self.api_key
         self.timed_calls: list[tuple[float, str, str, int]] = []
