@@ -3,9 +3,11 @@ registry with a password, and moto's S3 server."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from gpu_training.errors import TrainerFailedError, TransferError
+from gpu_training.follow import FollowSpec, JobFollower, source_for
 from gpu_training.hosts.base import FETCH_URLS_SCRIPT
 from gpu_training.params import parse_job_params
 from gpu_training.progress import poll_progress
@@ -105,6 +108,37 @@ def test_oom_killed_container_is_reported_as_out_of_memory(
     )
     assert outcome.done and not outcome.succeeded
     assert "exited with code 137: out of memory" in outcome.reason
+    assert store.job(job_uuid).trainer_exit_code == 137
+
+
+def test_the_triggers_follower_reports_an_oom_killed_container_over_ssh(
+    box: Any, docker_engine: str, store: ResultsStore, job_uuid: str
+) -> None:
+    """What the triggerer sees: the container's status through its own SSH connection."""
+    _, host, name = box
+    trainer = ContainerTrainer(host, name)
+    trainer.start(py("b = bytearray(400 * 1024 * 1024); print(len(b))", docker_engine, memory="48m"))
+    store.update_job(job_uuid, status="running")
+    spec = FollowSpec(
+        job_uuid=job_uuid,
+        results_conn_id="unused",
+        poll_interval=0.2,
+        stall_timeout=timedelta(minutes=5),
+        max_runtime=timedelta(hours=1),
+        status_command=tuple(trainer.status_command()),
+        runtime="docker",
+    )
+    source = source_for(host.follow_target())
+
+    async def follow() -> Any:
+        try:
+            return await JobFollower(spec, source, log=logging.getLogger("test"), store=store).run()
+        finally:
+            await source.close()
+
+    result = asyncio.run(follow())
+    assert (result.kind, result.exit_code) == ("trainer_exit", 137)
+    assert "exited with code 137: out of memory" in result.reason
     assert store.job(job_uuid).trainer_exit_code == 137
 
 

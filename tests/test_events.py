@@ -75,3 +75,105 @@ def test_parse_chunk_separates_errors_with_offsets() -> None:
     assert [e.kind for e in events] == [("PROJECT", "start")]
     assert [(e.offset, e.excerpt) for e in errors] == [(10 + chunk.index(b"garbage"), "garbage")]
     assert consumed == len(chunk)
+
+
+def reference_parse_chunk(chunk: bytes, base_offset: int, *, final: bool = False):
+    """parse_chunk as the contract defines it: split_lines, then parse_event on each line."""
+    from gpu_training.events import ERROR_EXCERPT_BYTES
+
+    events, errors = [], []
+    lines, consumed = split_lines(chunk, base_offset, final=final)
+    for offset, line in lines:
+        try:
+            events.append(parse_event(line, offset))
+        except ValueError as err:
+            errors.append((offset, str(err), line[:ERROR_EXCERPT_BYTES].decode("utf-8", errors="replace")))
+    return events, errors, consumed
+
+
+TRICKY_LINES = [
+    b'{"ts":"2026-11-22T15:04:05.123+05:30","phase":"TRAINING","event":"epoch_complete","iteration":1,"epoch":2,'
+    b'"data":{"avg_loss":0.5,"model_path":"m.npz"}}',
+    b'{"ts": "2026-11-22T15:04:05", "phase": " training ", "event": "EPOCH_COMPLETE", "iteration": "2", "epoch": 3.0}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "CUSTOM", "event": "caf\xc3\xa9", "data": {"note": "\xe2\x82\xac"}}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete", "iteration": 1, "epoch": 1, '
+    b'"data": {"avg_loss": NaN, "grad_norm": -Infinity}}',
+    b'{"ts": "2026-11-22T15:04:05z", "phase": "PROJECT", "event": "start"}',
+    b'{"ts": " 2026-11-22T15:04:05 ", "phase": "PROJECT", "event": "start"}',
+    b'{"ts": "1930-01-01T00:00:00", "phase": "PROJECT", "event": "start"}',
+    b'{"ts": 1795000000.25, "phase": "PROJECT", "event": "start"}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start", "data": null, "iteration": null}',
+    b'  {"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start"}  ',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start"}\r\r',
+    b'\xef\xbb\xbf{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start"}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "st\xffart"}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start"} {"x": 1}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "start", "epoch": true}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "", "event": "start"}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "   "}',
+    b'{"ts": "not a time", "phase": "P", "event": "e", "iteration": 2.5}',
+    b'{"phase": "P", "event": "e"}',
+    b'{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "e", "data": [1]}',
+    b"[1, 2]",
+    b"{oops}",
+    b"   ",
+    b"",
+]
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_parse_chunk_agrees_with_split_lines_and_parse_event(final: bool) -> None:
+    chunk = b"\n".join(TRICKY_LINES) + b'\n{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "partial"}'
+    events, errors, consumed = parse_chunk(chunk, 1000, final=final)
+    ref_events, ref_errors, ref_consumed = reference_parse_chunk(chunk, 1000, final=final)
+    assert events == ref_events
+    assert [(e.offset, e.reason, e.excerpt) for e in errors] == ref_errors
+    assert consumed == ref_consumed
+    assert len(events) == (13 if final else 12) and len(errors) == 10
+
+
+def test_naive_ts_uses_the_zone_database_before_ist_was_fixed() -> None:
+    from datetime import timedelta
+
+    from gpu_training.events import IST
+
+    for naive in (datetime(1930, 1, 1), datetime(1942, 9, 1, 12), datetime(1946, 1, 1), datetime(2026, 11, 22, 3)):
+        expected = naive.replace(tzinfo=IST).astimezone(UTC)
+        assert parse_timestamp(naive.isoformat()) == expected
+    assert parse_timestamp("2026-11-22T15:04:05") - parse_timestamp("2026-11-22T15:04:05Z") == -timedelta(
+        hours=5, minutes=30
+    )
+
+
+def test_gc_paused_restores_the_collector_across_overlapping_threads() -> None:
+    import gc
+    import threading
+
+    from gpu_training.events import gc_paused
+
+    inside = threading.Barrier(2)
+    leave_first = threading.Event()
+
+    def worker(wait: threading.Event | None) -> None:
+        with gc_paused():
+            inside.wait()
+            if wait is not None:
+                wait.wait()
+
+    assert gc.isenabled()
+    first = threading.Thread(target=worker, args=(leave_first,))
+    second = threading.Thread(target=worker, args=(None,))
+    first.start()
+    second.start()
+    second.join()
+    assert not gc.isenabled()  # the first thread is still ingesting
+    leave_first.set()
+    first.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # someone else's choice is kept
+    finally:
+        gc.enable()

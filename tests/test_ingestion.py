@@ -5,6 +5,7 @@ Real files in a real work directory (``LocalHost``), a real migrated SQLite resu
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -125,6 +126,25 @@ def test_steps_without_iteration_go_to_the_current_iteration(
     assert steps["traj_gen"].duration == 5.0
     assert steps["traj_gen"].config == {"n": 5}
     assert steps["evaluation"].duration == 2.5
+
+
+def test_end_in_a_later_poll_than_its_start_takes_the_stored_start(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("ITERATION", "start", ts="2026-11-22T15:00:00+05:30", iteration=1))
+    append(host, event_line("TRAINING", "start", ts="2026-11-22T15:00:10+05:30", iteration=1))
+    ingest(store, host, job_uuid)
+    append(host, event_line("TRAINING", "end", ts="2026-11-22T15:01:10+05:30", iteration=1))
+    append(host, event_line("ITERATION", "end", ts="2026-11-22T15:02:00+05:30", iteration=1))
+    append(host, event_line("EVAL_TRAINING", "end", ts="2026-11-22T15:03:00+05:30", iteration=1))  # never started
+    ingest(store, host, job_uuid)
+    with store.session() as s:
+        it = s.scalars(select(TrainingIteration)).one()
+        steps = {st.step_type: st for st in s.scalars(select(TrainingStep))}
+    assert it.time_taken == 120.0
+    assert it.completed_at == datetime(2026, 11, 22, 9, 32, tzinfo=UTC)
+    assert steps["training"].duration == 60.0
+    assert steps["evaluation"].started_at is None and steps["evaluation"].duration is None
 
 
 def test_unknown_phase_is_kept_not_fatal(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
@@ -306,3 +326,171 @@ def test_max_runtime(store: ResultsStore, host: LocalHost, job_uuid: str) -> Non
         assert "exceeded max_runtime_minutes (120 min)" in outcome.reason
     finally:
         host.stop_trainer(grace_seconds=2)
+
+
+# --- non-finite losses ------------------------------------------------------------------------------
+
+
+def raw_line(ts: str, phase: str, event: str, fields: str) -> bytes:
+    """A line with NaN/Infinity literals, which json.dumps of the tests' helper would not write."""
+    return f'{{"ts": "{ts}", "phase": "{phase}", "event": "{event}", {fields}}}\n'.encode()
+
+
+def test_non_finite_losses_are_recorded_once_with_the_first(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.7}))
+    append(
+        host,
+        raw_line(
+            "2026-11-22T15:04:05",  # naive: IST
+            "TRAINING",
+            "epoch_complete",
+            '"iteration": 1, "epoch": 2, "data": {"avg_loss": NaN, "grad_norm": Infinity}',
+        ),
+    )
+    append(
+        host,
+        raw_line(
+            "2026-11-22T15:05:00Z",
+            "EVAL_MODEL",
+            "metrics",
+            '"iteration": 1, "epoch": 2, "data": {"loss": Infinity, "val_loss": -Infinity}',
+        ),
+    )
+    ingest(store, host, job_uuid)
+    job = store.job(job_uuid)
+    assert job.non_finite_loss == "iteration 1 epoch 2 TRAINING/epoch_complete: avg_loss=NaN"
+    assert job.non_finite_loss_at == datetime(2026, 11, 22, 9, 34, 5, tzinfo=UTC)
+    # A later non-finite loss does not replace the first one.
+    append(
+        host,
+        raw_line(
+            "2026-11-22T15:06:00Z",
+            "TRAINING",
+            "epoch_complete",
+            '"iteration": 1, "epoch": 3, "data": {"train_loss": Infinity}',
+        ),
+    )
+    ingest(store, host, job_uuid)
+    job = store.job(job_uuid)
+    assert job.non_finite_loss == "iteration 1 epoch 2 TRAINING/epoch_complete: avg_loss=NaN"
+    assert job.non_finite_loss_at == datetime(2026, 11, 22, 9, 34, 5, tzinfo=UTC)
+    # The rows are stored as ever: NULL in typed columns, the names in JSON.
+    with store.session() as s:
+        epochs = {ep.epoch: ep for ep in s.scalars(select(EpochTrain))}
+        ev = s.scalars(select(Eval)).one()
+    assert (epochs[1].avg_loss, epochs[2].avg_loss, epochs[3].avg_loss) == (0.7, None, None)
+    assert epochs[2].metrics == {"grad_norm": "Infinity"}
+    assert epochs[3].metrics == {"train_loss": "Infinity"}
+    assert ev.loss is None
+    assert ev.metrics == {"val_loss": "-Infinity"}
+
+
+def test_infinite_loss_without_iteration_or_epoch_is_described_without_them(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.7}))
+    append(host, raw_line("2026-11-22T15:04:05Z", "CUSTOM", "checkpoint", '"data": {"eval_loss": -Infinity, "n": 3}'))
+    assert ingest(store, host, job_uuid)[:2] == (2, 0)
+    job = store.job(job_uuid)
+    assert job.non_finite_loss == "CUSTOM/checkpoint: eval_loss=-Infinity"
+    assert job.non_finite_loss_at == datetime(2026, 11, 22, 15, 4, 5, tzinfo=UTC)
+
+
+def test_non_finite_values_that_are_not_losses_are_not_recorded(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(
+        host,
+        raw_line(
+            "2026-11-22T15:04:05Z",
+            "TRAINING",
+            "epoch_complete",
+            '"iteration": 1, "epoch": 1, "data": {"avg_loss": 0.5, "grad_norm": NaN, "lossy": Infinity}',
+        ),
+    )
+    ingest(store, host, job_uuid)
+    job = store.job(job_uuid)
+    assert (job.non_finite_loss, job.non_finite_loss_at) == (None, None)
+
+
+def test_ingest_result_reports_a_non_finite_loss_only_for_its_batch(store: ResultsStore, job_uuid: str) -> None:
+    from gpu_training.events import parse_chunk
+
+    batches = [
+        event_line("TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5}),
+        raw_line(
+            "2026-11-22T15:04:05Z",
+            "TRAINING",
+            "epoch_complete",
+            '"iteration": 1, "epoch": 2, "data": {"val_loss": NaN}',
+        )
+        + raw_line(
+            "2026-11-22T15:04:06Z",
+            "TRAINING",
+            "epoch_complete",
+            '"iteration": 1, "epoch": 3, "data": {"avg_loss": NaN}',
+        ),
+        event_line("TRAINING", "epoch_complete", iteration=1, epoch=4, data={"avg_loss": 0.4}),
+        raw_line("2026-11-22T15:04:08Z", "ITERATION", "end", '"iteration": 1, "data": {"loss": Infinity}'),
+    ]
+    offset, reported = 0, []
+    for chunk in batches:
+        events, errors, consumed = parse_chunk(chunk, offset)
+        result = store.ingest(
+            job_uuid, expected_offset=offset, new_offset=offset + consumed, events=events, errors=errors
+        )
+        assert not result.conflict
+        reported.append(result.non_finite_loss)
+        offset += consumed
+    assert reported == [
+        None,
+        "iteration 1 epoch 2 TRAINING/epoch_complete: val_loss=NaN",
+        None,
+        "iteration 1 ITERATION/end: loss=Infinity",
+    ]
+    job = store.job(job_uuid)
+    assert job.non_finite_loss == "iteration 1 epoch 2 TRAINING/epoch_complete: val_loss=NaN"
+    assert job.non_finite_loss_at == datetime(2026, 11, 22, 15, 4, 5, tzinfo=UTC)
+
+
+def test_reapplying_a_batch_with_a_non_finite_loss_changes_nothing(
+    store: ResultsStore, results_engine, job_uuid: str
+) -> None:
+    from gpu_training.events import parse_chunk
+    from gpu_training.results.ingest import MetricsWriter
+
+    chunk = raw_line(
+        "2026-11-22T15:04:05Z", "TRAINING", "epoch_complete", '"iteration": 2, "epoch": 1, "data": {"avg_loss": NaN}'
+    )
+    events, errors, consumed = parse_chunk(chunk, 0)
+    first = store.ingest(job_uuid, expected_offset=0, new_offset=consumed, events=events, errors=errors)
+    assert first.non_finite_loss == "iteration 2 epoch 1 TRAINING/epoch_complete: avg_loss=NaN"
+    before = store.job(job_uuid)
+    # The same range again: another poller's conflict, nothing written, nothing reported.
+    again = store.ingest(job_uuid, expected_offset=0, new_offset=consumed, events=events, errors=errors)
+    assert again.conflict and again.non_finite_loss is None
+    # The same events applied again (as by a writer that does not check the offset), even with a later ts.
+    later = [dataclasses.replace(ev, ts=ev.ts + timedelta(days=1)) for ev in events]
+    with results_engine.begin() as conn:
+        assert MetricsWriter(conn, before.id).apply(later) == first.non_finite_loss
+    after = store.job(job_uuid)
+    assert (after.non_finite_loss, after.non_finite_loss_at) == (before.non_finite_loss, before.non_finite_loss_at)
+    assert count(store, EpochTrain) == 1
+
+
+def test_a_finite_run_leaves_the_non_finite_loss_columns_null(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    append(host, event_line("PROJECT", "start"))
+    append(host, event_line("ITERATION", "start", iteration=1))
+    for epoch in range(1, 4):
+        append(host, event_line("TRAINING", "epoch_complete", iteration=1, epoch=epoch, data={"avg_loss": 1 / epoch}))
+    append(host, event_line("EVAL_MODEL", "metrics", iteration=1, epoch=3, data={"loss": 0.2, "val_loss": 0.3}))
+    append(host, event_line("ITERATION", "end", iteration=1))
+    append(host, event_line("PROJECT", "end"))
+    assert ingest(store, host, job_uuid)[:2] == (8, 0)
+    job = store.job(job_uuid)
+    assert job.status == "completed"
+    assert (job.non_finite_loss, job.non_finite_loss_at) == (None, None)

@@ -87,3 +87,35 @@ def test_connection_urls() -> None:
     assert (
         url_from_connection(Conn("postgres", uri="postgres://u:p@h:5432/results")) == "postgresql://u:p@h:5432/results"
     )
+
+
+def test_non_finite_loss_columns(results_engine: Engine) -> None:
+    columns = {c["name"]: c for c in inspect(results_engine).get_columns("training_jobs")}
+    assert columns["non_finite_loss"]["nullable"] and columns["non_finite_loss_at"]["nullable"]
+    assert columns["non_finite_loss"]["type"].length == 300
+
+
+def test_sqlite_datetimes_are_stored_as_sqlalchemy_stores_them(results_engine: Engine) -> None:
+    """UtcDateTime binds on SQLite in one step; the text must be what DateTime's processor writes."""
+    from datetime import timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import DateTime
+
+    from gpu_training.results.models import UtcDateTime
+
+    dialect = results_engine.dialect
+    fast = UtcDateTime().dialect_impl(dialect).bind_processor(dialect)
+    standard = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert fast is not None and standard is not None
+    for value in (
+        datetime(2026, 11, 22, 9, 34, 5, tzinfo=UTC),
+        datetime(2026, 11, 22, 9, 34, 5, 120, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 11, 22, 15, 4, 5, 500000, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(2026, 3, 8, 2, 30, tzinfo=ZoneInfo("America/New_York")),
+    ):
+        assert fast(value) == standard(value.astimezone(UTC).replace(tzinfo=None))
+    assert fast(None) is None
+    with pytest.raises(ValueError, match="naive datetime"):
+        fast(datetime(2026, 11, 22))

@@ -6,9 +6,9 @@ from the results DB (not XCom), so any step can be retried on its own.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from datetime import timedelta
+from typing import Any
 
 from gpu_training.errors import (
     BadRequestError,
@@ -22,7 +22,6 @@ from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_D
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
-from gpu_training.progress import PollOutcome, poll_progress, read_log_since
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer, instance_name
 from gpu_training.providers.registry import get_provider, provider_names
 from gpu_training.results.models import Instance, utcnow
@@ -355,23 +354,33 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
     return status.pid
 
 
-def poll(store: ResultsStore, job_uuid: str, *, log_offset: int | None = None) -> PollOutcome:
-    """One progress poll (see :func:`gpu_training.progress.poll_progress`), with the trainer's new
-    log lines since ``log_offset`` (``None``: its recent tail) for the task log."""
+def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
+    """What :class:`~gpu_training.triggers.GlobalJsonTrigger` needs to follow the job: how to
+    reach its host, how to ask for the trainer's status, and the job's limits."""
     spec = job_spec(store, job_uuid)
     host, trainer = host_and_trainer(store, job_uuid)
-    outcome = poll_progress(
-        store,
-        host,
-        job_uuid,
-        stall_timeout=timedelta(minutes=spec.stall_timeout_minutes),
-        max_runtime=timedelta(minutes=spec.max_runtime_minutes),
-        trainer=trainer,
-    )
-    if outcome.done and not outcome.succeeded:
-        trainer.stop()  # a stalled or overdue trainer must not keep the GPU busy
-    text, next_offset = read_log_since(host, log_offset)
-    return dataclasses.replace(outcome, log_text=text, log_offset=next_offset)
+    return {
+        "job_uuid": job_uuid,
+        "target": host.follow_target(),
+        "status_command": trainer.status_command(),
+        "runtime": spec.runtime,
+        "poll_interval_seconds": spec.poll_interval_seconds,
+        "stall_timeout_seconds": spec.stall_timeout_minutes * 60,
+        "max_runtime_seconds": spec.max_runtime_minutes * 60,
+        "unreachable_timeout_seconds": spec.unreachable_timeout_minutes * 60,
+        "stop_on_nan": spec.stop_on_nan,
+    }
+
+
+#: Ends after which the trainer may still be running and must be stopped.
+_STOP_AFTER = frozenset({"stall", "max_runtime", "non_finite_loss", "cancelled"})
+
+
+def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> None:
+    """Act on how following ended: stop a trainer that must not keep the GPU busy."""
+    if result.get("kind") in _STOP_AFTER:
+        _, trainer = host_and_trainer(store, job_uuid)
+        trainer.stop()
 
 
 def upload(store: ResultsStore, job_uuid: str) -> int:

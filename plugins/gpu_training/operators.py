@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 from gpu_training import lifecycle
 from gpu_training.errors import (
     BadRequestError,
+    HostError,
     JobNotFoundError,
     JobParamsError,
     ResultsDbError,
@@ -25,7 +26,7 @@ from gpu_training.errors import (
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
 from gpu_training.offers import NoOfferError
 from gpu_training.results.store import ResultsStore
-from gpu_training.triggers import PollIntervalTrigger
+from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
 
 NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError, NoOfferError)
 
@@ -170,24 +171,45 @@ class StartTrainerOperator(TrainingJobStepOperator):
         self.log.info("trainer running, pid %s", pid)
 
 
-class GlobalJsonSensor(_PollingStepOperator):
-    """Follows ``global.json`` until the job ends; fails with the reason when it ends badly."""
+class GlobalJsonSensor(TrainingJobStepOperator):
+    """Follows ``global.json`` until the job ends, entirely in the triggerer.
+
+    It defers at once to :class:`~gpu_training.triggers.GlobalJsonTrigger`, which streams and
+    stores every event and fires only when the job ended: no worker slot is held while the model
+    trains. Back on a worker it stops a trainer that must not keep running (stalled, overdue,
+    NaN loss, cancelled) and fails with the reason; an unreachable host is retried.
+    """
 
     ui_color = "#f3e8fd"
 
-    def poll_once(self, store: ResultsStore, job_uuid: str, context: Context) -> tuple[bool, Any]:
-        outcome = lifecycle.poll(store, job_uuid, log_offset=self.poll_state.get("log_offset"))
-        self.poll_state["log_offset"] = outcome.log_offset
-        for line in outcome.log_text.splitlines():  # the trainer's own output, as it runs
-            self.log.info("[trainer] %s", line)
-        self.log.info(
-            "ingested %d events, %d malformed lines; offset %d", outcome.events, outcome.errors, outcome.offset
+    def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> Any:
+        kwargs = lifecycle.follow_kwargs(store, job_uuid)
+        self.log.info("following %s from the triggerer", kwargs["target"])
+        self.defer(
+            trigger=GlobalJsonTrigger(results_conn_id=self.results_conn_id, **kwargs),
+            method_name="execute_complete",
         )
-        if outcome.done and not outcome.succeeded:
-            raise TrainerFailedError(outcome.reason)
-        if outcome.done:
-            self.log.info("job ended: %s", outcome.reason)
-        return outcome.done, outcome.offset
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        store = self.store()
+        job_uuid = self.job_uuid(store, context)
+        return self._guarded(store, job_uuid, context, lambda: self._ended(store, job_uuid, dict(event or {})))
+
+    def _ended(self, store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> int:
+        self.log.info(
+            "ingested %s events, %s malformed lines; offset %s",
+            result.get("events"),
+            result.get("errors"),
+            result.get("offset"),
+        )
+        reason = str(result.get("reason") or "the trigger fired without a reason")
+        if result.get("succeeded"):
+            self.log.info("job ended: %s", reason)
+            return int(result.get("offset") or 0)
+        lifecycle.after_follow(store, job_uuid, result)
+        if result.get("kind") == "unreachable":
+            raise HostError(reason)  # retried: following resumes where the results DB says
+        raise TrainerFailedError(reason)
 
 
 class UploadOutputsOperator(TrainingJobStepOperator):

@@ -198,7 +198,21 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         5,
         {"type": "number", "minimum": 0.5, "maximum": 3600},
         "Poll interval (seconds)",
-        "How often progress is read from global.json.",
+        "How often the trainer's status is checked (and global.json polled when its stream is "
+        "broken); new events themselves are streamed as they are written.",
+    ),
+    "stop_on_nan": (
+        False,
+        {"type": "boolean"},
+        "Stop on NaN loss",
+        "Stop the job (failed) at the first NaN or infinite loss in global.json; otherwise it is "
+        "recorded on the job and training goes on.",
+    ),
+    "unreachable_timeout_minutes": (
+        2,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 24 * 60},
+        "Unreachable timeout (minutes)",
+        "The job fails when its host does not answer for this long while training.",
     ),
 }
 
@@ -234,6 +248,8 @@ class JobSpec:
     max_runtime_minutes: float = 120
     stall_timeout_minutes: float = 15
     poll_interval_seconds: float = 5
+    stop_on_nan: bool = False
+    unreachable_timeout_minutes: float = 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored on the job row."""

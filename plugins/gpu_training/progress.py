@@ -1,9 +1,11 @@
-"""Following ``global.json``: read new bytes by offset, ingest them, decide whether the job ended.
+"""Reading ``global.json`` by byte offset, and judging whether a job has ended.
 
-One :func:`poll_progress` call reads only what was appended since the offset stored in the results
-DB (so a 100 MB file costs no more than a 1 MB one), stores events and the new offset in one
-transaction, and then judges the job: ``PROJECT end`` seen, trainer exited without it, stalled, or
-over its runtime.
+:func:`judge` decides from the job's row and the trainer's status: ``PROJECT end``, a cancel, a
+trainer that exited without it, a stall, ``max_runtime``. The triggerer's follower
+(:mod:`gpu_training.follow`) calls it on every check. :func:`ingest_new_bytes` and
+:func:`poll_progress` are the synchronous one-shot form (read only what was appended since the
+offset stored in the results DB, so a 100 MB file costs no more than a 1 MB one; store events and
+the new offset in one transaction), for scripts, benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gpu_training.events import GLOBAL_JSON, MalformedLine, parse_chunk
-from gpu_training.hosts.base import LOG_PATH, OUTPUT_DIR, Host
+from gpu_training.hosts.base import OUTPUT_DIR, Host, TrainerStatus
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.runtimes import ProcessTrainer, Trainer
@@ -32,9 +34,6 @@ class PollOutcome:
     events: int = 0
     errors: int = 0
     offset: int = 0
-    #: New complete lines of the trainer's log since the caller's log offset, and the next offset.
-    log_text: str = ""
-    log_offset: int = 0
 
 
 def ingest_new_bytes(store: ResultsStore, host: Host, job_uuid: str, *, writer_done: bool) -> tuple[int, int, int]:
@@ -84,6 +83,63 @@ def _skip_long_line(host: Host, offset: int) -> int:
         pos += len(chunk)
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """How a job ended: ``kind`` is machine-readable, ``reason`` is for people."""
+
+    kind: str  # project_end, cancelled, not_started, trainer_exit, max_runtime, stall, non_finite_loss, unreachable
+    succeeded: bool
+    reason: str
+
+
+def judge(
+    job: Any,
+    status: TrainerStatus | None,
+    *,
+    now: datetime,
+    stall_timeout: timedelta,
+    max_runtime: timedelta,
+) -> Verdict | None:
+    """Whether the job ended, from its row in the results DB and the trainer's status (``None``:
+    unknown, the host did not answer). ``None`` means it still runs."""
+    if job.project_ended:
+        return Verdict("project_end", True, "PROJECT end")
+    if job.status == "cancelled":
+        return Verdict("cancelled", False, "the job was cancelled")
+    if status is not None and not status.started:
+        return Verdict("not_started", False, "the trainer is not running: it was never started on the instance")
+    if status is not None and not status.running:
+        return Verdict("trainer_exit", False, f"trainer {exit_description(status)} without PROJECT end")
+    started = job.trainer_started_at or job.created_at
+    if now - started > max_runtime:
+        return Verdict("max_runtime", False, f"exceeded max_runtime_minutes ({_minutes(max_runtime)})")
+    last = job.last_progress_at or started
+    if now - last > stall_timeout:
+        return Verdict(
+            "stall",
+            False,
+            f"stalled: no new bytes in global.json for {_minutes(now - last)} "
+            f"(stall_timeout_minutes={_minutes(stall_timeout)})",
+        )
+    return None
+
+
+def exit_description(status: TrainerStatus) -> str:
+    """``exited with code 3``, with what an OOM kill or a SIGKILL means."""
+    how = (
+        f"exited with code {status.exit_code}" if status.exit_code is not None else "vanished (killed with its wrapper)"
+    )
+    if status.oom_killed:
+        how += ": out of memory (the kernel's OOM killer ended it; raise container_memory or use less)"
+    elif status.exit_code is not None and status.exit_code in (137, -9):
+        how += " (SIGKILL: out of memory?)"
+    return how
+
+
+def with_log_tail(reason: str, tail: str) -> str:
+    return reason + (f"; last log lines:\n{tail}" if tail else "; its log is empty")
+
+
 def poll_progress(
     store: ResultsStore,
     host: Host,
@@ -99,64 +155,16 @@ def poll_progress(
     status = (trainer or ProcessTrainer(host)).status()
     n_events, n_errors, offset = ingest_new_bytes(store, host, job_uuid, writer_done=not status.running)
     job = store.job(job_uuid)
-    now = now or utcnow()
     counts: dict[str, Any] = {"events": n_events, "errors": n_errors, "offset": offset}
-    if job.project_ended:
-        return PollOutcome(True, True, "PROJECT end", **counts)
-    if not status.started:
-        return PollOutcome(True, False, "the trainer is not running: it was never started on the instance", **counts)
-    if not status.running:
+    verdict = judge(job, status, now=now or utcnow(), stall_timeout=stall_timeout, max_runtime=max_runtime)
+    if verdict is None:
+        return PollOutcome(False, **counts)
+    reason = verdict.reason
+    if verdict.kind == "trainer_exit":
         if status.exit_code is not None:
             store.update_job(job_uuid, trainer_exit_code=status.exit_code)
-        how = (
-            f"exited with code {status.exit_code}"
-            if status.exit_code is not None
-            else "vanished (killed with its wrapper)"
-        )
-        if status.oom_killed:
-            how += ": out of memory (the kernel's OOM killer ended it; raise container_memory or use less)"
-        elif status.exit_code is not None and status.exit_code in (137, -9):
-            how += " (SIGKILL: out of memory?)"
-        tail = host.log_tail(20)
-        return PollOutcome(
-            True,
-            False,
-            f"trainer {how} without PROJECT end" + (f"; last log lines:\n{tail}" if tail else "; its log is empty"),
-            **counts,
-        )
-    started = job.trainer_started_at or job.created_at
-    if now - started > max_runtime:
-        return PollOutcome(True, False, f"exceeded max_runtime_minutes ({_minutes(max_runtime)})", **counts)
-    last = job.last_progress_at or started
-    if now - last > stall_timeout:
-        return PollOutcome(
-            True,
-            False,
-            f"stalled: no new bytes in global.json for {_minutes(now - last)} "
-            f"(stall_timeout_minutes={_minutes(stall_timeout)})",
-            **counts,
-        )
-    return PollOutcome(False, **counts)
-
-
-LOG_TAIL_ON_ATTACH = 64 * 1024
-LOG_BYTES_PER_POLL = 1 << 20
-
-
-def read_log_since(host: Host, offset: int | None) -> tuple[str, int]:
-    """New complete lines of ``logs/trainer.log`` from ``offset``; returns (text, next offset).
-
-    ``offset=None`` (a fresh task try) starts at the last 64 KiB, so a retry shows recent output
-    without replaying a long log.
-    """
-    if offset is None:
-        size = next((f.size for f in host.list_files("logs") if f.path == "trainer.log"), 0)
-        offset = max(0, size - LOG_TAIL_ON_ATTACH)
-    chunk = host.read_chunk(LOG_PATH, offset, LOG_BYTES_PER_POLL)
-    if not chunk:
-        return "", offset
-    end = chunk.rfind(b"\n") + 1 if len(chunk) < LOG_BYTES_PER_POLL else len(chunk)
-    return chunk[:end].decode("utf-8", "replace"), offset + end
+        reason = with_log_tail(reason, host.log_tail(20))
+    return PollOutcome(True, verdict.succeeded, reason, **counts)
 
 
 def _minutes(delta: timedelta) -> str:

@@ -12,7 +12,13 @@ import dataclasses
 from typing import Protocol
 
 from gpu_training.errors import HostError, TrainerFailedError
-from gpu_training.hosts.base import RUN_CONTAINER_SCRIPT, Host, TrainerStatus
+from gpu_training.hosts.base import (
+    RUN_CONTAINER_SCRIPT,
+    TRAINER_STATUS_SCRIPT,
+    Host,
+    TrainerStatus,
+    parse_trainer_status,
+)
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, render_command
 
 #: Where the work directory is mounted inside the container.
@@ -29,6 +35,14 @@ class Trainer(Protocol):
     def status(self) -> TrainerStatus: ...
 
     def stop(self, grace_seconds: float = 10.0) -> None: ...
+
+    def status_command(self) -> list[str]:
+        """``[body, *args]``: the bash script that prints the status, for :meth:`parse_status`
+        (the triggerer runs it over its own connection)."""
+        ...
+
+    @staticmethod
+    def parse_status(rc: int, out: str, err: str) -> TrainerStatus: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +122,15 @@ class ProcessTrainer:
     def stop(self, grace_seconds: float = 10.0) -> None:
         self.host.stop_trainer(grace_seconds)
 
+    def status_command(self) -> list[str]:
+        return [TRAINER_STATUS_SCRIPT, self.host.workdir]
+
+    @staticmethod
+    def parse_status(rc: int, out: str, err: str) -> TrainerStatus:
+        if rc != 0:
+            raise HostError(f"trainer status failed ({rc}): {err.strip()[-500:]}")
+        return parse_trainer_status(out)
+
 
 class ContainerTrainer:
     """The trainer as a detached container named after the instance (``run_container.sh``)."""
@@ -116,18 +139,18 @@ class ContainerTrainer:
         self.host = host
         self.name = name
 
-    def _call(self, mode: str, *args: str, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
-        return self.host.script(
+    def _command(self, mode: str, *args: str) -> list[str]:
+        return [
             'script=$1; shift; exec bash "$script" "$@"',
             self.host.remote_script(RUN_CONTAINER_SCRIPT),
             mode,
             self.host.workdir,
             self.name,
             *args,
-            stdin=stdin,
-            timeout=timeout,
-            check=False,
-        )
+        ]
+
+    def _call(self, mode: str, *args: str, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
+        return self.host.script(*self._command(mode, *args), stdin=stdin, timeout=timeout, check=False)
 
     def start(self, spec: ContainerSpec, login: RegistryLogin | None = None, *, timeout: float = 1800) -> str:
         """Log in, pull and start the container, or re-attach to it; returns the script's report."""
@@ -154,7 +177,13 @@ class ContainerTrainer:
         return out.strip()
 
     def status(self) -> TrainerStatus:
-        rc, out, err = self._call("status")
+        return self.parse_status(*self._call("status"))
+
+    def status_command(self) -> list[str]:
+        return self._command("status")
+
+    @staticmethod
+    def parse_status(rc: int, out: str, err: str) -> TrainerStatus:
         if rc != 0:
             raise HostError(f"container status failed: {err.strip()[-500:]}")
         code, running, oom, started = [*out.split(), "-", "0", "-", "0"][:4]

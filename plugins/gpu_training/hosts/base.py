@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 CONFIG_PATH = "config/job.yaml"
 DATA_DIR = "data"
@@ -56,6 +57,36 @@ class TrainerStatus:
         return self.started and not self.running and self.exit_code is None
 
 
+#: The trainer's status in one round trip, on any host: "<exit_code or -> <pid or -> <alive 0/1>".
+#: A zombie counts as dead (its parent has not reaped it yet); a wrapper found dead is given a
+#: moment to write its exit code.
+TRAINER_STATUS_SCRIPT = r"""
+cd "$1" 2>/dev/null || { echo "- - 0"; exit 0; }
+pid=$(cat run/trainer.pid 2>/dev/null || echo -)
+alive=0
+if [ "$pid" != "-" ] && kill -0 "$pid" 2>/dev/null; then
+  alive=1
+  state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d" " -f1)
+  [ "$state" = Z ] && alive=0
+fi
+[ "$alive" = 0 ] && [ "$pid" != "-" ] && [ ! -s run/exit_code ] && sleep 0.2
+code=$(cat run/exit_code 2>/dev/null || echo -)
+echo "${code:--} $pid $alive"
+"""
+
+
+def parse_trainer_status(out: str) -> TrainerStatus:
+    """Parse what :data:`TRAINER_STATUS_SCRIPT` printed."""
+    code, pid, alive = [*out.split(), "-", "-", "0"][:3]
+    exit_code = int(code) if code.lstrip("-").isdigit() else None
+    pid_value = int(pid) if pid.isdigit() else None
+    if exit_code is not None:
+        return TrainerStatus(started=True, running=False, exit_code=exit_code, pid=pid_value)
+    if pid_value is None:
+        return TrainerStatus(started=False, running=False)
+    return TrainerStatus(started=True, running=alive == "1", pid=pid_value)
+
+
 @dataclasses.dataclass(frozen=True)
 class RemoteFile:
     path: str  # relative to the directory that was listed
@@ -82,6 +113,10 @@ class Host(abc.ABC):
     user: str = ""
     #: Another machine than this worker: S3 data then moves between it and S3 directly.
     remote: bool = False
+
+    def follow_target(self) -> dict[str, Any]:
+        """How the triggerer reaches this host to follow the job (JSON-serializable, no secrets)."""
+        raise NotImplementedError
 
     def path(self, relpath: str = "") -> str:
         return f"{self.workdir.rstrip('/')}/{relpath}" if relpath else self.workdir

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from gpu_training.errors import HostError, TransferError
 from gpu_training.hosts.base import (
@@ -170,6 +171,9 @@ class LocalHost(Host):
                 return status
             time.sleep(0.05)
         raise HostError(f"the trainer wrapper did not start in {self.workdir} within 10 s")
+
+    def follow_target(self) -> dict[str, Any]:
+        return {"kind": "local", "workdir": str(self.root)}
 
     def trainer_status(self) -> TrainerStatus:
         run = self.root / RUN_DIR

@@ -23,9 +23,11 @@ from gpu_training.hosts.base import (
     LOG_PATH,
     REMOTE_SCRIPTS,
     RUN_DIR,
+    TRAINER_STATUS_SCRIPT,
     Host,
     RemoteFile,
     TrainerStatus,
+    parse_trainer_status,
     sha256_file,
 )
 
@@ -38,16 +40,6 @@ OPENSSH_MAX_WRITE = 255 * 1024
 SFTP_MIN_WRITE = 32 * 1024
 #: SHA256 on the host: openssl where present (~5x coreutils' sha256sum here), else sha256sum.
 _HASH_FN = "if command -v openssl >/dev/null 2>&1; then h() { openssl dgst -sha256 -r; }; else h() { sha256sum; }; fi; "
-
-# Status in one round trip: "<exit_code or -> <pid or -> <alive 0/1>".
-_STATUS_SCRIPT = r"""
-cd "$1" 2>/dev/null || { echo "- - 0"; exit 0; }
-code=$(cat run/exit_code 2>/dev/null || echo -)
-pid=$(cat run/trainer.pid 2>/dev/null || echo -)
-alive=0
-if [ "$pid" != "-" ] && kill -0 "$pid" 2>/dev/null; then alive=1; fi
-echo "$code $pid $alive"
-"""
 
 # SIGTERM the trainer's process group, SIGKILL after the grace period ($2 seconds).
 _STOP_SCRIPT = r"""
@@ -134,6 +126,17 @@ class SshHost(Host):
     ) -> tuple[int, str, str]:
         """A constant bash script with its inputs as quoted positional parameters."""
         return self.run(["bash", "-c", body, "bash", *args], stdin=stdin, timeout=timeout, check=check)
+
+    def follow_target(self) -> dict[str, Any]:
+        hook = self.hook
+        return {
+            "kind": "ssh",
+            "workdir": self.workdir,
+            "ssh_conn_id": hook.ssh_conn_id,
+            "host": hook.remote_host,
+            "port": int(hook.port or 22),
+            "username": hook.username,
+        }
 
     def remote_script(self, script: Path) -> str:
         return self.path(f"{REMOTE_BIN}/{script.name}")
@@ -352,15 +355,8 @@ class SshHost(Host):
         raise HostError(f"{self.hook.remote_host}: the trainer wrapper did not start in {self.workdir} within 20 s")
 
     def trainer_status(self) -> TrainerStatus:
-        _, out, _ = self.script(_STATUS_SCRIPT, self.workdir)
-        code, pid, alive = [*out.split(), "-", "-", "0"][:3]
-        exit_code = int(code) if code.lstrip("-").isdigit() else None
-        pid_value = int(pid) if pid.isdigit() else None
-        if exit_code is not None:
-            return TrainerStatus(started=True, running=False, exit_code=exit_code, pid=pid_value)
-        if pid_value is None:
-            return TrainerStatus(started=False, running=False)
-        return TrainerStatus(started=True, running=alive == "1", pid=pid_value)
+        _, out, _ = self.script(TRAINER_STATUS_SCRIPT, self.workdir)
+        return parse_trainer_status(out)
 
     def stop_trainer(self, grace_seconds: float = 10.0) -> None:
         self.script(_STOP_SCRIPT, self.workdir, str(int(max(1, grace_seconds))), timeout=grace_seconds + 30)

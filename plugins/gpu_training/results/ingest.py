@@ -4,18 +4,28 @@ Every row has a natural key (job, iteration, epoch...) that is unique in the sch
 with ``INSERT ... ON CONFLICT DO NOTHING``; starts and ends update with ``COALESCE`` so an event
 applied twice changes nothing. The caller runs :meth:`MetricsWriter.apply` in the same transaction
 that advances the job's byte offset, which makes ingestion exactly once.
+
+A loss that is not finite (NaN, +-Infinity under a key ``loss`` or ``*loss``) is kept on the job
+(``non_finite_loss``, ``non_finite_loss_at``): the first one wins, re-applying changes nothing.
+
+Rows are built per batch and written with one ``executemany`` per table and statement shape, so
+the cost per event is a few dict operations, not a statement.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Dialect, Table, bindparam, func, select, update
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Insert, Update, UpdateBase
 
-from gpu_training.events import MalformedLine, TrainingEvent
+from gpu_training.events import MalformedLine, TrainingEvent, gc_paused
 from gpu_training.results.models import (
     TERMINAL_STATUSES,
     EpochTrain,
@@ -41,21 +51,32 @@ INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 STEP_PHASES = {"TRAJECTORY": "traj_gen", "TRAINING": "training", "EVAL_TRAINING": "evaluation"}
 EVAL_COLUMNS = ("accuracy", "precision", "recall", "f1", "auc", "loss")
 DURATION_KEYS = ("duration_seconds", "duration", "time_taken", "step_time")
+#: Length of ``training_jobs.non_finite_loss``; a longer description is cut.
+NON_FINITE_LOSS_MAX = 300
+
+_EPOCH_NOT_METRICS = frozenset({"avg_loss", "model_path", "optimizer_path"})
+_EVAL_NOT_METRICS = frozenset({*EVAL_COLUMNS, "confusion_matrix", "model_path"})
+_isfinite = math.isfinite
+
+# Statements are immutable: built once per table (and dialect), reused by every batch.
+_INSERT_IGNORE: dict[tuple[str, Table], Insert] = {}
+_SPAN_UPDATES: dict[tuple[Table, str], Update] = {}
+_SqlitePlan = tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]], tuple[tuple[int, Callable[[Any], Any]], ...]]
+_SQLITE_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[UpdateBase, tuple[str, ...]], _SqlitePlan | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert rows, silently skipping any whose unique key already exists."""
+    """Insert rows, silently skipping any whose unique key already exists.
+
+    Every row must have the same keys: they are sent as one ``executemany``.
+    """
     if not rows:
         return
     dialect = conn.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        conn.execute(sqlite_insert(table).on_conflict_do_nothing(), list(rows))
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        conn.execute(pg_insert(table).on_conflict_do_nothing(), list(rows))
+    if dialect in ("sqlite", "postgresql"):
+        _executemany(conn, _insert_ignore_statement(dialect, table), rows)
     else:  # pragma: no cover - other backends: row by row inside savepoints
         from sqlalchemy.exc import IntegrityError
 
@@ -65,6 +86,70 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
                     conn.execute(table.insert(), row)
             except IntegrityError:
                 pass
+
+
+def _insert_ignore_statement(dialect: str, table: Table) -> Insert:
+    stmt = _INSERT_IGNORE.get((dialect, table))
+    if stmt is None:
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
+        stmt = _INSERT_IGNORE[(dialect, table)] = dialect_insert(table).on_conflict_do_nothing()
+    return stmt
+
+
+def _executemany(conn: Connection, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
+    """``conn.execute(stmt, rows)`` for a long-lived statement and rows that all have the same keys.
+
+    On SQLite the statement is compiled once per dialect and set of keys, and each row becomes a
+    tuple in the compiled order with the parameters' own bind processors applied (JSON,
+    datetimes): what Core's ``executemany`` sends, without its generic per-row bookkeeping, which
+    is about a third of the cost of a row. Anything else, or a statement that needs more than the
+    rows' values (column defaults to fill in), goes through Core.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(stmt, list(rows))
+        return
+    plans = _SQLITE_PLANS.get(conn.dialect)
+    if plans is None:
+        plans = _SQLITE_PLANS[conn.dialect] = {}
+    keys = tuple(rows[0])
+    try:
+        plan = plans[(stmt, keys)]
+    except KeyError:
+        plan = plans[(stmt, keys)] = _sqlite_plan(conn.dialect, stmt, keys)
+    if plan is None:
+        conn.execute(stmt, list(rows))
+        return
+    sql, values_of, processors = plan
+    if processors:
+        params = []
+        for row in rows:
+            values = list(values_of(row))
+            for i, process in processors:
+                values[i] = process(values[i])
+            params.append(tuple(values))
+    else:
+        params = [values_of(row) for row in rows]
+    conn.exec_driver_sql(sql, params)
+
+
+def _sqlite_plan(dialect: Dialect, stmt: UpdateBase, keys: tuple[str, ...]) -> _SqlitePlan | None:
+    compiled = cast(SQLCompiler, stmt.compile(dialect=dialect, column_keys=list(keys)))
+    order = compiled.positiontup
+    if not compiled.positional or not order or sorted(order) != sorted(keys):
+        return None
+    getter = operator.itemgetter(*order)
+    values_of = getter if len(order) > 1 else lambda row: (getter(row),)
+    processors = []
+    for i, name in enumerate(order):
+        process = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((i, process))
+    return compiled.string, values_of, tuple(processors)
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -77,12 +162,79 @@ def finite_or_none(value: Any) -> float | None:
 def json_safe(value: Any) -> Any:
     """Replace non-finite floats (not valid JSON) by their names, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return _float_name(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+def _float_name(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _is_plain(data: dict[str, Any]) -> bool:
+    """Whether ``data`` is flat JSON without non-finite floats: ``json_safe`` would copy it unchanged.
+
+    The common case, checked with cheap type tests; anything else takes the general path.
+    """
+    for key, value in data.items():
+        kind = type(value)
+        if kind is float:
+            if not _isfinite(value):
+                return False
+        elif not (kind is str or kind is int or kind is bool or value is None):
+            return False
+        if type(key) is not str:
+            return False
+    return True
+
+
+def _split_plain(data: dict[str, Any], excluded: frozenset[str]) -> tuple[bool, dict[str, Any]]:
+    """``_is_plain(data)`` and ``data`` less the ``excluded`` keys, in one pass."""
+    rest = {}
+    plain = True
+    for key, value in data.items():
+        kind = type(value)
+        if kind is float:
+            if not _isfinite(value):
+                plain = False
+        elif not (kind is str or kind is int or kind is bool or value is None):
+            plain = False
+        if type(key) is not str:
+            plain = False
+        if key not in excluded:
+            rest[key] = value
+    return plain, rest
+
+
+def is_loss_key(key: object) -> bool:
+    """``loss``, ``avg_loss``, ``val_loss``, ``train_loss``...: a key that is or ends in ``loss``."""
+    return str(key).lower().endswith("loss")
+
+
+def non_finite_losses(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key=NaN`` (``Infinity``, ``-Infinity``) for each non-finite loss in ``data``, nested objects too."""
+    found: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found.extend(non_finite_losses(value, f"{prefix}{key}."))
+        elif isinstance(value, float) and not math.isfinite(value) and is_loss_key(key):
+            found.append(f"{prefix}{key}={_float_name(value)}")
+    return found
+
+
+def describe_non_finite_loss(ev: TrainingEvent, losses: Sequence[str]) -> str:
+    """E.g. ``iteration 1 epoch 2 TRAINING/epoch_complete: avg_loss=NaN`` (at most 300 characters)."""
+    where = []
+    if ev.iteration is not None:
+        where.append(f"iteration {ev.iteration}")
+    if ev.epoch is not None:
+        where.append(f"epoch {ev.epoch}")
+    where.append(f"{ev.phase}/{ev.event}:")
+    text = " ".join(where) + " " + ", ".join(losses)
+    return text if len(text) <= NON_FINITE_LOSS_MAX else text[: NON_FINITE_LOSS_MAX - 3] + "..."
 
 
 def duration_from(data: dict[str, Any]) -> float | None:
@@ -100,33 +252,54 @@ class MetricsWriter:
         self.conn = conn
         self.job_id = job_id
         self._current_iteration: int | None = None
+        #: Description of the first non-finite loss of the last :meth:`apply`, if it had one.
+        self.non_finite_loss: str | None = None
 
-    def apply(self, events: Iterable[TrainingEvent], errors: Iterable[MalformedLine] = ()) -> None:
-        iterations: dict[int, dict[str, Any]] = {}
-        steps: dict[tuple[int, str], dict[str, Any]] = {}
+    def apply(self, events: Iterable[TrainingEvent], errors: Iterable[MalformedLine] = ()) -> str | None:
+        """Write the events' rows; returns the description of the batch's first non-finite loss, if any."""
+        with gc_paused():
+            return self._apply(events, errors)
+
+    def _apply(self, events: Iterable[TrainingEvent], errors: Iterable[MalformedLine]) -> str | None:
+        job_id = self.job_id
+        iterations: dict[int, dict[str, TrainingEvent]] = {}
+        steps: dict[tuple[int, str], dict[str, TrainingEvent]] = {}
         epochs: dict[tuple[int, int], dict[str, Any]] = {}
         evals: dict[tuple[int, int], dict[str, Any]] = {}
         unknown: list[dict[str, Any]] = []
         job_events: list[TrainingEvent] = []
+        first_loss: tuple[TrainingEvent, list[str]] | None = None
+        is_plain, split_plain = _is_plain, _split_plain
 
         for ev in events:
-            phase, name = ev.phase, ev.event
+            phase, name, data = ev.phase, ev.event, ev.data
+            if name == "epoch_complete" and phase == "TRAINING" and ev.epoch is not None:  # most events
+                plain, metrics = split_plain(data, _EPOCH_NOT_METRICS)
+                if not plain:
+                    losses = non_finite_losses(data)
+                    if losses and (first_loss is None or ev.offset < first_loss[0].offset):
+                        first_loss = (ev, losses)
+                it = ev.iteration if ev.iteration is not None else self._iteration_of(ev)
+                if it not in iterations:
+                    iterations[it] = {}
+                if (it, ev.epoch) not in epochs:
+                    epochs[(it, ev.epoch)] = self._epoch_row(it, ev, metrics if plain else json_safe(metrics))
+                continue
+            plain = is_plain(data)
+            if not plain:
+                losses = non_finite_losses(data)
+                if losses and (first_loss is None or ev.offset < first_loss[0].offset):
+                    first_loss = (ev, losses)
             if phase == "ITERATION" and ev.iteration is not None:
                 self._current_iteration = max(self._current_iteration or 0, ev.iteration)
             if phase in ("PROJECT", "GROUP_ITERATION") and name in ("start", "end"):
                 job_events.append(ev)
             elif phase == "ITERATION" and name in ("start", "end"):
-                it = self._iteration_of(ev)
-                entry = iterations.setdefault(it, {})
-                entry[name] = ev
+                iterations.setdefault(self._iteration_of(ev), {})[name] = ev
             elif phase in STEP_PHASES and name in ("start", "end"):
                 it = self._iteration_of(ev)
                 iterations.setdefault(it, {})
                 steps.setdefault((it, STEP_PHASES[phase]), {})[name] = ev
-            elif phase == "TRAINING" and name == "epoch_complete" and ev.epoch is not None:
-                it = self._iteration_of(ev)
-                iterations.setdefault(it, {})
-                epochs.setdefault((it, ev.epoch), self._epoch_row(it, ev))
             elif phase == "EVAL_MODEL" and name == "metrics":
                 it = self._iteration_of(ev)
                 iterations.setdefault(it, {})
@@ -134,41 +307,46 @@ class MetricsWriter:
             else:
                 unknown.append(
                     {
-                        "job_id": self.job_id,
+                        "job_id": job_id,
                         "byte_offset": ev.offset,
                         "ts": ev.ts,
                         "phase": phase[:64],
                         "event": name[:64],
                         "iteration": ev.iteration,
                         "epoch": ev.epoch,
-                        "data": json_safe(ev.data),
+                        "data": data if plain else json_safe(data),
                     }
                 )
 
-        insert_ignore(self.conn, ITERATIONS, [{"job_id": self.job_id, "iteration": it} for it in iterations])
-        for it, marks in iterations.items():
-            self._update_span(ITERATIONS, (ITERATIONS.c.iteration == it), marks, "time_taken", "config")
+        insert_ignore(self.conn, ITERATIONS, [{"job_id": job_id, "iteration": it} for it in iterations])
+        self._write_spans(ITERATIONS, [((it,), marks) for it, marks in iterations.items()], "time_taken", "config")
         insert_ignore(
             self.conn,
             STEPS,
-            [{"job_id": self.job_id, "iteration": it, "step_type": st} for (it, st) in steps],
+            [{"job_id": job_id, "iteration": it, "step_type": st} for (it, st) in steps],
         )
-        for (it, st), marks in steps.items():
-            where = (STEPS.c.iteration == it) & (STEPS.c.step_type == st)
-            self._update_span(STEPS, where, marks, "duration", "config")
+        self._write_spans(STEPS, list(steps.items()), "duration", "config")
         insert_ignore(self.conn, EPOCHS, list(epochs.values()))
         insert_ignore(self.conn, EVALS, list(evals.values()))
         insert_ignore(self.conn, EVENTS, unknown)
         insert_ignore(
             self.conn,
             ERRORS,
-            [
-                {"job_id": self.job_id, "byte_offset": e.offset, "error": e.reason, "line_excerpt": e.excerpt}
-                for e in errors
-            ],
+            [{"job_id": job_id, "byte_offset": e.offset, "error": e.reason, "line_excerpt": e.excerpt} for e in errors],
         )
         for ev in job_events:
             self._apply_job_event(ev)
+        self.non_finite_loss = None
+        if first_loss is not None:
+            ev, losses = first_loss
+            self.non_finite_loss = describe_non_finite_loss(ev, losses)
+            job = JOBS.c
+            self.conn.execute(
+                update(JOBS)
+                .where((job.id == job_id) & job.non_finite_loss.is_(None))
+                .values(non_finite_loss=self.non_finite_loss, non_finite_loss_at=ev.ts)
+            )
+        return self.non_finite_loss
 
     def _iteration_of(self, ev: TrainingEvent) -> int:
         """The event's own iteration; else the latest one started; else 0 (no iteration)."""
@@ -181,17 +359,21 @@ class MetricsWriter:
             self._current_iteration = int(latest) if latest is not None else 0
         return self._current_iteration
 
-    def _epoch_row(self, iteration: int, ev: TrainingEvent) -> dict[str, Any]:
+    def _epoch_row(self, iteration: int, ev: TrainingEvent, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The ``epoch_train`` row; ``metrics``: the JSON-safe data less the columns' keys."""
         data = ev.data
-        other = {k: v for k, v in data.items() if k not in ("avg_loss", "model_path", "optimizer_path")}
+        loss = data["avg_loss"] if "avg_loss" in data else data.get("loss")
+        model_path, optimizer_path = data.get("model_path"), data.get("optimizer_path")
         return {
             "job_id": self.job_id,
             "iteration": iteration,
             "epoch": ev.epoch,
-            "avg_loss": finite_or_none(data.get("avg_loss", data.get("loss"))),
-            "model_path": _str_or_none(data.get("model_path")),
-            "optimizer_path": _str_or_none(data.get("optimizer_path")),
-            "metrics": json_safe(other),
+            "avg_loss": loss if type(loss) is float and loss - loss == 0.0 else finite_or_none(loss),
+            "model_path": model_path if model_path is None or type(model_path) is str else str(model_path),
+            "optimizer_path": (
+                optimizer_path if optimizer_path is None or type(optimizer_path) is str else str(optimizer_path)
+            ),
+            "metrics": metrics,
             "completed_at": ev.ts,
         }
 
@@ -203,40 +385,86 @@ class MetricsWriter:
             "epoch": ev.epoch or 0,
             "confusion_matrix": json_safe(data.get("confusion_matrix")),
             "model_path": _str_or_none(data.get("model_path")),
-            "metrics": json_safe(
-                {k: v for k, v in data.items() if k not in (*EVAL_COLUMNS, "confusion_matrix", "model_path")}
-            ),
+            "metrics": json_safe({k: v for k, v in data.items() if k not in _EVAL_NOT_METRICS}),
             "evaluated_at": ev.ts,
         }
         for col in EVAL_COLUMNS:
             row[col] = finite_or_none(data.get(col))
         return row
 
-    def _update_span(
-        self, table: Table, where: Any, marks: dict[str, TrainingEvent], duration_col: str, config_col: str
+    def _write_spans(
+        self,
+        table: Table,
+        spans: Sequence[tuple[tuple[Any, ...], dict[str, TrainingEvent]]],
+        duration_col: str,
+        config_col: str,
     ) -> None:
-        """Record a start/end pair on an iteration or step row without overwriting earlier values."""
-        base = (table.c.job_id == self.job_id) & where
-        start, end = marks.get("start"), marks.get("end")
-        if start is not None:
-            values: dict[str, Any] = {"started_at": func.coalesce(table.c.started_at, start.ts)}
-            if start.data:
-                values[config_col] = func.coalesce(table.c[config_col], _json_param(table, config_col, start.data))
-            self.conn.execute(update(table).where(base).values(**values))
-        if end is not None:
+        """Record start/end pairs on iteration or step rows without overwriting earlier values.
+
+        ``spans`` holds (natural key after ``job_id``, {"start": event, "end": event}). A start sets
+        ``started_at`` (and the config, from its data) only where still NULL; an end sets
+        ``completed_at`` likewise and the duration: the event's own, else end minus the start of
+        this batch, else minus the ``started_at`` already stored. One ``executemany`` per shape.
+        """
+        if not spans:
+            return
+        key_cols = _span_key_columns(table)
+        job_id = self.job_id
+
+        def key_params(key: tuple[Any, ...]) -> dict[str, Any]:
+            params = {"b_job_id": job_id}
+            for col, value in zip(key_cols, key, strict=True):
+                params[f"b_{col}"] = value
+            return params
+
+        plain_starts, config_starts, ends = [], [], []
+        stored_start_needed: list[tuple[Any, ...]] = []
+        for key, marks in spans:
+            start, end = marks.get("start"), marks.get("end")
+            if start is not None:
+                params = key_params(key)
+                params["b_started_at"] = start.ts
+                if start.data:
+                    params["b_config"] = json_safe(start.data)
+                    config_starts.append(params)
+                else:
+                    plain_starts.append(params)
+            if end is not None and start is None and duration_from(end.data) is None:
+                stored_start_needed.append(key)
+        conn = self.conn
+        if plain_starts:
+            _executemany(conn, _span_update(table, "start", config_col), plain_starts)
+        if config_starts:
+            _executemany(conn, _span_update(table, "start_config", config_col), config_starts)
+        stored = self._stored_starts(table, key_cols, stored_start_needed)
+        for key, marks in spans:
+            start, end = marks.get("start"), marks.get("end")
+            if end is None:
+                continue
             duration = duration_from(end.data)
             if duration is None:
-                started = (
-                    start.ts
-                    if start is not None
-                    else self.conn.execute(select(table.c.started_at).where(base)).scalar()
-                )
+                started = start.ts if start is not None else stored.get(key)
                 duration = (end.ts - started).total_seconds() if isinstance(started, datetime) else None
-            self.conn.execute(
-                update(table)
-                .where(base)
-                .values(completed_at=func.coalesce(table.c.completed_at, end.ts), **{duration_col: duration})
+            params = key_params(key)
+            params["b_completed_at"] = end.ts
+            params["b_duration"] = duration
+            ends.append(params)
+        if ends:
+            _executemany(conn, _span_update(table, "end", duration_col), ends)
+
+    def _stored_starts(
+        self, table: Table, key_cols: Sequence[str], keys: Sequence[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], datetime | None]:
+        """``started_at`` as stored for these natural keys (one query)."""
+        if not keys:
+            return {}
+        wanted = set(keys)
+        rows = self.conn.execute(
+            select(*(table.c[c] for c in key_cols), table.c.started_at).where(
+                (table.c.job_id == self.job_id) & table.c.iteration.in_(sorted({k[0] for k in keys}))
             )
+        )
+        return {tuple(row[:-1]): row[-1] for row in rows if tuple(row[:-1]) in wanted}
 
     def _apply_job_event(self, ev: TrainingEvent) -> None:
         job = JOBS.c
@@ -270,11 +498,32 @@ class MetricsWriter:
                 self.conn.execute(update(JOBS).where(job.id == self.job_id).values(training_config=json_safe(config)))
 
 
+def _span_key_columns(table: Table) -> tuple[str, ...]:
+    return ("iteration", "step_type") if table is STEPS else ("iteration",)
+
+
+def _span_update(table: Table, shape: str, column: str) -> Update:
+    """``UPDATE`` of one start or end of iteration/step rows, parameters named ``b_<column>``."""
+    stmt = _SPAN_UPDATES.get((table, shape))
+    if stmt is not None:
+        return stmt
+    c = table.c
+    where = c.job_id == bindparam("b_job_id")
+    for col in _span_key_columns(table):
+        where = where & (c[col] == bindparam(f"b_{col}"))
+    values: dict[str, Any]
+    if shape == "end":
+        values = {
+            "completed_at": func.coalesce(c.completed_at, bindparam("b_completed_at", type_=c.completed_at.type)),
+            column: bindparam("b_duration", type_=c[column].type),
+        }
+    else:
+        values = {"started_at": func.coalesce(c.started_at, bindparam("b_started_at", type_=c.started_at.type))}
+        if shape == "start_config":
+            values[column] = func.coalesce(c[column], bindparam("b_config", type_=c[column].type))
+    stmt = _SPAN_UPDATES[(table, shape)] = update(table).where(where).values(**values)
+    return stmt
+
+
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _json_param(table: Table, column: str, value: dict[str, Any]) -> Any:
-    from sqlalchemy import literal
-
-    return literal(json_safe(value), type_=table.c[column].type)

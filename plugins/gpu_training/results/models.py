@@ -64,6 +64,30 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
 
+    def bind_processor(self, dialect: Any) -> Any:
+        """On SQLite, one step from the aware datetime to the stored text (bulk ingestion binds a lot
+        of them): the same string as :meth:`process_bind_param` then SQLite's ``DATETIME`` would make."""
+        impl = self.impl_instance.dialect_impl(dialect)
+        if dialect.name != "sqlite" or getattr(impl, "_storage_format", None) != _SQLITE_DATETIME_FORMAT:
+            return super().bind_processor(dialect)
+        utc = UTC
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to the results DB; pass an aware datetime")
+            if value.tzinfo is not utc:
+                value = value.astimezone(utc)
+            return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+        return process
+
+
+#: SQLAlchemy's default storage format of SQLite ``DATETIME``: what ``isoformat(" ", "microseconds")``
+#: writes for a naive datetime.
+_SQLITE_DATETIME_FORMAT = "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -111,6 +135,10 @@ class TrainingJob(Base):
     project_ended: Mapped[bool] = mapped_column(Boolean, default=False)
     trainer_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     trainer_exit_code: Mapped[int | None] = mapped_column(Integer)
+    # The first loss that was NaN or infinite (e.g. "iteration 1 epoch 2 TRAINING/epoch_complete:
+    # avg_loss=NaN") and its event's ts; set once by ingestion, NULL while every loss is finite.
+    non_finite_loss: Mapped[str | None] = mapped_column(String(300))
+    non_finite_loss_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     iterations: Mapped[list[TrainingIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="TrainingIteration.iteration"

@@ -38,12 +38,18 @@ class ArtifactRecord:
 
 @dataclasses.dataclass(frozen=True)
 class IngestResult:
-    """What one ingestion did; ``conflict`` means another poller advanced the offset first."""
+    """What one ingestion did; ``conflict`` means another poller advanced the offset first.
+
+    ``non_finite_loss`` describes the first NaN/infinite loss of this batch (None if it had none),
+    e.g. ``iteration 1 epoch 2 TRAINING/epoch_complete: avg_loss=NaN``, so the caller can stop the
+    job; the job's ``non_finite_loss`` column keeps the first one ever seen.
+    """
 
     events: int
     errors: int
     offset: int
     conflict: bool = False
+    non_finite_loss: str | None = None
 
 
 class _OffsetMoved(Exception):
@@ -249,8 +255,8 @@ class ResultsStore:
             ).rowcount
             if moved != 1:
                 raise _OffsetMoved  # rolls the transaction back
-            MetricsWriter(conn, row.id).apply(events, errors)
-        return IngestResult(len(events), len(errors), new_offset)
+            non_finite_loss = MetricsWriter(conn, row.id).apply(events, errors)
+        return IngestResult(len(events), len(errors), new_offset, non_finite_loss=non_finite_loss)
 
     # --- artifacts ----------------------------------------------------------------------------
 

@@ -1,0 +1,736 @@
+"""Following a running job from the triggerer: stream ``global.json``, store it, judge the end.
+
+:class:`JobFollower` is what :class:`~gpu_training.triggers.GlobalJsonTrigger` runs. It holds one
+connection to the host for the whole job (:class:`SshSource`: one asyncssh connection with a
+``tail -c +OFFSET -F`` channel per followed file; :class:`LocalSource`: the files themselves, read by
+offset), so a new event reaches the results DB within a fraction of a second while no worker slot is
+held. Whatever arrives is parsed and stored in batches, each in one transaction with the new byte
+offset (:meth:`~gpu_training.results.store.ResultsStore.ingest`), on a small thread pool so the
+triggerer's event loop never waits on the database. The offset is read back from the results DB
+when following starts, so a triggerer restart, a second triggerer or a task retry neither loses nor
+duplicates a row.
+
+Every ``poll_interval`` the trainer's status and the job's row are checked and the job judged
+(:func:`gpu_training.progress.judge`): PROJECT end, trainer exit, stall, ``max_runtime``, a cancel,
+a non-finite loss (with ``stop_on_nan``), or the host unreachable for longer than
+``unreachable_timeout``. If the stream breaks, new bytes are polled every ``poll_interval`` while
+the stream is re-opened with backoff; a lost connection is re-opened with backoff too. The
+follower only observes: stopping a trainer is the worker's job once the trigger returns.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import random
+import shlex
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from gpu_training.errors import HostError
+from gpu_training.events import MalformedLine, parse_chunk
+from gpu_training.hosts.base import LOG_PATH, TrainerStatus
+from gpu_training.progress import GLOBAL_JSON_PATH, Verdict, judge, with_log_tail
+from gpu_training.results.models import utcnow
+from gpu_training.results.store import ResultsStore
+
+T = TypeVar("T")
+
+#: Largest batch parsed and stored in one transaction; also the read-ahead limit per job.
+BATCH_BYTES = 4 << 20
+#: How often local files are checked for new bytes (an ``fstat``: costs nothing).
+LOCAL_TICK_SECONDS = 0.1
+#: Log lines shown per job: a burst of this many, then ``LOG_LINES_PER_SECOND``.
+LOG_BURST_LINES = 400
+LOG_LINES_PER_SECOND = 40.0
+LOG_LINE_CHARS = 1000
+#: How much of an existing trainer log is shown when following starts (e.g. after a restart).
+LOG_REPLAY_BYTES = 64 * 1024
+CONNECT_TIMEOUT_SECONDS = 20.0
+COMMAND_TIMEOUT_SECONDS = 30.0
+BACKOFF_MAX_SECONDS = 30.0
+
+#: Results DB calls of every follower in this process share these threads (SQLite serialises
+#: writers anyway; PostgreSQL gets a few concurrent transactions).
+_DB_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gpu-training-results")
+
+
+class SourceUnreachable(Exception):
+    """The host does not answer (connection refused, lost, or a command timed out)."""
+
+
+class StreamBroken(Exception):
+    """A ``tail -F`` stream ended or failed while the host still answers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowSpec:
+    job_uuid: str
+    results_conn_id: str
+    poll_interval: float
+    stall_timeout: timedelta
+    max_runtime: timedelta
+    stop_on_nan: bool = False
+    unreachable_timeout: timedelta = timedelta(minutes=2)
+    #: ``[body, *args]`` of the bash script printing the trainer's status (see runtimes.Trainer).
+    status_command: tuple[str, ...] = ()
+    #: ``process`` or ``docker``: how the status output is parsed.
+    runtime: str = "process"
+
+
+@dataclasses.dataclass(frozen=True)
+class FollowResult:
+    """What the trigger hands back to the worker."""
+
+    kind: str
+    succeeded: bool
+    reason: str
+    offset: int
+    events: int
+    errors: int
+    exit_code: int | None = None
+
+    def as_event(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 1, 2, 4 ... ``BACKOFF_MAX_SECONDS``."""
+
+    def __init__(self, first: float = 1.0, cap: float = BACKOFF_MAX_SECONDS) -> None:
+        self.first, self.cap, self.attempt = first, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * (2**self.attempt))
+        self.attempt += 1
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# --- where the files are -------------------------------------------------------------------------
+
+
+class Source(abc.ABC):
+    """The job's work directory, seen from the triggerer."""
+
+    workdir: str
+
+    #: Monotonic time since which the host has not answered; ``None`` while it answers.
+    unreachable_since: float | None = None
+    last_error: str = ""
+
+    def unreachable_for(self) -> float:
+        return 0.0 if self.unreachable_since is None else time.monotonic() - self.unreachable_since
+
+    def _answered(self) -> None:
+        self.unreachable_since = None
+
+    def _failed(self, err: BaseException, since: float) -> None:
+        """An operation begun at ``since`` (monotonic) failed: the host is silent since then."""
+        self.last_error = str(err) or type(err).__name__
+        if self.unreachable_since is None or since < self.unreachable_since:
+            self.unreachable_since = since
+
+    @abc.abstractmethod
+    def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        """New bytes of ``relpath`` from ``offset`` as they are written (waiting for the file to
+        appear); raises :class:`StreamBroken` when the stream breaks."""
+
+    async def size(self, relpath: str) -> int:
+        """The file's size; 0 when it does not exist."""
+        _, out, _ = await self.script('stat -c %s -- "$1" 2>/dev/null || echo 0', f"{self.workdir}/{relpath}")
+        return int(out.split()[0]) if out.split() and out.split()[0].isdigit() else 0
+
+    @abc.abstractmethod
+    async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` from ``offset``; empty when there are none or no file."""
+
+    @abc.abstractmethod
+    async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
+        """Run a constant bash script with positional ``args``: (status, stdout, stderr)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection."""
+
+
+class LocalSource(Source):
+    """A work directory on the triggerer's machine: files read by offset."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+
+    def _path(self, relpath: str) -> str:
+        return os.path.join(self.workdir, relpath)
+
+    async def size(self, relpath: str) -> int:
+        return _size(self._path(relpath))
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        path = self._path(relpath)
+        while True:
+            if _size(path) > offset:
+                data = await self.read(relpath, offset, BATCH_BYTES)
+                offset += len(data)
+                yield data
+            else:
+                await asyncio.sleep(LOCAL_TICK_SECONDS)
+
+    async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
+        try:
+            with open(self._path(relpath), "rb") as fh:
+                return os.pread(fh.fileno(), max_bytes, offset)
+        except FileNotFoundError:
+            return b""
+
+    async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", body, "bash", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+class SshSource(Source):
+    """A work directory on a remote host: one asyncssh connection, re-opened with backoff."""
+
+    def __init__(self, target: dict[str, Any], *, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
+        self.workdir = str(target["workdir"])
+        self.target = target
+        #: Longest wait for a connect or a command before the host counts as not answering.
+        self.timeout = timeout
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+        self._backoff = Backoff()
+        self._next_try = 0.0
+        self.connects = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.get('host')}:{self.target.get('port', 22)}"
+
+    async def _connection(self) -> Any:
+        async with self._lock:
+            if self._conn is not None:
+                return self._conn
+            wait = self._next_try - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            started = time.monotonic()
+            try:
+                self._conn = await asyncio.wait_for(self._connect(), min(CONNECT_TIMEOUT_SECONDS, self.timeout))
+            except Exception as err:
+                self._next_try = time.monotonic() + self._backoff.next()
+                self._failed(err, started)
+                raise SourceUnreachable(f"{self.where}: connecting failed: {err or type(err).__name__}") from err
+            self.connects += 1
+            self._backoff.reset()
+            self._answered()
+            return self._conn
+
+    async def _connect(self) -> Any:
+        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
+
+        target = self.target
+        hook = SSHHookAsync(
+            ssh_conn_id=target["ssh_conn_id"],
+            host=target.get("host"),
+            port=target.get("port"),
+            username=target.get("username"),
+            keepalive_interval=15,
+        )
+        return await hook.get_conn()
+
+    def _drop(self, conn: Any, err: BaseException, since: float) -> None:
+        """Forget a connection that failed (the next call re-opens it)."""
+        self._failed(err, since)
+        if self._conn is conn and conn is not None:
+            self._conn = None
+            conn.abort()
+
+    def _command(self, body: str, *args: str) -> str:
+        return shlex.join(["bash", "-c", body, "bash", *args])
+
+    async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
+        import asyncssh
+
+        conn = await self._connection()
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(
+                conn.run(self._command(body, *args), check=False), min(timeout, self.timeout)
+            )
+        except (asyncssh.Error, OSError, TimeoutError) as err:
+            self._drop(conn, err, started)
+            raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
+        self._answered()
+        return result.exit_status or 0, str(result.stdout or ""), str(result.stderr or "")
+
+    async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
+        import asyncssh
+
+        conn = await self._connection()
+        command = self._command(
+            'tail -c +"$2" -- "$1" 2>/dev/null | head -c "$3"', self._path(relpath), str(offset + 1), str(max_bytes)
+        )
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(conn.run(command, check=False, encoding=None), self.timeout)
+        except (asyncssh.Error, OSError, TimeoutError) as err:
+            self._drop(conn, err, started)
+            raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
+        self._answered()
+        return bytes(result.stdout or b"")
+
+    def _path(self, relpath: str) -> str:
+        return f"{self.workdir}/{relpath}"
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        import asyncssh
+
+        conn = await self._connection()
+        try:
+            process = await conn.create_process(
+                shlex.join(["tail", "-c", f"+{offset + 1}", "-F", "--", self._path(relpath)]),
+                encoding=None,
+                stderr=asyncssh.DEVNULL,
+            )
+        except (asyncssh.Error, OSError) as err:
+            self._drop(conn, err, time.monotonic())
+            raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
+        try:
+            while True:
+                try:
+                    data = await process.stdout.read(1 << 16)
+                except (asyncssh.Error, OSError) as err:
+                    raise StreamBroken(str(err) or type(err).__name__) from err
+                if not data:
+                    raise StreamBroken(f"tail ended (exit status {process.exit_status})")
+                self._answered()
+                yield data
+        finally:
+            process.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+def source_for(target: dict[str, Any], *, unreachable_timeout: float = 120.0) -> Source:
+    """The source for a host's :meth:`~gpu_training.hosts.base.Host.follow_target`. Commands time
+    out at a quarter of ``unreachable_timeout`` (at most 30 s), so a silent host is noticed in time."""
+    kind = target.get("kind")
+    if kind == "local":
+        return LocalSource(str(target["workdir"]))
+    if kind == "ssh":
+        return SshSource(target, timeout=max(0.5, min(COMMAND_TIMEOUT_SECONDS, unreachable_timeout / 4)))
+    raise ValueError(f"unknown follow target kind {kind!r}")
+
+
+# --- the results DB, off the event loop ----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def results_store(conn_id: str) -> ResultsStore:
+    """One store (engine and pool) per results connection per process."""
+    from gpu_training.hooks.results import ResultsDbHook
+
+    return ResultsDbHook(conn_id).get_store()
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    consumed: int
+    events: int
+    errors: int
+    conflict_offset: int | None = None
+    project_end: bool = False
+    non_finite_loss: str | None = None
+
+
+def ingest_batch(store: ResultsStore, job_uuid: str, data: bytes, offset: int, *, final: bool) -> Batch:
+    """Parse the complete lines of ``data`` (read at ``offset``) and store them with the new offset.
+
+    A line longer than :data:`BATCH_BYTES` is recorded as an ingestion error and skipped. Runs on
+    a DB thread (parsing a large backlog would otherwise hold the event loop too).
+    """
+    events, errors, consumed = parse_chunk(data, offset, final=final)
+    if consumed == 0:
+        if len(data) < BATCH_BYTES:
+            return Batch(0, 0, 0)
+        consumed = len(data)  # part of one huge line: skip it (the rest ends at its newline)
+        errors = [MalformedLine(offset, f"line longer than {BATCH_BYTES} bytes", "")]
+    result = store.ingest(job_uuid, expected_offset=offset, new_offset=offset + consumed, events=events, errors=errors)
+    if result.conflict:
+        return Batch(0, 0, 0, conflict_offset=result.offset)
+    return Batch(
+        consumed,
+        result.events,
+        result.errors,
+        project_end=any(ev.kind == ("PROJECT", "end") for ev in events),
+        non_finite_loss=getattr(result, "non_finite_loss", None),
+    )
+
+
+# --- the follower --------------------------------------------------------------------------------
+
+
+class _Finished(Exception):
+    def __init__(self, verdict: Verdict, exit_code: int | None = None) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+        self.exit_code = exit_code
+
+
+class JobFollower:
+    """Follows one job until it ends; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: FollowSpec,
+        source: Source,
+        *,
+        log: Any,
+        store: ResultsStore | None = None,
+        parse_status: Callable[[int, str, str], TrainerStatus] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.source = source
+        self.log = log
+        self._store = store
+        self._parse_status = parse_status or _parse_status_for(spec.runtime)
+        self.offset = 0  # stored in the results DB up to here
+        self.pending = bytearray()  # received after ``offset``, not stored yet
+        self.events = self.errors = 0
+        self.stream_failures = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._skip_long_line = False
+        self._warned_nan = False
+        self._log_gate = _LogGate(log)
+        self._pump_task: asyncio.Task[None] | None = None
+        self._warned: dict[str, float] = {}
+
+    @property
+    def received(self) -> int:
+        return self.offset + len(self.pending)
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_DB_THREADS, functools.partial(fn, *args, **kwargs))
+
+    async def _get_store(self) -> ResultsStore:
+        if self._store is None:
+            self._store = await self._db(results_store, self.spec.results_conn_id)
+        return self._store
+
+    async def run(self) -> FollowResult:
+        store = await self._get_store()
+        job = await self._db(store.job, self.spec.job_uuid)
+        self.offset = job.ingest_offset
+        self.log.info(
+            "following %s of job %s from byte %d (%s)",
+            GLOBAL_JSON_PATH,
+            self.spec.job_uuid,
+            self.offset,
+            getattr(self.source, "where", self.source.workdir),
+        )
+        self._start_pump()
+        logs = asyncio.create_task(self._follow_log(), name="trainer.log")
+        try:
+            return await self._main(store)
+        finally:
+            logs.cancel()
+            await asyncio.gather(logs, return_exceptions=True)
+            await self._stop_pump()
+            self._log_gate.flush()
+
+    def _start_pump(self) -> None:
+        self._pump_task = asyncio.create_task(self._pump(), name="global.json")
+
+    async def _stop_pump(self) -> None:
+        task, self._pump_task = self._pump_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._room.set()
+
+    async def _main(self, store: ResultsStore) -> FollowResult:
+        next_check = time.monotonic()
+        while True:
+            try:
+                timeout = max(0.0, next_check - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                self._wake.clear()
+                await self._store_pending(store, final=False)
+                if time.monotonic() >= next_check:
+                    await self._check(store)
+                    next_check = time.monotonic() + self.spec.poll_interval
+            except _Restart:
+                await self._stop_pump()
+                self._start_pump()
+            except _Finished as done:
+                return FollowResult(
+                    done.verdict.kind,
+                    done.verdict.succeeded,
+                    done.verdict.reason,
+                    self.offset,
+                    self.events,
+                    self.errors,
+                    done.exit_code,
+                )
+
+    # -- global.json ----------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Feed ``pending`` from the stream; poll while it is broken; reconnect with backoff."""
+        backoff = Backoff(first=self.spec.poll_interval)
+        stream_again_at = 0.0
+        while True:
+            try:
+                if time.monotonic() >= stream_again_at:
+                    started = time.monotonic()
+                    try:
+                        async for data in self.source.stream(GLOBAL_JSON_PATH, self.received):
+                            await self._feed(data)
+                    except StreamBroken as err:
+                        self.stream_failures += 1
+                        if time.monotonic() - started > 60:
+                            backoff.reset()
+                        delay = backoff.next()
+                        stream_again_at = time.monotonic() + delay
+                        self.log.warning(
+                            "the stream of global.json broke (%s): polling every %gs, streaming again in %.0fs",
+                            err,
+                            self.spec.poll_interval,
+                            delay,
+                        )
+                data = await self.source.read(GLOBAL_JSON_PATH, self.received, BATCH_BYTES)
+                if data:
+                    await self._feed(data)
+                else:
+                    await asyncio.sleep(self.spec.poll_interval)
+            except SourceUnreachable as err:
+                self._warn("unreachable", f"host not answering: {err}")
+                await asyncio.sleep(min(self.spec.poll_interval, 5.0))
+
+    async def _feed(self, data: bytes) -> None:
+        self.pending += data
+        self._wake.set()
+        if len(self.pending) >= BATCH_BYTES:
+            self._room.clear()
+            await self._room.wait()  # backpressure: SSH flow control holds the sender
+
+    async def _store_pending(self, store: ResultsStore, *, final: bool) -> None:
+        """Store every complete line received so far, a batch per transaction."""
+        while self.pending:
+            data = bytes(self.pending[:BATCH_BYTES])
+            if self._skip_long_line:
+                newline = data.find(b"\n")
+                batch = Batch(len(data) if newline < 0 else newline + 1, 0, 0)
+                result = await self._db(
+                    store.ingest,
+                    self.spec.job_uuid,
+                    expected_offset=self.offset,
+                    new_offset=self.offset + batch.consumed,
+                    events=[],
+                )
+                if result.conflict:
+                    batch = Batch(0, 0, 0, conflict_offset=result.offset)
+                self._skip_long_line = newline < 0
+            else:
+                batch = await self._db(ingest_batch, store, self.spec.job_uuid, data, self.offset, final=final)
+                self._skip_long_line = batch.consumed == len(data) == BATCH_BYTES and not data.endswith(b"\n")
+            if batch.conflict_offset is not None:
+                self._resync(batch.conflict_offset)
+                return
+            if batch.consumed == 0:
+                break
+            del self.pending[: batch.consumed]
+            self.offset += batch.consumed
+            self.events += batch.events
+            self.errors += batch.errors
+            self._room.set()
+            if batch.non_finite_loss:
+                self._non_finite(batch.non_finite_loss)
+            if batch.project_end:
+                raise _Finished(Verdict("project_end", True, "PROJECT end"))
+        self._room.set()
+
+    def _resync(self, offset: int) -> None:
+        """Another follower stored this range first: continue from where it is."""
+        self.log.warning("global.json was stored up to byte %d by another follower: continuing there", offset)
+        self.offset = offset
+        self.pending.clear()
+        self._room.set()
+        raise _Restart
+
+    def _warn(self, key: str, message: str) -> None:
+        """A warning at most every 30 s per kind (a host that is down is not news every poll)."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -1e9) >= 30:
+            self._warned[key] = now
+            self.log.warning("%s", message)
+
+    def _non_finite(self, description: str) -> None:
+        if self.spec.stop_on_nan:
+            raise _Finished(Verdict("non_finite_loss", False, f"non-finite loss: {description} (stop_on_nan)"))
+        if not self._warned_nan:
+            self._warned_nan = True
+            self.log.warning("non-finite loss: %s (recorded; set stop_on_nan to stop such jobs)", description)
+
+    # -- the periodic check ---------------------------------------------------------------------
+
+    async def _status(self) -> TrainerStatus | None:
+        if not self.spec.status_command:
+            return None
+        try:
+            return self._parse_status(*await self.source.script(*self.spec.status_command))
+        except (SourceUnreachable, HostError, TimeoutError, OSError) as err:
+            self._warn("status", f"trainer status unknown: {err}")
+            return None
+
+    async def _check(self, store: ResultsStore) -> None:
+        status = await self._status()
+        if status is not None and not status.running:
+            await self._drain(store)
+        job = await self._db(store.job, self.spec.job_uuid)
+        verdict = judge(
+            job,
+            status,
+            now=utcnow(),
+            stall_timeout=self.spec.stall_timeout,
+            max_runtime=self.spec.max_runtime,
+        )
+        unreachable = self.source.unreachable_for() > self.spec.unreachable_timeout.total_seconds()
+        if unreachable and (verdict is None or verdict.kind == "stall"):
+            minutes = self.spec.unreachable_timeout.total_seconds() / 60
+            verdict = Verdict(
+                "unreachable", False, f"host unreachable for more than {minutes:g} min: {self.source.last_error}"
+            )
+        if verdict is None:
+            return
+        exit_code = status.exit_code if status is not None else None
+        if verdict.kind == "trainer_exit":
+            verdict = dataclasses.replace(verdict, reason=with_log_tail(verdict.reason, await self._log_tail()))
+            if exit_code is not None:
+                await self._db(store.update_job, self.spec.job_uuid, trainer_exit_code=exit_code)
+        raise _Finished(verdict, exit_code)
+
+    async def _drain(self, store: ResultsStore) -> None:
+        """The trainer exited: read to the end of the file (an unterminated last line counts)."""
+        await self._stop_pump()  # from here on only this reads, so no byte arrives twice
+        while True:
+            data = await self.source.read(GLOBAL_JSON_PATH, self.received, BATCH_BYTES)
+            if not data:
+                break
+            self.pending += data
+        await self._store_pending(store, final=True)
+
+    async def _log_tail(self) -> str:
+        try:
+            _, out, _ = await self.source.script(
+                'tail -n "$2" -- "$1" 2>/dev/null || true', f"{self.source.workdir}/{LOG_PATH}", "20"
+            )
+        except (SourceUnreachable, TimeoutError, OSError):
+            return ""
+        return out.rstrip("\n")
+
+    # -- the trainer's log ----------------------------------------------------------------------
+
+    async def _follow_log(self) -> None:
+        """Show the trainer's output in the task log (display only: after a restart the last
+        :data:`LOG_REPLAY_BYTES` are shown again)."""
+        backoff = Backoff()
+        offset: int | None = None
+        while True:
+            try:
+                if offset is None:
+                    offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
+                partial = b""
+                async for data in self.source.stream(LOG_PATH, offset):
+                    offset += len(data)
+                    lines = (partial + data).split(b"\n")
+                    partial = lines.pop()
+                    for line in lines:
+                        self._log_gate.line(line.decode("utf-8", "replace"))
+                    backoff.reset()
+            except (StreamBroken, SourceUnreachable):
+                await asyncio.sleep(backoff.next())
+
+
+class _Restart(Exception):
+    pass
+
+
+class _LogGate:
+    """Trainer lines into the task log: a burst, then a steady rate; what is dropped is counted."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.tokens = float(LOG_BURST_LINES)
+        self.stamp = time.monotonic()
+        self.dropped = 0
+        self.dropped_bytes = 0
+        self.reported = time.monotonic()
+
+    def line(self, text: str) -> None:
+        now = time.monotonic()
+        self.tokens = min(float(LOG_BURST_LINES), self.tokens + (now - self.stamp) * LOG_LINES_PER_SECOND)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            if self.dropped and now - self.reported > 10:
+                self.flush()
+            if len(text) > LOG_LINE_CHARS:
+                text = text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
+            self.log.info("[trainer] %s", text)
+        else:
+            self.dropped += 1
+            self.dropped_bytes += len(text) + 1
+
+    def flush(self) -> None:
+        if self.dropped:
+            self.log.info(
+                "[trainer] ... %d lines (%d bytes) not shown: the trainer writes faster than %g lines/s; "
+                "logs/trainer.log has them all and is uploaded with the outputs",
+                self.dropped,
+                self.dropped_bytes,
+                LOG_LINES_PER_SECOND,
+            )
+            self.dropped = self.dropped_bytes = 0
+            self.reported = time.monotonic()
+
+
+def _parse_status_for(runtime: str) -> Callable[[int, str, str], TrainerStatus]:
+    from gpu_training.runtimes import ContainerTrainer, ProcessTrainer
+
+    return ContainerTrainer.parse_status if runtime == "docker" else ProcessTrainer.parse_status
