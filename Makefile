@@ -22,7 +22,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps migrate demo run test lint bench clean status-db
+.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency clean status-db
 
 help:
 	@sed -n '2,4p' Makefile
@@ -60,6 +60,15 @@ bench: migrate
 	$(BIN)/python bench/ingest.py
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/transfer.py; else echo "bench/transfer.py needs root (sshd)"; fi
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/provision.py; else echo "bench/provision.py needs root (sshd)"; fi
+	$(BIN)/python bench/latency.py
+	$(MAKE) --no-print-directory bench-concurrency
+
+# 50 concurrent runs on a real scheduler + triggerer + api-server, PostgreSQL as metadata DB (~3 min).
+bench-concurrency: install
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+	  { echo "bench/concurrency.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
+	$(BIN)/python bench/concurrency.py
 
 lint: install
 	$(BIN)/ruff check plugins dags tests bench include

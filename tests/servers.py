@@ -1,5 +1,6 @@
 """Real servers for the tests, on 127.0.0.1: moto's S3 server, Docker's dockerd, a Docker registry
-(Debian's docker-registry with htpasswd auth), and the trainer image built without Docker Hub."""
+(Debian's docker-registry with htpasswd auth), the trainer image built without Docker Hub, and a
+private PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -222,3 +223,112 @@ def start_registry(root: Path, username: str = "trainer", password: str = "s3cre
         check=True,
     )
     return registry
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+
+def _pg_bin_dirs() -> list[str]:
+    """Debian's versioned directories (newest first), then the usual ones."""
+    versioned = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()]
+    versioned.sort(key=lambda p: int(p.parent.name), reverse=True)
+    return [str(p) for p in versioned] + ["/usr/local/bin", "/usr/bin"]
+
+
+def pg_binary(name: str) -> str:
+    dirs = _pg_bin_dirs()
+    for directory in dirs:
+        candidate = Path(directory) / name
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(
+            f"PostgreSQL's {name} not found (looked in {', '.join(dirs)} and PATH; apt-get install postgresql)"
+        )
+    return found
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: trust auth for ``user`` on 127.0.0.1, one database."""
+
+    port: int
+    user: str
+    database: str
+    data_dir: Path
+    proc: subprocess.Popen
+
+    def url(self, driver: str = "psycopg2") -> str:
+        return f"postgresql+{driver}://{self.user}@127.0.0.1:{self.port}/{self.database}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)  # SIGINT: PostgreSQL's fast shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_postgres(
+    root: Path, *, user: str = "airflow", database: str = "airflow", max_connections: int = 300
+) -> PostgresServer:
+    """initdb in ``root`` and start ``postgres`` on a free port (as the ``postgres`` system user when
+    run as root: the server refuses to run as root). Logs to ``root/postgres.log``."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    uid: int | None = None
+    gid: int | None = None
+    extra_groups: list[int] | None = None
+    if os.geteuid() == 0:
+        import pwd
+
+        entry = pwd.getpwnam("postgres")  # KeyError: no such user; create one or run as non-root
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        uid, gid, extra_groups = entry.pw_uid, entry.pw_gid, []
+    subprocess.run(
+        [pg_binary("initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+        user=uid,
+        group=gid,
+        extra_groups=extra_groups,
+    )
+    port = free_port()
+    log = open(root / "postgres.log", "ab")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [
+            pg_binary("postgres"),
+            "-D",
+            str(data),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-c",
+            f"max_connections={max_connections}",
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        user=uid,
+        group=gid,
+        extra_groups=extra_groups,
+    )
+    wait_for_port(port, proc, timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        created = subprocess.run(
+            [pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, database], capture_output=True
+        )
+        if created.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"createdb failed: {created.stderr.decode(errors='replace')}")
+        time.sleep(0.5)
+    return PostgresServer(port, user, database, data, proc)

@@ -63,10 +63,11 @@ def test_gpu_training_shape(dagbag) -> None:
 
 
 def test_waiting_steps_defer_instead_of_holding_a_slot(dagbag) -> None:
-    from gpu_training.operators import _PollingStepOperator
+    from gpu_training.operators import GlobalJsonSensor, _PollingStepOperator
 
     dag = dagbag.dags["gpu_training"]
-    assert isinstance(dag.task_dict["sense_progress"], _PollingStepOperator)
+    # follows the whole training from the triggerer (tests/e2e/test_airflow_cluster.py samples it)
+    assert isinstance(dag.task_dict["sense_progress"], GlobalJsonSensor)
     assert isinstance(dag.task_dict["wait_until_ready"], _PollingStepOperator)
 
 

@@ -30,6 +30,7 @@ import os
 import random
 import shlex
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -46,7 +47,7 @@ T = TypeVar("T")
 
 #: Largest batch parsed and stored in one transaction; also the read-ahead limit per job.
 BATCH_BYTES = 4 << 20
-#: How often local files are checked for new bytes (an ``fstat``: costs nothing).
+#: How often local files are checked for new bytes (one ``stat`` per followed file, one wakeup).
 LOCAL_TICK_SECONDS = 0.1
 #: Log lines shown per job: a burst of this many, then ``LOG_LINES_PER_SECOND``.
 LOG_BURST_LINES = 400
@@ -163,6 +164,44 @@ class Source(abc.ABC):
         """Release the connection."""
 
 
+class _LocalWatch:
+    """One ticker for every local file followed on an event loop: each tick ``stat``s the files
+    waited on and wakes only the followers whose file grew (50 jobs cost one wakeup per tick)."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[str, int, asyncio.Future[None]]] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def grown(self, path: str, size: int) -> None:
+        """Return once ``path`` is larger than ``size`` bytes."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((path, size, future))
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick(), name="gpu-training-local-watch")
+        try:
+            await future
+        finally:
+            self._waiting = [w for w in self._waiting if w[2] is not future]
+
+    async def _tick(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(LOCAL_TICK_SECONDS)
+            for path, size, future in list(self._waiting):
+                if not future.done() and _size(path) > size:
+                    future.set_result(None)
+
+
+_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LocalWatch] = weakref.WeakKeyDictionary()
+
+
+def _local_watch() -> _LocalWatch:
+    loop = asyncio.get_running_loop()
+    watch = _WATCHES.get(loop)
+    if watch is None:
+        watch = _WATCHES[loop] = _LocalWatch()
+    return watch
+
+
 class LocalSource(Source):
     """A work directory on the triggerer's machine: files read by offset."""
 
@@ -183,7 +222,7 @@ class LocalSource(Source):
                 offset += len(data)
                 yield data
             else:
-                await asyncio.sleep(LOCAL_TICK_SECONDS)
+                await _local_watch().grown(path, offset)
 
     async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
         try:
@@ -286,8 +325,12 @@ class SshSource(Source):
         except (asyncssh.Error, OSError, TimeoutError) as err:
             self._drop(conn, err, started)
             raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
+        if result.exit_status is None:  # the channel closed without an answer
+            lost = ConnectionError(f"command ended without an exit status (signal {result.exit_signal})")
+            self._drop(conn, lost, started)
+            raise SourceUnreachable(f"{self.where}: {lost}")
         self._answered()
-        return result.exit_status or 0, str(result.stdout or ""), str(result.stderr or "")
+        return result.exit_status, str(result.stdout or ""), str(result.stderr or "")
 
     async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
         import asyncssh

@@ -167,6 +167,25 @@ def test_stalled_trainer_is_stopped_and_the_job_fails(airflow_env: dict[str, str
     assert processes_mentioning(f"{SCRIPTED}\x00stall") == [], "the stalled trainer is still running"
 
 
+def test_stop_on_nan_stops_the_trainer_and_fails_the_job(airflow_env: dict[str, str]) -> None:
+    conf = {
+        "project_id": "e2e-nan",
+        "command": ["{python}", str(SCRIPTED), "nan", "600", "0.2"],
+        "stop_on_nan": True,
+        "poll_interval_seconds": 1,
+    }
+    result = run_dag(airflow_env, conf)
+    assert result.returncode != 0
+    job = job_of(airflow_env, "e2e-nan")
+    assert job.status == "failed"
+    assert job.non_finite_loss == "iteration 1 epoch 2 TRAINING/epoch_complete: avg_loss=NaN"
+    assert (job.failure_reason or "").startswith("sense_progress: non-finite loss: iteration 1 epoch 2")
+    assert_torn_down(airflow_env, job)
+    assert processes_mentioning(f"{SCRIPTED}\x00nan") == [], "the trainer still runs after a NaN loss"
+    # the trigger streamed the trainer's own output into the task log
+    assert "[trainer] epoch 1 done" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("conf", "param"),
     [

@@ -76,8 +76,13 @@ echo "${code:--} $pid $alive"
 
 
 def parse_trainer_status(out: str) -> TrainerStatus:
-    """Parse what :data:`TRAINER_STATUS_SCRIPT` printed."""
-    code, pid, alive = [*out.split(), "-", "-", "0"][:3]
+    """Parse what :data:`TRAINER_STATUS_SCRIPT` printed (``HostError`` if it printed nothing:
+    a cut connection must not read as a trainer that was never started)."""
+    if len(out.split()) < 3:
+        from gpu_training.errors import HostError
+
+        raise HostError(f"trainer status unreadable: {out.strip()[:200]!r}")
+    code, pid, alive = out.split()[:3]
     exit_code = int(code) if code.lstrip("-").isdigit() else None
     pid_value = int(pid) if pid.isdigit() else None
     if exit_code is not None:

@@ -1,0 +1,623 @@
+"""A real Airflow 3 deployment on 127.0.0.1, one OS process per component, for tests and benchmarks.
+
+``AirflowCluster(home)`` prepares an Airflow home (LocalExecutor, the repo's ``dags/`` and
+``plugins/``, SQLite metadata DB in ``home`` unless ``sql_alchemy_conn`` is given, the results DB at
+``home/training_results.db``), migrates both databases and starts ``airflow api-server``,
+``scheduler``, ``dag-processor`` and ``triggerer`` as subprocesses, each leading its own process
+group (so a kill takes the component with its children, e.g. the LocalExecutor's workers) and
+logging to ``home/logs/<component>.log``. Everything talks to the REST API on a free port; with
+``[core] simple_auth_manager_all_admins`` no token is needed.
+
+Failure detection is tuned for tests (a killed scheduler's tasks are reset after ~20 s instead of
+5 min, a killed triggerer's triggers are re-assigned after ~10 s instead of 30 s); pass
+``extra_env`` to override any setting. Every wait raises :class:`ClusterError` with the tail of the
+component logs that matter, and :meth:`AirflowCluster.stop` (also registered with ``atexit``) leaves
+no process behind: the components' groups, and any process still working in ``home`` (trainers of
+the local provider run detached in their own session there).
+
+    with AirflowCluster(tmp_path / "airflow") as cluster:
+        cluster.wait_dag_parsed("gpu_training")
+        run_id = cluster.trigger("gpu_training", {"project_id": "x"})
+        assert cluster.wait_run("gpu_training", run_id, timeout=300) == "success"
+
+``python tests/airflow_cluster.py HOME`` starts one and keeps it up until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (bench/, ``python tests/airflow_cluster.py``)
+    sys.path.insert(0, str(REPO))
+
+from tests.servers import free_port, wait_for_port  # noqa: E402
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# The /api/v2/monitor/health key of each component that heartbeats.
+_HEALTH_KEYS = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}
+FINISHED_RUN_STATES = ("success", "failed")
+FINISHED_TI_STATES = ("success", "failed", "skipped", "upstream_failed", "removed")
+
+
+class ClusterError(RuntimeError):
+    """A wait timed out or a component misbehaved; the message carries the relevant log tails."""
+
+
+def _log(msg: str) -> None:
+    print(f"[airflow-cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 is the state), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    out = []
+    for pid in _all_pids():
+        fields = _proc_stat(pid)
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(pid)
+    return out
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        fields = _proc_stat(pid)
+        if fields and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if _proc_stat(pid) is None:
+            continue
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: Collection[int]) -> float:
+    """utime + stime of these processes (their own, not their reaped children's), in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = _proc_stat(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / ticks
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 256 * 1024))
+            text = fh.read().decode(errors="replace")
+    except OSError as err:
+        return f"({path}: {err})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+class AirflowCluster:
+    """An Airflow deployment with separate api-server, scheduler, dag-processor and triggerer."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        parallelism: int = 32,
+        extra_env: dict[str, str] | None = None,
+        sql_alchemy_conn: str | None = None,
+        startup_timeout: float = 240.0,
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs = self.home / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.parallelism = parallelism
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{self.home / 'airflow.db'}"
+        self.results_url = f"sqlite:///{self.home / 'training_results.db'}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.startup_seconds: float | None = None
+        self._migrated = False
+        self._http = requests.Session()
+        self.env = self._build_env(extra_env or {})
+        atexit.register(self.stop)
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def _build_env(self, extra: dict[str, str]) -> dict[str, str]:
+        # Nothing of the caller's Airflow setup leaks in (tests/conftest.py sets its own home).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "plugins"), os.environ.get("PYTHONPATH")) if p),
+                "PYTHONUNBUFFERED": "1",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
+                # One secret for every process: JWTs of the execution API, signed log-server requests.
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
+                "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__BASE_URL": self.base_url,
+                "AIRFLOW__API__WORKERS": "1",
+                # A database error answered with 500 names its cause (the API logs only the statement).
+                "AIRFLOW__API__EXPOSE_STACKTRACE": "True",
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+                # Parse quickly, one process is enough for one DAG file.
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+                "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
+                # Heartbeats and failure detection fast enough for tests that kill components.
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "20",
+                "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+                "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
+            }
+        )
+        env.update(extra)
+        return env
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> AirflowCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def migrate(self) -> None:
+        """``airflow db migrate`` and the results DB's Alembic upgrade (once)."""
+        if self._migrated:
+            return
+        for name, argv in (
+            ("db-migrate", [sys.executable, "-m", "airflow", "db", "migrate"]),
+            ("results-migrate", [sys.executable, "-m", "gpu_training.results.migrate", "upgrade"]),
+        ):
+            log = self.logs / f"{name}.log"
+            with log.open("ab") as fh:
+                proc = subprocess.run(argv, env=self.env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                raise ClusterError(f"{' '.join(argv[2:])} failed ({proc.returncode}):\n{tail(log)}")
+        self._migrated = True
+
+    def start(self) -> float:
+        """Migrate, start the four components and wait until each is up; returns the seconds taken."""
+        t0 = time.monotonic()
+        self.migrate()
+        t_migrated = time.monotonic()
+        since = datetime.now(UTC)
+        # The api-server first: workers and the triggerer need its execution API. The others start
+        # right after it (not after it answers): on 2 cores their imports overlap usefully.
+        for name in COMPONENTS:
+            self.start_component(name, wait=False)
+        self._wait_api()
+        self._wait_healthy(list(_HEALTH_KEYS), since)
+        self.startup_seconds = time.monotonic() - t0
+        _log(
+            f"started in {self.startup_seconds:.1f} s (migrations {t_migrated - t0:.1f} s) at {self.base_url}, "
+            f"home {self.home}"
+        )
+        return self.startup_seconds
+
+    def start_component(self, name: str, *, wait: bool = True) -> None:
+        """Start one component (in a new process group); with ``wait``, until it is up."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            raise ClusterError(f"{name} is already running (pid {old.pid})")
+        argv = [sys.executable, "-m", "airflow", name]
+        if name == "api-server":
+            argv += ["--port", str(self.port), "--host", "127.0.0.1"]
+        log = self.logs / f"{name}.log"
+        since = datetime.now(UTC)
+        with log.open("ab") as fh:
+            fh.write(f"\n===== {since.isoformat()} harness: starting {' '.join(argv[1:])}\n".encode())
+            fh.flush()
+            self.procs[name] = subprocess.Popen(
+                argv,
+                env=self.env,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own session and process group: killed whole
+            )
+        if wait:
+            if name == "api-server":
+                self._wait_api()
+            else:
+                self._wait_healthy([name], since)
+
+    def pid(self, name: str) -> int:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            raise ClusterError(f"{name} is not running")
+        return proc.pid
+
+    def pids(self, name: str) -> list[int]:
+        """The component's process and every live process under it (its process tree)."""
+        return tree_pids(self.pid(name))
+
+    def groups(self, name: str) -> set[int]:
+        """Process groups of the component: its own, and those of descendants that left it (the
+        task runners a LocalExecutor worker's supervisor starts, each in a group of its own)."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return set()
+        groups = {proc.pid}
+        for pid in tree_pids(proc.pid):
+            fields = _proc_stat(pid)
+            if fields:
+                groups.add(int(fields[2]))
+        groups.discard(os.getpgrp())  # never the harness's own
+        return groups
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 30.0) -> None:
+        """Send ``sig`` to the component's process groups (:meth:`groups`: the component, its
+        workers and their task runners) and wait until every process of them is gone."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return
+        groups = self.groups(name)
+        for pgid in groups:
+            self._signal_group(pgid, sig)
+
+        def gone() -> bool:
+            proc.poll()
+            return proc.returncode is not None and not any(group_pids(g) for g in groups)
+
+        deadline = time.monotonic() + timeout
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not gone() and sig != signal.SIGKILL:
+            for pgid in groups:
+                self._signal_group(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        if not gone():
+            left = [pid for g in groups for pid in group_pids(g)]
+            raise ClusterError(f"{name} (groups {sorted(groups)}) still has processes {left} after {sig!r}")
+        del self.procs[name]  # stopped on purpose: not a crash for check_alive
+
+    def restart(self, name: str, *, hard: bool = True, wait: bool = True) -> None:
+        """SIGKILL (``hard``) or SIGTERM the component's process group, then start it again."""
+        self.kill(name, signal.SIGKILL if hard else signal.SIGTERM)
+        self.start_component(name, wait=wait)
+
+    def stop(self) -> None:
+        """SIGTERM every component's process groups, SIGKILL what is left after 15 s; then any
+        process still working in ``home`` (detached trainers). Safe to call twice."""
+        if not self.procs and not self._stray_pids():
+            return
+        groups = set().union(*(self.groups(name) for name in self.procs))
+        for pgid in groups:
+            self._signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(p.poll() is not None for p in self.procs.values()) and not any(group_pids(g) for g in groups):
+                break
+            time.sleep(0.2)
+        for pgid in groups:
+            self._signal_group(pgid, signal.SIGKILL)
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self.procs.clear()
+        for _ in range(3):
+            strays = self._stray_pids()
+            if not strays:
+                break
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        self._http.close()
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    def _stray_pids(self) -> list[int]:
+        """Processes (not us) whose working directory is in ``home`` or whose AIRFLOW_HOME is it."""
+        marker = f"AIRFLOW_HOME={self.home}\0".encode()
+        home = str(self.home)
+        ours = set()  # this process and its ancestors are never strays
+        pid = os.getpid()
+        while pid > 1 and pid not in ours:
+            ours.add(pid)
+            fields = _proc_stat(pid)
+            pid = int(fields[1]) if fields else 0
+        out = []
+        for pid in _all_pids():
+            if pid in ours:
+                continue
+            fields = _proc_stat(pid)
+            if not fields or fields[0] == "Z":
+                continue
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if cwd == home or cwd.startswith(home + "/") or marker in environ:
+                out.append(pid)
+        return out
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def log_tails(self, *names: str, lines: int = 60) -> str:
+        names = names or COMPONENTS
+        return "\n".join(
+            f"----- {name}.log (last {lines} lines) -----\n{tail(self.logs / f'{name}.log', lines)}" for name in names
+        )
+
+    def fail(self, message: str, *components: str) -> ClusterError:
+        return ClusterError(f"{message}\n{self.log_tails(*components)}")
+
+    def check_alive(self, *names: str) -> None:
+        """Raise :class:`ClusterError` (with its log tail) if a started component has exited."""
+        for name in names or COMPONENTS:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise self.fail(f"{name} exited with {proc.returncode}", name)
+
+    def wait_until(
+        self,
+        what: str,
+        predicate: Callable[[], Any],
+        timeout: float,
+        *,
+        components: Collection[str] = COMPONENTS,
+        interval: float = 0.5,
+    ) -> Any:
+        """Poll ``predicate`` until it returns something truthy; raise with log tails on timeout."""
+        deadline = time.monotonic() + timeout
+        last_error: BaseException | None = None
+        while True:
+            self.check_alive(*components)
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except (requests.RequestException, ValueError, KeyError) as err:
+                last_error = err
+            if time.monotonic() >= deadline:
+                extra = f" (last error: {last_error!r})" if last_error else ""
+                raise self.fail(f"timed out after {timeout:.0f} s waiting for {what}{extra}", *components)
+            time.sleep(interval)
+
+    def _wait_api(self) -> None:
+        try:
+            wait_for_port(self.port, self.procs["api-server"], timeout=self.startup_timeout)
+        except RuntimeError as err:
+            raise self.fail(str(err), "api-server") from err
+        self.wait_until(
+            "the api-server to answer",
+            lambda: self._http.get(f"{self.base_url}/api/v2/monitor/health", timeout=10).ok,
+            self.startup_timeout,
+            components=["api-server"],
+        )
+
+    def health(self) -> dict[str, Any]:
+        return dict(self.api("GET", "/monitor/health").json())
+
+    def _wait_healthy(self, names: list[str], since: datetime) -> None:
+        """Wait until each component's job heartbeats healthy after ``since``."""
+
+        def fresh() -> bool:
+            health = self.health()
+            for name in names:
+                entry = health[_HEALTH_KEYS[name]]
+                beat = entry.get(f"latest_{_HEALTH_KEYS[name]}_heartbeat")
+                if entry.get("status") != "healthy" or not beat or datetime.fromisoformat(beat) < since:
+                    return False
+            return True
+
+        self.wait_until(f"{', '.join(names)} to heartbeat", fresh, self.startup_timeout, components=names)
+
+    # --- REST API -----------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """A request to ``/api/v2{path}`` (or ``path`` as is when it starts with ``/api``/``/auth``)."""
+        url = self.base_url + (path if path.startswith(("/api/", "/auth/", "/execution/")) else f"/api/v2{path}")
+        kw.setdefault("timeout", 60)
+        return self._http.request(method, url, **kw)
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self.api(method, path, **kw)
+        if not resp.ok:
+            raise ClusterError(f"{method} {path} -> {resp.status_code}: {resp.text[:2000]}")
+        return resp.json()
+
+    def wait_dag_parsed(self, dag_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until the dag-processor has serialized ``dag_id`` (and it is unpaused)."""
+
+        def parsed() -> dict[str, Any] | None:
+            resp = self.api("GET", f"/dags/{dag_id}")
+            if resp.status_code == 404:
+                return None
+            resp.raise_for_status()
+            dag = resp.json()
+            if dag.get("is_paused"):
+                self._json("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+                return None
+            return dict(dag)
+
+        try:
+            return dict(self.wait_until(f"dag {dag_id} to be parsed", parsed, timeout, components=["dag-processor"]))
+        except ClusterError as err:
+            errors = self.api("GET", "/importErrors").text[:3000]
+            raise ClusterError(f"{err}\nimport errors: {errors}") from err
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        body = {"logical_date": None, "conf": conf or {}}
+        return str(self._json("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"])
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return str(self._json("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"])
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 300.0) -> str:
+        """Wait until the dag run is finished; returns its state (``success``/``failed``)."""
+        try:
+            return str(
+                self.wait_until(
+                    f"dag run {run_id} to finish",
+                    lambda: (s := self.run_state(dag_id, run_id)) in FINISHED_RUN_STATES and s,
+                    timeout,
+                    components=("scheduler", "triggerer"),
+                    interval=1.0,
+                )
+            )
+        except ClusterError as err:
+            raise ClusterError(f"{err}\ntask states: {self.task_states(dag_id, run_id)}") from err
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        data = self._json("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+        return list(data["task_instances"])
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        with contextlib.suppress(Exception):
+            return {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+        return {}
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"))
+
+    def wait_task_state(
+        self, dag_id: str, run_id: str, task_id: str, states: Collection[str], timeout: float = 120.0
+    ) -> str:
+        """Wait until ``task_id`` is in one of ``states``; fails early when it finishes otherwise."""
+
+        def reached() -> str | None:
+            state = self.task_instance(dag_id, run_id, task_id).get("state")
+            if state in states:
+                return str(state)
+            if state in FINISHED_TI_STATES:
+                raise ClusterError(
+                    f"{task_id} of {run_id} finished {state} while waiting for {sorted(states)}; "
+                    f"task states: {self.task_states(dag_id, run_id)}"
+                )
+            return None
+
+        try:
+            return str(
+                self.wait_until(
+                    f"{task_id} of {run_id} to be {'/'.join(states)}",
+                    reached,
+                    timeout,
+                    components=("scheduler", "triggerer"),
+                )
+            )
+        except ClusterError as err:
+            raise ClusterError(f"{err}\ntask states: {self.task_states(dag_id, run_id)}") from err
+
+    def task_log_entries(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[Any]:
+        """The structured log of one try, as the UI reads it (every source: worker and triggerer)."""
+        data = self._json(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            params={"full_content": "true"},
+            headers={"Accept": "application/json"},
+        )
+        return list(data.get("content") or [])
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        """The log of one try as text, one line per entry (``timestamp level event``)."""
+        lines = []
+        for entry in self.task_log_entries(dag_id, run_id, task_id, try_number):
+            if isinstance(entry, dict):
+                head = " ".join(str(entry[k]) for k in ("timestamp", "level") if entry.get(k))
+                text = f"{head} {entry.get('event', '')}".strip()
+                if entry.get("sources"):
+                    text += " " + " ".join(map(str, entry["sources"]))
+                lines.append(text)
+            else:
+                lines.append(str(entry))
+        return "\n".join(lines)
+
+    # --- results DB ---------------------------------------------------------------------------
+
+    def results_store(self) -> Any:
+        """A ``ResultsStore`` on this deployment's results DB (same engine settings as the tasks)."""
+        from gpu_training.hooks.results import create_results_engine
+        from gpu_training.results.store import ResultsStore
+
+        return ResultsStore(create_results_engine(self.results_url))
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Start a local Airflow deployment and keep it up until Ctrl-C.")
+    parser.add_argument("home", type=Path)
+    parser.add_argument("--parallelism", type=int, default=32)
+    args = parser.parse_args()
+    cluster = AirflowCluster(args.home, parallelism=args.parallelism)
+    try:
+        cluster.start()
+        cluster.wait_dag_parsed("gpu_training")
+        print(json.dumps({"api": cluster.base_url, "home": str(cluster.home)}), flush=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
