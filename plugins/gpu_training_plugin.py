@@ -2,17 +2,39 @@
 
 Airflow imports every ``.py`` file of the plugins folder as a top-level module, so the package
 itself is listed in ``.airflowignore`` and registered from here.
+
+Every Airflow process (scheduler, workers, triggerer, dag-processor) imports this module, but only
+the api-server reads ``fastapi_apps``: the results API app is built on that first read, so importing
+the plugin stays cheap and touches no database.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
 from gpu_training import __version__
 
 
+class _ResultsApiApps:
+    """``fastapi_apps``, built when first read (by the api-server), then kept."""
+
+    def __init__(self) -> None:
+        self._apps: list[dict[str, Any]] | None = None
+
+    def __get__(self, obj: object, owner: type | None = None) -> list[dict[str, Any]]:
+        if self._apps is None:
+            from gpu_training.api import URL_PREFIX
+            from gpu_training.api.app import TITLE, create_app
+
+            self._apps = [{"name": TITLE, "app": create_app(), "url_prefix": URL_PREFIX}]
+        return self._apps
+
+
 class GpuTrainingPlugin(AirflowPlugin):
-    """Registers the orchestrator with Airflow (API and UI views are added by later releases)."""
+    """Registers the orchestrator with Airflow: the results REST API under ``/training``."""
 
     name = "gpu_training"
     version = __version__
+    fastapi_apps = _ResultsApiApps()  # type: ignore[assignment]

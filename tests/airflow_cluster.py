@@ -6,7 +6,10 @@
 ``scheduler``, ``dag-processor`` and ``triggerer`` as subprocesses, each leading its own process
 group (so a kill takes the component with its children, e.g. the LocalExecutor's workers) and
 logging to ``home/logs/<component>.log``. Everything talks to the REST API on a free port; with
-``[core] simple_auth_manager_all_admins`` no token is needed.
+``[core] simple_auth_manager_all_admins`` no token is needed. ``users={"admin": ("ADMIN", "pw"),
+...}`` instead configures real SimpleAuthManager users (role ``""``: a user without any access) with
+their passwords; the harness then calls the API with a token of the first ``ADMIN`` user, got from
+``POST /auth/token`` (:meth:`AirflowCluster.token`).
 
 Failure detection is tuned for tests (a killed scheduler's tasks are reset after ~20 s instead of
 5 min, a killed triggerer's triggers are re-assigned after ~10 s instead of 30 s); pass
@@ -142,6 +145,7 @@ class AirflowCluster:
         extra_env: dict[str, str] | None = None,
         sql_alchemy_conn: str | None = None,
         startup_timeout: float = 240.0,
+        users: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -157,6 +161,7 @@ class AirflowCluster:
         self.startup_seconds: float | None = None
         self._migrated = False
         self._http = requests.Session()
+        self.users = dict(users or {})
         self.env = self._build_env(extra_env or {})
         atexit.register(self.stop)
 
@@ -207,6 +212,14 @@ class AirflowCluster:
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
             }
         )
+        if self.users:
+            passwords = self.home / "simple_auth_manager_passwords.json"
+            passwords.write_text(json.dumps({name: pw for name, (_role, pw) in self.users.items()}))
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "False"
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = ",".join(
+                f"{name}:{role}" for name, (role, _pw) in self.users.items()
+            )
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(passwords)
         env.update(extra)
         return env
 
@@ -245,6 +258,7 @@ class AirflowCluster:
         for name in COMPONENTS:
             self.start_component(name, wait=False)
         self._wait_api()
+        self._login()
         self._wait_healthy(list(_HEALTH_KEYS), since)
         self.startup_seconds = time.monotonic() - t0
         _log(
@@ -453,6 +467,20 @@ class AirflowCluster:
             self.startup_timeout,
             components=["api-server"],
         )
+
+    def token(self, username: str, password: str | None = None) -> str:
+        """A JWT of a configured user, got from ``POST /auth/token`` as a user would."""
+        body = {"username": username, "password": password if password is not None else self.users[username][1]}
+        resp = self._http.post(f"{self.base_url}/auth/token", json=body, headers={"Authorization": None}, timeout=60)
+        if resp.status_code != 201:
+            raise ClusterError(f"POST /auth/token as {username} -> {resp.status_code}: {resp.text[:500]}")
+        return str(resp.json()["access_token"])
+
+    def _login(self) -> None:
+        """With real users, the harness's own calls carry a token of the first ADMIN user."""
+        admin = next((name for name, (role, _pw) in self.users.items() if role.upper() == "ADMIN"), None)
+        if admin is not None:
+            self._http.headers["Authorization"] = f"Bearer {self.token(admin)}"
 
     def health(self) -> dict[str, Any]:
         return dict(self.api("GET", "/monitor/health").json())

@@ -81,6 +81,19 @@ def _s3_hook() -> Any:
     return S3Hook(aws_conn_id=AWS_CONN_ID)
 
 
+def presigned_get_url(uri: str, *, expires_in: int = 3600) -> str:
+    """A presigned GET URL of an ``s3://`` object (connection ``aws_default``), valid ``expires_in`` s."""
+    loc = parse_uri(uri)
+    if loc.scheme != "s3":
+        raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
+    client = _s3_hook().get_conn()
+    return str(
+        client.generate_presigned_url(
+            "get_object", Params={"Bucket": loc.bucket, "Key": loc.path}, ExpiresIn=expires_in
+        )
+    )
+
+
 def _safe_relpath(relpath: str) -> str:
     parts = Path(relpath).parts
     if Path(relpath).is_absolute() or ".." in parts or not parts:

@@ -105,6 +105,7 @@ class TrainingJob(Base):
         UniqueConstraint("dag_id", "run_id", "map_index"),
         Index(None, "project_id", "created_at"),
         Index(None, "status", "created_at"),
+        Index(None, "provider", "created_at"),
         Index(None, "created_at"),
         CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"),
     )

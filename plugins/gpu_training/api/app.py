@@ -1,0 +1,65 @@
+"""The FastAPI app of the results API: factory, lifespan and error handlers.
+
+The plugin mounts it on the api-server under ``/training`` (OpenAPI at ``/training/openapi.json``,
+Swagger UI at ``/training/docs``). Its lifespan (entered by the api-server's own) hands the
+api-server's auth manager to the security dependencies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from gpu_training import __version__
+from gpu_training.api.stream import StreamSettings
+from gpu_training.errors import JobNotFoundError, ResultsDbError, StorageError
+
+TITLE = "GPU training results"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if getattr(app.state, "auth_manager", None) is None:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        app.state.auth_manager = get_auth_manager()
+    yield
+
+
+async def _job_not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+
+async def _results_db_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"the results database is unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE
+    )
+
+
+async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"storage error: {exc}"}, status_code=status.HTTP_502_BAD_GATEWAY)
+
+
+def create_app(*, stream_settings: StreamSettings | None = None) -> FastAPI:
+    """The results API app (routes under ``/v1``)."""
+    from gpu_training.api.routes import router
+
+    app = FastAPI(
+        title=TITLE,
+        version=__version__,
+        description=(
+            "Training jobs, their metrics, evaluations and artifacts from the results database, "
+            "with live progress as Server-Sent Events. Authenticate as for Airflow's REST API "
+            "(`Authorization: Bearer <token from POST /auth/token>`); access is per DAG."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.stream_settings = stream_settings or StreamSettings()
+    app.include_router(router)
+    app.add_exception_handler(JobNotFoundError, _job_not_found)
+    app.add_exception_handler(ResultsDbError, _results_db_error)
+    app.add_exception_handler(StorageError, _storage_error)
+    return app

@@ -1,0 +1,198 @@
+"""The endpoints of the results API (``/training/v1/...`` once mounted).
+
+DB work runs in FastAPI's thread pool (plain ``def`` endpoints, ``run_in_threadpool`` in the
+stream), never on the api-server's event loop.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gpu_training.api import commands, queries
+from gpu_training.api.auth import DagAccess, DagAccessDep
+from gpu_training.api.db import StoreDep
+from gpu_training.api.schemas import Epoch, Evaluation, EvaluationList, IterationEpochs, Job, JobDetails, JobList
+from gpu_training.api.stream import StreamSettings, job_events
+from gpu_training.results.models import JOB_STATUSES, TrainingJob
+from gpu_training.results.store import ResultsStore
+from gpu_training.storage import parse_uri, presigned_get_url
+
+router = APIRouter(prefix="/v1")
+
+#: Lifetime of a presigned artifact URL.
+PRESIGNED_EXPIRY_SECONDS = 600
+
+Responses = dict[int | str, dict[str, Any]]
+
+NOT_FOUND: Responses = {404: {"description": "no such job (a malformed uuid is an unknown job too)"}}
+FORBIDDEN: Responses = {401: {"description": "not authenticated"}, 403: {"description": "no access to the job's DAG"}}
+
+Limit = Annotated[int, Query(ge=1, le=500, description="page size, 1 to 500")]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def readable_job(store: ResultsStore, access: DagAccess, job_uuid: str) -> TrainingJob:
+    """The job, 404 if unknown, 403 if its DAG is not readable by the user."""
+    job = queries.job(store, job_uuid)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no training job {job_uuid!r}")
+    access.require_read(job.dag_id)
+    return job
+
+
+def readable_dags(store: ResultsStore, access: DagAccess) -> set[str] | None:
+    """DAG ids to restrict a list to, or None when the user can read every DAG that has jobs."""
+    every = queries.dag_ids(store)
+    allowed = access.readable(every)
+    return None if allowed >= every else allowed
+
+
+@router.get("/jobs", response_model=JobList, responses=FORBIDDEN)
+def list_jobs(
+    store: StoreDep,
+    access: DagAccessDep,
+    status_: Annotated[
+        str | None, Query(alias="status", pattern="^(" + "|".join(JOB_STATUSES) + ")$", description="job status")
+    ] = None,
+    project_id: str | None = None,
+    provider: str | None = None,
+    since: Annotated[datetime | None, Query(description="created at or after (ISO 8601; naive: UTC)")] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> JobList:
+    """Jobs, newest first, of the DAGs the user can read."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    filters = queries.JobFilters(status=status_, project_id=project_id, provider=provider, since=since)
+    jobs, total = queries.list_jobs(store, filters, readable=readable_dags(store, access), limit=limit, offset=offset)
+    return JobList(jobs=[Job.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_uuid}", response_model=Job, responses={**NOT_FOUND, **FORBIDDEN})
+def get_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
+    return Job.of(readable_job(store, access, job_uuid))
+
+
+@router.get("/jobs/{job_uuid}/details", response_model=JobDetails, responses={**NOT_FOUND, **FORBIDDEN})
+def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> JobDetails:
+    """The job with its iterations (steps, epochs, evaluations), artifacts and instances."""
+    return queries.job_details(store, readable_job(store, access, job_uuid))
+
+
+@router.get(
+    "/jobs/{job_uuid}/iterations/{iteration}/epochs",
+    response_model=IterationEpochs,
+    responses={**NOT_FOUND, **FORBIDDEN},
+)
+def get_iteration_epochs(job_uuid: str, iteration: int, store: StoreDep, access: DagAccessDep) -> IterationEpochs:
+    job = readable_job(store, access, job_uuid)
+    epochs = queries.iteration_epochs(store, job, iteration)
+    if epochs is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.uuid} has no iteration {iteration}")
+    return IterationEpochs(job_uuid=job.uuid, iteration=iteration, epochs=[Epoch.of(e) for e in epochs])
+
+
+@router.get("/evaluations", response_model=EvaluationList, responses=FORBIDDEN)
+def list_evaluations(
+    store: StoreDep,
+    access: DagAccessDep,
+    model_id: Annotated[
+        str | None,
+        Query(
+            description='"{job_uuid}/{iteration}/{epoch}": the evaluations of one checkpoint; '
+            '"{job_uuid}/{iteration}" or "{job_uuid}": of an iteration or a job. '
+            "Without it: the latest evaluations stored."
+        ),
+    ] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> EvaluationList:
+    if model_id is None:
+        rows = queries.latest_evaluations(store, readable=readable_dags(store, access), limit=limit, offset=offset)
+        return EvaluationList(evaluations=rows, limit=limit, offset=offset)
+    try:
+        model = queries.ModelId.parse(model_id)
+    except ValueError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from err
+    job = queries.job(store, model.job_uuid)
+    found: list[Evaluation] = []
+    if job is not None:
+        access.require_read(job.dag_id)
+        found = queries.evaluations_of(store, job, model)
+    return EvaluationList(evaluations=found[offset : offset + limit], limit=limit, offset=offset)
+
+
+@router.get(
+    "/jobs/{job_uuid}/artifacts/{artifact_id}",
+    responses={
+        **NOT_FOUND,
+        **FORBIDDEN,
+        200: {"description": "the file (file:// artifacts)", "content": {"application/octet-stream": {}}},
+        307: {"description": "redirect to a presigned S3 GET URL (s3:// artifacts)"},
+    },
+    response_model=None,
+)
+def get_artifact(
+    job_uuid: str, artifact_id: int, store: StoreDep, access: DagAccessDep
+) -> RedirectResponse | FileResponse:
+    """Download an artifact: s3:// through a presigned URL (valid 10 minutes), file:// streamed."""
+    job = readable_job(store, access, job_uuid)
+    row = queries.artifact(store, job, artifact_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.uuid} has no artifact {artifact_id}")
+    loc = parse_uri(row.uri)
+    if loc.scheme == "s3":
+        url = presigned_get_url(row.uri, expires_in=PRESIGNED_EXPIRY_SECONDS)
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    path = Path(loc.path)
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"artifact {row.name} of job {job.uuid} is gone ({row.uri})")
+    return FileResponse(path, filename=Path(row.name).name, media_type="application/octet-stream")
+
+
+@router.post(
+    "/jobs/{job_uuid}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Job,
+    responses={**NOT_FOUND, **FORBIDDEN, 400: {"description": "the job already ended"}},
+)
+def cancel_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
+    """Cancel a job that has not ended: its trigger stops the trainer within a status poll."""
+    job = readable_job(store, access, job_uuid)
+    access.require_edit_runs(job.dag_id)
+    result = commands.cancel_job(store, job)
+    if not result.cancelled:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job.uuid} already ended: {result.job.status}")
+    return Job.of(result.job)
+
+
+@router.get(
+    "/jobs/{job_uuid}/stream",
+    responses={
+        **NOT_FOUND,
+        **FORBIDDEN,
+        200: {"description": "Server-Sent Events: status, epoch, eval", "content": {"text/event-stream": {}}},
+    },
+    response_class=StreamingResponse,
+)
+async def stream_job(
+    job_uuid: str,
+    request: Request,
+    store: StoreDep,
+    access: DagAccessDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Events of the job as they are stored; the stream ends after the job's terminal status."""
+    job = await run_in_threadpool(readable_job, store, access, job_uuid)
+    settings: StreamSettings = getattr(request.app.state, "stream_settings", StreamSettings())
+    return StreamingResponse(
+        job_events(store, job, settings, last_event_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

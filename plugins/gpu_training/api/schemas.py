@@ -1,0 +1,208 @@
+"""Response models of the results API (pydantic), built from the results DB's rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpu_training.results.models import Artifact, EpochTrain, Eval, Instance, TrainingJob, TrainingStep
+
+
+class Job(BaseModel):
+    """One training job: one run of the ``gpu_training`` DAG (or one mapped job of a sweep)."""
+
+    uuid: str
+    project_id: str
+    dag_id: str
+    run_id: str
+    status: str = Field(description="pending, provisioning, running, completed, failed or cancelled")
+    provider: str
+    runtime: str
+    gpu: str | None = Field(description="the `gpu` param of the job (empty: chosen by price)")
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    time_taken: float | None = Field(description="seconds")
+    cost_usd: float | None
+    failure_reason: str | None
+    non_finite_loss: str | None = Field(description="the first NaN/infinite loss reported, if any")
+    trainer_exit_code: int | None
+    ingest_offset: int = Field(description="bytes of global.json stored so far")
+
+    @classmethod
+    def of(cls, job: TrainingJob) -> Job:
+        gpu = (job.params or {}).get("gpu")
+        return cls(
+            uuid=job.uuid,
+            project_id=job.project_id,
+            dag_id=job.dag_id,
+            run_id=job.run_id,
+            status=job.status,
+            provider=job.provider,
+            runtime=job.runtime,
+            gpu=str(gpu) if gpu else None,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            completed_at=job.completed_at,
+            time_taken=job.time_taken,
+            cost_usd=job.cost_usd,
+            failure_reason=job.failure_reason,
+            non_finite_loss=job.non_finite_loss,
+            trainer_exit_code=job.trainer_exit_code,
+            ingest_offset=job.ingest_offset,
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    total: int = Field(description="jobs matching the filters (that the user may read)")
+    limit: int
+    offset: int
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step_type: str = Field(description="traj_gen, training or evaluation")
+    config: dict[str, Any] | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration: float | None
+
+    @classmethod
+    def of(cls, row: TrainingStep) -> Step:
+        return cls.model_validate(row)
+
+
+class Epoch(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    iteration: int
+    epoch: int
+    avg_loss: float | None
+    model_path: str | None
+    optimizer_path: str | None
+    metrics: dict[str, Any] | None
+    completed_at: datetime
+
+    @classmethod
+    def of(cls, row: EpochTrain) -> Epoch:
+        return cls.model_validate(row)
+
+
+def model_id(job_uuid: str, iteration: int, epoch: int) -> str:
+    """The id of the checkpoint an evaluation evaluated (see :mod:`gpu_training.api.queries`)."""
+    return f"{job_uuid}/{iteration}/{epoch}"
+
+
+class Evaluation(BaseModel):
+    id: int
+    model_id: str = Field(
+        description='"{job_uuid}/{iteration}/{epoch}": the checkpoint evaluated (epoch 0: none named)'
+    )
+    job_uuid: str
+    iteration: int
+    epoch: int
+    accuracy: float | None
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    auc: float | None
+    loss: float | None
+    confusion_matrix: list[list[int]] | None
+    model_path: str | None
+    metrics: dict[str, Any] | None
+    evaluated_at: datetime
+
+    @classmethod
+    def of(cls, row: Eval, job_uuid: str) -> Evaluation:
+        return cls(
+            id=row.id,
+            model_id=model_id(job_uuid, row.iteration, row.epoch),
+            job_uuid=job_uuid,
+            iteration=row.iteration,
+            epoch=row.epoch,
+            accuracy=row.accuracy,
+            precision=row.precision,
+            recall=row.recall,
+            f1=row.f1,
+            auc=row.auc,
+            loss=row.loss,
+            confusion_matrix=row.confusion_matrix,
+            model_path=row.model_path,
+            metrics=row.metrics,
+            evaluated_at=row.evaluated_at,
+        )
+
+
+class EvaluationList(BaseModel):
+    evaluations: list[Evaluation]
+    limit: int
+    offset: int
+
+
+class Iteration(BaseModel):
+    iteration: int
+    config: dict[str, Any] | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    time_taken: float | None
+    steps: list[Step]
+    epochs: list[Epoch]
+    evals: list[Evaluation]
+
+
+class IterationEpochs(BaseModel):
+    job_uuid: str
+    iteration: int
+    epochs: list[Epoch]
+
+
+class ArtifactInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int = Field(description="for GET /v1/jobs/{uuid}/artifacts/{id}")
+    name: str = Field(description="path relative to the job's outputs")
+    uri: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Artifact) -> ArtifactInfo:
+        return cls.model_validate(row)
+
+
+class InstanceInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    provider: str
+    instance_id: str | None
+    instance_type: str | None
+    region: str | None
+    spot: bool
+    state: str
+    state_reason: str | None
+    price_per_hour: float | None
+    billable_seconds: float | None
+    cost_usd: float | None
+    created_at: datetime
+    launched_at: datetime | None
+    ready_at: datetime | None
+    terminated_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Instance) -> InstanceInfo:
+        return cls.model_validate(row)
+
+
+class JobDetails(Job):
+    """The job with everything stored about it."""
+
+    iterations: list[Iteration]
+    artifacts: list[ArtifactInfo]
+    instances: list[InstanceInfo]
