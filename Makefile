@@ -2,6 +2,7 @@
 #   make demo            one real training job end to end on the embedded default (local provider)
 #   make test            the whole test suite
 #   make run CONF='{}'   one job with these params, exactly as the demo runs it
+#   make ui              build the Training jobs page (include/ui -> plugins/gpu_training/ui_dist)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
@@ -22,10 +23,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency clean status-db
+.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency clean status-db ui ui-if-node
 
 help:
-	@sed -n '2,4p' Makefile
+	@sed -n '2,5p' Makefile
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,27 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed ui-if-node
+
+# The Training jobs page (README "Training jobs page"): sources and lockfile in include/ui, the build
+# (git-ignored) in plugins/gpu_training/ui_dist, served by the plugin at /training/ui/. Rebuilt when
+# a source changes; needs Node.js >= 18 and npm (.ci/system-deps installs Debian's).
+UI_DIR := include/ui
+UI_DIST := plugins/gpu_training/ui_dist
+UI_SOURCES := $(UI_DIR)/package.json $(UI_DIR)/package-lock.json $(UI_DIR)/vite.config.js $(UI_DIR)/index.html \
+  $(wildcard $(UI_DIR)/src/*)
+
+$(UI_DIST)/index.html: $(UI_SOURCES)
+	cd $(UI_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm run build
+	touch $@
+
+ui: $(UI_DIST)/index.html
+
+# `make install` and `make test` build the page when npm is there; without it the plugin still works
+# and /training/ui/ answers 503 (the UI test skips).
+ui-if-node:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory ui; \
+	else echo "note: npm not found, not building the Training jobs page (make ui)"; fi
 
 $(AIRFLOW_HOME)/.migrated: $(BIN)/.installed $(wildcard plugins/gpu_training/results/migrations/versions/*.py)
 	mkdir -p $(AIRFLOW_HOME)
@@ -61,6 +82,7 @@ bench: migrate
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/transfer.py; else echo "bench/transfer.py needs root (sshd)"; fi
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/provision.py; else echo "bench/provision.py needs root (sshd)"; fi
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/api.py
 	$(MAKE) --no-print-directory bench-concurrency
 
 # 50 concurrent runs on a real scheduler + triggerer + api-server, PostgreSQL as metadata DB (~3 min).
@@ -76,4 +98,4 @@ lint: install
 	$(BIN)/mypy plugins/gpu_training
 
 clean:
-	rm -rf $(AIRFLOW_HOME)
+	rm -rf $(AIRFLOW_HOME) $(UI_DIST) $(UI_DIR)/node_modules

@@ -5,7 +5,8 @@ itself is listed in ``.airflowignore`` and registered from here.
 
 Every Airflow process (scheduler, workers, triggerer, dag-processor) imports this module, but only
 the api-server reads ``fastapi_apps``: the results API app is built on that first read, so importing
-the plugin stays cheap and touches no database.
+the plugin stays cheap and touches no database. ``external_views`` puts the app's Training jobs page
+(``/training/ui/``) in the Airflow UI's nav bar.
 """
 
 from __future__ import annotations
@@ -32,9 +33,20 @@ class _ResultsApiApps:
         return self._apps
 
 
+#: The Training jobs page (``gpu_training/api/ui.py``), served by the results API app and shown by
+#: the Airflow UI in an iframe under "Training jobs" in the nav bar (URL ``/plugin/training-jobs``).
+TRAINING_JOBS_VIEW: dict[str, Any] = {
+    "name": "Training jobs",
+    "href": "/training/ui/",
+    "url_route": "training-jobs",
+    "destination": "nav",
+}
+
+
 class GpuTrainingPlugin(AirflowPlugin):
-    """Registers the orchestrator with Airflow: the results REST API under ``/training``."""
+    """Registers the orchestrator with Airflow: the results REST API under ``/training`` and its page."""
 
     name = "gpu_training"
     version = __version__
     fastapi_apps = _ResultsApiApps()  # type: ignore[assignment]
+    external_views = [TRAINING_JOBS_VIEW]

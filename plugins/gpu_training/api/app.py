@@ -46,6 +46,7 @@ async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(*, stream_settings: StreamSettings | None = None) -> FastAPI:
     """The results API app (routes under ``/v1``)."""
     from gpu_training.api.routes import router
+    from gpu_training.api.ui import router as ui_router
 
     app = FastAPI(
         title=TITLE,
@@ -59,6 +60,7 @@ def create_app(*, stream_settings: StreamSettings | None = None) -> FastAPI:
     )
     app.state.stream_settings = stream_settings or StreamSettings()
     app.include_router(router)
+    app.include_router(ui_router)
     app.add_exception_handler(JobNotFoundError, _job_not_found)
     app.add_exception_handler(ResultsDbError, _results_db_error)
     app.add_exception_handler(StorageError, _storage_error)

@@ -41,7 +41,11 @@ from gpu_training.results.models import (
 )
 from gpu_training.results.store import ResultsStore
 
-_MODEL_ID = re.compile(r"^(?P<job>[0-9A-Fa-f-]{32,36})(?:/(?P<iteration>\d{1,9})(?:/(?P<epoch>\d{1,9}))?)?$")
+_UUID = "[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}"
+#: What the API accepts as a model id (documented as the ``model_id`` parameter's pattern): a job
+#: uuid (hyphenated or 32 hex digits), optionally ``/iteration`` and ``/epoch`` (ASCII digits).
+MODEL_ID_PATTERN = f"^{_UUID}(/[0-9]{{1,9}}(/[0-9]{{1,9}})?)?$"
+_MODEL_ID = re.compile(f"(?P<job>{_UUID})(?:/(?P<iteration>[0-9]{{1,9}})(?:/(?P<epoch>[0-9]{{1,9}}))?)?")
 
 
 def canonical_uuid(text: str) -> str | None:
@@ -62,7 +66,7 @@ class ModelId:
 
     @classmethod
     def parse(cls, text: str) -> ModelId:
-        match = _MODEL_ID.match(text.strip())
+        match = _MODEL_ID.fullmatch(text)
         job = canonical_uuid(match["job"]) if match else None
         if match is None or job is None:
             raise ValueError(

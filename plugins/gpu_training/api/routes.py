@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from gpu_training.api import commands, queries
@@ -31,10 +34,35 @@ PRESIGNED_EXPIRY_SECONDS = 600
 Responses = dict[int | str, dict[str, Any]]
 
 NOT_FOUND: Responses = {404: {"description": "no such job (a malformed uuid is an unknown job too)"}}
-FORBIDDEN: Responses = {401: {"description": "not authenticated"}, 403: {"description": "no access to the job's DAG"}}
+FORBIDDEN: Responses = {
+    401: {"description": "not authenticated"},
+    403: {"description": "no access to the job's DAG"},
+    503: {"description": "the results database is unreachable or not migrated"},
+}
+
+#: The widest integer a results DB column holds (SQLite INTEGER, PostgreSQL BIGINT): a larger one
+#: could not even be bound as a parameter (SQLite: OverflowError), so it is a 422, not a 500.
+INT64_MAX = 2**63 - 1
 
 Limit = Annotated[int, Query(ge=1, le=500, description="page size, 1 to 500")]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]
+DbInt = Annotated[int, PathParam(ge=-INT64_MAX - 1, le=INT64_MAX)]
+
+
+def _not_a_number(value: Any) -> Any:
+    """Pydantic reads a number as seconds since the epoch: ``since=0.5`` would mean 1970, silently.
+    Only ISO 8601 is documented, so a number is a 422."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _is_number(value)):
+        raise ValueError("expected an ISO 8601 date or date-time, not a number")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def readable_job(store: ResultsStore, access: DagAccess, job_uuid: str) -> TrainingJob:
@@ -62,7 +90,11 @@ def list_jobs(
     ] = None,
     project_id: str | None = None,
     provider: str | None = None,
-    since: Annotated[datetime | None, Query(description="created at or after (ISO 8601; naive: UTC)")] = None,
+    since: Annotated[
+        datetime | None,
+        BeforeValidator(_not_a_number),
+        Query(description="created at or after (ISO 8601; naive: UTC)"),
+    ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobList:
@@ -90,7 +122,12 @@ def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job
     response_model=IterationEpochs,
     responses={**NOT_FOUND, **FORBIDDEN},
 )
-def get_iteration_epochs(job_uuid: str, iteration: int, store: StoreDep, access: DagAccessDep) -> IterationEpochs:
+def get_iteration_epochs(
+    job_uuid: str,
+    iteration: DbInt,
+    store: StoreDep,
+    access: DagAccessDep,
+) -> IterationEpochs:
     job = readable_job(store, access, job_uuid)
     epochs = queries.iteration_epochs(store, job, iteration)
     if epochs is None:
@@ -105,9 +142,10 @@ def list_evaluations(
     model_id: Annotated[
         str | None,
         Query(
+            pattern=queries.MODEL_ID_PATTERN,
             description='"{job_uuid}/{iteration}/{epoch}": the evaluations of one checkpoint; '
             '"{job_uuid}/{iteration}" or "{job_uuid}": of an iteration or a job. '
-            "Without it: the latest evaluations stored."
+            "Without it: the latest evaluations stored.",
         ),
     ] = None,
     limit: Limit = 50,
@@ -118,8 +156,10 @@ def list_evaluations(
         return EvaluationList(evaluations=rows, limit=limit, offset=offset)
     try:
         model = queries.ModelId.parse(model_id)
-    except ValueError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from err
+    except ValueError as err:  # the pattern let it through: still the documented 422 body
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "model_id"), "msg": str(err), "input": model_id}]
+        ) from err
     job = queries.job(store, model.job_uuid)
     found: list[Evaluation] = []
     if job is not None:
@@ -135,11 +175,15 @@ def list_evaluations(
         **FORBIDDEN,
         200: {"description": "the file (file:// artifacts)", "content": {"application/octet-stream": {}}},
         307: {"description": "redirect to a presigned S3 GET URL (s3:// artifacts)"},
+        502: {"description": "the presigned URL could not be made (storage error)"},
     },
     response_model=None,
 )
 def get_artifact(
-    job_uuid: str, artifact_id: int, store: StoreDep, access: DagAccessDep
+    job_uuid: str,
+    artifact_id: DbInt,
+    store: StoreDep,
+    access: DagAccessDep,
 ) -> RedirectResponse | FileResponse:
     """Download an artifact: s3:// through a presigned URL (valid 10 minutes), file:// streamed."""
     job = readable_job(store, access, job_uuid)
