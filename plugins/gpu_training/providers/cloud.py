@@ -18,9 +18,9 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
 
-from gpu_training.errors import BadRequestError, ProviderUnavailableError
+from gpu_training.errors import BadRequestError, InstanceNotFoundError, ProviderError, ProviderUnavailableError
 from gpu_training.hooks.cloud_api import CloudApiHook
-from gpu_training.providers.base import ComputeProvider, InstanceInfo
+from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer
 from gpu_training.providers.ssh import SshBox, ssh_hook
 
 DEFAULT_SSH_CONN_ID = "gpu_instance_ssh"
@@ -67,6 +67,28 @@ class CloudProvider(ComputeProvider):
         port = conn.port or int(instance.details.get("ssh_port") or 22)
         hook = ssh_hook(self.ssh_conn_id, remote_host=host, port=port, username=conn.login or self.default_ssh_user)
         return SshBox(hook, dict(conn.extra_dejson or {}), label=f"{self.name} instance {instance.instance_id}")
+
+    #: ``details["status"]`` given to an instance launched but not queryable yet.
+    launching_status = "booting"
+
+    def _launched(self, instance_id: str, offer: Offer, name: str) -> InstanceInfo:
+        """The new instance's state; errors carry its id so teardown can find it."""
+        try:
+            return self.get_instance(instance_id)
+        except InstanceNotFoundError:  # not queryable yet: it was just created
+            return InstanceInfo(
+                provider=self.name,
+                instance_id=instance_id,
+                name=name,
+                state=InstanceState.BOOTING,
+                instance_type=offer.instance_type,
+                region=offer.region,
+                price_per_hour=offer.price_per_hour,
+                details={"status": self.launching_status},
+            )
+        except ProviderError as err:
+            err.instance_id = instance_id
+            raise
 
     def host(self, instance: InstanceInfo) -> Any:
         return self.ssh_box(instance).host(instance.name)

@@ -196,25 +196,6 @@ class LambdaProvider(HttpCloudProvider[LambdaCloudHook]):
             raise ProviderError(self.name, f"launch of {name} answered no instance id")
         return self._launched(ids[0], offer, name)
 
-    def _launched(self, instance_id: str, offer: Offer, name: str) -> InstanceInfo:
-        """The new instance's state; errors carry its id so teardown can find it."""
-        try:
-            return self.get_instance(instance_id)
-        except InstanceNotFoundError:  # not queryable yet: it was just created
-            return InstanceInfo(
-                provider=self.name,
-                instance_id=instance_id,
-                name=name,
-                state=InstanceState.BOOTING,
-                instance_type=offer.instance_type,
-                region=offer.region,
-                price_per_hour=offer.price_per_hour,
-                details={"status": "booting"},
-            )
-        except ProviderError as err:
-            err.instance_id = instance_id
-            raise
-
     def terminate(self, instance_id: str) -> None:
         try:
             self.hook.terminate([instance_id])

@@ -115,6 +115,8 @@ def _price(value: Any) -> float | None:
 class VastProvider(HttpCloudProvider[VastHook]):
     """Vast.ai marketplace GPU instances."""
 
+    #: ``details["status"]`` of an instance launched but not queryable yet.
+    launching_status = "null"
     name = "vast"
     default_conn_id = "vast_default"
     provision_timeout = timedelta(minutes=20)
@@ -294,25 +296,6 @@ class VastProvider(HttpCloudProvider[VastHook]):
                 return found
             raise ProviderError(self.name, f"renting ask {ask_id} for {name} answered no instance id")
         return self._launched(instance_id, offer, name)
-
-    def _launched(self, instance_id: str, offer: Offer, name: str) -> InstanceInfo:
-        """The new instance's state; errors carry its id so teardown can find it."""
-        try:
-            return self.get_instance(instance_id)
-        except InstanceNotFoundError:  # not queryable yet: the contract was just created
-            return InstanceInfo(
-                provider=self.name,
-                instance_id=instance_id,
-                name=name,
-                state=InstanceState.BOOTING,
-                instance_type=offer.instance_type,
-                region=offer.region,
-                price_per_hour=offer.price_per_hour,
-                details={"status": "null"},
-            )
-        except ProviderError as err:
-            err.instance_id = instance_id
-            raise
 
     def terminate(self, instance_id: str) -> None:
         try:
