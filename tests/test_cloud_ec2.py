@@ -1,7 +1,7 @@
 """Ec2Provider against moto's EC2 behind Ec2FaultProxy: offers (on-demand table, instance type
 offerings, spot prices), idempotent launch (by name and by ClientToken), spot launch, states,
-terminate, and every fault switch (capacity, throttling, 5xx after create, failing terminate,
-impaired, vanished, wrong credentials)."""
+terminate, spot interruptions, and every fault switch (capacity, throttling, 5xx after create,
+failing terminate, impaired, vanished, wrong credentials)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,14 @@ from gpu_training.errors import (
 )
 from gpu_training.offers import gpu_matches
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
-from gpu_training.providers.ec2 import INSTANCE_TYPES, TAG_MANAGED, TAG_PRICE, Ec2Provider, client_token
+from gpu_training.providers.ec2 import (
+    INSTANCE_TYPES,
+    TAG_MANAGED,
+    TAG_PRICE,
+    Ec2Provider,
+    client_token,
+    interruption_of,
+)
 from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.ec2 import Ec2FaultProxy, SpotPrice
 
@@ -476,6 +483,107 @@ def test_vanished_instance_is_not_found(fake: Ec2FaultProxy, provider: Ec2Provid
     assert provider.list_instances() == [] and provider.find_instance(info.name) is None
     provider.terminate(info.instance_id)
     fake.assert_all_terminated()  # moto lost it too
+
+
+# --- spot interruptions ---------------------------------------------------------------------------
+
+
+def spot_offer(fake: Ec2FaultProxy, provider: Ec2Provider) -> Offer:
+    fake.spot_prices = [SpotPrice("g5.xlarge", "us-east-1b", 0.42)]
+    return offer_for(provider, spot=True)
+
+
+def spot_request(provider: Ec2Provider, request_id: str) -> dict[str, Any]:
+    """What DescribeSpotInstanceRequests says through the proxy (EC2's own record)."""
+    reply = provider.client(REGION).describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])
+    return dict(reply["SpotInstanceRequests"][0])
+
+
+def test_interrupted_spot_instance_is_gone_with_ec2s_reasons(fake: Ec2FaultProxy, provider: Ec2Provider) -> None:
+    fake.faults.terminate_seconds = 0.4
+    info = provider.launch(spot_offer(fake, provider), NAME_PREFIX + "ec2-interrupt-1")
+    running = wait_state(provider, info.instance_id, InstanceState.RUNNING)
+    request_id = running.details["spot_request"]
+    assert request_id.startswith("sir-") and not running.interrupted and "interruption" not in running.details
+    fulfilled = spot_request(provider, request_id)
+    assert (fulfilled["State"], fulfilled["Status"]["Code"], fulfilled["InstanceId"]) == (
+        "active",
+        "fulfilled",
+        info.instance_id,
+    )
+    assert fulfilled["InstanceInterruptionBehavior"] == "terminate" and fulfilled["Type"] == "one-time"
+
+    fake.interrupt(info.instance_id, "no-capacity")
+    fake.calls.clear()
+    going = provider.get_instance(info.instance_id)
+    assert going.details["status"] == "shutting-down" and going.state == InstanceState.FAILED  # gone, not STOPPING
+    assert going.interrupted and going.state.is_gone
+    words = going.details["interruption"]
+    assert words.startswith("Server.SpotInstanceTermination: Spot instance termination; ")
+    assert f"spot request {request_id} instance-terminated-no-capacity: " in words and "no Spot capacity" in words
+    assert going.details["spot_request_status"] == "instance-terminated-no-capacity"
+    # One DescribeSpotInstanceRequests for a spot instance that no longer runs; none for running ones.
+    assert [a for _, a, _ in fake.calls] == ["DescribeInstances", "DescribeSpotInstanceRequests"]
+
+    gone = wait_state(provider, info.instance_id, InstanceState.TERMINATED)
+    assert gone.interrupted and gone.details["status"] == "terminated"
+    assert provider.find_instance(info.name) is None and provider.list_instances() == []
+    closed = spot_request(provider, request_id)
+    assert (closed["State"], closed["Status"]["Code"]) == ("closed", "instance-terminated-no-capacity")
+    moto = fake.moto_instance(info.instance_id)  # moto itself terminated it, as EC2 would
+    assert moto["State"]["Name"] == "terminated"
+    provider.terminate(info.instance_id)  # already gone: quiet
+    fake.assert_all_terminated()
+
+
+def test_spot_instance_stopped_by_price_is_interrupted_and_still_listed(
+    fake: Ec2FaultProxy, provider: Ec2Provider
+) -> None:
+    """A persistent request with interruption behavior ``stop``: EC2 stops the instance instead."""
+    params = provider.run_params(spot_offer(fake, provider), NAME_PREFIX + "ec2-stop-1", REGION)
+    params["InstanceMarketOptions"]["SpotOptions"].update(
+        SpotInstanceType="persistent", InstanceInterruptionBehavior="stop"
+    )
+    instance_id = provider.client(REGION).run_instances(**params)["Instances"][0]["InstanceId"]
+    fake.interrupt(instance_id, "by-price")
+    stopped = provider.get_instance(instance_id)
+    assert stopped.state == InstanceState.FAILED and stopped.interrupted
+    assert stopped.details["status"] == "stopped"
+    assert stopped.details["interruption"].startswith("Server.SpotInstanceShutdown: Spot instance shutdown; ")
+    assert "instance-stopped-by-price" in stopped.details["interruption"]
+    assert spot_request(provider, stopped.details["spot_request"])["State"] == "disabled"
+    found = provider.find_instance(stopped.name)  # its volume still bills: the reaper must see it
+    assert found is not None and found.interrupted
+    terminate_all(provider, fake)
+
+
+def test_instances_we_terminate_are_not_interrupted(fake: Ec2FaultProxy, provider: Ec2Provider) -> None:
+    on_demand = provider.launch(offer_for(provider), NAME_PREFIX + "ec2-ours-1")
+    spot = provider.launch(spot_offer(fake, provider), NAME_PREFIX + "ec2-ours-2")
+    with pytest.raises(ValueError, match="spot only"):
+        fake.interrupt(on_demand.instance_id)  # EC2 does not interrupt on-demand instances
+    for info in (on_demand, spot):
+        provider.terminate(info.instance_id)
+        gone = provider.get_instance(info.instance_id)
+        assert (gone.state, gone.interrupted) == (InstanceState.TERMINATED, False)
+        assert "interruption" not in gone.details
+        assert gone.details["state_reason"] == "Client.UserInitiatedShutdown: User initiated shutdown"
+    assert provider.get_instance(spot.instance_id).details["spot_request_status"] == "instance-terminated-by-user"
+    fake.assert_all_terminated()
+
+
+def test_interruption_of_reads_the_state_reason_and_the_spot_request() -> None:
+    terminated = {"State": {"Name": "terminated"}, "SpotInstanceRequestId": "sir-12345678"}
+    by_price = {"SpotInstanceRequestId": "sir-12345678", "Status": {"Code": "instance-terminated-by-price"}}
+    reason = {"Code": "Server.SpotInstanceTermination", "Message": "Server.SpotInstanceTermination: Spot instance"}
+    assert interruption_of(terminated) is None
+    assert interruption_of(terminated, by_price) == "spot request sir-12345678 instance-terminated-by-price"
+    assert interruption_of({**terminated, "StateReason": reason}) == reason["Message"]
+    ours = {"Code": "Client.UserInitiatedShutdown", "Message": "Client.UserInitiatedShutdown: User initiated"}
+    by_user = {"Status": {"Code": "instance-terminated-by-user", "Message": "terminated by user"}}
+    assert interruption_of({**terminated, "StateReason": ours}, by_user) is None
+    running = {"State": {"Name": "running"}, "StateReason": reason}  # a persistent request's instance again
+    assert interruption_of(running, by_price) is None
 
 
 # --- credentials and SSH ---------------------------------------------------------------------------

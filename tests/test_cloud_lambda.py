@@ -165,7 +165,10 @@ def test_terminating_then_terminated(fake: FakeLambda, provider: LambdaProvider)
     assert (stopping.state, stopping.details["status"]) == (InstanceState.STOPPING, "terminating")
     assert provider.find_instance(info.name) is not None  # terminating is not gone yet
     provider.terminate(info.instance_id)  # asked again while terminating: quiet
-    wait_state(provider, info.instance_id, InstanceState.TERMINATED)
+    gone = wait_state(provider, info.instance_id, InstanceState.TERMINATED)
+    assert not gone.interrupted  # Lambda has no spot instances: nothing but us terminates one
+    with pytest.raises(ValueError, match="no spot or interruptible"):
+        fake.interrupt(info.instance_id)
     assert provider.find_instance(info.name) is None and provider.list_instances() == []
     fake.assert_all_terminated()
 

@@ -138,6 +138,12 @@ def test_no_spot_offers_and_a_spot_offer_is_refused(fake: FakeRunPod, provider: 
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert "$: additional properties 'interruptible' not allowed" in answer.json()["errors"]
     assert fake.launched() == []
+    # So there is no interruptible pod to interrupt: the fake's control refuses, as RunPod cannot.
+    pod = provider.launch(offer_for(provider, A100, "US-KS-2"), NAME_PREFIX + "runpod-spot-2")
+    with pytest.raises(ValueError, match="no interruptible"):
+        fake.interrupt(pod.instance_id)
+    assert not provider.get_instance(pod.instance_id).interrupted
+    terminate_all(provider, fake)
 
 
 def test_instance_type_round_trip() -> None:
@@ -240,6 +246,7 @@ def test_deleted_pod_reads_terminated_then_not_found(fake: FakeRunPod, provider:
     provider.terminate(info.instance_id)
     gone = provider.get_instance(info.instance_id)
     assert (gone.state, gone.details["status"]) == (InstanceState.TERMINATED, "TERMINATED")
+    assert not gone.interrupted and "interruption" not in gone.details  # deleted by us
     assert provider.find_instance(info.name) is None and provider.list_instances() == []
     provider.terminate(info.instance_id)  # asked again: quiet
     deadline = time.monotonic() + 3

@@ -1,6 +1,6 @@
 """VastProvider against FakeVast: offers (on-demand and interruptible bids), idempotent launch by
-label, states, terminate, and every fault switch (capacity, plain-text 429 bursts, 5xx after
-create, failing destroy, unhealthy, vanished, bad key)."""
+label, states, terminate, outbid interruptible instances, and every fault switch (capacity,
+plain-text 429 bursts, 5xx after create, failing destroy, unhealthy, vanished, bad key)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from gpu_training.errors import (
 from gpu_training.hooks.cloud_api import RateLimitedError, ServerError
 from gpu_training.offers import gpu_matches, rank_offers
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
-from gpu_training.providers.vast import DEFAULT_IMAGE, VastProvider, ask_id_of, state_of
+from gpu_training.providers.vast import DEFAULT_IMAGE, VastProvider, ask_id_of, interruption_of, state_of
 from tests.fakeclouds.base import terminate_all, wait_state
 from tests.fakeclouds.vast import FakeVast
 
@@ -408,6 +408,66 @@ def test_unhealthy_instance_is_failed(fake: FakeVast, provider: VastProvider) ->
     assert "exited unexpectedly" in state.details["status_msg"]
     assert provider.find_instance(info.name) is not None  # still billing: the reaper must see it
     terminate_all(provider, fake)
+
+
+# --- outbid ----------------------------------------------------------------------------------------
+
+
+def wait_destroyed(provider: VastProvider, instance_id: str) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            provider.get_instance(instance_id)
+        except InstanceNotFoundError:
+            return
+        assert time.monotonic() < deadline, f"{instance_id} still there"
+        time.sleep(0.05)
+
+
+def test_outbid_interruptible_instance_is_interrupted(fake: FakeVast, provider: VastProvider) -> None:
+    fake.faults.terminate_seconds = 0.3
+    info = provider.launch(offer_for(provider, 4201, spot=True), NAME_PREFIX + "vast-outbid-1")
+    running = wait_state(provider, info.instance_id, InstanceState.RUNNING)
+    assert not running.interrupted and "interruption" not in running.details
+    fake.interrupt(info.instance_id, status_msg="outbid by a higher priority rental")
+    raw = requests.get(
+        f"{fake.url}/api/v0/instances/{info.instance_id}/",
+        headers={"Authorization": f"Bearer {fake.api_key}"},
+        timeout=5,
+    ).json()["instances"]
+    assert (raw["actual_status"], raw["intended_status"], raw["cur_state"], raw["is_bid"]) == (
+        "stopped",
+        "running",
+        "stopped",
+        True,
+    )
+    outbid = provider.get_instance(info.instance_id)
+    assert outbid.state == InstanceState.FAILED and outbid.state.is_gone and outbid.interrupted
+    words = outbid.details["interruption"]
+    assert words.startswith("outbid: interruptible instance (is_bid) stopped by Vast: actual_status stopped")
+    assert "bid $0.6/h" in words and words.endswith("; status_msg: outbid by a higher priority rental")
+    found = provider.find_instance(info.name)  # stopped, not destroyed: its disk still bills
+    assert found is not None and found.interrupted
+    provider.terminate(info.instance_id)
+    destroying = provider.get_instance(info.instance_id)  # released on our destroy: no longer "outbid"
+    assert destroying.details["cur_state"] == "unloaded" and not destroying.interrupted
+    assert fake.ask(4201)["rented"]  # the machine stays with the higher bidder
+    wait_destroyed(provider, info.instance_id)
+    fake.assert_all_terminated()
+
+
+def test_on_demand_instance_destroyed_by_us_is_not_interrupted(fake: FakeVast, provider: VastProvider) -> None:
+    fake.faults.terminate_seconds = 0.3
+    info = provider.launch(offer_for(provider, 4101), NAME_PREFIX + "vast-ours-1")
+    with pytest.raises(ValueError, match="only interruptible"):
+        fake.interrupt(info.instance_id)  # on-demand rentals are never outbid
+    provider.terminate(info.instance_id)
+    destroying = provider.get_instance(info.instance_id)
+    assert (destroying.state, destroying.interrupted) == (InstanceState.STOPPING, False)
+    assert interruption_of({"is_bid": True, "actual_status": "stopped", "intended_status": "stopped"}) is None
+    assert interruption_of({"is_bid": False, "actual_status": "stopped", "intended_status": "running"}) is None
+    wait_destroyed(provider, info.instance_id)
+    fake.assert_all_terminated()
 
 
 def test_vanished_instance_is_not_found(fake: FakeVast, provider: VastProvider) -> None:

@@ -164,6 +164,13 @@ class FakeCloud:
             left = [(i.id, i.name, phases[i.id]) for i in self.instances.values() if not i.gone]
         assert not left, f"{self.name}: instances not terminated: {left}"
 
+    def interrupt(self, instance_id: str) -> None:
+        """Take a spot / interruptible instance back the way the cloud does (test control).
+
+        Clouds with such instances override this; the others have nothing to interrupt.
+        """
+        raise ValueError(f"{self.name} has no spot or interruptible instances: nothing interrupts {instance_id}")
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -33,6 +33,20 @@ What the proxy adds to moto:
 - Spot prices: moto's DescribeSpotPriceHistory answers a fixed price from 2006; a test may set
   :attr:`spot_prices` (answered instead, filtered by ``InstanceType.N``) or
   :attr:`spot_history_error` (answered as that error code, 403).
+- Spot requests, which moto does not create for ``RunInstances`` with ``InstanceMarketOptions``:
+  EC2 does ("Spot request status", EC2 User Guide), so the proxy gives each spot launch a request
+  ``sir-...``, sends it as the instance's ``spotInstanceRequestId`` and answers
+  DescribeSpotInstanceRequests for it (by ``SpotInstanceRequestId.N``, or all of them without ids
+  or filters; anything else goes to moto): state ``active``/``fulfilled`` once launched,
+  ``closed``/``instance-terminated-by-user`` after our TerminateInstances.
+- Spot interruptions, the test control :meth:`interrupt` (EC2 "Spot Instance interruptions", "Find
+  interrupted Spot Instances", API_StateReason): the instance goes the way of its
+  ``InstanceInterruptionBehavior``, ``terminate`` (shutting-down for ``terminate_seconds``, then
+  terminated) or ``stop``/``hibernate`` (stopping, then stopped), with ``stateReason``
+  ``Server.SpotInstanceTermination`` (``Server.SpotInstanceShutdown`` when stopped), and its spot
+  request turns ``instance-terminated-by-price``/``-no-capacity`` (``closed``; ``open`` for a
+  persistent request) or ``instance-stopped-...`` (``disabled``). The 2-minute notice
+  (``marked-for-termination``) is not simulated: the interruption starts at once.
 
 The record: :attr:`instances` (FakeInstance per launched id), :attr:`calls` ``(method, Action,
 status)``, :attr:`timed_calls` with a monotonic time first, and :meth:`assert_all_terminated`,
@@ -46,6 +60,7 @@ import hmac
 import http.client
 import json
 import re
+import secrets
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -63,6 +78,29 @@ AUTH_RE = re.compile(
 )
 _STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 _PHASE_STATES = {"booting": "pending", "terminating": "shutting-down", "terminated": "terminated"}
+SPOT_REQUEST_ID_RE = re.compile(r"^sir-[0-9a-z]{8}$")
+#: Why EC2 interrupts (the tail of the spot request status code): the Spot price rose above the
+#: request's maximum price, or EC2 needs the capacity back.
+INTERRUPTION_CAUSES = ("by-price", "no-capacity")
+#: The instance's ``stateReason`` after an interruption, per interruption behavior (API_StateReason).
+_INTERRUPTION_REASONS = {
+    "terminate": ("Server.SpotInstanceTermination", "Server.SpotInstanceTermination: Spot instance termination"),
+    "stop": ("Server.SpotInstanceShutdown", "Server.SpotInstanceShutdown: Spot instance shutdown"),
+}
+#: Spot request status messages. The no-capacity one is quoted from AWS's knowledge center ("Why did
+#: Amazon EC2 terminate my Spot Instance?"); the others follow its pattern (inferred).
+_SPOT_MESSAGES = {
+    "fulfilled": "Your spot request is fulfilled.",
+    "instance-terminated-by-price": "Your Spot Instance was terminated because your maximum price is lower than "
+    "the Spot price.",
+    "instance-terminated-no-capacity": "Your Spot Instance was terminated because there is no Spot capacity "
+    "available that matches your request.",
+    "instance-stopped-by-price": "Your Spot Instance was stopped because your maximum price is lower than the "
+    "Spot price.",
+    "instance-stopped-no-capacity": "Your Spot Instance was stopped because there is no Spot capacity available "
+    "that matches your request.",
+    "instance-terminated-by-user": "Spot Instance terminated due to user-initiated termination.",
+}
 
 
 @dataclasses.dataclass
@@ -145,6 +183,36 @@ class Ec2FaultProxy(FakeCloud):
         inst = self.instances[instance_id]
         reply = self.moto(inst.region).describe_instances(InstanceIds=[instance_id])
         return dict(reply["Reservations"][0]["Instances"][0])
+
+    def interrupt(self, instance_id: str, cause: str = "no-capacity") -> None:
+        """Interrupt a spot instance as EC2 does, for ``cause`` ``by-price`` or ``no-capacity`` (test control).
+
+        The instance is terminated (or stopped, as its ``InstanceInterruptionBehavior`` says) in moto
+        and reported with EC2's interruption reason and spot request status; see the module docstring.
+        """
+        if cause not in INTERRUPTION_CAUSES:
+            raise ValueError(f"cause must be one of {INTERRUPTION_CAUSES}, not {cause!r}")
+        with self.lock:
+            inst = self.instances.get(instance_id)
+            request = inst.extra.get("spot_request") if inst is not None else None
+            if inst is None or request is None:
+                raise ValueError(
+                    f"{instance_id} is not a spot instance launched through the proxy (EC2 interrupts spot only)"
+                )
+            if inst.gone or inst.terminate_requested_at is not None or "interruption" in inst.extra:
+                raise ValueError(f"{instance_id} is already terminated or interrupted")
+            behavior = "terminate" if request["behavior"] == "terminate" else "stop"
+            now = time.time()
+            inst.extra["interruption"] = {"at": now, "behavior": behavior, "cause": cause}
+            inst.extra["state_reason"] = _INTERRUPTION_REASONS[behavior]
+            if behavior == "terminate":
+                state = "closed" if request["type"] == "one-time" else "open"
+                self._set_spot_status(request, f"instance-terminated-{cause}", state, now)
+                inst.terminate_requested_at = now
+                self._terminate_in_moto([inst])
+            else:
+                self._set_spot_status(request, f"instance-stopped-{cause}", "disabled", now)
+                self.moto(inst.region).stop_instances(InstanceIds=[inst.id])
 
     def reset(self) -> None:
         with self.lock:
@@ -255,6 +323,10 @@ class Ec2FaultProxy(FakeCloud):
             return self._error(403, self.spot_history_error, "You are not authorized to perform this operation.")
         if action == "DescribeSpotPriceHistory" and self.spot_prices is not None:
             return self._xml(200, self._spot_history(params))
+        if action == "DescribeSpotInstanceRequests":
+            answer = self._spot_requests(region, params)
+            if answer is not None:
+                return answer
         wanted_states: set[str] | None = None
         if action == "DescribeInstances":
             raw, wanted_states = self._without_state_filter(params)
@@ -273,6 +345,11 @@ class Ec2FaultProxy(FakeCloud):
                 if inst is not None and inst.terminate_requested_at is None:
                     inst.terminate_requested_at = time.time()
                     inst.extra["moto_terminated"] = True
+                    inst.extra.pop("state_reason", None)  # a stopped spot instance terminated by us: our reason
+                    if "spot_request" in inst.extra:
+                        self._set_spot_status(
+                            inst.extra["spot_request"], "instance-terminated-by-user", "closed", time.time()
+                        )
         return self._xml(status, body)
 
     # --- RunInstances ----------------------------------------------------------------------------
@@ -309,20 +386,29 @@ class Ec2FaultProxy(FakeCloud):
         if status != 200:
             return self._xml(status, body)
         tags = self._launch_tags(params)
+        spot = params.get("InstanceMarketOptions.MarketType") == "spot"
         root = ET.fromstring(body)
         q = _qualifier(root)
         for item in root.iter(q("item")):
             instance_id = item.findtext(q("instanceId"))
             if instance_id and item.find(q("instanceState")) is not None:
-                self.instances[instance_id] = FakeInstance(
+                inst = FakeInstance(
                     id=instance_id,
                     name=tags.get("Name", ""),
                     instance_type=itype,
                     region=region,
                     price_per_hour=float(tags.get("gpu-training:price") or 0),
-                    spot=params.get("InstanceMarketOptions.MarketType") == "spot",
+                    spot=spot,
                     extra={"client_token": token, "image_id": params.get("ImageId"), "params": params},
                 )
+                if spot:
+                    zone = item.findtext(f"{q('placement')}/{q('availabilityZone')}") or ""
+                    inst.extra["spot_request"] = self._new_spot_request(params, zone)
+                    _set_text(item, q("spotInstanceRequestId"), inst.extra["spot_request"]["id"])
+                self.instances[instance_id] = inst
+        if spot:
+            ET.register_namespace("", _namespace(root))
+            body = b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
         if token:
             self._tokens[region, token] = (fingerprint, body)
         return self._after_create(self._xml(200, body))
@@ -341,6 +427,53 @@ class Ec2FaultProxy(FakeCloud):
             if match and params.get(f"TagSpecification.{match[1]}.ResourceType") == "instance":
                 tags[value] = params.get(f"TagSpecification.{match[1]}.Tag.{match[2]}.Value", "")
         return tags
+
+    # --- spot requests ---------------------------------------------------------------------------
+
+    def _new_spot_request(self, params: dict[str, str], zone: str) -> dict[str, Any]:
+        options = "InstanceMarketOptions.SpotOptions."
+        now = time.time()
+        request = {
+            "id": "sir-" + secrets.token_hex(4),
+            "type": params.get(options + "SpotInstanceType") or "one-time",
+            "behavior": params.get(options + "InstanceInterruptionBehavior") or "terminate",
+            "max_price": params.get(options + "MaxPrice"),
+            "image_id": params.get("ImageId", ""),
+            "instance_type": params.get("InstanceType", ""),
+            "zone": zone,
+            "created": now,
+        }
+        self._set_spot_status(request, "fulfilled", "active", now)
+        return request
+
+    @staticmethod
+    def _set_spot_status(request: dict[str, Any], code: str, state: str, when: float) -> None:
+        request.update(code=code, state=state, message=_SPOT_MESSAGES[code], updated=when)
+
+    def _spot_requests(self, region: str, params: dict[str, str]) -> Reply | None:
+        """DescribeSpotInstanceRequests for the proxy's requests; None: moto answers (other ids, filters)."""
+        ids = [v for k, v in params.items() if re.fullmatch(r"SpotInstanceRequestId\.\d+", k)]
+        if any(re.fullmatch(r"Filter\.\d+\.Name", k) for k in params):
+            return None
+        bad = [i for i in ids if not SPOT_REQUEST_ID_RE.match(i)]
+        if bad:
+            return self._error(400, "InvalidSpotInstanceRequestID.Malformed", f'Invalid id: "{bad[0]}"')
+        ours = {
+            inst.extra["spot_request"]["id"]: inst
+            for inst in self.instances.values()
+            if "spot_request" in inst.extra and inst.region == region
+        }
+        if any(i not in ours for i in ids):
+            return None
+        items = "".join(_spot_request_xml(ours[i]) for i in (ids or list(ours)))
+        return self._xml(
+            200,
+            (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f'<DescribeSpotInstanceRequestsResponse xmlns="{EC2_NS}"><requestId>{uuid.uuid4()}</requestId>'
+                f"<spotInstanceRequestSet>{items}</spotInstanceRequestSet></DescribeSpotInstanceRequestsResponse>"
+            ).encode(),
+        )
 
     # --- rewriting moto's answers ----------------------------------------------------------------
 
@@ -385,6 +518,9 @@ class Ec2FaultProxy(FakeCloud):
         inst = self.instances.get(instance_id or "")
         if inst is None:
             return None
+        interruption = inst.extra.get("interruption")
+        if interruption and interruption["behavior"] == "stop" and inst.terminate_requested_at is None:
+            return "stopping" if time.time() - interruption["at"] < self.faults.terminate_seconds else "stopped"
         return _PHASE_STATES.get(inst.phase(self.faults), "running")
 
     def _rewrite_instances(self, body: bytes, wanted_states: set[str] | None) -> bytes:
@@ -403,9 +539,13 @@ class Ec2FaultProxy(FakeCloud):
                         state = item.find(q("instanceState"))
                         simulated = self._simulated_state(instance_id)
                         moto_state = state.findtext(q("name")) if state is not None else None
-                        requested = inst is not None and inst.terminate_requested_at is not None
+                        requested = inst is not None and (
+                            inst.terminate_requested_at is not None or "interruption" in inst.extra
+                        )
                         if simulated and state is not None and (moto_state in ("pending", "running") or requested):
                             _set_state(state, q, simulated)
+                        if inst is not None:
+                            _set_spot_fields(item, q, inst)
                         name = state.findtext(q("name")) if state is not None else None
                         if wanted_states is not None and name not in wanted_states:
                             iset.remove(item)
@@ -427,7 +567,7 @@ class Ec2FaultProxy(FakeCloud):
                         continue
                     state = item.find(q("instanceState"))
                     if state is not None:
-                        _set_state(state, q, _PHASE_STATES.get(phase, "running"))
+                        _set_state(state, q, self._simulated_state(inst.id) or "running")
                     if phase == "unhealthy":
                         check = item.find(q("instanceStatus"))
                         if check is not None:
@@ -481,3 +621,37 @@ def _set_text(parent: ET.Element, tag: str, text: str) -> None:
 def _set_state(state: ET.Element, q: Any, name: str) -> None:
     _set_text(state, q("code"), str(_STATE_CODES[name]))
     _set_text(state, q("name"), name)
+
+
+def _set_spot_fields(item: ET.Element, q: Any, inst: FakeInstance) -> None:
+    """What moto leaves out of a spot instance: its request id, and the reason of an interruption."""
+    request = inst.extra.get("spot_request")
+    if request is not None:
+        _set_text(item, q("spotInstanceRequestId"), request["id"])
+    reason = inst.extra.get("state_reason")
+    if reason is not None:
+        node = item.find(q("stateReason"))
+        if node is None:
+            node = ET.SubElement(item, q("stateReason"))
+        _set_text(node, q("code"), reason[0])
+        _set_text(node, q("message"), reason[1])
+        _set_text(item, q("reason"), "")  # moto's "User initiated (...)" is not what happened
+
+
+def _spot_request_xml(inst: FakeInstance) -> str:
+    """One ``spotInstanceRequestSet`` item (DescribeSpotInstanceRequests)."""
+    r = inst.extra["spot_request"]
+    price = f"<spotPrice>{_esc(str(r['max_price']))}</spotPrice>" if r["max_price"] else ""
+    zone = _esc(r["zone"])
+    return (
+        f"<item><spotInstanceRequestId>{r['id']}</spotInstanceRequestId>{price}<type>{r['type']}</type>"
+        f"<state>{r['state']}</state><status><code>{r['code']}</code><updateTime>{_iso(r['updated'])}</updateTime>"
+        f"<message>{_esc(r['message'])}</message></status>"
+        f"<launchSpecification><imageId>{_esc(r['image_id'])}</imageId>"
+        f"<instanceType>{_esc(r['instance_type'])}</instanceType>"
+        f"<placement><availabilityZone>{zone}</availabilityZone></placement></launchSpecification>"
+        f"<instanceId>{inst.id}</instanceId><createTime>{_iso(r['created'])}</createTime>"
+        f"<productDescription>Linux/UNIX</productDescription><launchedAvailabilityZone>{zone}"
+        f"</launchedAvailabilityZone><instanceInterruptionBehavior>{r['behavior']}</instanceInterruptionBehavior>"
+        "<tagSet/></item>"
+    )

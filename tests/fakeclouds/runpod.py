@@ -180,6 +180,11 @@ class FakeRunPod(FakeCloud):
         #: (time, method, path, query, status) of every request, for timing and query assertions.
         self.requests: list[tuple[float, str, str, dict[str, list[str]], int]] = []
 
+    def interrupt(self, instance_id: str) -> None:
+        """RunPod's API v2 creates no interruptible pods (``CreatePodRequest`` has no such field), so
+        there is none to interrupt: refused, like the base fake."""
+        raise ValueError(f"runpod: pod {instance_id} is on demand; API v2 has no interruptible (spot) pods")
+
     def reset(self) -> None:
         with self.lock:
             super().reset()

@@ -33,6 +33,16 @@ switch ``faults.retry_after`` is set. Instance phases map to Vast fields: bootin
 null then ``loading`` (no ``ssh_host`` yet), running -> ``running`` with ``ssh_host``/``ssh_port`` =
 the fake's SSH endpoint, unhealthy -> ``exited``, terminating -> ``cur_state`` ``unloaded`` (released
 on destroy). A rented ask is not rentable until its instance is destroyed.
+
+Outbidding, the test control :meth:`FakeVast.interrupt`: an interruptible (bid) instance loses its
+machine to a higher-priority rental and is stopped, not destroyed ("When outbid, the instance moves
+to ``stopped``", vast-ai/vast-cli ``vastai/SKILL.md``; "Your interruptible instance was outbid and
+paused", the ``client:outbid`` notification in docs.vast.ai): ``actual_status`` ``stopped`` while
+``intended_status`` stays ``running`` (the renter did not stop it; ``intended_status`` is "the
+user's desired target state", show-instance reference) and ``cur_state`` ``stopped`` (inferred:
+the contract no longer holds the GPUs). Vast documents no ``status_msg`` for it: the control takes
+one, else none is sent. The machine stays with whoever outbid us, so destroying the instance does not
+free the ask. On-demand instances cannot be outbid.
 """
 
 from __future__ import annotations
@@ -194,6 +204,16 @@ class FakeVast(FakeCloud):
 
     def ask(self, ask_id: int) -> dict[str, Any]:
         return next(a for a in self.asks if a["id"] == ask_id)
+
+    def interrupt(self, instance_id: str, status_msg: str | None = None) -> None:
+        """Outbid an interruptible instance: Vast stops it (test control; see the module docstring)."""
+        with self.lock:
+            inst = self.instances.get(str(instance_id))
+            if inst is None or not self._listed(inst) or inst.terminate_requested_at is not None:
+                raise ValueError(f"no live instance {instance_id}")
+            if not inst.spot:
+                raise ValueError(f"instance {instance_id} is on demand: only interruptible (bid) instances are outbid")
+            inst.extra["outbid"] = {"at": time.time(), "status_msg": status_msg}
 
     # --- protocol --------------------------------------------------------------------------------
 
@@ -376,7 +396,7 @@ class FakeVast(FakeCloud):
             inst.terminate_requested_at = time.time()
             ask_id = inst.extra["ask"]["id"]
             for ask in self.asks:
-                if ask["id"] == ask_id:
+                if ask["id"] == ask_id and "outbid" not in inst.extra:  # else the one who outbid us has it
                     ask["rented"] = False  # the machine is free again
         return Reply(200, {"success": True, "msg": f"destroying instance {instance_id}."})
 
@@ -388,7 +408,9 @@ class FakeVast(FakeCloud):
         booted = phase in ("running", "unhealthy")
         actual: str | None
         cur_state = intended = "running"
-        if phase == "booting":
+        if "outbid" in inst.extra and phase != "terminating":  # stopped by Vast; still wanted running
+            actual, status_msg, cur_state = "stopped", inst.extra["outbid"]["status_msg"], "stopped"
+        elif phase == "booting":
             early = time.time() - inst.launched_at < self.faults.boot_seconds / 2
             actual = None if early else "loading"
             status_msg = "" if early else f"Pulling image {image}"

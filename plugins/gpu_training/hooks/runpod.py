@@ -43,11 +43,15 @@ specifications. Please refresh and try again.", as recorded from live v2 calls):
 and a ``403`` on a create, raise :class:`~gpu_training.errors.NoCapacityError` (try the next
 offer); any other ``400`` is a :class:`~gpu_training.errors.BadRequestError`.
 
-Not in v2: interruptible (spot) pods and bids. v1 had an ``interruptible`` flag and GraphQL
-``podRentInterruptable(bidPerGpu)``; v2's create body has neither (a request carrying them is a
-``422``) and RunPod removed spot pods from its documentation in May 2026. Inferred, as the
-reference does not say it: the ``dataCenters`` of the catalog are scoped by ``count`` and
-``cloud`` like ``availability``.
+Not in v2: interruptible (spot) pods and bids. REST v1 had them (``POST /v1/pods`` took
+``interruptible: true``, ``Pod.gpu`` carried ``communitySpotPrice``/``secureSpotPrice``; the v1
+``openapi.json`` of ``runpod/docs``), as does the legacy GraphQL
+``podRentInterruptable(bidPerGpu)``. v2's create body has neither (a request carrying them is a
+``422``), its ``Pod`` says nothing of interruptions, RunPod removed spot pods from its
+documentation on 2026-05-06 (``runpod/docs`` commit 8e5aebdb) and retired v1 on 2026-11-15;
+GraphQL is deprecated, to be retired early 2027. So pods made here are never interrupted.
+Inferred, as the reference does not say it: the ``dataCenters`` of the catalog are scoped by
+``count`` and ``cloud`` like ``availability``.
 """
 
 from __future__ import annotations

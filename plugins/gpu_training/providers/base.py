@@ -68,7 +68,12 @@ class Offer:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceInfo:
-    """What a provider reports about one instance."""
+    """What a provider reports about one instance.
+
+    ``interrupted``: the cloud took the instance back (a spot / interruptible instance reclaimed or
+    outbid), not our terminate; its state is then gone and ``details["interruption"]`` says why in
+    the cloud's own words.
+    """
 
     provider: str
     instance_id: str
@@ -79,6 +84,7 @@ class InstanceInfo:
     price_per_hour: float | None = None
     address: str | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False
 
 
 def instance_name(dag_id: str, run_id: str, job_uuid: str, try_number: int = 1) -> str:

@@ -47,8 +47,19 @@ region (``EC2Hook(api_type="client_type")``):
 
 States: pending -> BOOTING; running -> RUNNING, or FAILED when the instance or system status check is
 ``impaired``; shutting-down -> STOPPING; terminated -> TERMINATED; stopping/stopped -> FAILED (the
-instance no longer runs the job; a stopped spot instance was interrupted). ``details["status"]`` is
-EC2's state name, ``details["instance_status"]``/``["system_status"]`` the status checks.
+instance no longer runs the job). ``details["status"]`` is EC2's state name,
+``details["instance_status"]``/``["system_status"]`` the status checks.
+
+Spot interruptions ("Spot Instance interruptions" and "Find interrupted Spot Instances" in the EC2
+User Guide; API_StateReason): EC2 terminates or stops an interrupted spot instance, as its
+``InstanceInterruptionBehavior`` says, with ``StateReason`` ``Server.SpotInstanceTermination`` (or
+``Server.SpotInstanceShutdown`` when stopped), and its spot request's status code tells why
+(``instance-terminated-by-price``, ``instance-terminated-no-capacity``, ...; "Spot request status").
+For a spot instance that is neither pending nor running, ``DescribeSpotInstanceRequests`` (by its
+``SpotInstanceRequestId``) is read too; if that call fails (IAM, or a request long gone) the state
+reason alone decides. Either mark makes the instance ``interrupted``, its state gone (shutting-down
+reads FAILED, not STOPPING) and ``details["interruption"]`` EC2's words: the state reason message
+and/or ``spot request <id> <code>: <message>``.
 
 Errors (EC2 API Reference, "Error codes for the Amazon EC2 API"): the capacity and limit codes of
 :data:`CAPACITY_CODES` -> :class:`NoCapacityError` (EC2 answers InsufficientInstanceCapacity with HTTP
@@ -135,6 +146,22 @@ STATES = {
 }
 #: ``instance-state-name`` values of instances that still exist (and may bill).
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+#: ``StateReason`` codes of a spot instance EC2 interrupted (API_StateReason).
+INTERRUPTION_REASONS = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
+#: Spot request status codes of an interruption (EC2 User Guide, "Spot request status"); not
+#: ``instance-terminated-by-user``, which our own terminate gives.
+INTERRUPTION_STATUSES = frozenset(
+    {
+        "marked-for-termination",
+        "marked-for-stop",
+        "instance-terminated-by-price",
+        "instance-terminated-no-capacity",
+        "instance-terminated-capacity-oversubscribed",
+        "instance-terminated-launch-group-constraint",
+        "instance-stopped-by-price",
+        "instance-stopped-no-capacity",
+    }
+)
 
 #: Refusals that say "not this offer now": try the next offer.
 CAPACITY_CODES = frozenset(
@@ -193,6 +220,24 @@ def _price(value: Any) -> float | None:
         return None if value in (None, "") else round(float(value), 6)
     except (TypeError, ValueError):
         return None
+
+
+def interruption_of(data: dict[str, Any], spot_request: dict[str, Any] | None = None) -> str | None:
+    """EC2's words for the interruption of an instance (``DescribeInstances`` data and its spot
+    request), or None when EC2 did not interrupt it. A pending or running instance is not interrupted
+    (a persistent request's instance may run again)."""
+    if str((data.get("State") or {}).get("Name") or "") in ("pending", "running"):
+        return None
+    words = []
+    reason = data.get("StateReason") or {}
+    if reason.get("Code") in INTERRUPTION_REASONS:
+        words.append(str(reason.get("Message") or reason["Code"]))
+    status = (spot_request or {}).get("Status") or {}
+    if status.get("Code") in INTERRUPTION_STATUSES:
+        request_id = (spot_request or {}).get("SpotInstanceRequestId") or data.get("SpotInstanceRequestId")
+        message = f": {status['Message']}" if status.get("Message") else ""
+        words.append(f"spot request {request_id} {status['Code']}{message}")
+    return "; ".join(words) or None
 
 
 def _escape_filter(value: str) -> str:
@@ -477,13 +522,22 @@ class Ec2Provider(CloudProvider):
 
     # --- instances -------------------------------------------------------------------------------
 
-    def _info(self, region: str, data: dict[str, Any], health: dict[str, str] | None = None) -> InstanceInfo:
+    def _info(
+        self,
+        region: str,
+        data: dict[str, Any],
+        health: dict[str, str] | None = None,
+        spot_request: dict[str, Any] | None = None,
+    ) -> InstanceInfo:
         status = str((data.get("State") or {}).get("Name") or "")
         tags = _tags(data)
         state = STATES.get(status, InstanceState.UNKNOWN)
         health = health or {}
         if state == InstanceState.RUNNING and "impaired" in health.values():
             state = InstanceState.FAILED
+        interruption = interruption_of(data, spot_request)
+        if interruption and not state.is_gone:
+            state = InstanceState.FAILED  # shutting down for EC2's reasons: it no longer runs the job
         instance_id = str(data.get("InstanceId") or "")
         self._region_of[instance_id] = region
         use_private = bool(self.settings.get("use_private_ip"))
@@ -496,6 +550,9 @@ class Ec2Provider(CloudProvider):
             "private_ip": data.get("PrivateIpAddress"),
             "image_id": data.get("ImageId"),
             "state_reason": (data.get("StateReason") or {}).get("Message"),
+            "spot_request": data.get("SpotInstanceRequestId"),
+            "spot_request_status": ((spot_request or {}).get("Status") or {}).get("Code"),
+            "interruption": interruption,
         }
         return InstanceInfo(
             provider=self.name,
@@ -507,6 +564,7 @@ class Ec2Provider(CloudProvider):
             price_per_hour=_price(tags.get(TAG_PRICE)),
             address=(data.get("PrivateIpAddress") if use_private else data.get("PublicIpAddress")) or None,
             details={k: v for k, v in details.items() if v not in (None, "")},
+            interrupted=interruption is not None,
         )
 
     def _health(self, region: str, instance_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -532,13 +590,46 @@ class Ec2Provider(CloudProvider):
             health[str(item.get("InstanceId"))] = {k: v for k, v in checks.items() if v}
         return health
 
+    def _spot_requests(self, region: str, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """``DescribeSpotInstanceRequests`` by id: ``{request id: request}``; empty if EC2 will not say."""
+        if not request_ids:
+            return {}
+        client = self.client(region)
+        try:
+            reply = self._call(
+                region,
+                "DescribeSpotInstanceRequests",
+                client.describe_spot_instance_requests,
+                SpotInstanceRequestIds=sorted(set(request_ids)),
+            )
+        except ProviderError as err:
+            log.warning("spot request status not read (%s); the instances' state reasons decide", err)
+            return {}
+        requests = reply.get("SpotInstanceRequests") or []
+        return {str(r.get("SpotInstanceRequestId")): r for r in requests}
+
     def _describe(self, region: str, **params: Any) -> list[InstanceInfo]:
-        """``DescribeInstances`` in one region, with the health of the running ones."""
+        """``DescribeInstances`` in one region, with the health of the running ones and the spot
+        request of spot instances no longer running (was it an interruption?)."""
         reservations = self._paginate(region, "DescribeInstances", "describe_instances", "Reservations", **params)
         found = [data for reservation in reservations for data in reservation.get("Instances") or []]
         running = [str(d["InstanceId"]) for d in found if (d.get("State") or {}).get("Name") == "running"]
         health = self._health(region, running)
-        return [self._info(region, d, health.get(str(d.get("InstanceId")))) for d in found]
+        stopped_spot = [
+            str(d["SpotInstanceRequestId"])
+            for d in found
+            if d.get("SpotInstanceRequestId") and (d.get("State") or {}).get("Name") not in ("pending", "running")
+        ]
+        requests = self._spot_requests(region, stopped_spot)
+        return [
+            self._info(
+                region,
+                d,
+                health.get(str(d.get("InstanceId"))),
+                requests.get(str(d.get("SpotInstanceRequestId") or "")),
+            )
+            for d in found
+        ]
 
     def _live_by_name(self, region: str, name_filter: str) -> list[InstanceInfo]:
         return self._describe(

@@ -24,8 +24,10 @@ offer without region. ``instance_type`` is ``"{count}x {gpu type id} ({cloud})"`
 creates), ``gpu_name`` the GPU type id (``NVIDIA A100 80GB PCIe``), ``region`` the data center id.
 Launch creates the pod pinned to that data center (``dataCenterIds``) with ``22/tcp`` exposed.
 
-There are no spot offers: RunPod's v2 API has no interruptible pods or bids (see the hook), so a
-request allowing spot gets the on-demand offers, and a spot offer is refused at launch.
+There are no spot offers: RunPod's v2 API has no interruptible pods or bids, and REST v1, which
+had them (``interruptible: true``), was retired on 2026-11-15 (see the hook). A request allowing
+spot gets the on-demand offers, a spot offer is refused at launch, and no pod reports
+``interrupted``: an EXITED pod is FAILED like any other.
 
 States (``status``): PROVISIONING/STARTING -> BOOTING; RUNNING -> RUNNING once the pod publishes a
 public port for container port 22 (until then BOOTING: v2 says RUNNING before the container's ports

@@ -10,8 +10,8 @@ password; its extras are the provider's settings:
 - ``disk_gb`` (default 40): the instance's disk; only machines with that much free disk are offered.
 - ``verified_only`` (default true): only asks of verified hosts.
 - ``bid_multiplier`` (default 1.0, at least 1): interruptible offers bid this times the ask's
-  ``min_bid``. An interruptible instance is stopped when outbid; it then reports FAILED and is
-  replaced.
+  ``min_bid``. An interruptible instance is stopped when outbid; it then reports FAILED,
+  interrupted, and is replaced.
 - ``ssh_conn_id`` (default ``gpu_instance_ssh``): the Airflow SSH connection with the private key.
   Vast installs the SSH keys registered in the account on every new instance (user ``root``).
 - ``onstart`` (optional): shell commands appended to the instance's on-start script.
@@ -27,6 +27,15 @@ loading/scheduling/rebooting -> BOOTING, running -> RUNNING, exited/stopped/froz
 -> FAILED, destroying or ``cur_state`` unloaded -> STOPPING; a destroyed instance is no longer
 listed and ``GET /instances/{id}/`` answers 404 or ``{"instances": null}`` (not found). The SSH
 address is ``ssh_host`` with ``details["ssh_port"]`` = ``ssh_port`` (Vast's proxy).
+
+Outbid: Vast stops (pauses) an interruptible instance that loses its machine to a higher bid or an
+on-demand rental, and does not destroy it ("When outbid, the instance moves to ``stopped``",
+vast-ai/vast-cli ``vastai/SKILL.md``; the ``client:outbid`` notification, "Your interruptible
+instance was outbid and paused", docs.vast.ai). Such an instance, ``is_bid`` with ``actual_status``
+``stopped`` while ``intended_status`` is still ``running`` (we never stop instances, only destroy
+them, so the stop was Vast's) and not being released, is ``interrupted`` (state FAILED) with
+``details["interruption"]`` built from those fields and ``status_msg``. The API has no outbid flag:
+that combination is the mark (inferred from the documented field meanings).
 """
 
 from __future__ import annotations
@@ -90,6 +99,22 @@ def state_of(data: dict[str, Any]) -> InstanceState:
     if str(data.get("cur_state") or "").lower() == "unloaded":  # released on destroy
         return InstanceState.STOPPING
     return STATES.get(raw_status(data), InstanceState.UNKNOWN)
+
+
+def interruption_of(data: dict[str, Any]) -> str | None:
+    """Vast's words when it stopped an interruptible instance (outbid), else None."""
+    intended = str(data.get("intended_status") or "").lower()
+    if not data.get("is_bid") or raw_status(data) != "stopped" or intended != "running":
+        return None
+    if str(data.get("cur_state") or "").lower() == "unloaded":  # being destroyed: our doing
+        return None
+    words = "outbid: interruptible instance (is_bid) stopped by Vast: actual_status stopped, intended_status running"
+    bid = _price(data.get("dph_total"))
+    if bid is not None:
+        words += f", bid ${bid:g}/h"
+    if data.get("status_msg"):
+        words += f"; status_msg: {data['status_msg']}"
+    return words
 
 
 def _flag(value: Any, default: bool) -> bool:
@@ -218,6 +243,7 @@ class VastProvider(HttpCloudProvider[VastHook]):
 
     def _info(self, data: dict[str, Any]) -> InstanceInfo:
         gpu_count = int(data.get("num_gpus") or 0)
+        interruption = interruption_of(data)
         details = {
             "status": raw_status(data),
             "cur_state": data.get("cur_state"),
@@ -228,6 +254,7 @@ class VastProvider(HttpCloudProvider[VastHook]):
             "machine_id": data.get("machine_id"),
             "is_bid": data.get("is_bid"),
             "image": data.get("image_uuid"),
+            "interruption": interruption,
         }
         return InstanceInfo(
             provider=self.name,
@@ -239,6 +266,7 @@ class VastProvider(HttpCloudProvider[VastHook]):
             price_per_hour=_price(data.get("dph_total")),
             address=data.get("ssh_host") or None,
             details={k: v for k, v in details.items() if v not in (None, "")},
+            interrupted=interruption is not None,
         )
 
     def find_instance(self, name: str) -> InstanceInfo | None:
