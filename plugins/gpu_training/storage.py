@@ -3,11 +3,15 @@
 S3 goes through the amazon provider's ``S3Hook`` (connection ``aws_default``; its extra
 ``endpoint_url`` points it at MinIO or a test server). Outputs of a job go to
 ``<outputs_uri>/<job uuid>/`` with a ``MANIFEST.sha256`` (``sha256sum -c`` format) written last.
+While a job trains, its latest checkpoint is kept at ``<job outputs>/checkpoints/latest.tar``
+(include/remote/sync_checkpoints.sh) so that a job relaunched after an interruption resumes from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,17 +19,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from gpu_training.errors import StorageError, TransferError
+from gpu_training.errors import HostError, StorageError, TransferError
 from gpu_training.hosts.base import (
+    CHECKPOINT_POINTER,
+    CHECKPOINT_SYNC_LOG,
+    CHECKPOINT_SYNC_PID,
+    CHECKPOINT_SYNC_STAMP,
+    CHECKPOINT_SYNC_URL,
     DATA_DIR,
     FETCH_URLS_SCRIPT,
     LOG_PATH,
     OUTPUT_DIR,
     PUSH_URLS_SCRIPT,
+    SYNC_CHECKPOINTS_SCRIPT,
     Host,
     sha256_file,
 )
 from gpu_training.results.store import ArtifactRecord
+
+log = logging.getLogger(__name__)
 
 AWS_CONN_ID = "aws_default"
 MANIFEST_NAME = "MANIFEST.sha256"
@@ -345,3 +357,214 @@ def _push_direct(
     if pending:
         raise TransferError(f"{', '.join(n for _, n in pending)}: size or MD5 mismatch in S3 after a re-send")
     return records, relay
+
+
+# --- checkpoints (spot recovery) -----------------------------------------------------------------
+
+#: The job's latest checkpoint, relative to the job's own outputs URI (``job_outputs_uri(...)``).
+CHECKPOINT_ARCHIVE = "checkpoints/latest.tar"
+#: SigV4 presigned URLs live at most 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+_RESTORE_TAR = "run/ckpt-restore.tar"
+
+# $1 workdir, $2 file (relative): stdin becomes that file, mode 0600 from its first byte.
+_WRITE_PRIVATE_SCRIPT = r"""
+cd "$1" || exit 1
+mkdir -p "$(dirname "$2")"
+umask 077
+rm -f "$2.tmp"
+cat > "$2.tmp" && chmod 600 "$2.tmp" && mv -f "$2.tmp" "$2"
+"""
+
+# $1 workdir, $2 sync script, $3 interval, $4 pid file, $5 log: start it detached unless it runs.
+# A pid counts only if it is a live sync_checkpoints process (a zombie has an empty cmdline).
+_START_SYNC_SCRIPT = r"""
+cd "$1" || exit 1
+mkdir -p run logs
+pid=$(cat "$4" 2>/dev/null)
+case "$pid" in ''|*[!0-9]*) pid= ;; esac
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q sync_checkpoints "/proc/$pid/cmdline" 2>/dev/null; then
+  echo running
+  exit 0
+fi
+[ -f "$2" ] || { echo "$2 is missing: the host was not prepared (Host.prepare)" >&2; exit 3; }
+setsid nohup bash "$2" "$1" "$3" </dev/null >>"$5" 2>&1 &
+echo $! > "$4.tmp" && mv -f "$4.tmp" "$4"
+echo started
+"""
+
+# $1 workdir, $2 "download" (the URL on stdin) or "local" (the archive is already at $3), $3 the
+# archive, $4 the sync's stamp file. Only relative files and directories are extracted, into
+# outputs/; the stamp keeps the sync from sending the same checkpoint back. Prints latest.json.
+# Exit status: 31 download failed; 32 not a tar; 33 refused archive; 34 extraction failed.
+_RESTORE_SCRIPT = r"""
+set -u
+cd "$1" || exit 30
+tarball=$3
+mkdir -p run outputs
+if [ "$2" = download ]; then
+  url=
+  IFS= read -r url || [ -n "$url" ] || { echo "no URL on stdin" >&2; exit 31; }
+  rm -f "$tarball.partial"
+  if ! printf 'url = "%s"\n' "$url" | curl -K - -fsS --retry 3 --retry-delay 2 --connect-timeout 30 \
+      -o "$tarball.partial"; then
+    rm -f "$tarball.partial"
+    echo "download failed" >&2
+    exit 31
+  fi
+  mv -f "$tarball.partial" "$tarball"
+fi
+trap 'rm -f "$tarball" run/ckpt-restore.err' EXIT
+# -P lists names as stored: GNU tar would otherwise strip a leading "/" or "../" from the listing.
+names=$(LC_ALL=C tar -tPf "$tarball" 2>run/ckpt-restore.err) \
+  || { echo "not a tar archive: $(tail -1 run/ckpt-restore.err)" >&2; exit 32; }
+types=$(LC_ALL=C tar -tvPf "$tarball" 2>/dev/null | cut -c1 | sort -u | tr -d '\n')
+case "$types" in
+  *[!d-]*) echo "it holds links or special files; only files and directories are restored" >&2; exit 33 ;;
+esac
+while IFS= read -r name; do
+  case "$name" in
+    /*|..|../*|*/..|*/../*|*\\*) echo "member $name escapes outputs/" >&2; exit 33 ;;
+  esac
+done <<< "$names"
+if ! printf '%s\n' "$names" | grep -qx 'checkpoints/latest.json'; then
+  echo "it has no checkpoints/latest.json" >&2
+  exit 33
+fi
+tar -xf "$tarball" -C outputs --no-same-owner --no-same-permissions || { echo "extraction failed" >&2; exit 34; }
+stat -c '%.9Y %s %i' outputs/checkpoints/latest.json > "$4"
+cat outputs/checkpoints/latest.json
+"""
+
+
+def _presign(client: Any, method: str, dest: Location, expiry_seconds: int) -> str:
+    expires = max(1, min(int(expiry_seconds), MAX_PRESIGN_SECONDS))
+    try:
+        return str(
+            client.generate_presigned_url(method, Params={"Bucket": dest.bucket, "Key": dest.path}, ExpiresIn=expires)
+        )
+    except Exception as err:  # botocore: bad credentials or region; its message names no secret
+        raise StorageError(f"could not presign {method} of {dest.uri}: {err}") from err
+
+
+def start_checkpoint_sync(
+    host: Host, job_outputs_uri: str, *, expiry_seconds: int, interval_seconds: float = 10.0
+) -> bool:
+    """Keep the host's latest checkpoint at ``<job_outputs_uri>/checkpoints/latest.tar`` while
+    the trainer runs (include/remote/sync_checkpoints.sh, detached); False when it cannot be.
+
+    ``s3://``: the host PUTs to one presigned URL (``expiry_seconds``, at most 7 days), kept in
+    a 0600 file. ``file://``: only a local host, which copies into it. Calling it again while the
+    sync runs starts nothing (the URL is refreshed). The host must have been prepared.
+    """
+    dest = parse_uri(job_outputs_uri).child(CHECKPOINT_ARCHIVE)
+    if dest.scheme == "s3":
+        target = _presign(_s3_hook().get_conn(), "put_object", dest, expiry_seconds)
+    elif not host.remote:
+        target = str(Path(dest.path).absolute())
+    else:
+        log.warning(
+            "checkpoints are not synced: outputs_uri %s is not s3:// and the instance cannot reach "
+            "this worker's files; a recovered job restarts from scratch",
+            job_outputs_uri,
+        )
+        return False
+    # The URL carries a signature: it goes on stdin into a private file, never on a command line.
+    host.script(_WRITE_PRIVATE_SCRIPT, host.workdir, CHECKPOINT_SYNC_URL, stdin=f"{target}\n".encode())
+    rc, out, err = host.script(
+        _START_SYNC_SCRIPT,
+        host.workdir,
+        host.remote_script(SYNC_CHECKPOINTS_SCRIPT),
+        f"{max(0.1, float(interval_seconds)):.3f}",
+        CHECKPOINT_SYNC_PID,
+        CHECKPOINT_SYNC_LOG,
+        check=False,
+    )
+    if rc != 0:
+        raise HostError(f"could not start the checkpoint sync in {host.workdir}: {err.strip()[-1000:]}")
+    log.info("checkpoint sync %s: %s every %gs", out.strip() or "started", dest.uri, interval_seconds)
+    return True
+
+
+def restore_checkpoint(host: Host, job_outputs_uri: str, *, expiry_seconds: int) -> dict[str, Any] | None:
+    """Put the checkpoint kept at ``<job_outputs_uri>/checkpoints/latest.tar`` into the host's
+    ``outputs/`` before the trainer starts; returns its ``latest.json``, or None if there is none.
+
+    ``s3://`` and a remote host: the instance downloads it from a presigned GET URL itself;
+    otherwise it goes through this worker. Absolute, ``..`` and link members are refused.
+    """
+    src = parse_uri(job_outputs_uri).child(CHECKPOINT_ARCHIVE)
+    if src.scheme == "s3":
+        from botocore.exceptions import ClientError
+
+        client = _s3_hook().get_conn()
+        try:
+            client.head_object(Bucket=src.bucket, Key=src.path)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"could not look for a checkpoint at {src.uri}: {err}") from err
+        if host.remote:
+            rc, out, err_text = host.script(
+                _RESTORE_SCRIPT,
+                host.workdir,
+                "download",
+                _RESTORE_TAR,
+                CHECKPOINT_SYNC_STAMP,
+                stdin=f"{_presign(client, 'get_object', src, expiry_seconds)}\n".encode(),
+                timeout=24 * 3600,
+                check=False,
+            )
+        else:
+            with tempfile.TemporaryDirectory(prefix="gpu-checkpoint-") as tmp:
+                local = Path(tmp) / "latest.tar"
+                try:
+                    client.download_file(src.bucket, src.path, str(local))
+                except Exception as err:
+                    raise TransferError(f"could not download the checkpoint {src.uri}: {err}") from err
+                rc, out, err_text = _restore_from_file(host, local)
+    else:
+        if not Path(src.path).is_file():
+            return None
+        rc, out, err_text = _restore_from_file(host, Path(src.path))
+    if rc == 31:
+        raise TransferError(f"the instance could not download the checkpoint {src.uri}: {err_text.strip()[-1000:]}")
+    if rc != 0:
+        raise StorageError(f"refusing the checkpoint {src.uri}: {err_text.strip()[-1000:] or f'exit status {rc}'}")
+    try:
+        pointer = json.loads(out)
+    except ValueError as err:
+        raise StorageError(f"the checkpoint {src.uri} holds an unreadable {CHECKPOINT_POINTER}: {err}") from err
+    if not isinstance(pointer, dict):
+        raise StorageError(f"the checkpoint {src.uri}: {CHECKPOINT_POINTER} is not a JSON object")
+    present = {f.path for f in host.list_files(OUTPUT_DIR)}
+    missing = [p for p in checkpoint_files(pointer) if _safe_relpath(p) not in present]
+    if missing:
+        # A pointer to absent files would crash the trainer's resume: without it, it starts afresh.
+        host.script('rm -f -- "$1"', host.path(f"{OUTPUT_DIR}/{CHECKPOINT_POINTER}"), check=False)
+        raise StorageError(f"the checkpoint {src.uri} is incomplete: {', '.join(missing)} named but not in it")
+    log.info("restored the checkpoint %s into %s", src.uri, host.path(OUTPUT_DIR))
+    return pointer
+
+
+def _restore_from_file(host: Host, archive: Path) -> tuple[int, str, str]:
+    host.put_file(archive, _RESTORE_TAR)
+    return host.script(
+        _RESTORE_SCRIPT, host.workdir, "local", _RESTORE_TAR, CHECKPOINT_SYNC_STAMP, timeout=3600, check=False
+    )
+
+
+def checkpoint_files(pointer: Any) -> list[str]:
+    """The files a checkpoint pointer names: every string field ending in ``_path``, at any depth
+    (the contract include/remote/sync_checkpoints.sh documents), relative to ``outputs/``."""
+    found: list[str] = []
+    if isinstance(pointer, dict):
+        for key, value in pointer.items():
+            if isinstance(value, str) and str(key).endswith("_path"):
+                found.append(value)
+            else:
+                found.extend(checkpoint_files(value))
+    elif isinstance(pointer, list):
+        for item in pointer:
+            found.extend(checkpoint_files(item))
+    return found

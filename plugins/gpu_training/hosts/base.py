@@ -12,6 +12,8 @@ Work directory layout (relative paths are part of the contract with the remote s
     trainer/            the reference trainer, for the default command
     logs/trainer.log    the trainer's stdout and stderr
     run/                pgid, trainer.pid, exit_code (see include/remote/run_trainer.sh)
+    run/checkpoint_sync.*   the checkpoint sync's URL (0600), pid and last upload (sync_checkpoints.sh)
+    logs/checkpoint_sync.log  what the checkpoint sync did (never a URL)
 """
 
 from __future__ import annotations
@@ -35,8 +37,22 @@ RUN_TRAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_trainer.sh"
 RUN_CONTAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_container.sh"
 FETCH_URLS_SCRIPT = INCLUDE_DIR / "remote" / "fetch_urls.sh"
 PUSH_URLS_SCRIPT = INCLUDE_DIR / "remote" / "push_urls.sh"
+SYNC_CHECKPOINTS_SCRIPT = INCLUDE_DIR / "remote" / "sync_checkpoints.sh"
 #: The remote scripts every host carries (in ``bin/`` of the work directory on remote hosts).
-REMOTE_SCRIPTS = (RUN_TRAINER_SCRIPT, RUN_CONTAINER_SCRIPT, FETCH_URLS_SCRIPT, PUSH_URLS_SCRIPT)
+REMOTE_SCRIPTS = (
+    RUN_TRAINER_SCRIPT,
+    RUN_CONTAINER_SCRIPT,
+    FETCH_URLS_SCRIPT,
+    PUSH_URLS_SCRIPT,
+    SYNC_CHECKPOINTS_SCRIPT,
+)
+#: The trainer's checkpoint pointer, relative to ``OUTPUT_DIR`` (see include/trainer/train.py).
+CHECKPOINT_POINTER = "checkpoints/latest.json"
+#: The checkpoint sync's files (see include/remote/sync_checkpoints.sh).
+CHECKPOINT_SYNC_URL = "run/checkpoint_sync.url"
+CHECKPOINT_SYNC_PID = "run/checkpoint_sync.pid"
+CHECKPOINT_SYNC_STAMP = "run/checkpoint_sync.stamp"
+CHECKPOINT_SYNC_LOG = "logs/checkpoint_sync.log"
 REFERENCE_TRAINER_DIR = INCLUDE_DIR / "trainer"
 
 
