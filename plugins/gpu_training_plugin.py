@@ -6,7 +6,8 @@ itself is listed in ``.airflowignore`` and registered from here.
 Every Airflow process (scheduler, workers, triggerer, dag-processor) imports this module, but only
 the api-server reads ``fastapi_apps``: the results API app is built on that first read, so importing
 the plugin stays cheap and touches no database. ``external_views`` puts the app's Training jobs page
-(``/training/ui/``) in the Airflow UI's nav bar.
+(``/training/ui/``) in the Airflow UI's nav bar. ``listeners`` turns a dag run marked failed into a
+cancel of its jobs (``gpu_training/listener.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from gpu_training import __version__
+from gpu_training import __version__, listener
 
 
 class _ResultsApiApps:
@@ -50,3 +51,5 @@ class GpuTrainingPlugin(AirflowPlugin):
     version = __version__
     fastapi_apps = _ResultsApiApps()  # type: ignore[assignment]
     external_views = [TRAINING_JOBS_VIEW]
+    # A dag run marked failed (UI or REST) cancels its training jobs.
+    listeners = [listener]

@@ -27,11 +27,14 @@ from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from gpu_training.api import schemas
 from gpu_training.api.app import TITLE, create_app
 from gpu_training.api.db import get_store
 from gpu_training.api.stream import StreamSettings
 from gpu_training.events import parse_chunk
+from gpu_training.results.models import EpochTrain, Eval, Instance, TrainingIteration, TrainingStep
 from gpu_training.results.store import ArtifactRecord, ResultsStore
 from tests.servers import free_port, wait_for_port
 
@@ -148,6 +151,18 @@ class World:
         return next(a.id for a in self.store.artifacts(self.full) if a.name == name)
 
 
+class FailedRuns(list):  # type: ignore[type-arg]
+    """Stands in for marking a dag run failed in Airflow (the e2e tests do it for real)."""
+
+    error: Exception | None = None
+
+    def __call__(self, dag_id: str, run_id: str) -> bool:
+        self.append((dag_id, run_id))
+        if self.error is not None:
+            raise self.error
+        return True
+
+
 @pytest.fixture
 def auth_manager() -> PerDagAuthManager:
     return PerDagAuthManager()
@@ -155,7 +170,7 @@ def auth_manager() -> PerDagAuthManager:
 
 @pytest.fixture
 def api(store: ResultsStore, auth_manager: PerDagAuthManager) -> FastAPI:
-    app = create_app(stream_settings=StreamSettings(poll_interval=0.05, keepalive=0.5))
+    app = create_app(stream_settings=StreamSettings(poll_interval=0.05, keepalive=0.5), fail_run=FailedRuns())
     app.state.auth_manager = auth_manager
     app.dependency_overrides[get_store] = lambda: store
     app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="tester", role="VIEWER")
@@ -321,6 +336,62 @@ def test_details(client: TestClient, world: World) -> None:
     assert (empty["iterations"], empty["artifacts"], empty["instances"]) == ([], [], [])
 
 
+def details_by_the_models(store: ResultsStore, job_uuid: str) -> schemas.JobDetails:
+    """What ``/details`` answered when it built its response models from ORM rows."""
+    job = store.job(job_uuid)
+    with store.session() as s:
+
+        def rows(model: Any, *order_by: Any) -> list[Any]:
+            return list(s.scalars(select(model).where(model.job_id == job.id).order_by(*order_by)))
+
+        steps, epochs = rows(TrainingStep, TrainingStep.id), rows(EpochTrain, EpochTrain.epoch)
+        evals, instances = rows(Eval, Eval.epoch), rows(Instance, Instance.id)
+        iterations = [
+            schemas.Iteration(
+                iteration=it.iteration,
+                config=it.config,
+                started_at=it.started_at,
+                completed_at=it.completed_at,
+                time_taken=it.time_taken,
+                steps=[schemas.Step.of(r) for r in steps if r.iteration == it.iteration],
+                epochs=[schemas.Epoch.of(r) for r in epochs if r.iteration == it.iteration],
+                evals=[schemas.Evaluation.of(r, job_uuid) for r in evals if r.iteration == it.iteration],
+            )
+            for it in rows(TrainingIteration, TrainingIteration.iteration)
+        ]
+    return schemas.JobDetails(
+        **schemas.Job.of(job).model_dump(),
+        iterations=iterations,
+        artifacts=[schemas.ArtifactInfo.of(a) for a in sorted(store.artifacts(job_uuid), key=lambda a: a.name)],
+        instances=[schemas.InstanceInfo.of(i) for i in instances],
+    )
+
+
+def test_list_and_details_json_is_their_response_models_json(client: TestClient, world: World) -> None:
+    """The two large answers are written from plain rows, not through their response models: still
+    byte for byte the models' JSON (key order, ISO 8601 datetimes, floats, nulls)."""
+    store = world.store
+    metrics = {"avg_loss": float("nan"), "lr": 1e-05, "sum": 0.1 + 0.2, "big": 2**60, "top": float("inf")}
+    evaluation = {"confusion_matrix": [[3, 1], [0, 4]], "auc": 1.0}
+    feed(store, world.full, event_line("TRAINING", "epoch_complete", iteration=2, epoch=2, data=metrics))
+    feed(store, world.full, event_line("EVAL_MODEL", "metrics", iteration=2, epoch=2, data=evaluation))
+    store.record_instance_intent(world.full, provider="ssh", name="gpujob-full-2", instance_type=None, region=None)
+    store.update_job(world.failed, time_taken=12.5, cost_usd=0.0, failure_reason="exit 1", trainer_exit_code=1)
+    job = store.job(world.full)
+    assert job.non_finite_loss and "NaN" in job.non_finite_loss
+
+    details = client.get(f"/training/v1/jobs/{world.full}/details")
+    assert details.status_code == 200 and details.headers["content-type"] == "application/json"
+    expected = details_by_the_models(store, world.full)
+    assert expected.iterations[1].epochs[1].avg_loss is None and expected.instances[1].instance_type is None
+    assert details.content == expected.model_dump_json().encode()
+
+    jobs = client.get("/training/v1/jobs", params={"limit": 4, "offset": 1})
+    assert jobs.status_code == 200 and jobs.headers["content-type"] == "application/json"
+    listed = [schemas.Job.of(store.job(j["uuid"])) for j in jobs.json()["jobs"]]
+    assert jobs.content == schemas.JobList(jobs=listed, total=5, limit=4, offset=1).model_dump_json().encode()
+
+
 def test_epochs_of_an_iteration(client: TestClient, world: World) -> None:
     resp = client.get(f"/training/v1/jobs/{world.full}/iterations/1/epochs")
     assert resp.status_code == 200
@@ -412,21 +483,31 @@ def test_s3_artifact_redirects_to_a_presigned_url(
 # --- cancel ---------------------------------------------------------------------------------------
 
 
-def test_cancel_a_running_job(client: TestClient, world: World) -> None:
+def test_cancel_a_running_job(api: FastAPI, client: TestClient, world: World) -> None:
     resp = client.post(f"/training/v1/jobs/{world.full}/cancel")
     assert resp.status_code == 202, resp.text
     assert resp.json()["uuid"] == world.full and resp.json()["status"] == "cancelled"
-    assert world.store.job(world.full).status == "cancelled"
+    job = world.store.job(world.full)
+    assert job.status == "cancelled" and job.cancelled_by == "tester" and job.cancel_requested_at is not None
+    assert api.state.fail_run == [(job.dag_id, job.run_id)]  # and its dag run is marked failed
     again = client.post(f"/training/v1/jobs/{world.full}/cancel")
     assert again.status_code == 400 and again.json() == {"detail": f"job {world.full} already ended: cancelled"}
 
 
+def test_cancel_holds_when_airflow_cannot_fail_the_run(api: FastAPI, client: TestClient, world: World) -> None:
+    """The cancel in the results DB alone stops the job (every step checks it): still 202."""
+    api.state.fail_run.error = RuntimeError("metadata DB unavailable")
+    resp = client.post(f"/training/v1/jobs/{world.full}/cancel")
+    assert resp.status_code == 202 and world.store.job(world.full).status == "cancelled"
+
+
 @pytest.mark.parametrize("status", ["completed", "failed"])
-def test_cancel_an_ended_job_is_400(client: TestClient, world: World, status: str) -> None:
+def test_cancel_an_ended_job_is_400(api: FastAPI, client: TestClient, world: World, status: str) -> None:
     world.store.update_job(world.other_project, status=status)
     resp = client.post(f"/training/v1/jobs/{world.other_project}/cancel")
     assert resp.status_code == 400 and resp.json()["detail"] == f"job {world.other_project} already ended: {status}"
     assert world.store.job(world.other_project).status == status
+    assert api.state.fail_run == []  # the dag run is left alone
 
 
 def test_cancel_needs_edit_access_to_the_dag_runs(

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gpu_training.follow import FollowResult, FollowSpec, JobFollower, LocalSource, Source, SshSource, source_for
-from gpu_training.hosts.base import TRAINER_STATUS_SCRIPT
+from gpu_training.hosts.base import LOG_PATH, TRAINER_STATUS_SCRIPT
 from gpu_training.hosts.local import LocalHost
 from gpu_training.progress import GLOBAL_JSON_PATH
 from gpu_training.results.models import EpochTrain, IngestError, TrainingJob
@@ -309,6 +309,39 @@ def test_trainer_log_lines_reach_the_log_and_a_chatty_trainer_is_cut_short(
     assert 0 < len(shown) < 3000
     dropped = next(m for m in messages if "lines (" in m and "not shown" in m)
     assert f"[trainer] ... {3000 - len(shown)} lines" in dropped
+
+
+class _LaggingLogSource(LocalSource):
+    """A host whose log stream lags: nothing of ``logs/trainer.log`` arrives by streaming."""
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        if relpath == LOG_PATH:
+            await asyncio.sleep(3600)
+        async for data in super().stream(relpath, offset):
+            yield data
+
+
+def test_the_trainer_logs_last_lines_reach_the_log_when_the_job_ends(
+    store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> FollowResult:
+        source = _LaggingLogSource(host.workdir)
+        task = asyncio.create_task(follower(store, job_uuid, host, source=source).run())
+        await asyncio.sleep(0.3)
+        trainer.log("epoch 3 done", "saving the model")
+        with Path(host.path(LOG_PATH)).open("a") as fh:
+            fh.write("no newline at the end")
+        trainer.write(event_line("PROJECT", "end"))
+        return await asyncio.wait_for(task, 5)
+
+    with caplog.at_level(logging.INFO, logger="test.follow"):
+        assert asyncio.run(scenario()).succeeded
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if m.startswith("[trainer] ")] == [
+        "[trainer] epoch 3 done",
+        "[trainer] saving the model",
+        "[trainer] no newline at the end",
+    ]
 
 
 # --- over SSH -------------------------------------------------------------------------------------

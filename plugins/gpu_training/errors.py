@@ -72,3 +72,11 @@ class StorageError(TrainingError):
 
 class TrainerFailedError(TrainingError):
     """The trainer ended without ``PROJECT end``, stalled, or ran past its limits."""
+
+
+class JobLimitError(TrainingError):
+    """The job reached one of its hard limits (``max_cost_usd``): it is stopped and torn down."""
+
+
+class JobCancelledError(TrainingError):
+    """The job was cancelled (by the results API, or its dag run was marked failed): stop here."""

@@ -33,7 +33,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from gpu_training.errors import HostError
@@ -85,6 +85,9 @@ class FollowSpec:
     status_command: tuple[str, ...] = ()
     #: ``process`` or ``docker``: how the status output is parsed.
     runtime: str = "process"
+    #: When the job's instances reach ``max_cost_usd`` (None: no cost limit).
+    cost_deadline: datetime | None = None
+    max_cost_usd: float = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,7 +471,8 @@ class JobFollower:
         self.log = log
         self._store = store
         self._parse_status = parse_status or _parse_status_for(spec.runtime)
-        self.offset = 0  # stored in the results DB up to here
+        self.offset = 0  # stored in the results DB up to here (job-wide offsets)
+        self.base = 0  # the job-wide offset of this instance's global.json byte 0 (a recovery moves it)
         self.pending = bytearray()  # received after ``offset``, not stored yet
         self.events = self.errors = 0
         self.stream_failures = 0
@@ -478,6 +482,8 @@ class JobFollower:
         self._skip_long_line = False
         self._warned_nan = False
         self._log_gate = _LogGate(log)
+        self._log_offset: int | None = None  # of the trainer's log, shown up to here
+        self._log_partial = b""  # its unterminated last line
         self._pump_task: asyncio.Task[None] | None = None
         self._warned: dict[str, float] = {}
 
@@ -498,6 +504,7 @@ class JobFollower:
         store = await self._get_store()
         job = await self._db(store.job, self.spec.job_uuid)
         self.offset = job.ingest_offset
+        self.base = job.ingest_base
         self.log.info(
             "following %s of job %s from byte %d (%s)",
             GLOBAL_JSON_PATH,
@@ -508,7 +515,9 @@ class JobFollower:
         self._start_pump()
         logs = asyncio.create_task(self._follow_log(), name="trainer.log")
         try:
-            return await self._main(store)
+            result = await self._main(store)
+            await self._drain_log(logs)
+            return result
         finally:
             logs.cancel()
             await asyncio.gather(logs, return_exceptions=True)
@@ -562,7 +571,7 @@ class JobFollower:
                 if time.monotonic() >= stream_again_at:
                     started = time.monotonic()
                     try:
-                        async for data in self.source.stream(GLOBAL_JSON_PATH, self.received):
+                        async for data in self.source.stream(GLOBAL_JSON_PATH, self.received - self.base):
                             await self._feed(data)
                     except StreamBroken as err:
                         self.stream_failures += 1
@@ -576,7 +585,7 @@ class JobFollower:
                             self.spec.poll_interval,
                             delay,
                         )
-                data = await self.source.read(GLOBAL_JSON_PATH, self.received, BATCH_BYTES)
+                data = await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES)
                 if data:
                     await self._feed(data)
                 else:
@@ -672,6 +681,8 @@ class JobFollower:
             now=utcnow(),
             stall_timeout=self.spec.stall_timeout,
             max_runtime=self.spec.max_runtime,
+            cost_deadline=self.spec.cost_deadline,
+            max_cost_usd=self.spec.max_cost_usd,
         )
         unreachable = self.source.unreachable_for() > self.spec.unreachable_timeout.total_seconds()
         if unreachable and (verdict is None or verdict.kind == "stall"):
@@ -692,7 +703,7 @@ class JobFollower:
         """The trainer exited: read to the end of the file (an unterminated last line counts)."""
         await self._stop_pump()  # from here on only this reads, so no byte arrives twice
         while True:
-            data = await self.source.read(GLOBAL_JSON_PATH, self.received, BATCH_BYTES)
+            data = await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES)
             if not data:
                 break
             self.pending += data
@@ -713,21 +724,36 @@ class JobFollower:
         """Show the trainer's output in the task log (display only: after a restart the last
         :data:`LOG_REPLAY_BYTES` are shown again)."""
         backoff = Backoff()
-        offset: int | None = None
         while True:
             try:
-                if offset is None:
-                    offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
-                partial = b""
-                async for data in self.source.stream(LOG_PATH, offset):
-                    offset += len(data)
-                    lines = (partial + data).split(b"\n")
-                    partial = lines.pop()
-                    for line in lines:
-                        self._log_gate.line(line.decode("utf-8", "replace"))
+                if self._log_offset is None:
+                    self._log_offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
+                async for data in self.source.stream(LOG_PATH, self._log_offset):
+                    self._log_lines(data)
                     backoff.reset()
             except (StreamBroken, SourceUnreachable):
                 await asyncio.sleep(backoff.next())
+
+    def _log_lines(self, data: bytes) -> None:
+        assert self._log_offset is not None
+        self._log_offset += len(data)
+        lines = (self._log_partial + data).split(b"\n")
+        self._log_partial = lines.pop()
+        for line in lines:
+            self._log_gate.line(line.decode("utf-8", "replace"))
+
+    async def _drain_log(self, logs: asyncio.Task[None]) -> None:
+        """The job ended: the log's last lines, which the stream may not have brought yet (a
+        loaded host or triggerer), are read once more before following stops."""
+        logs.cancel()
+        await asyncio.gather(logs, return_exceptions=True)
+        if self._log_offset is None:
+            return
+        with contextlib.suppress(SourceUnreachable, StreamBroken, HostError, TimeoutError, OSError):
+            self._log_lines(await asyncio.wait_for(self.source.read(LOG_PATH, self._log_offset, LOG_REPLAY_BYTES), 10))
+        if self._log_partial:
+            self._log_gate.line(self._log_partial.decode("utf-8", "replace"))
+            self._log_partial = b""
 
 
 class _Restart(Exception):

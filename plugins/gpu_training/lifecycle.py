@@ -7,13 +7,16 @@ from the results DB (not XCom), so any step can be retried on its own.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from gpu_training import storage
 from gpu_training.errors import (
     BadRequestError,
     HostError,
     InstanceNotFoundError,
+    JobCancelledError,
+    JobLimitError,
     NoCapacityError,
     ProviderError,
     TrainerFailedError,
@@ -37,10 +40,66 @@ TERMINATE_BACKOFF_SECONDS = 2.0
 #: ``state_reason`` prefixes of attempts whose offer is not tried again for the job.
 NO_CAPACITY = "no capacity:"
 REPLACED = "replaced:"
+#: ``state_reason`` prefix of an instance the cloud interrupted (spot): its offer stays eligible.
+INTERRUPTED = "interrupted:"
+#: How long after recording a launch intent teardown waits for that launch to settle (get an id, or
+#: fail) while polling the cloud by the instance's name. A launch task killed by a cancel stops
+#: within ~10 s (SIGTERM at its next heartbeat, SIGKILL 5 s later); what a cloud creates even later
+#: is the reaper's.
+LAUNCH_SETTLE = timedelta(seconds=45)
+LAUNCH_SETTLE_POLL_SECONDS = 3.0
+NOT_LAUNCHED_CANCELLED = "not launched: the job was cancelled or is being torn down"
 
 
 def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
     return parse_job_params(store.job(job_uuid).params)
+
+
+def cancelled_reason(job: Any) -> str | None:
+    """Why the job must not go on (cancelled, or being torn down), else None."""
+    if job.status == "cancelled" or job.cancel_requested_at is not None:
+        return f"job {job.uuid} was cancelled" + (f" by {job.cancelled_by}" if job.cancelled_by else "")
+    if job.teardown_started_at is not None:
+        return f"job {job.uuid} is being torn down"
+    return None
+
+
+def job_cost(store: ResultsStore, job_uuid: str, *, now: datetime | None = None) -> float:
+    """What the job's instances have cost so far: settled ones as settled, live ones until now."""
+    now = now or utcnow()
+    total = 0.0
+    for record in store.instances_for_job(job_uuid):
+        if record.state == "terminated" or record.cost_usd is not None:
+            total += record.cost_usd or 0.0
+        elif record.instance_id and record.state != "failed":
+            started = record.launched_at or record.created_at
+            total += max(0.0, (now - started).total_seconds()) / 3600 * (record.price_per_hour or 0.0)
+    return total
+
+
+def cost_deadline(store: ResultsStore, job_uuid: str, spec: JobSpec) -> datetime | None:
+    """When the job reaches ``max_cost_usd`` if its current instance keeps running (None: no limit,
+    or a free instance)."""
+    if not spec.max_cost_usd:
+        return None
+    record = current_instance(store, job_uuid)
+    if not record.price_per_hour:
+        return None
+    now = utcnow()
+    left = spec.max_cost_usd - job_cost(store, job_uuid, now=now)
+    return now + timedelta(hours=max(0.0, left) / record.price_per_hour)
+
+
+def ensure_within_cost(store: ResultsStore, job_uuid: str, spec: JobSpec, what: str) -> None:
+    if spec.max_cost_usd and (spent := job_cost(store, job_uuid)) >= spec.max_cost_usd:
+        raise JobLimitError(f"reached max_cost_usd ({spec.max_cost_usd:g} USD, spent {spent:.4f}) {what}")
+
+
+def ensure_not_cancelled(store: ResultsStore, job_uuid: str) -> None:
+    """Every step starts here: a cancelled job starts nothing new (no launch, no transfer)."""
+    reason = cancelled_reason(store.job(job_uuid))
+    if reason:
+        raise JobCancelledError(reason)
 
 
 def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str, map_index: int = -1) -> str:
@@ -63,6 +122,7 @@ def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str,
 
 def build_config(store: ResultsStore, job_uuid: str) -> str:
     """Render the job's YAML config and store it on the job row."""
+    ensure_not_cancelled(store, job_uuid)
     config = build_job_config(job_uuid, job_spec(store, job_uuid))
     text = render_yaml(config)
     store.update_job(job_uuid, config_yaml=text)
@@ -79,6 +139,7 @@ def provision(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     A retried task first asks the cloud for the instances it recorded (by their deterministic
     names) and keeps a live one; see :func:`launch_next` for the launch itself.
     """
+    ensure_not_cancelled(store, job_uuid)
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
     store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
@@ -135,11 +196,15 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
         if (r.state_reason or "").startswith((NO_CAPACITY, REPLACED))
     }
     history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
+    ensure_within_cost(store, job_uuid, spec, "before launching another instance")
     for offer in ranked:
         if _offer_key(offer.provider, offer.instance_type, offer.region) in given_up:
             continue
-        number = len(store.instances_for_job(job_uuid)) + 1
-        if number > spec.max_launch_attempts:
+        records = store.instances_for_job(job_uuid)
+        number = len(records) + 1
+        # Relaunches after an interruption are limited by max_recoveries, not max_launch_attempts.
+        attempts = sum(1 for r in records if not (r.state_reason or "").startswith(INTERRUPTED)) + 1
+        if attempts > spec.max_launch_attempts:
             raise NoCapacityError(
                 "all",
                 f"gave up after {spec.max_launch_attempts} launch attempts (max_launch_attempts): "
@@ -156,6 +221,12 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
             price_per_hour=offer.price_per_hour,
             spot=offer.spot,
         )
+        # The intent is committed: from here teardown waits for this launch to settle. A cancel or
+        # teardown that came first means no launch at all.
+        stop = cancelled_reason(store.job(job_uuid))
+        if stop:
+            store.update_instance(name, state="failed", state_reason=NOT_LAUNCHED_CANCELLED)
+            raise JobCancelledError(stop)
         try:
             info = provider.find_instance(name) or provider.launch(offer, name)
         except ProviderError as err:
@@ -180,6 +251,7 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
             launched_at=utcnow(),
             details=info.details,
         )
+        _terminate_if_torn_down(store, job_uuid, name, provider)
         log.info(
             "launched %s: %s %s %s at %s USD/h (%s)",
             name,
@@ -191,6 +263,19 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
         )
         return info
     raise NoCapacityError("all", f"every fitting offer was refused or given up ({len(history)}): " + "; ".join(history))
+
+
+def _terminate_if_torn_down(store: ResultsStore, job_uuid: str, name: str, provider: ComputeProvider) -> None:
+    """A teardown that started while the launch call was in flight may have given up waiting for
+    it: terminate what was just created here too (terminating twice is harmless)."""
+    job = store.job(job_uuid)
+    if job.teardown_started_at is None:
+        return
+    record = store.instance(name)
+    if record is not None and record.state != "terminated":
+        log.warning("teardown began while %s was launching: terminating it", name)
+        _terminate_record(store, record, provider, reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched"))
+    raise JobCancelledError(cancelled_reason(job) or f"job {job_uuid} is being torn down")
 
 
 def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
@@ -231,10 +316,12 @@ def check_ready(store: ResultsStore, job_uuid: str) -> bool:
     A rented instance that turns unhealthy, vanishes, or is not usable within the provider's
     provisioning timeout is terminated and replaced by the next offer (``False``: keep waiting).
     """
+    ensure_not_cancelled(store, job_uuid)
     spec = job_spec(store, job_uuid)
     record = current_instance(store, job_uuid)
     provider = get_provider(record.provider, spec)
     timeout = provision_timeout(spec, provider)
+    ensure_within_cost(store, job_uuid, spec, "while the instance booted")
     waited = utcnow() - (record.launched_at or record.created_at)
     over = waited > timeout
     took = f"after {waited.total_seconds() / 60:.1f} min (provisioning timeout {timeout.total_seconds() / 60:g} min)"
@@ -295,6 +382,7 @@ def _replace_or_raise(
 
 def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
     """Put the config, the dataset and (for the default command) the reference trainer on the host."""
+    ensure_not_cancelled(store, job_uuid)
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
     if job.config_yaml is None:
@@ -337,9 +425,17 @@ def trainer_env(host: Host) -> dict[str, str]:
 
 
 def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
-    """Start the trainer detached (re-attaching if a retry finds it started). Returns its pid."""
+    """Start the trainer detached (re-attaching if a retry finds it started). Returns its pid.
+
+    On an interruptible (spot) instance the trainer's latest checkpoint is synced to the job's
+    outputs URI while it trains, for a recovery on another instance to resume from.
+    """
+    ensure_not_cancelled(store, job_uuid)
     spec = job_spec(store, job_uuid)
     host, trainer = host_and_trainer(store, job_uuid)
+    if current_instance(store, job_uuid).spot and (outputs := store.job(job_uuid).outputs_uri):
+        expiry = int(min(7 * 24 * 3600, spec.max_runtime_minutes * 60 + 3600))
+        storage.start_checkpoint_sync(host, outputs, expiry_seconds=expiry)
     if isinstance(trainer, ContainerTrainer):
         report = trainer.start(ContainerSpec.for_job(spec, host), registry_login(spec.registry_conn_id))
         log.info("%s", report)
@@ -357,6 +453,7 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
 def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
     """What :class:`~gpu_training.triggers.GlobalJsonTrigger` needs to follow the job: how to
     reach its host, how to ask for the trainer's status, and the job's limits."""
+    ensure_not_cancelled(store, job_uuid)
     spec = job_spec(store, job_uuid)
     host, trainer = host_and_trainer(store, job_uuid)
     return {
@@ -369,11 +466,91 @@ def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
         "max_runtime_seconds": spec.max_runtime_minutes * 60,
         "unreachable_timeout_seconds": spec.unreachable_timeout_minutes * 60,
         "stop_on_nan": spec.stop_on_nan,
+        "cost_deadline": deadline.isoformat() if (deadline := cost_deadline(store, job_uuid, spec)) else None,
+        "max_cost_usd": spec.max_cost_usd,
     }
 
 
+# --- spot recovery -------------------------------------------------------------------------------
+
+
+def interruption(store: ResultsStore, job_uuid: str) -> str | None:
+    """Why the job's current instance is lost to an interruption (the cloud's words), else None.
+
+    Asked when following ended with the host unreachable or the trainer gone: a spot instance the
+    cloud reports interrupted, or that vanished altogether, is an interruption.
+    """
+    record = current_instance(store, job_uuid)
+    if not record.spot:
+        return None
+    provider = get_provider(record.provider, job_spec(store, job_uuid))
+    try:
+        info = _instance_info(provider, record)
+    except InstanceNotFoundError as err:
+        return f"the spot instance vanished: {err}"
+    if info.interrupted:
+        return str(info.details.get("interruption") or f"{info.instance_id} interrupted ({info.state})")
+    if info.state.is_gone:
+        return f"the spot instance is {info.details.get('status') or info.state}"
+    return None
+
+
+def recover(store: ResultsStore, job_uuid: str, reason: str) -> InstanceInfo:
+    """Relaunch a job whose instance was interrupted, up to ``max_recoveries``.
+
+    The interrupted instance is recorded (``interrupted_at``, ``interruption``), terminated until
+    the cloud says it is gone and its cost settled; the job's ``recovery_count`` goes up and its
+    ``global.json`` offsets move on to the new instance's file (``ingest_base``), so nothing stored
+    is read again; then the cheapest fitting offer is launched. The trainer restarts there from
+    the checkpoint synced to the outputs URI (:func:`restart_trainer`).
+    """
+    ensure_not_cancelled(store, job_uuid)
+    spec = job_spec(store, job_uuid)
+    job = store.job(job_uuid)
+    if job.recovery_count >= spec.max_recoveries:
+        raise TrainerFailedError(
+            f"instance interrupted ({reason}); no recovery left (max_recoveries={spec.max_recoveries})"
+        )
+    record = current_instance(store, job_uuid)
+    provider = get_provider(record.provider, spec)
+    store.update_instance(record.name, interrupted_at=utcnow(), interruption=reason[:500])
+    _terminate_record(store, record, provider, reason=f"{INTERRUPTED} {reason}")
+    store.begin_recovery(job_uuid)
+    log.warning("job %s: %s interrupted (%s); recovery %d", job_uuid, record.name, reason, job.recovery_count + 1)
+    return launch_next(store, job_uuid)
+
+
+def awaiting_restart(store: ResultsStore, job_uuid: str) -> bool:
+    """Whether a recovery launched an instance whose trainer has not been started yet."""
+    job = store.job(job_uuid)
+    if job.recovery_count == 0:
+        return False
+    record = current_instance(store, job_uuid)
+    if record.ready_at is None:
+        return True
+    _, trainer = host_and_trainer(store, job_uuid)
+    return not trainer.status().started
+
+
+def restart_trainer(store: ResultsStore, job_uuid: str) -> dict[str, Any] | None:
+    """On the recovered (ready) instance: inputs, the last synced checkpoint, then the trainer,
+    which resumes from it. Returns the checkpoint's pointer (None: none was synced, it starts over)."""
+    transfer_inputs(store, job_uuid)
+    job = store.job(job_uuid)
+    spec = parse_job_params(job.params)
+    host = host_for(store, job_uuid)
+    pointer = None
+    if job.outputs_uri:
+        expiry = int(spec.presigned_url_expiry_minutes * 60)
+        pointer = storage.restore_checkpoint(host, job.outputs_uri, expiry_seconds=expiry)
+    log.info("job %s resumes from %s", job_uuid, pointer or "the start (no checkpoint was synced)")
+    store.update_job(job_uuid, last_progress_at=utcnow())  # the stall timeout counts from the restart
+    start_trainer(store, job_uuid)
+    return pointer
+
+
 #: Ends after which the trainer may still be running and must be stopped.
-_STOP_AFTER = frozenset({"stall", "max_runtime", "non_finite_loss", "cancelled"})
+_STOP_AFTER = frozenset({"stall", "max_runtime", "max_cost", "non_finite_loss", "cancelled"})
 
 
 def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> None:
@@ -399,21 +576,30 @@ def upload(store: ResultsStore, job_uuid: str) -> int:
     return len(records)
 
 
-def teardown(store: ResultsStore, job_uuid: str) -> list[str]:
+def teardown(store: ResultsStore, job_uuid: str, *, settle: timedelta = LAUNCH_SETTLE) -> list[str]:
     """Terminate every instance of the job that is not known to be gone; returns their names.
 
     Works from the results DB alone, so it also catches an instance whose launch call crashed
     after the cloud created it (found by its deterministic name). Each termination is retried
     until the provider reports the instance gone; cost is settled per instance and on the job.
+
+    Teardown can start while the launch is still in flight (a cancelled run's teardown starts
+    before its killed launch task stops). So it first records that it started, which a launch
+    checks after its intent and after its call, and a launch intent younger than ``settle`` is
+    waited for (polling the cloud by name) until it has an id or failed.
     """
     terminated: list[str] = []
     errors: list[str] = []
     spec = job_spec(store, job_uuid)
+    store.begin_teardown(job_uuid)
     for record in store.instances_for_job(job_uuid):
         if record.state == "terminated":
             continue
         try:
             provider = get_provider(record.provider, spec)
+            record = _settled(store, record, provider, settle)
+            if record.state == "failed" and not record.instance_id:
+                continue
             if _terminate_record(store, record, provider):
                 terminated.append(record.name)
         except Exception as err:  # keep going: one stuck instance must not shield the others
@@ -424,6 +610,25 @@ def teardown(store: ResultsStore, job_uuid: str) -> list[str]:
     if errors:
         raise ProviderError("teardown", "could not terminate " + "; ".join(errors))
     return terminated
+
+
+def _settled(store: ResultsStore, record: Instance, provider: ComputeProvider, settle: timedelta) -> Instance:
+    """The record once its launch settled: it has an instance id, the launch failed, the cloud
+    shows the instance by name, or ``settle`` after the intent passed (then it is what it is)."""
+    import time
+
+    deadline = record.created_at + settle
+    while record.state == "requested" and not record.instance_id:
+        found = provider.find_instance(record.name)
+        if found is not None:
+            store.update_instance(record.name, instance_id=found.instance_id, state=str(found.state))
+            return store.instance(record.name) or record
+        if utcnow() >= deadline:
+            break
+        log.info("%s: its launch may still be in flight; waiting for it to settle", record.name)
+        time.sleep(min(LAUNCH_SETTLE_POLL_SECONDS, max(0.0, (deadline - utcnow()).total_seconds())))
+        record = store.instance(record.name) or record
+    return record
 
 
 def _terminate_record(store: ResultsStore, record: Instance, provider: ComputeProvider, *, reason: str = "") -> bool:
@@ -489,10 +694,19 @@ def terminate_until_gone(provider: ComputeProvider, instance_id: str, *, budget:
                 raise ProviderError(provider.name, f"instance {instance_id} is still {state} after terminate")
 
 
-def finalize(store: ResultsStore, job_uuid: str, *, failed_tasks: list[str]) -> str:
-    """Settle the job's final status from what happened; returns it."""
+def finalize(store: ResultsStore, job_uuid: str, *, failed_tasks: list[str], run_marked_failed: bool = False) -> str:
+    """Settle the job's final status from what happened; returns it.
+
+    A job is ``cancelled`` when it was cancelled through the results API or when its dag run was
+    marked failed by someone (the Airflow UI, ``PATCH .../dagRuns/{run}``) before it completed.
+    """
     job = store.job(job_uuid)
-    if job.status == "cancelled":
+    if run_marked_failed and job.status not in ("completed", "cancelled") and not job.project_ended:
+        store.request_cancel(job_uuid, by="airflow (the dag run was marked failed)")
+        job = store.job(job_uuid)
+    if job.status == "cancelled" or job.cancel_requested_at is not None:
+        if job.failure_reason is None:
+            store.update_job(job_uuid, failure_reason=cancelled_reason(job))
         store.finish(job_uuid, "cancelled")
         return "cancelled"
     if job.failure_reason is None and (failed_tasks or not job.project_ended):

@@ -18,6 +18,8 @@ from gpu_training import lifecycle
 from gpu_training.errors import (
     BadRequestError,
     HostError,
+    JobCancelledError,
+    JobLimitError,
     JobNotFoundError,
     JobParamsError,
     ResultsDbError,
@@ -28,7 +30,15 @@ from gpu_training.offers import NoOfferError
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
 
-NOT_RETRYABLE = (JobParamsError, BadRequestError, TrainerFailedError, ResultsDbError, NoOfferError)
+NOT_RETRYABLE = (
+    JobParamsError,
+    BadRequestError,
+    TrainerFailedError,
+    ResultsDbError,
+    NoOfferError,
+    JobCancelledError,
+    JobLimitError,
+)
 
 
 class TrainingJobStepOperator(BaseOperator):
@@ -178,11 +188,21 @@ class GlobalJsonSensor(TrainingJobStepOperator):
     stores every event and fires only when the job ended: no worker slot is held while the model
     trains. Back on a worker it stops a trainer that must not keep running (stalled, overdue,
     NaN loss, cancelled) and fails with the reason; an unreachable host is retried.
+
+    A spot instance lost to an interruption is recovered here, up to ``max_recoveries``: a new
+    offer is launched, its boot waited for (deferred), inputs and the last synced checkpoint put
+    on it and the trainer restarted, then following goes on, all within this task. Where a try
+    stands is read from the results DB, so a retry picks the recovery up where it was.
     """
 
     ui_color = "#f3e8fd"
 
     def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> Any:
+        if lifecycle.awaiting_restart(store, job_uuid):
+            return self._recovering(store, job_uuid)
+        return self._follow(store, job_uuid)
+
+    def _follow(self, store: ResultsStore, job_uuid: str) -> Any:
         kwargs = lifecycle.follow_kwargs(store, job_uuid)
         self.log.info("following %s from the triggerer", kwargs["target"])
         self.defer(
@@ -206,16 +226,42 @@ class GlobalJsonSensor(TrainingJobStepOperator):
         if result.get("succeeded"):
             self.log.info("job ended: %s", reason)
             return int(result.get("offset") or 0)
+        if result.get("kind") in self.LOST_HOST and (interrupted := lifecycle.interruption(store, job_uuid)):
+            self.log.warning("the instance was interrupted: %s; recovering", interrupted)
+            info = lifecycle.recover(store, job_uuid, interrupted)
+            self.log.info("recovery instance %s (%s) is %s", info.name, info.instance_id, info.state)
+            return self._recovering(store, job_uuid)
         lifecycle.after_follow(store, job_uuid, result)
         if result.get("kind") == "unreachable":
             raise HostError(reason)  # retried: following resumes where the results DB says
         raise TrainerFailedError(reason)
+
+    #: Ends of following after which the instance itself may be gone (an interruption).
+    LOST_HOST = frozenset({"unreachable", "trainer_exit", "not_started"})
+
+    def _recovering(self, store: ResultsStore, job_uuid: str) -> Any:
+        """Wait (deferred) for the recovery instance, then restart the trainer and follow again."""
+        if not lifecycle.check_ready(store, job_uuid):
+            interval = lifecycle.job_spec(store, job_uuid).poll_interval_seconds
+            self.defer(trigger=PollIntervalTrigger(float(interval), {}), method_name="recovery_poll")
+        pointer = lifecycle.restart_trainer(store, job_uuid)
+        self.log.info("trainer restarted, resuming from %s", pointer or "the start (no checkpoint synced)")
+        return self._follow(store, job_uuid)
+
+    def recovery_poll(self, context: Context, event: Any = None) -> Any:
+        store = self.store()
+        job_uuid = self.job_uuid(store, context)
+        return self._guarded(store, job_uuid, context, lambda: self._recovering(store, job_uuid))
 
 
 class UploadOutputsOperator(TrainingJobStepOperator):
     """Uploads outputs with a SHA256 manifest; also after a failed training (logs, checkpoints)."""
 
     def run_step(self, store: ResultsStore, job_uuid: str, context: Context) -> None:
+        stop = lifecycle.cancelled_reason(store.job(job_uuid))
+        if stop:
+            self.log.warning("%s: outputs are not uploaded, the instance is terminated at once", stop)
+            return
         try:
             lifecycle.current_instance(store, job_uuid)
         except Exception:
@@ -258,18 +304,21 @@ class FinalizeJobOperator(TrainingJobStepOperator):
             job_uuid = self.job_uuid(store, context)
         except JobNotFoundError as err:
             raise AirflowFailException(f"the job was never registered: {err}") from err
-        failed = self._failed_tasks(context)
-        status = lifecycle.finalize(store, job_uuid, failed_tasks=failed)
+        states = self._task_states(context)
+        failed = sorted(t for t, state in states.items() if state in ("failed", "upstream_failed"))
+        # Nothing in this DAG skips a step, except Airflow when someone marks the run failed.
+        marked_failed = any(state == "skipped" for state in states.values())
+        status = lifecycle.finalize(store, job_uuid, failed_tasks=failed, run_marked_failed=marked_failed)
         job = store.job(job_uuid)
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
         if status != "completed":
             raise AirflowFailException(f"training job {job_uuid} {status}: {job.failure_reason}")
         return status
 
-    def _failed_tasks(self, context: Context) -> list[str]:
+    def _task_states(self, context: Context) -> dict[str, str]:
         ti = context["ti"]
         if not self.watched_task_ids:
-            return []
+            return {}
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=self.watched_task_ids)
         by_task: dict[str, Any] = states.get(ti.run_id, {}) if isinstance(states, dict) else {}
-        return sorted(task_id for task_id, state in by_task.items() if str(state) in ("failed", "upstream_failed"))
+        return {task_id: str(state) for task_id, state in by_task.items()}

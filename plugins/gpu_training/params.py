@@ -79,6 +79,13 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Allow spot / interruptible",
         "Consider interruptible (spot) offers too.",
     ),
+    "max_recoveries": (
+        2,
+        {"type": "integer", "minimum": 0, "maximum": 20},
+        "Max spot recoveries",
+        "How many times a job whose spot / interruptible instance was interrupted is relaunched on a "
+        "new offer, resuming from the last checkpoint synced to outputs_uri (s3://); then it fails.",
+    ),
     "boot_timeout_minutes": (
         0,
         {"type": "number", "minimum": 0, "maximum": 1440},
@@ -182,6 +189,14 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Presigned URL expiry (minutes)",
         "How long the presigned URLs handed to the instance stay valid (S3 allows up to 7 days).",
     ),
+    "max_cost_usd": (
+        0,
+        {"type": "number", "minimum": 0, "maximum": 1_000_000},
+        "Max cost (USD)",
+        "Hard limit on what the job's instances may cost in all (price per hour x time, every instance "
+        "of the job, launch to termination): reached while booting or training, the job is stopped and "
+        "torn down; no instance is launched once it is spent. 0 for no limit.",
+    ),
     "max_runtime_minutes": (
         120,
         {"type": "number", "exclusiveMinimum": 0, "maximum": 60 * 24 * 14},
@@ -229,6 +244,7 @@ class JobSpec:
     regions: tuple[str, ...] = ()
     max_price_per_hour: float = 0
     spot: bool = False
+    max_recoveries: int = 2
     boot_timeout_minutes: float = 0
     max_launch_attempts: int = 4
     runtime: str = "process"
@@ -245,6 +261,7 @@ class JobSpec:
     outputs_uri: str = ""
     s3_transfer: str = "direct"
     presigned_url_expiry_minutes: float = 60
+    max_cost_usd: float = 0
     max_runtime_minutes: float = 120
     stall_timeout_minutes: float = 15
     poll_interval_seconds: float = 5

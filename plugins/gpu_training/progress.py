@@ -87,7 +87,8 @@ def _skip_long_line(host: Host, offset: int) -> int:
 class Verdict:
     """How a job ended: ``kind`` is machine-readable, ``reason`` is for people."""
 
-    kind: str  # project_end, cancelled, not_started, trainer_exit, max_runtime, stall, non_finite_loss, unreachable
+    kind: str  # project_end, cancelled, not_started, trainer_exit, max_runtime, max_cost, stall, non_finite_loss,
+    # unreachable
     succeeded: bool
     reason: str
 
@@ -99,9 +100,12 @@ def judge(
     now: datetime,
     stall_timeout: timedelta,
     max_runtime: timedelta,
+    cost_deadline: datetime | None = None,
+    max_cost_usd: float = 0,
 ) -> Verdict | None:
     """Whether the job ended, from its row in the results DB and the trainer's status (``None``:
-    unknown, the host did not answer). ``None`` means it still runs."""
+    unknown, the host did not answer). ``None`` means it still runs. ``cost_deadline``: when the
+    job's instances will have cost ``max_cost_usd`` (see :func:`gpu_training.lifecycle.cost_deadline`)."""
     if job.project_ended:
         return Verdict("project_end", True, "PROJECT end")
     if job.status == "cancelled":
@@ -113,6 +117,8 @@ def judge(
     started = job.trainer_started_at or job.created_at
     if now - started > max_runtime:
         return Verdict("max_runtime", False, f"exceeded max_runtime_minutes ({_minutes(max_runtime)})")
+    if cost_deadline is not None and now >= cost_deadline:
+        return Verdict("max_cost", False, f"reached max_cost_usd ({max_cost_usd:g} USD): the instance was stopped")
     last = job.last_progress_at or started
     if now - last > stall_timeout:
         return Verdict(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -53,6 +53,8 @@ class GlobalJsonTrigger(BaseTrigger):
         max_runtime_seconds: float = 7200.0,
         unreachable_timeout_seconds: float = 120.0,
         stop_on_nan: bool = False,
+        cost_deadline: str | None = None,
+        max_cost_usd: float = 0.0,
     ) -> None:
         super().__init__()
         self.kwargs: dict[str, Any] = {
@@ -66,6 +68,8 @@ class GlobalJsonTrigger(BaseTrigger):
             "max_runtime_seconds": float(max_runtime_seconds),
             "unreachable_timeout_seconds": float(unreachable_timeout_seconds),
             "stop_on_nan": bool(stop_on_nan),
+            "cost_deadline": cost_deadline,  # ISO 8601, UTC
+            "max_cost_usd": float(max_cost_usd),
         }
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -85,6 +89,8 @@ class GlobalJsonTrigger(BaseTrigger):
             stop_on_nan=kw["stop_on_nan"],
             status_command=tuple(kw["status_command"]),
             runtime=kw["runtime"],
+            cost_deadline=datetime.fromisoformat(kw["cost_deadline"]) if kw.get("cost_deadline") else None,
+            max_cost_usd=float(kw.get("max_cost_usd") or 0.0),
         )
         source = source_for(kw["target"], unreachable_timeout=kw["unreachable_timeout_seconds"])
         try:

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from gpu_training import __version__
+from gpu_training.api.commands import RunFailer
 from gpu_training.api.stream import StreamSettings
 from gpu_training.errors import JobNotFoundError, ResultsDbError, StorageError
 
@@ -43,8 +44,13 @@ async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"storage error: {exc}"}, status_code=status.HTTP_502_BAD_GATEWAY)
 
 
-def create_app(*, stream_settings: StreamSettings | None = None) -> FastAPI:
-    """The results API app (routes under ``/v1``)."""
+def create_app(*, stream_settings: StreamSettings | None = None, fail_run: RunFailer | None = None) -> FastAPI:
+    """The results API app (routes under ``/v1``).
+
+    ``fail_run`` marks a cancelled job's dag run failed; by default in-process through the
+    api-server's own service (:func:`gpu_training.api.airflow_runs.fail_dag_run`).
+    """
+    from gpu_training.api.airflow_runs import fail_dag_run
     from gpu_training.api.routes import router
     from gpu_training.api.ui import router as ui_router
 
@@ -59,6 +65,7 @@ def create_app(*, stream_settings: StreamSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.stream_settings = stream_settings or StreamSettings()
+    app.state.fail_run = fail_run if fail_run is not None else fail_dag_run
     app.include_router(router)
     app.include_router(ui_router)
     app.add_exception_handler(JobNotFoundError, _job_not_found)

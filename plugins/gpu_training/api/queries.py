@@ -13,12 +13,15 @@ come from a loose index scan of ``(dag_id, run_id, map_index)``: one index probe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import uuid as uuidlib
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Select, func, select
+from pydantic import BaseModel
+from sqlalchemy import ColumnElement, Connection, Select, func, select
 
 from gpu_training.api.schemas import (
     ArtifactInfo,
@@ -27,11 +30,13 @@ from gpu_training.api.schemas import (
     InstanceInfo,
     Iteration,
     Job,
-    JobDetails,
     Step,
+    job_gpu,
+    model_id,
 )
 from gpu_training.results.models import (
     Artifact,
+    Base,
     EpochTrain,
     Eval,
     Instance,
@@ -118,58 +123,84 @@ def _filtered(stmt: Select, filters: JobFilters, readable: Collection[str] | Non
     return stmt
 
 
+@functools.cache
+def _columns(model: type[BaseModel], table: type[Base]) -> tuple[ColumnElement[Any], ...]:
+    """The columns of ``table`` named as fields of the response ``model``, in the model's order (its
+    other fields are derived from them or from other rows)."""
+    columns = table.__table__.c
+    return tuple(columns[name] for name in model.model_fields if name in columns)
+
+
+def _dicts(conn: Connection, model: type[BaseModel], stmt: Select) -> list[dict[str, Any]]:
+    """The rows of ``stmt`` as plain dicts, no ORM object: every field of ``model`` in its order (None
+    where no column of ``stmt`` has the field's name: filled in by the caller), then the other
+    columns of ``stmt`` (popped by the caller)."""
+    result = conn.execute(stmt)
+    keys, blank = tuple(result.keys()), dict.fromkeys(model.model_fields)
+    rows = []
+    for values in result.all():
+        row = blank.copy()
+        row.update(zip(keys, values, strict=True))
+        rows.append(row)
+    return rows
+
+
+def _rows_of_job(
+    conn: Connection, job_id: int, model: type[BaseModel], table: type[Base], *order_by: Any, extra: Any = ()
+) -> list[dict[str, Any]]:
+    """The rows of one job in ``table`` as ``model`` dicts (see :func:`_dicts`), ``extra`` columns too."""
+    stmt = select(*_columns(model, table), *extra).where(table.__table__.c.job_id == job_id)
+    return _dicts(conn, model, stmt.order_by(*order_by))
+
+
 def list_jobs(
     store: ResultsStore, filters: JobFilters, *, readable: Collection[str] | None, limit: int, offset: int
-) -> tuple[list[TrainingJob], int]:
-    """Jobs matching ``filters``, newest first, and how many match; ``readable``: only these DAGs
-    (None: every DAG)."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Jobs matching ``filters`` (plain :class:`Job` dicts), newest first, and how many match;
+    ``readable``: only these DAGs (None: every DAG)."""
     if readable is not None and not readable:
         return [], 0
-    page = _filtered(select(TrainingJob), filters, readable)
+    page = _filtered(select(*_columns(Job, TrainingJob), TrainingJob.params), filters, readable)
     page = page.order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc()).limit(limit).offset(offset)
     count = _filtered(select(func.count()).select_from(TrainingJob), filters, readable)
-    with store.session() as s:
-        return list(s.scalars(page)), int(s.scalar(count) or 0)
+    with store.engine.connect() as conn:
+        jobs = _dicts(conn, Job, page)
+        total = int(conn.scalar(count) or 0)
+    for row in jobs:
+        row["gpu"] = job_gpu(row.pop("params"))
+    return jobs, total
 
 
-def job_details(store: ResultsStore, job: TrainingJob) -> JobDetails:
-    """The job with its iterations (steps, epochs, evals), artifacts and instances."""
-    with store.session() as s:
-        iterations = s.scalars(
-            select(TrainingIteration).where(TrainingIteration.job_id == job.id).order_by(TrainingIteration.iteration)
-        ).all()
-        steps = s.scalars(
-            select(TrainingStep).where(TrainingStep.job_id == job.id).order_by(TrainingStep.iteration, TrainingStep.id)
-        ).all()
-        epochs = s.scalars(
-            select(EpochTrain).where(EpochTrain.job_id == job.id).order_by(EpochTrain.iteration, EpochTrain.epoch)
-        ).all()
-        evals = s.scalars(select(Eval).where(Eval.job_id == job.id).order_by(Eval.iteration, Eval.epoch)).all()
-        artifacts = s.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)).all()
-        instances = s.scalars(select(Instance).where(Instance.job_id == job.id).order_by(Instance.id)).all()
-    numbers = sorted({it.iteration for it in iterations} | {e.iteration for e in epochs} | {e.iteration for e in evals})
-    by_number = {it.iteration: it for it in iterations}
-    out = []
-    for n in numbers:
-        it = by_number.get(n)
-        out.append(
-            Iteration(
-                iteration=n,
-                config=it.config if it else None,
-                started_at=it.started_at if it else None,
-                completed_at=it.completed_at if it else None,
-                time_taken=it.time_taken if it else None,
-                steps=[Step.of(r) for r in steps if r.iteration == n],
-                epochs=[Epoch.of(r) for r in epochs if r.iteration == n],
-                evals=[Evaluation.of(r, job.uuid) for r in evals if r.iteration == n],
-            )
-        )
-    return JobDetails(
-        **Job.of(job).model_dump(),
-        iterations=out,
-        artifacts=[ArtifactInfo.of(a) for a in artifacts],
-        instances=[InstanceInfo.of(i) for i in instances],
-    )
+def job_details(store: ResultsStore, job: TrainingJob) -> dict[str, Any]:
+    """The job with its iterations (steps, epochs, evals), artifacts and instances: a plain
+    :class:`JobDetails` dict, read without ORM objects (a job has thousands of epochs)."""
+    with store.engine.connect() as conn:
+        of_job = functools.partial(_rows_of_job, conn, job.id)
+        iterations = of_job(Iteration, TrainingIteration, TrainingIteration.iteration)
+        steps = of_job(Step, TrainingStep, TrainingStep.iteration, TrainingStep.id, extra=[TrainingStep.iteration])
+        epochs = of_job(Epoch, EpochTrain, EpochTrain.iteration, EpochTrain.epoch)
+        evals = of_job(Evaluation, Eval, Eval.iteration, Eval.epoch)
+        artifacts = of_job(ArtifactInfo, Artifact, Artifact.name)
+        instances = of_job(InstanceInfo, Instance, Instance.id)
+    numbers = {row["iteration"] for rows in (epochs, evals) for row in rows}
+    by_number = {it["iteration"]: it for it in iterations}
+    by_number |= {n: dict.fromkeys(Iteration.model_fields) | {"iteration": n} for n in numbers - by_number.keys()}
+    for it in by_number.values():
+        it.update(steps=[], epochs=[], evals=[])
+    for row in epochs:
+        by_number[row["iteration"]]["epochs"].append(row)
+    for row in evals:
+        row.update(model_id=model_id(job.uuid, row["iteration"], row["epoch"]), job_uuid=job.uuid)
+        by_number[row["iteration"]]["evals"].append(row)
+    for row in steps:  # the steps of an iteration with no row, epoch nor evaluation are not shown
+        of_step = by_number.get(row.pop("iteration"))
+        if of_step is not None:
+            of_step["steps"].append(row)
+    return Job.of(job).model_dump() | {
+        "iterations": [by_number[n] for n in sorted(by_number)],
+        "artifacts": artifacts,
+        "instances": instances,
+    }
 
 
 def iteration_epochs(store: ResultsStore, job: TrainingJob, iteration: int) -> list[EpochTrain] | None:

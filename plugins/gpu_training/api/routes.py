@@ -13,8 +13,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BeforeValidator
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
 from gpu_training.api import commands, queries
@@ -65,6 +66,13 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def json_response(content: Any) -> Response:
+    """``content`` (plain dicts and lists of a response model's fields) as the JSON FastAPI writes
+    for that model: pydantic's serializer (ISO 8601 datetimes, a non-finite float as null), without
+    validating thousands of rows on the way out. The route still declares the model (OpenAPI)."""
+    return Response(to_json(content, inf_nan_mode="null"), media_type="application/json")
+
+
 def readable_job(store: ResultsStore, access: DagAccess, job_uuid: str) -> TrainingJob:
     """The job, 404 if unknown, 403 if its DAG is not readable by the user."""
     job = queries.job(store, job_uuid)
@@ -97,13 +105,13 @@ def list_jobs(
     ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
-) -> JobList:
+) -> Response:
     """Jobs, newest first, of the DAGs the user can read."""
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     filters = queries.JobFilters(status=status_, project_id=project_id, provider=provider, since=since)
     jobs, total = queries.list_jobs(store, filters, readable=readable_dags(store, access), limit=limit, offset=offset)
-    return JobList(jobs=[Job.of(j) for j in jobs], total=total, limit=limit, offset=offset)
+    return json_response({"jobs": jobs, "total": total, "limit": limit, "offset": offset})
 
 
 @router.get("/jobs/{job_uuid}", response_model=Job, responses={**NOT_FOUND, **FORBIDDEN})
@@ -112,9 +120,9 @@ def get_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
 
 
 @router.get("/jobs/{job_uuid}/details", response_model=JobDetails, responses={**NOT_FOUND, **FORBIDDEN})
-def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> JobDetails:
+def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Response:
     """The job with its iterations (steps, epochs, evaluations), artifacts and instances."""
-    return queries.job_details(store, readable_job(store, access, job_uuid))
+    return json_response(queries.job_details(store, readable_job(store, access, job_uuid)))
 
 
 @router.get(
@@ -206,11 +214,13 @@ def get_artifact(
     response_model=Job,
     responses={**NOT_FOUND, **FORBIDDEN, 400: {"description": "the job already ended"}},
 )
-def cancel_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
-    """Cancel a job that has not ended: its trigger stops the trainer within a status poll."""
+def cancel_job(job_uuid: str, request: Request, store: StoreDep, access: DagAccessDep) -> Job:
+    """Cancel a job that has not ended, at any stage: the job is ``cancelled`` at once and its dag
+    run is marked failed (as the Airflow UI does), so the running step is killed, the rest skipped
+    and teardown terminates the instance. Needs the right to edit the DAG's runs."""
     job = readable_job(store, access, job_uuid)
     access.require_edit_runs(job.dag_id)
-    result = commands.cancel_job(store, job)
+    result = commands.cancel_job(store, job, by=access.user.get_name(), fail_run=request.app.state.fail_run)
     if not result.cancelled:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job.uuid} already ended: {result.job.status}")
     return Job.of(result.job)

@@ -33,7 +33,6 @@ class Job(BaseModel):
 
     @classmethod
     def of(cls, job: TrainingJob) -> Job:
-        gpu = (job.params or {}).get("gpu")
         return cls(
             uuid=job.uuid,
             project_id=job.project_id,
@@ -42,7 +41,7 @@ class Job(BaseModel):
             status=job.status,
             provider=job.provider,
             runtime=job.runtime,
-            gpu=str(gpu) if gpu else None,
+            gpu=job_gpu(job.params),
             created_at=job.created_at,
             started_at=job.started_at,
             completed_at=job.completed_at,
@@ -53,6 +52,12 @@ class Job(BaseModel):
             trainer_exit_code=job.trainer_exit_code,
             ingest_offset=job.ingest_offset,
         )
+
+
+def job_gpu(params: dict[str, Any] | None) -> str | None:
+    """The ``gpu`` field of a job: its ``gpu`` param, None when empty."""
+    gpu = (params or {}).get("gpu")
+    return str(gpu) if gpu else None
 
 
 class JobList(BaseModel):

@@ -140,6 +140,15 @@ class TrainingJob(Base):
     # avg_loss=NaN") and its event's ts; set once by ingestion, NULL while every loss is finite.
     non_finite_loss: Mapped[str | None] = mapped_column(String(300))
     non_finite_loss_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Cancel and teardown: when (and by whom) a cancel was asked for; when teardown began (a launch
+    # still in flight then terminates what it created).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancelled_by: Mapped[str | None] = mapped_column(String(250))
+    teardown_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    #: Relaunches after a spot / interruptible instance was interrupted.
+    recovery_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Job-wide byte offset where the current instance's global.json starts (0 until a recovery).
+    ingest_base: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     iterations: Mapped[list[TrainingIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="TrainingIteration.iteration"
@@ -267,6 +276,9 @@ class Instance(Base):
     #: Seconds billed, launch to verified termination; cost_usd = billable_seconds/3600 * price_per_hour.
     billable_seconds: Mapped[float | None] = mapped_column(Float)
     cost_usd: Mapped[float | None] = mapped_column(Float)
+    #: The cloud interrupted this (spot / interruptible) instance; ``interruption`` in its words.
+    interrupted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    interruption: Mapped[str | None] = mapped_column(String(500))
 
 
 class IngestError(Base):

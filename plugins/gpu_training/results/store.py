@@ -20,6 +20,7 @@ from gpu_training.errors import JobNotFoundError
 from gpu_training.events import MalformedLine, TrainingEvent
 from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore
 from gpu_training.results.models import (
+    JOB_STATUSES,
     TERMINAL_STATUSES,
     Artifact,
     Instance,
@@ -151,6 +152,58 @@ class ResultsStore:
                 update(JOBS)
                 .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.not_in(("failed", "cancelled")))
                 .values(status="failed", updated_at=utcnow())
+            )
+
+    def request_cancel(self, job_uuid: str, *, by: str) -> bool:
+        """Cancel a job that has not ended: status ``cancelled`` now (the trigger following it stops
+        at its next status check, every later step refuses to start), who asked and when. False if
+        the job had already ended; asking twice keeps the first requester."""
+        active = tuple(s for s in JOB_STATUSES if s not in TERMINAL_STATUSES)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(JOBS)
+                .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.in_(active))
+                .values(status="cancelled", cancel_requested_at=now, cancelled_by=by[:250], updated_at=now)
+            ).rowcount
+        return changed == 1
+
+    def jobs_for_run(self, dag_id: str, run_id: str) -> list[str]:
+        """Uuids of every job of a dag run (one, or one per mapped job of a sweep)."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(TrainingJob.uuid)
+                    .where(TrainingJob.dag_id == dag_id, TrainingJob.run_id == run_id)
+                    .order_by(TrainingJob.map_index)
+                )
+            )
+
+    def begin_teardown(self, job_uuid: str) -> None:
+        """Record that teardown started (first time only): a launch still in flight checks this
+        after recording its instance, and terminates what it created."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(JOBS)
+                .where((JOBS.c.uuid == job_uuid) & JOBS.c.teardown_started_at.is_(None))
+                .values(teardown_started_at=now, updated_at=now)
+            )
+
+    def begin_recovery(self, job_uuid: str) -> None:
+        """A recovery starts: one more in ``recovery_count``; the new instance's ``global.json``
+        starts at the job-wide offset ingested so far; progress counts from now (no false stall)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.uuid == job_uuid)
+                .values(
+                    recovery_count=JOBS.c.recovery_count + 1,
+                    ingest_base=JOBS.c.ingest_offset,
+                    last_progress_at=now,
+                    updated_at=now,
+                )
             )
 
     def finish(self, job_uuid: str, status: str, *, completed_at: datetime | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,10 @@ from gpu_training.results.models import EpochTrain, IngestError, TrainingJob
 from gpu_training.results.store import ResultsStore
 from tests.airflow_cluster import AirflowCluster
 
+from . import DAG_ID
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
-DAG_ID = "gpu_training"
 
 pytestmark = pytest.mark.e2e
 
@@ -37,26 +37,6 @@ def job_conf(project_id: str, epochs: int, interval: float) -> dict[str, Any]:
         "command": ["{python}", str(SCRIPTED), "ok", str(epochs), str(interval)],
         "poll_interval_seconds": 1,
     }
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowCluster]:
-    # Cluster tests restart components: a small parallelism is plenty and keeps the CPU for them.
-    airflow = AirflowCluster(tmp_path_factory.mktemp("airflow_cluster"), parallelism=8)
-    try:
-        seconds = airflow.start()
-        print(f"\ncluster started in {seconds:.1f} s")
-        airflow.wait_dag_parsed(DAG_ID, timeout=120)
-        yield airflow
-    finally:
-        airflow.stop()
-
-
-@pytest.fixture(scope="module")
-def store(cluster: AirflowCluster) -> Iterator[ResultsStore]:
-    results = cluster.results_store()
-    yield results
-    results.engine.dispose()
 
 
 def job_row(store: ResultsStore, run_id: str) -> TrainingJob | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,12 @@ import requests
 
 from tests.airflow_cluster import AirflowCluster
 
+from . import DAG_ID, USERS
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
-DAG_ID = "gpu_training"
-USERS = {"admin": ("ADMIN", "admin-pw"), "viewer": ("VIEWER", "viewer-pw"), "nobody": ("", "nobody-pw")}
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowCluster]:
-    airflow = AirflowCluster(tmp_path_factory.mktemp("results_api"), parallelism=4, users=USERS)
-    try:
-        airflow.start()
-        airflow.wait_dag_parsed(DAG_ID, timeout=120)
-        yield airflow
-    finally:
-        airflow.stop()
 
 
 @pytest.fixture(scope="module")

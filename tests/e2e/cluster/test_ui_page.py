@@ -26,14 +26,14 @@ import requests
 
 from tests.airflow_cluster import AirflowCluster
 
+from . import DAG_ID, USERS
+
 REPO = Path(__file__).resolve().parents[2]
 UI_TRAINER = REPO / "tests" / "fixtures" / "ui_trainer.py"
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
 UI_INDEX = REPO / "plugins" / "gpu_training" / "ui_dist" / "index.html"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-DAG_ID = "gpu_training"
-USERS = {"admin": ("ADMIN", "admin-pw")}
 SCREENSHOT = Path("/tmp/ui-screenshot.png")
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
@@ -66,17 +66,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
         time.sleep(0.25)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowCluster]:
-    airflow = AirflowCluster(tmp_path_factory.mktemp("ui_page"), parallelism=8, users=USERS)
-    try:
-        airflow.start()
-        airflow.wait_dag_parsed(DAG_ID, timeout=120)
-        yield airflow
-    finally:
-        airflow.stop()
 
 
 @pytest.fixture(scope="module")

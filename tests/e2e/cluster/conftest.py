@@ -1,0 +1,49 @@
+"""One Airflow deployment for every test of this package (api-server, scheduler, dag-processor and
+triggerer as separate processes, ``tests/airflow_cluster.py``), started once and stopped after the
+package's last test: starting one costs ~40 s on 2 cores.
+
+It has real users (``USERS``) and the fake Lambda cloud's connection (with SSH to the test sshd),
+so jobs can run on the local provider or on a rented instance. Tests that kill components restart
+them before they end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gpu_training.results.store import ResultsStore
+from tests.airflow_cluster import AirflowCluster
+from tests.fakeclouds.rigs import STARTERS, Rig
+
+from . import DAG_ID, USERS
+
+
+@pytest.fixture(scope="package")
+def cloud(sshd_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    rig = STARTERS["lambda"](sshd_server, tmp_path_factory.mktemp("cluster-lambda-boxes"))
+    yield rig
+    rig.stop()
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cloud: Rig) -> Iterator[AirflowCluster]:
+    airflow = AirflowCluster(
+        tmp_path_factory.mktemp("airflow_cluster"), parallelism=8, users=USERS, extra_env=dict(cloud.env)
+    )
+    try:
+        seconds = airflow.start()
+        print(f"\ncluster started in {seconds:.1f} s")
+        airflow.wait_dag_parsed(DAG_ID, timeout=120)
+        yield airflow
+    finally:
+        airflow.stop()
+
+
+@pytest.fixture(scope="package")
+def store(cluster: AirflowCluster) -> Iterator[ResultsStore]:
+    results = cluster.results_store()
+    yield results
+    results.engine.dispose()

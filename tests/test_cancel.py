@@ -1,0 +1,230 @@
+"""Cancel and hard limits at every step of a job, against a fake cloud: nothing new starts once a job is cancelled,
+a launch racing its teardown never leaves an instance behind, and the job ends ``cancelled``.
+
+The Airflow side (the UI / REST marking the run failed, the results API's cancel) is in
+``tests/e2e/test_cancel_cluster.py``; here are the lifecycle's own guarantees.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpu_training import lifecycle, listener
+from gpu_training.errors import JobCancelledError, JobLimitError
+from gpu_training.providers.base import ComputeProvider
+from gpu_training.results.store import ResultsStore
+from tests.fakeclouds.rigs import STARTERS, Rig
+
+from .test_cloud_jobs import new_job
+
+
+@pytest.fixture(scope="module")
+def lambda_rig(sshd_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    rig = STARTERS["lambda"](sshd_server, tmp_path_factory.mktemp("cancel-boxes"))
+    yield rig
+    rig.stop()
+
+
+@pytest.fixture
+def rig(lambda_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Rig:
+    lambda_rig.fake.reset()
+    for key, value in lambda_rig.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(lifecycle, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
+    return lambda_rig
+
+
+def launches(rig: Rig) -> int:
+    return sum(1 for method, path, _ in rig.fake.calls if method == "POST" and "launch" in path)
+
+
+def test_a_cancelled_job_starts_no_step(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig)
+    assert store.request_cancel(job, by="alice") is True
+    assert store.request_cancel(job, by="bob") is False  # once; the first requester is kept
+    steps = [
+        lifecycle.build_config,
+        lifecycle.provision,
+        lifecycle.transfer_inputs,
+        lifecycle.start_trainer,
+        lifecycle.follow_kwargs,
+    ]
+    for step in steps:
+        with pytest.raises(JobCancelledError, match="cancelled by alice"):
+            step(store, job)
+    assert rig.fake.launched() == [] and launches(rig) == 0
+    assert lifecycle.finalize(store, job, failed_tasks=["provision"]) == "cancelled"
+    ended = store.job(job)
+    assert ended.status == "cancelled" and ended.cancelled_by == "alice" and ended.completed_at
+    assert ended.failure_reason == f"job {job} was cancelled by alice"
+
+
+def test_cancel_while_booting_stops_the_boot_wait_and_teardown_terminates(store: ResultsStore, rig: Rig) -> None:
+    rig.fake.faults.boot_seconds = 30
+    job = new_job(store, rig)
+    lifecycle.provision(store, job)
+    assert lifecycle.check_ready(store, job) is False
+    store.request_cancel(job, by="alice")
+    with pytest.raises(JobCancelledError):
+        lifecycle.check_ready(store, job)
+    assert [r.state for r in store.instances_for_job(job)] != ["terminated"]
+    assert len(lifecycle.teardown(store, job)) == 1
+    rig.fake.assert_all_terminated()
+    assert lifecycle.finalize(store, job, failed_tasks=["wait_until_ready"]) == "cancelled"
+
+
+def test_a_launch_after_teardown_began_is_never_made(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig)
+    assert lifecycle.teardown(store, job) == []  # a cancelled run's teardown, before provision ran
+    with pytest.raises(JobCancelledError, match="being torn down"):
+        lifecycle.provision(store, job)
+    assert launches(rig) == 0 and rig.fake.launched() == []
+
+
+def test_teardown_waits_for_a_launch_in_flight_and_terminates_what_it_created(
+    store: ResultsStore, rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of a cancel: teardown starts while the launch call is still out (Airflow starts
+    teardown before the killed launch task stops). The instance the cloud creates is terminated."""
+    job = new_job(store, rig)
+    in_call = threading.Event()
+    provider_cls = type(lifecycle.get_provider(rig.name))
+    real_launch = provider_cls.launch
+
+    def slow_launch(self: ComputeProvider, offer: Any, name: str) -> Any:
+        in_call.set()
+        time.sleep(1.0)  # the cloud is still answering when teardown starts
+        return real_launch(self, offer, name)
+
+    monkeypatch.setattr(provider_cls, "launch", slow_launch)
+    errors: list[BaseException] = []
+
+    def provision() -> None:
+        try:
+            lifecycle.provision(store, job)
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=provision)
+    thread.start()
+    assert in_call.wait(10)
+    terminated = lifecycle.teardown(store, job, settle=timedelta(seconds=20))
+    thread.join(20)
+    assert len(terminated) == 1
+    assert errors and isinstance(errors[0], JobCancelledError)
+    rig.fake.assert_all_terminated()
+    assert [r.state for r in store.instances_for_job(job)] == ["terminated"]
+
+
+def test_teardown_finds_an_instance_created_by_a_launch_that_died(store: ResultsStore, rig: Rig) -> None:
+    """A launch task SIGKILLed after the cloud created the instance, before it recorded the id."""
+    job = new_job(store, rig)
+    provider = lifecycle.get_provider(rig.name)
+    offer = provider.list_offers(lifecycle.request_from(rig.gpu))[0]
+    name = "gpujob-killed-launch-1"
+    store.record_instance_intent(job, provider=rig.name, name=name, instance_type=offer.instance_type)
+    provider.launch(offer, name)  # the cloud acted; the task died before update_instance
+    assert lifecycle.teardown(store, job, settle=timedelta(seconds=5)) == [name]
+    rig.fake.assert_all_terminated()
+
+
+def test_an_old_unsettled_intent_is_not_waited_for(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig)
+    store.record_instance_intent(job, provider=rig.name, name="gpujob-never-launched-1")
+    started = time.monotonic()
+    assert lifecycle.teardown(store, job, settle=timedelta(0)) == []
+    assert time.monotonic() - started < 5
+    assert store.instances_for_job(job)[0].state == "failed"
+
+
+def test_a_run_marked_failed_ends_the_job_cancelled_unless_it_completed(store: ResultsStore, rig: Rig) -> None:
+    running = new_job(store, rig)
+    store.set_status(running, "running")
+    assert lifecycle.finalize(store, running, failed_tasks=["sense_progress"], run_marked_failed=True) == "cancelled"
+    assert store.job(running).cancelled_by == "airflow (the dag run was marked failed)"
+
+    done = new_job(store, rig)
+    store.update_job(done, project_ended=True)
+    assert lifecycle.finalize(store, done, failed_tasks=[], run_marked_failed=True) == "completed"
+
+
+def test_the_listener_cancels_the_jobs_of_a_run_marked_failed_by_someone(
+    store: ResultsStore, rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", lambda self: store)
+    job = new_job(store, rig)
+    run = SimpleNamespace(dag_id="gpu_training", run_id=store.job(job).run_id)
+    listener.on_dag_run_failed(dag_run=run, msg="task_failure")  # failed on its own: not a cancel
+    assert store.job(job).status == "pending"
+    listener.on_dag_run_failed(dag_run=run, msg="Dag Run's state was manually set to `failed`.")
+    assert store.job(job).status == "cancelled" and store.job(job).cancel_requested_at is not None
+
+
+def test_the_listener_never_breaks_airflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Any) -> Any:
+        raise RuntimeError("results DB down")
+
+    monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", broken)
+    run = SimpleNamespace(dag_id="gpu_training", run_id="manual__x")
+    listener.on_dag_run_failed(dag_run=run, msg="Dag Run's state was manually set to `failed`.")
+
+
+def test_finalize_after_cancel_keeps_cancelled_whatever_failed(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig)
+    store.request_cancel(job, by="alice")
+    store.record_failure(job, "sense_progress: job cancelled")
+    assert store.job(job).status == "cancelled"
+    assert lifecycle.finalize(store, job, failed_tasks=["sense_progress"]) == "cancelled"
+
+
+def test_max_cost_is_a_deadline_on_the_current_instance(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig, max_cost_usd=0.5)
+    lifecycle.provision(store, job)
+    record = store.instances_for_job(job)[0]
+    spec = lifecycle.job_spec(store, job)
+    deadline = lifecycle.cost_deadline(store, job, spec)
+    assert deadline is not None and record.price_per_hour
+    hours = (deadline - record.launched_at).total_seconds() / 3600
+    assert hours * record.price_per_hour == pytest.approx(0.5, rel=1e-3)
+    kwargs = lifecycle.follow_kwargs(store, job)
+    assert kwargs["max_cost_usd"] == 0.5
+    handed = datetime.fromisoformat(kwargs["cost_deadline"])  # to the trigger, as ISO 8601
+    assert abs((handed - deadline).total_seconds()) < 5
+    lifecycle.teardown(store, job)
+
+
+def test_max_cost_reached_while_booting_stops_the_job(store: ResultsStore, rig: Rig) -> None:
+    rig.fake.faults.boot_seconds = 60
+    job = new_job(store, rig, max_cost_usd=0.000001)
+    lifecycle.provision(store, job)
+    time.sleep(0.1)
+    with pytest.raises(JobLimitError, match="max_cost_usd"):
+        lifecycle.check_ready(store, job)
+    with pytest.raises(JobLimitError, match="before launching another"):
+        lifecycle.launch_next(store, job)
+    lifecycle.teardown(store, job)
+    rig.fake.assert_all_terminated()
+    assert store.job(job).cost_usd and store.job(job).cost_usd > 0.000001
+
+
+def test_the_trigger_judges_max_cost() -> None:
+    from datetime import UTC
+
+    from gpu_training.progress import judge
+
+    now = datetime.now(UTC)
+    job = SimpleNamespace(
+        project_ended=False, status="running", trainer_started_at=now, created_at=now, last_progress_at=now
+    )
+    limits = {"stall_timeout": timedelta(hours=1), "max_runtime": timedelta(hours=1), "max_cost_usd": 2.0}
+    assert judge(job, None, now=now, cost_deadline=now + timedelta(seconds=1), **limits) is None
+    verdict = judge(job, None, now=now, cost_deadline=now, **limits)
+    assert verdict is not None and verdict.kind == "max_cost" and "max_cost_usd (2 USD)" in verdict.reason
