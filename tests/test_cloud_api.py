@@ -29,6 +29,8 @@ class EchoCloud(FakeCloud):
         status = self.script.pop(0) if self.script else 200
         if status == 429:
             return Reply(429, "slow down", {"Retry-After": "0.3"})
+        if status == 422:  # a cloud (or a proxy in front of it) that echoes the request's credentials
+            return Reply(422, {"error": f"invalid request: Authorization: Bearer {self.api_key}"})
         return Reply(status, {"error": f"status {status}"} if status >= 400 else {"ok": True, "path": path})
 
 
@@ -110,6 +112,14 @@ def test_client_errors_are_typed_and_not_retried(hook: EchoHook, server: EchoClo
         hook.request("GET", "/x")
     assert server.api_key not in str(err.value)
     assert len(server.calls) == 3
+
+
+def test_an_echoed_api_key_never_reaches_the_error(hook: EchoHook, server: EchoCloud) -> None:
+    """Error messages go to exceptions, logs and the job's failure_reason: the key is cut out."""
+    server.script = [422]
+    with pytest.raises(BadRequestError) as err:
+        hook.request("POST", "/instances", json_body={})
+    assert server.api_key not in str(err.value) and "Authorization: Bearer ***" in str(err.value)
 
 
 def test_no_answer_is_a_server_error_after_the_retries(monkeypatch: pytest.MonkeyPatch) -> None:

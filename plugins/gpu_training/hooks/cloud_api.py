@@ -173,7 +173,9 @@ class CloudApiHook(BaseHook):
                 method, url, json=json_body, params=params, timeout=self._setting("timeout_seconds")
             )
         except requests.RequestException as err:
-            raise ServerError(self.provider, f"{method} {path}: no answer ({type(err).__name__}: {err})") from err
+            raise ServerError(
+                self.provider, self.scrub(f"{method} {path}: no answer ({type(err).__name__}: {err})")
+            ) from err
         if response.status_code < 400:
             if not response.content:
                 return None
@@ -186,7 +188,7 @@ class CloudApiHook(BaseHook):
     def error_for(self, method: str, path: str, response: requests.Response) -> ProviderError:
         """The typed error for an HTTP error answer."""
         status = response.status_code
-        message = self.error_message(response)
+        message = self.scrub(self.error_message(response))
         where = f"{method} {path} -> HTTP {status}: {message}"
         if status == 429:
             return RateLimitedError(
@@ -201,6 +203,13 @@ class CloudApiHook(BaseHook):
         if status == 404:
             return InstanceNotFoundError(self.provider, where)
         return BadRequestError(self.provider, where)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the API key: error messages end up in exceptions, task logs and the
+        job's ``failure_reason`` in the results DB, where log masking does not reach (a cloud
+        that echoes the request, a proxy error page)."""
+        key = self.connection.password or ""
+        return text.replace(key, "***") if len(key) >= 4 else text
 
     def error_message(self, response: requests.Response) -> str:
         """The human part of an error body (subclasses know their cloud's shape)."""
