@@ -20,7 +20,7 @@ from tests.airflow_cluster import AirflowCluster
 
 from . import DAG_ID, USERS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
 
 pytestmark = pytest.mark.e2e

@@ -28,7 +28,7 @@ from tests.airflow_cluster import AirflowCluster
 
 from . import DAG_ID, USERS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 UI_TRAINER = REPO / "tests" / "fixtures" / "ui_trainer.py"
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
 UI_INDEX = REPO / "plugins" / "gpu_training" / "ui_dist" / "index.html"
