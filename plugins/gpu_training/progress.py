@@ -109,7 +109,8 @@ def judge(
     if job.project_ended:
         return Verdict("project_end", True, "PROJECT end")
     if job.status == "cancelled":
-        return Verdict("cancelled", False, "the job was cancelled")
+        by = getattr(job, "cancelled_by", None)
+        return Verdict("cancelled", False, "the job was cancelled" + (f" by {by}" if by else ""))
     if status is not None and not status.started:
         return Verdict("not_started", False, "the trainer is not running: it was never started on the instance")
     if status is not None and not status.running:
