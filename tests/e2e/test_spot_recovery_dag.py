@@ -42,6 +42,17 @@ def spot_cloud(
     rig.stop()
 
 
+@pytest.fixture(scope="module")
+def vast(
+    airflow_env: dict[str, str], sshd_server: Any, moto_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Rig, dict[str, str], Path]]:
+    """Vast.ai alone, with S3 (moto) for outputs: the cloud-independent cases run once."""
+    boxes = tmp_path_factory.mktemp("vast-spot-boxes")
+    rig = STARTERS["vast"](sshd_server, boxes)
+    yield rig, {**airflow_env, **rig.env, "AIRFLOW_CONN_AWS_DEFAULT": moto_server.aws_connection()}, boxes
+    rig.stop()
+
+
 def stored_epochs(env: dict[str, str], project: str) -> list[int]:
     with session(env) as s:
         return list(
@@ -132,8 +143,8 @@ def test_an_interrupted_spot_instance_is_replaced_and_training_goes_on(
     rig.fake.assert_all_terminated()
 
 
-def test_no_recovery_left_fails_the_job_and_tears_down(spot_cloud: tuple[Rig, dict[str, str], Path]) -> None:
-    rig, env, boxes = spot_cloud
+def test_no_recovery_left_fails_the_job_and_tears_down(vast: tuple[Rig, dict[str, str], Path]) -> None:
+    rig, env, boxes = vast
     rig.fake.reset()
     project = f"spot-norecovery-{rig.name}-{time.time_ns()}"
     conf = {
@@ -157,45 +168,41 @@ def test_no_recovery_left_fails_the_job_and_tears_down(spot_cloud: tuple[Rig, di
 
 
 def test_the_reference_trainer_resumes_from_the_checkpoint_synced_to_s3(
-    airflow_env: dict[str, str], sshd_server: Any, moto_server: Any, tmp_path_factory: pytest.TempPathFactory
+    vast: tuple[Rig, dict[str, str], Path], moto_server: Any
 ) -> None:
     """With an s3:// outputs_uri the checkpoint reaches S3 while the trainer runs on the spot
     instance; the replacement gets it back and the trainer resumes after it, not from epoch 1."""
     from gpu_training.results.models import JobEvent
 
-    boxes = tmp_path_factory.mktemp("vast-resume-boxes")
-    rig = STARTERS["vast"](sshd_server, boxes)
-    try:
-        env = {**airflow_env, **rig.env, "AIRFLOW_CONN_AWS_DEFAULT": moto_server.aws_connection()}
-        moto_server.client().create_bucket(Bucket="spot-runs")
-        project = f"spot-resume-{time.time_ns()}"
-        epochs = 10
-        conf = {
-            "project_id": project,
-            "provider": "vast",
-            "gpu": rig.gpu,
-            "spot": True,
-            "outputs_uri": "s3://spot-runs/jobs",
-            "config": {"iterations": 1, "epochs": epochs, "epoch_sleep_seconds": 1.5},
-            "poll_interval_seconds": 1,
-        }
-        # Checkpoints are synced every 10 s: by epoch 8 (~12 s in) one has reached S3.
-        interrupter = Interrupter(rig, env, boxes, project, after_epochs=8)
-        interrupter.start()
-        result = run_dag(env, conf)
-        interrupter.join(5)
-        assert interrupter.error is None and interrupter.interrupted
-        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-        with session(env) as s:
-            job = s.scalars(select(TrainingJob).where(TrainingJob.project_id == project)).one()
-            resumed = s.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.event == "resumed")).all()
-        assert job.status == "completed" and job.recovery_count == 1
-        assert stored_epochs(env, project) == list(range(1, epochs + 1))
-        assert len(resumed) == 1, resumed
-        next_epoch = (resumed[0].data or {}).get("next_epoch")
-        assert isinstance(next_epoch, int) and 1 < next_epoch <= 9, resumed[0].data
-        archive = moto_server.client().head_object(Bucket="spot-runs", Key=f"jobs/{job.uuid}/checkpoints/latest.tar")
-        assert archive["ContentLength"] > 0
-        rig.fake.assert_all_terminated()
-    finally:
-        rig.stop()
+    rig, env, boxes = vast
+    rig.fake.reset()
+    moto_server.client().create_bucket(Bucket="spot-runs")
+    project = f"spot-resume-{time.time_ns()}"
+    epochs = 14
+    conf = {
+        "project_id": project,
+        "provider": "vast",
+        "gpu": rig.gpu,
+        "spot": True,
+        "outputs_uri": "s3://spot-runs/jobs",
+        "config": {"iterations": 1, "epochs": epochs, "epoch_sleep_seconds": 1.5},
+        "poll_interval_seconds": 1,
+    }
+    # Checkpoints are synced every 10 s: by epoch 12 (~18 s in) the one of ~10 s has reached S3.
+    interrupter = Interrupter(rig, env, boxes, project, after_epochs=12)
+    interrupter.start()
+    result = run_dag(env, conf)
+    interrupter.join(5)
+    assert interrupter.error is None and interrupter.interrupted
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    with session(env) as s:
+        job = s.scalars(select(TrainingJob).where(TrainingJob.project_id == project)).one()
+        resumed = s.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.event == "resumed")).all()
+    assert job.status == "completed" and job.recovery_count == 1
+    assert stored_epochs(env, project) == list(range(1, epochs + 1))
+    assert len(resumed) == 1, resumed
+    next_epoch = (resumed[0].data or {}).get("next_epoch")
+    assert isinstance(next_epoch, int) and 1 < next_epoch <= 13, resumed[0].data
+    archive = moto_server.client().head_object(Bucket="spot-runs", Key=f"jobs/{job.uuid}/checkpoints/latest.tar")
+    assert archive["ContentLength"] > 0
+    rig.fake.assert_all_terminated()
