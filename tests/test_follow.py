@@ -25,7 +25,7 @@ from gpu_training.follow import FollowResult, FollowSpec, JobFollower, LocalSour
 from gpu_training.hosts.base import LOG_PATH, TRAINER_STATUS_SCRIPT
 from gpu_training.hosts.local import LocalHost
 from gpu_training.progress import GLOBAL_JSON_PATH
-from gpu_training.results.models import EpochTrain, IngestError, TrainingJob
+from gpu_training.results.models import EpochTrain, IngestError, TrainingJob, utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger
 
@@ -214,6 +214,28 @@ def test_no_new_bytes_for_the_stall_timeout_stalls_the_job(
     assert (result.kind, result.succeeded) == ("stall", False)
     assert "stalled: no new bytes in global.json" in result.reason
     assert epochs(store) == [1]
+
+
+class _LaggingSource(LocalSource):
+    """A host whose global.json stream brings nothing (a loaded triggerer, a slow first read)."""
+
+    async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
+        await asyncio.sleep(3600)
+        yield b""
+
+
+def test_a_follower_that_starts_late_reads_what_was_written_before_judging_a_stall(
+    store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer
+) -> None:
+    """The trainer wrote epochs, then hung, longer than the stall timeout before following began:
+    those epochs are stored (read to the end first), then the job is stalled."""
+    for epoch in (1, 2, 3):
+        trainer.epoch(epoch)
+    store.update_job(job_uuid, trainer_started_at=utcnow() - timedelta(minutes=5))
+    source = _LaggingSource(host.workdir)
+    result = asyncio.run(follower(store, job_uuid, host, source=source, stall_timeout=timedelta(seconds=1)).run())
+    assert epochs(store) == [1, 2, 3]
+    assert result.kind == "stall" and result.events == 3
 
 
 def test_max_runtime_ends_the_job(store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer) -> None:

@@ -674,16 +674,13 @@ class JobFollower:
         status = await self._status()
         if status is not None and not status.running:
             await self._drain(store)
-        job = await self._db(store.job, self.spec.job_uuid)
-        verdict = judge(
-            job,
-            status,
-            now=utcnow(),
-            stall_timeout=self.spec.stall_timeout,
-            max_runtime=self.spec.max_runtime,
-            cost_deadline=self.spec.cost_deadline,
-            max_cost_usd=self.spec.max_cost_usd,
-        )
+        verdict = await self._judge(store, status)
+        if verdict is not None and verdict.kind == "stall":
+            # No new bytes *stored* is not no new bytes *written*: a follower that just started
+            # (or restarted) may not have read what the trainer wrote before. Read to the end
+            # first; the job stalled only if there was nothing.
+            await self._catch_up(store)
+            verdict = await self._judge(store, status)
         unreachable = self.source.unreachable_for() > self.spec.unreachable_timeout.total_seconds()
         if unreachable and (verdict is None or verdict.kind == "stall"):
             minutes = self.spec.unreachable_timeout.total_seconds() / 60
@@ -698,6 +695,30 @@ class JobFollower:
             if exit_code is not None:
                 await self._db(store.update_job, self.spec.job_uuid, trainer_exit_code=exit_code)
         raise _Finished(verdict, exit_code)
+
+    async def _judge(self, store: ResultsStore, status: TrainerStatus | None) -> Verdict | None:
+        job = await self._db(store.job, self.spec.job_uuid)
+        return judge(
+            job,
+            status,
+            now=utcnow(),
+            stall_timeout=self.spec.stall_timeout,
+            max_runtime=self.spec.max_runtime,
+            cost_deadline=self.spec.cost_deadline,
+            max_cost_usd=self.spec.max_cost_usd,
+        )
+
+    async def _catch_up(self, store: ResultsStore) -> None:
+        """Read and store whatever the file holds past what was received, then stream again."""
+        await self._stop_pump()  # only this reads meanwhile: no byte arrives twice
+        try:
+            while data := await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES):
+                self.pending += data
+            await self._store_pending(store, final=False)
+        except (SourceUnreachable, HostError, TimeoutError, OSError) as err:
+            self._warn("catch-up", f"could not read global.json to its end: {err}")
+        finally:
+            self._start_pump()
 
     async def _drain(self, store: ResultsStore) -> None:
         """The trainer exited: read to the end of the file (an unterminated last line counts)."""
