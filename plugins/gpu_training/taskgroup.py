@@ -6,6 +6,7 @@ the job logic exists once.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import TriggerRule
@@ -22,6 +23,8 @@ from gpu_training.operators import (
     UploadOutputsOperator,
     WaitForInstanceOperator,
 )
+
+RETRY_DELAY = timedelta(seconds=10)
 
 # Task ids are part of the contract (tests, the UI, the API read task states by them).
 STEP_TASK_IDS = (
@@ -45,11 +48,15 @@ def training_job_tasks(*, results_conn_id: str = "training_results") -> dict[str
     it failed, and also when provisioning itself failed (its trigger rule is widened to
     ``all_done``), because a launch can fail after the cloud created the instance.
     """
-    common: dict[str, Any] = {"results_conn_id": results_conn_id}
+    # Every step is idempotent and keeps its state in the results DB, so a retry is always safe; a
+    # short delay matters for the two that defer: on a loaded scheduler Airflow 3.3.2 can fail a
+    # task just resumed from a deferral when the executor's late "success" of the deferring try
+    # arrives after the task was queued again (seen by bench/soak.py). A retry picks it up.
+    common: dict[str, Any] = {"results_conn_id": results_conn_id, "retry_delay": RETRY_DELAY}
     register = RegisterTrainingJobOperator(task_id="register_job", **common)
     build = BuildJobConfigOperator(task_id="build_config", **common)
     provision = ProvisionInstanceOperator(task_id="provision", retries=2, **common)
-    wait = WaitForInstanceOperator(task_id="wait_until_ready", **common)
+    wait = WaitForInstanceOperator(task_id="wait_until_ready", retries=2, **common)
     transfer = TransferInputsOperator(task_id="transfer_inputs", retries=2, **common)
     start = StartTrainerOperator(task_id="start_trainer", retries=1, **common)
     sense = GlobalJsonSensor(task_id="sense_progress", retries=2, **common)
