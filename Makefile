@@ -23,7 +23,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency clean status-db ui ui-if-node
+.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency bench-soak clean status-db ui ui-if-node
 
 help:
 	@sed -n '2,5p' Makefile
@@ -91,6 +91,17 @@ bench-concurrency: install
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
 	  { echo "bench/concurrency.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
 	$(BIN)/python bench/concurrency.py
+
+# N jobs with random faults (provider faults, trainer crash/stall/OOM, cancels, spot interruptions) on
+# a real deployment with the fake Lambda and Vast.ai clouds: leaks, lost/duplicated rows, cancel ->
+# terminate (~5-6 min for the default 20 jobs on 2 cores). SOAK_ARGS='--jobs 8 --seed 1'.
+SOAK_ARGS ?=
+bench-soak: install
+	@[ "$$(id -u)" = 0 ] || { echo "bench/soak.py needs root (sshd)"; exit 1; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  apt-get install -y -qq --no-install-recommends postgresql >/dev/null || \
+	  { echo "bench/soak.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check plugins dags tests bench include
