@@ -607,3 +607,10 @@ def test_stream_of_an_ended_job_replays_its_rows_and_ends(client: TestClient, wo
     assert resp.status_code == 200
     kinds = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
     assert kinds == ["status", "epoch", "epoch", "epoch", "eval", "eval", "status"]
+
+
+def test_a_repeated_query_parameter_is_422(client: TestClient, world: World) -> None:
+    resp = client.get("/training/v1/jobs", params=[("provider", "ssh"), ("provider", "local")])
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"] == ["query", "provider"]
+    assert "takes one value, got 2" in resp.json()["detail"][0]["msg"]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
@@ -27,7 +27,26 @@ from gpu_training.results.models import JOB_STATUSES, TrainingJob
 from gpu_training.results.store import ResultsStore
 from gpu_training.storage import parse_uri, presigned_get_url
 
-router = APIRouter(prefix="/v1")
+
+def single_valued_query(request: Request) -> None:
+    """Every query parameter of this API takes one value: a repeated one (``?provider=a&provider=b``)
+    is refused with 422 rather than half read."""
+    repeated = sorted({key for key in request.query_params if len(request.query_params.getlist(key)) > 1})
+    if repeated:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "repeated_parameter",
+                    "loc": ["query", key],
+                    "msg": f"query parameter {key!r} takes one value, got {len(request.query_params.getlist(key))}",
+                    "input": request.query_params.getlist(key),
+                }
+                for key in repeated
+            ]
+        )
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(single_valued_query)])
 
 #: Lifetime of a presigned artifact URL.
 PRESIGNED_EXPIRY_SECONDS = 600

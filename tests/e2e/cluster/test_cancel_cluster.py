@@ -132,24 +132,6 @@ def test_results_api_cancel_while_training(cluster: AirflowCluster, store: Resul
     assert again.status_code == 400 and "already ended" in again.json()["detail"]
 
 
-def test_mark_failed_while_training_on_the_local_provider(cluster: AirflowCluster, store: ResultsStore) -> None:
-    """No cloud: teardown stops the trainer itself (its process group), the job ends cancelled."""
-    conf = {
-        "project_id": "cancel-local",
-        "provider": "local",
-        "command": ["{python}", str(SCRIPTED), "hang", "600", "1"],
-        "poll_interval_seconds": 1,
-    }
-    run_id = cluster.trigger(DAG_ID, conf)
-    cluster.wait_task_state(DAG_ID, run_id, "sense_progress", ["deferred"], timeout=180)
-    job = job_of(cluster, store, run_id)
-    mark_failed(cluster, run_id)
-    assert cluster.wait_run(DAG_ID, run_id, timeout=180) == "failed"
-    ended = store.job(job.uuid)
-    assert ended.status == "cancelled" and "airflow" in (ended.cancelled_by or "")
-    assert [i.state for i in store.instances_for_job(job.uuid)] == ["terminated"]
-
-
 def test_a_queued_run_marked_failed_never_starts(cluster: AirflowCluster, store: ResultsStore, cloud: Rig) -> None:
     cloud.fake.reset()
     cluster.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": True}).raise_for_status()
@@ -172,13 +154,13 @@ def test_max_cost_stops_a_training_job_and_tears_down(cluster: AirflowCluster, s
     """A hard limit: the instance's price x time reaches ``max_cost_usd`` while the trainer runs."""
     cloud.fake.reset()
     offer_price = min(o.price_per_hour for o in cloud_offers(cloud))
-    conf = {**cloud_conf(cloud, "max-cost"), "max_cost_usd": round(offer_price * 20 / 3600, 6)}  # ~20 s
+    conf = {**cloud_conf(cloud, "max-cost"), "max_cost_usd": round(offer_price * 10 / 3600, 6)}  # ~10 s
     run_id = cluster.trigger(DAG_ID, conf)
     assert cluster.wait_run(DAG_ID, run_id, timeout=240) == "failed"
     job = store.job(str(store.job_uuid_for_run(DAG_ID, run_id)))
     assert job.status == "failed" and "max_cost_usd" in (job.failure_reason or ""), job.failure_reason
     assert job.cost_usd is not None and job.cost_usd >= conf["max_cost_usd"] * 0.9
-    assert job.cost_usd < conf["max_cost_usd"] * 3  # stopped soon after, not left running
+    assert job.cost_usd < conf["max_cost_usd"] + offer_price * 30 / 3600  # stopped soon after, not left running
     cloud.fake.assert_all_terminated()
 
 
