@@ -21,7 +21,7 @@ export PYTHONPATH := $(CURDIR)/plugins
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 CONF ?= {}
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: help install system-deps migrate demo run test lint bench bench-concurrency bench-soak clean status-db ui ui-if-node
 
