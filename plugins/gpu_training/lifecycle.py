@@ -642,9 +642,14 @@ def _terminate_record(store: ResultsStore, record: Instance, provider: ComputePr
             store.update_instance(record.name, state="failed", state_reason=record.state_reason or "never launched")
         return False
     terminate_until_gone(provider, instance_id)
+    settle_terminated(store, record, instance_id, reason=reason)
+    return True
+
+
+def settle_terminated(store: ResultsStore, record: Instance, instance_id: str | None, *, reason: str = "") -> None:
+    """Record a verified termination and its cost: billed from launch to now, at the offer's price."""
     now = utcnow()
-    started = record.launched_at or record.created_at
-    billable = max(0.0, (now - started).total_seconds())
+    billable = max(0.0, (now - (record.launched_at or record.created_at)).total_seconds())
     store.update_instance(
         record.name,
         instance_id=instance_id,
@@ -652,9 +657,8 @@ def _terminate_record(store: ResultsStore, record: Instance, provider: ComputePr
         terminated_at=now,
         billable_seconds=round(billable, 3),
         cost_usd=round(billable / 3600 * (record.price_per_hour or 0.0), 6),
-        **({"state_reason": reason} if reason else {}),
+        **({"state_reason": reason[:4000]} if reason else {}),
     )
-    return True
 
 
 def terminate_until_gone(provider: ComputeProvider, instance_id: str, *, budget: timedelta | None = None) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 
 from gpu_training.errors import InstanceNotFoundError, TrainingError
-from gpu_training.lifecycle import terminate_until_gone
+from gpu_training.lifecycle import settle_terminated, terminate_until_gone
 from gpu_training.providers.base import NAME_PREFIX, ComputeProvider, InstanceInfo
-from gpu_training.results.models import Instance, TrainingJob, utcnow
+from gpu_training.results.models import Instance, TrainingJob
 from gpu_training.results.store import ResultsStore, is_terminal
 
 log = logging.getLogger(__name__)
@@ -341,17 +341,8 @@ class _Reaper:
 
     def _settle(self, record: Instance, instance_id: str | None, reason: str) -> None:
         """Record a verified termination and its cost as the job's teardown does, and the job's total."""
-        now = utcnow()  # when it was verified gone (``self.now`` is the clock the verdicts use)
-        billable = max(0.0, (now - (record.launched_at or record.created_at)).total_seconds())
-        self.store.update_instance(
-            record.name,
-            instance_id=instance_id,
-            state="terminated",
-            terminated_at=now,
-            billable_seconds=round(billable, 3),
-            cost_usd=round(billable / 3600 * (record.price_per_hour or 0.0), 6),
-            state_reason=reason[:4000],
-        )
+        # billed until it was verified gone, now (``self.now`` is the clock the verdicts use)
+        settle_terminated(self.store, record, instance_id, reason=reason)
         # The job's cost as teardown sets it; updated_at is left alone (the verdicts read it).
         with self.store.session() as s, s.begin():
             costs = s.scalars(select(Instance.cost_usd).where(Instance.job_id == record.job_id)).all()
