@@ -276,6 +276,24 @@ def find_checkpoint(config: dict[str, Any], out: Path) -> tuple[Path, dict[str, 
     return None
 
 
+def load_initial_model(path: Path, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights of another run's model file (``model_final.npz`` or an epoch's ``*_model.npz``)."""
+    if not path.is_file():
+        raise ConfigError(f"init_checkpoint_path {path} does not exist")
+    with np.load(path) as saved:
+        missing = sorted(set(params) - set(saved.files))
+        if missing:
+            raise ConfigError(f"init_checkpoint_path {path} has no {', '.join(missing)}: not a model of this trainer")
+        loaded = {k: saved[k].copy() for k in params}
+    for k, value in loaded.items():
+        if value.shape != params[k].shape:
+            raise ConfigError(
+                f"init_checkpoint_path {path}: {k} has shape {value.shape}, this config needs {params[k].shape} "
+                "(hidden_size must match the model it starts from)"
+            )
+    return loaded
+
+
 # --- training ---------------------------------------------------------------------------------------
 
 
@@ -299,6 +317,15 @@ def train(config: dict[str, Any], out: Path) -> int:
         num_test=len(y_test),
     )
     found = find_checkpoint(config, out)
+    if found is None and config.get("init_checkpoint_path"):
+        # A pipeline stage starts from the previous stage's model (weights only; a fresh optimizer).
+        params = load_initial_model(Path(str(config["init_checkpoint_path"])), params)
+        writer.emit(
+            "PROJECT",
+            "initialized",
+            checkpoint=str(config.get("init_checkpoint_uri") or config["init_checkpoint_path"]),
+        )
+        print(f"initialized from {config['init_checkpoint_path']}", flush=True)
     if found is not None:
         base, pointer = found
         with np.load(base / pointer["model_path"]) as saved:

@@ -16,6 +16,7 @@ class JobParamsError(TrainingError, ValueError):
 
     def __init__(self, param: str, message: str) -> None:
         self.param = param
+        self.reason = message
         super().__init__(f"invalid param {param!r}: {message}")
 
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from gpu_training.hosts.base import DATA_DIR
+from gpu_training.hosts.base import DATA_DIR, INIT_DIR
 from gpu_training.params import JobSpec
 
 
@@ -26,15 +26,27 @@ def dataset_relpath(dataset_uri: str) -> str | None:
     return f"{DATA_DIR}/{name}"
 
 
+def init_checkpoint_relpath(uri: str) -> str | None:
+    """Where the initial checkpoint lands in the work directory: ``init/<file name>``."""
+    if not uri:
+        return None
+    name = urlparse(uri).path.rstrip("/").rsplit("/", 1)[-1]
+    return f"{INIT_DIR}/{name}"
+
+
 def build_job_config(job_uuid: str, spec: JobSpec) -> dict[str, Any]:
     """The config mapping; ``hyperparameters`` is the ``config`` param as given."""
-    return {
+    config: dict[str, Any] = {
         "job_uuid": job_uuid,
         "project_id": spec.project_id,
         "dataset_path": dataset_relpath(spec.dataset_uri),
         "dataset_uri": spec.dataset_uri or None,
         "hyperparameters": dict(spec.config),
     }
+    if spec.init_checkpoint_uri:
+        config["init_checkpoint_path"] = init_checkpoint_relpath(spec.init_checkpoint_uri)
+        config["init_checkpoint_uri"] = spec.init_checkpoint_uri
+    return config
 
 
 def render_yaml(config: dict[str, Any]) -> str:

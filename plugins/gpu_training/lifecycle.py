@@ -17,11 +17,13 @@ from gpu_training.errors import (
     InstanceNotFoundError,
     JobCancelledError,
     JobLimitError,
+    JobParamsError,
     NoCapacityError,
     ProviderError,
+    StorageError,
     TrainerFailedError,
 )
-from gpu_training.hosts.base import CONFIG_PATH, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
+from gpu_training.hosts.base import CONFIG_PATH, INIT_DIR, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
@@ -95,6 +97,28 @@ def ensure_within_cost(store: ResultsStore, job_uuid: str, spec: JobSpec, what: 
         raise JobLimitError(f"reached max_cost_usd ({spec.max_cost_usd:g} USD, spent {spent:.4f}) {what}")
 
 
+#: ``cancelled_by`` of a job that was not launched because its run's budget was spent.
+BUDGET_CANCELLER = "run budget"
+
+
+def run_cost(store: ResultsStore, dag_id: str, run_id: str) -> float:
+    """What every job of a dag run has cost so far (a sweep's trials, a pipeline's stages)."""
+    return sum(job_cost(store, uuid) for uuid in store.jobs_for_run(dag_id, run_id))
+
+
+def ensure_within_run_budget(store: ResultsStore, job_uuid: str, spec: JobSpec) -> None:
+    """No launch once the run's ``run_budget_usd`` is spent: the job is cancelled, not failed,
+    because its run did what it was asked to (stop spending)."""
+    if not spec.run_budget_usd:
+        return
+    job = store.job(job_uuid)
+    spent = run_cost(store, job.dag_id, job.run_id)
+    if spent >= spec.run_budget_usd:
+        reason = f"{BUDGET_CANCELLER} of {spec.run_budget_usd:g} USD spent ({spent:.4f} USD)"
+        store.request_cancel(job_uuid, by=reason)
+        raise JobCancelledError(f"not launched: the {reason}")
+
+
 def ensure_not_cancelled(store: ResultsStore, job_uuid: str) -> None:
     """Every step starts here: a cancelled job starts nothing new (no launch, no transfer)."""
     reason = cancelled_reason(store.job(job_uuid))
@@ -102,11 +126,26 @@ def ensure_not_cancelled(store: ResultsStore, job_uuid: str) -> None:
         raise JobCancelledError(reason)
 
 
-def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str, map_index: int = -1) -> str:
-    """Validate params and create the job row (idempotent per dag run). Returns the job uuid."""
+def register_job(
+    store: ResultsStore,
+    params: dict,
+    *,
+    dag_id: str,
+    run_id: str,
+    map_index: int = -1,
+    stage: str = "",
+    init_from: tuple[str, str] | None = None,
+) -> str:
+    """Validate params and create the job row (idempotent per dag run, stage and map index).
+
+    ``init_from`` is ``(stage, checkpoint path)``: the job starts from that file of the completed
+    job of that stage of the same run (its uploaded, checksummed artifact). Returns the job uuid.
+    """
+    store.check_schema()
+    if init_from is not None:
+        params = {**params, "init_checkpoint_uri": stage_checkpoint_uri(store, dag_id, run_id, *init_from)}
     spec = parse_job_params(params)
     _providers(spec)  # an unavailable provider fails here, before anything is created
-    store.check_schema()
     job_uuid = store.create_job(
         project_id=spec.project_id,
         provider=spec.provider,
@@ -115,9 +154,26 @@ def register_job(store: ResultsStore, params: dict, *, dag_id: str, run_id: str,
         dag_id=dag_id,
         run_id=run_id,
         map_index=map_index,
+        stage=stage,
     )
     store.update_job(job_uuid, outputs_uri=job_outputs_uri(spec.outputs_uri, job_uuid))
     return job_uuid
+
+
+def stage_checkpoint_uri(store: ResultsStore, dag_id: str, run_id: str, stage: str, checkpoint: str) -> str:
+    """The URI of ``checkpoint`` (a path in the job's outputs) of the run's completed ``stage`` job."""
+    upstream = store.job_uuid_for_run(dag_id, run_id, -1, stage=stage)
+    if upstream is None:
+        raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} has no job in run {run_id}")
+    job = store.job(upstream)
+    if job.status != "completed":
+        raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} (job {upstream}) is {job.status}, not completed")
+    for artifact in store.artifacts(upstream):
+        if artifact.name == checkpoint:
+            return artifact.uri
+    raise JobParamsError(
+        "init_checkpoint_uri", f"stage {stage!r} (job {upstream}) uploaded no {checkpoint!r} among its outputs"
+    )
 
 
 def build_config(store: ResultsStore, job_uuid: str) -> str:
@@ -197,6 +253,7 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     }
     history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
     ensure_within_cost(store, job_uuid, spec, "before launching another instance")
+    ensure_within_run_budget(store, job_uuid, spec)
     for offer in ranked:
         if _offer_key(offer.provider, offer.instance_type, offer.region) in given_up:
             continue
@@ -397,10 +454,24 @@ def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
             files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
         else:
             files += len(fetch_dataset(spec.dataset_uri, host))
+    if spec.init_checkpoint_uri:
+        files += _fetch_init_checkpoint(spec, host)
     reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
     if reference_trainer or any("{workdir}/trainer/" in part for part in spec.command):
         files += len(host.put_tree(REFERENCE_TRAINER_DIR, TRAINER_DIR))
     return {"files": files}
+
+
+def _fetch_init_checkpoint(spec: JobSpec, host: Host) -> int:
+    """The initial checkpoint into ``init/`` (one file, or every file under a prefix)."""
+    uri = spec.init_checkpoint_uri
+    try:
+        if _direct_s3(spec, host, uri):
+            expiry = int(spec.presigned_url_expiry_minutes * 60)
+            return len(fetch_dataset_direct(uri, host, expiry_seconds=expiry, dest_dir=INIT_DIR))
+        return len(fetch_dataset(uri, host, dest_dir=INIT_DIR))
+    except StorageError as err:
+        raise StorageError(f"init_checkpoint_uri: {err}".replace("dataset ", "")) from err
 
 
 def _direct_s3(spec: JobSpec, host: Host, uri: str) -> bool:

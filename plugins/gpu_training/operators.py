@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, AirflowTaskTimeout
 
 from gpu_training import lifecycle
 from gpu_training.errors import (
@@ -41,25 +41,34 @@ NOT_RETRYABLE = (
 )
 
 
+def _map_index(context: Context) -> int:
+    map_index = getattr(context["ti"], "map_index", -1)
+    return -1 if map_index is None else map_index
+
+
 class TrainingJobStepOperator(BaseOperator):
-    """Base of the job's steps: resolves the job and records a final failure on it."""
+    """Base of the job's steps: resolves the job and records a final failure on it.
+
+    ``stage`` names the job within its dag run (a pipeline's stage; "" for a single job); with
+    the task's map index (a sweep's trial) it finds the job's row.
+    """
 
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, results_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+    def __init__(self, *, results_conn_id: str = DEFAULT_CONN_ID, stage: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.results_conn_id = results_conn_id
+        self.stage = stage
 
     def store(self) -> ResultsStore:
         return ResultsDbHook(self.results_conn_id).get_store()
 
-    @staticmethod
-    def job_uuid(store: ResultsStore, context: Context) -> str:
+    def job_uuid(self, store: ResultsStore, context: Context) -> str:
         ti = context["ti"]
-        map_index = getattr(ti, "map_index", -1)
-        job_uuid = store.job_uuid_for_run(ti.dag_id, ti.run_id, -1 if map_index is None else map_index)
+        job_uuid = store.job_uuid_for_run(ti.dag_id, ti.run_id, _map_index(context), stage=self.stage)
         if job_uuid is None:
-            raise JobNotFoundError(f"no training job registered for dag run {ti.dag_id}/{ti.run_id}")
+            where = f" (stage {self.stage})" if self.stage else ""
+            raise JobNotFoundError(f"no training job registered for dag run {ti.dag_id}/{ti.run_id}{where}")
         return job_uuid
 
     def execute(self, context: Context) -> Any:
@@ -84,24 +93,47 @@ class TrainingJobStepOperator(BaseOperator):
 
 
 class RegisterTrainingJobOperator(BaseOperator):
-    """Validates the params and creates the job row; returns the job uuid."""
+    """Validates the params and creates the job row; returns the job uuid.
+
+    The job's params are the run's params with ``job_params`` over them (a stage's or a sweep
+    trial's own; ``config`` merged key by key). ``init_from`` is ``(stage, checkpoint path)``: the
+    job starts from that output of an earlier stage of the run.
+    """
 
     ui_color = "#e6f4ea"
+    template_fields: Sequence[str] = ("job_params",)
 
-    def __init__(self, *, results_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        results_conn_id: str = DEFAULT_CONN_ID,
+        stage: str = "",
+        job_params: Any = None,
+        init_from: tuple[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.results_conn_id = results_conn_id
+        self.stage = stage
+        self.job_params = job_params
+        self.init_from = tuple(init_from) if init_from else None
 
     def execute(self, context: Context) -> str:
+        from gpu_training.retraining.spec import merge_job_params
+
         ti = context["ti"]
-        map_index = getattr(ti, "map_index", -1)
+        params = dict(context["params"])
+        if self.job_params:
+            params = merge_job_params(params, dict(self.job_params))
         try:
             job_uuid = lifecycle.register_job(
                 ResultsDbHook(self.results_conn_id).get_store(),
-                dict(context["params"]),
+                params,
                 dag_id=ti.dag_id,
                 run_id=ti.run_id,
-                map_index=-1 if map_index is None else map_index,
+                map_index=_map_index(context),
+                stage=self.stage,
+                init_from=self.init_from,  # type: ignore[arg-type]
             )
         except NOT_RETRYABLE as err:
             raise AirflowFailException(str(err)) from err
@@ -300,25 +332,42 @@ class FinalizeJobOperator(TrainingJobStepOperator):
 
     def execute(self, context: Context) -> str | None:
         store = self.store()
+        states = self._task_states(context)
         try:
             job_uuid = self.job_uuid(store, context)
         except JobNotFoundError as err:
+            register = next((s for t, s in states.items() if t.endswith("register_job")), None)
+            if register in ("upstream_failed", "skipped"):  # an earlier stage did not complete
+                raise AirflowSkipException(f"not run: {err} (an upstream stage did not complete)") from err
             raise AirflowFailException(f"the job was never registered: {err}") from err
-        states = self._task_states(context)
         failed = sorted(t for t, state in states.items() if state in ("failed", "upstream_failed"))
         # Nothing in this DAG skips a step, except Airflow when someone marks the run failed.
         marked_failed = any(state == "skipped" for state in states.values())
         status = lifecycle.finalize(store, job_uuid, failed_tasks=failed, run_marked_failed=marked_failed)
         job = store.job(job_uuid)
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
+        if status == "cancelled" and (job.cancelled_by or "").startswith(lifecycle.BUDGET_CANCELLER):
+            # Not launched because the run's budget was spent: what the run was told to do.
+            raise AirflowSkipException(f"training job {job_uuid} {status}: {job.failure_reason}")
         if status != "completed":
             raise AirflowFailException(f"training job {job_uuid} {status}: {job.failure_reason}")
         return status
 
     def _task_states(self, context: Context) -> dict[str, str]:
+        """States of the watched tasks of this run (and of this map index, in a mapped group)."""
         ti = context["ti"]
         if not self.watched_task_ids:
             return {}
-        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=self.watched_task_ids)
+        map_index = _map_index(context)
+        states = ti.get_task_states(
+            dag_id=ti.dag_id,
+            run_ids=[ti.run_id],
+            task_ids=self.watched_task_ids,
+            map_index=map_index if map_index >= 0 else None,
+        )
         by_task: dict[str, Any] = states.get(ti.run_id, {}) if isinstance(states, dict) else {}
-        return {task_id: str(state) for task_id, state in by_task.items()}
+        suffix = f"_{map_index}"
+        return {
+            (task_id[: -len(suffix)] if map_index >= 0 and task_id.endswith(suffix) else task_id): str(state)
+            for task_id, state in by_task.items()
+        }

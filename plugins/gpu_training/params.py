@@ -162,6 +162,14 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Dataset URI",
         "file:// or s3:// file or prefix holding the training data; empty for the bundled data.",
     ),
+    "init_checkpoint_uri": (
+        "",
+        {"type": "string", "pattern": _URI_PATTERN},
+        "Initial checkpoint URI",
+        "file:// or s3:// model checkpoint the trainer starts from (the reference trainer: a model .npz); it "
+        "lands in the work directory's init/ and the config names it as init_checkpoint_path. Pipeline "
+        "stages get the previous stage's model here.",
+    ),
     "config": (
         {},
         {"type": "object"},
@@ -196,6 +204,13 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Hard limit on what the job's instances may cost in all (price per hour x time, every instance "
         "of the job, launch to termination): reached while booting or training, the job is stopped and "
         "torn down; no instance is launched once it is spent. 0 for no limit.",
+    ),
+    "run_budget_usd": (
+        0,
+        {"type": "number", "minimum": 0, "maximum": 1_000_000},
+        "Run budget (USD)",
+        "What all the jobs of this DAG run (a sweep's trials, a pipeline's stages) may cost together: once "
+        "spent, no further instance is launched and a job not yet launched is cancelled. 0 for no budget.",
     ),
     "max_runtime_minutes": (
         120,
@@ -257,11 +272,13 @@ class JobSpec:
     container_shm_size: str = "1g"
     command: tuple[str, ...] = tuple(DEFAULT_COMMAND)
     dataset_uri: str = ""
+    init_checkpoint_uri: str = ""
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outputs_uri: str = ""
     s3_transfer: str = "direct"
     presigned_url_expiry_minutes: float = 60
     max_cost_usd: float = 0
+    run_budget_usd: float = 0
     max_runtime_minutes: float = 120
     stall_timeout_minutes: float = 15
     poll_interval_seconds: float = 5

@@ -116,8 +116,8 @@ def _safe_relpath(relpath: str) -> str:
 # --- datasets -----------------------------------------------------------------------------------
 
 
-def fetch_dataset(dataset_uri: str, host: Host) -> list[tuple[str, int, str]]:
-    """Copy the dataset into the host's ``data/`` directory; returns ``(relpath, size, sha256)``."""
+def fetch_dataset(dataset_uri: str, host: Host, *, dest_dir: str = DATA_DIR) -> list[tuple[str, int, str]]:
+    """Copy the dataset into the host's ``data/`` directory (or ``dest_dir``); returns ``(relpath, size, sha256)``."""
     loc = parse_uri(dataset_uri)
     is_prefix = dataset_uri.endswith("/")
     copied: list[tuple[str, int, str]] = []
@@ -126,9 +126,9 @@ def fetch_dataset(dataset_uri: str, host: Host) -> list[tuple[str, int, str]]:
         if src.is_dir():
             for rf in sorted(p for p in src.rglob("*") if p.is_file()):
                 rel = rf.relative_to(src).as_posix()
-                copied.append((f"{DATA_DIR}/{rel}", rf.stat().st_size, host.put_file(rf, f"{DATA_DIR}/{rel}")))
+                copied.append((f"{dest_dir}/{rel}", rf.stat().st_size, host.put_file(rf, f"{dest_dir}/{rel}")))
         elif src.is_file():
-            copied.append((f"{DATA_DIR}/{src.name}", src.stat().st_size, host.put_file(src, f"{DATA_DIR}/{src.name}")))
+            copied.append((f"{dest_dir}/{src.name}", src.stat().st_size, host.put_file(src, f"{dest_dir}/{src.name}")))
         else:
             raise StorageError(f"dataset {dataset_uri} does not exist")
         return copied
@@ -148,7 +148,7 @@ def fetch_dataset(dataset_uri: str, host: Host) -> list[tuple[str, int, str]]:
                 local = Path(tmp) / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
                 hook.get_conn().download_file(loc.bucket, key, str(local))
-                copied.append((f"{DATA_DIR}/{rel}", local.stat().st_size, host.put_file(local, f"{DATA_DIR}/{rel}")))
+                copied.append((f"{dest_dir}/{rel}", local.stat().st_size, host.put_file(local, f"{dest_dir}/{rel}")))
     except StorageError:
         raise
     except Exception as err:  # botocore errors carry the bucket/key; keep their message
@@ -165,7 +165,7 @@ class S3Object:
     md5: str | None  # the ETag of a single-part upload is the content's MD5
 
 
-def list_dataset_objects(dataset_uri: str) -> list[S3Object]:
+def list_dataset_objects(dataset_uri: str, *, dest_dir: str = DATA_DIR) -> list[S3Object]:
     """The objects of an ``s3://`` dataset (one object, or every object under a prefix)."""
     import base64
 
@@ -196,7 +196,7 @@ def list_dataset_objects(dataset_uri: str) -> list[S3Object]:
             etag = str(obj.get("ETag", "")).strip('"')
             md5 = etag if len(etag) == 32 and "-" not in etag else None
             rel = _safe_relpath(obj["Key"][len(prefix) :])
-            objects.append(S3Object(obj["Key"], f"{DATA_DIR}/{rel}", int(obj["Size"]), sha, md5))
+            objects.append(S3Object(obj["Key"], f"{dest_dir}/{rel}", int(obj["Size"]), sha, md5))
         return objects
     except StorageError:
         raise
@@ -204,11 +204,13 @@ def list_dataset_objects(dataset_uri: str) -> list[S3Object]:
         raise StorageError(f"could not list dataset {dataset_uri}: {err}") from err
 
 
-def fetch_dataset_direct(dataset_uri: str, host: Host, *, expiry_seconds: int) -> list[tuple[str, int, str]]:
+def fetch_dataset_direct(
+    dataset_uri: str, host: Host, *, expiry_seconds: int, dest_dir: str = DATA_DIR
+) -> list[tuple[str, int, str]]:
     """Let the instance download an ``s3://`` dataset itself from presigned URLs (resumed,
     size and checksum verified there): no byte of it passes through this worker."""
     loc = parse_uri(dataset_uri)
-    objects = list_dataset_objects(dataset_uri)
+    objects = list_dataset_objects(dataset_uri, dest_dir=dest_dir)
     client = _s3_hook().get_conn()
     lines = []
     for obj in objects:

@@ -27,6 +27,7 @@ from typing import Any
 
 CONFIG_PATH = "config/job.yaml"
 DATA_DIR = "data"
+INIT_DIR = "init"
 OUTPUT_DIR = "outputs"
 TRAINER_DIR = "trainer"
 LOG_PATH = "logs/trainer.log"

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -102,7 +103,7 @@ class TrainingJob(Base):
 
     __tablename__ = "training_jobs"
     __table_args__ = (
-        UniqueConstraint("dag_id", "run_id", "map_index"),
+        UniqueConstraint("dag_id", "run_id", "stage", "map_index"),
         Index(None, "project_id", "created_at"),
         Index(None, "status", "created_at"),
         Index(None, "provider", "created_at"),
@@ -116,6 +117,8 @@ class TrainingJob(Base):
     dag_id: Mapped[str] = mapped_column(String(250))
     run_id: Mapped[str] = mapped_column(String(250))
     map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    #: The pipeline stage (its task group, e.g. "sft") of a multi-stage run; "" for a single job.
+    stage: Mapped[str] = mapped_column(String(64), default="", server_default="")
     provider: Mapped[str] = mapped_column(String(32))
     runtime: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="pending")
@@ -310,3 +313,46 @@ class JobEvent(Base):
     iteration: Mapped[int | None] = mapped_column(Integer)
     epoch: Mapped[int | None] = mapped_column(Integer)
     data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+
+class Model(Base):
+    """A promotion decision: a retrained model compared with the champion of its name.
+
+    One row per (name, job): a retried promotion finds its row instead of deciding twice. At most
+    one row per name has ``is_champion`` (a partial unique index); promoting moves the flag in the
+    same transaction. ``reason`` says why in words, e.g. "f1 0.9312 >= champion 0.9101 + 0.005".
+    """
+
+    __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("name", "job_id"),
+        Index(None, "name", "decided_at"),
+        Index(
+            "ux_models_champion",
+            "name",
+            unique=True,
+            sqlite_where=text("is_champion"),
+            postgresql_where=text("is_champion"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: The model's name: the retraining spec's name.
+    name: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    metric: Mapped[str] = mapped_column(String(64))
+    #: The candidate's metric (from its last evaluation); NULL when it reported none.
+    value: Mapped[float | None] = mapped_column(Float)
+    #: The champion it was compared with (NULL: there was none).
+    previous_champion_job_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", ondelete="SET NULL"))
+    previous_value: Mapped[float | None] = mapped_column(Float)
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_champion: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text)
+    #: The rule as written in the spec, e.g. {"metric": "f1", "mode": "max", "min_delta": 0.005}.
+    rule: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    dag_id: Mapped[str] = mapped_column(String(250))
+    run_id: Mapped[str] = mapped_column(String(250))
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    #: When another model took its place (NULL while champion, or never promoted).
+    retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -84,10 +84,11 @@ class ResultsStore:
         dag_id: str,
         run_id: str,
         map_index: int = -1,
+        stage: str = "",
         outputs_uri: str | None = None,
     ) -> str:
         """Create the job of a dag run (idempotent: a retry gets the same uuid back)."""
-        existing = self.job_uuid_for_run(dag_id, run_id, map_index)
+        existing = self.job_uuid_for_run(dag_id, run_id, map_index, stage=stage)
         if existing:
             return existing
         job = TrainingJob(
@@ -100,6 +101,7 @@ class ResultsStore:
             dag_id=dag_id,
             run_id=run_id,
             map_index=map_index,
+            stage=stage,
             outputs_uri=outputs_uri,
             status="pending",
         )
@@ -107,17 +109,21 @@ class ResultsStore:
             with self.session() as s, s.begin():
                 s.add(job)
         except IntegrityError:  # a concurrent attempt of the same task won the race
-            existing = self.job_uuid_for_run(dag_id, run_id, map_index)
+            existing = self.job_uuid_for_run(dag_id, run_id, map_index, stage=stage)
             if existing:
                 return existing
             raise
         return job.uuid
 
-    def job_uuid_for_run(self, dag_id: str, run_id: str, map_index: int = -1) -> str | None:
+    def job_uuid_for_run(self, dag_id: str, run_id: str, map_index: int = -1, *, stage: str = "") -> str | None:
+        """The job of one dag run, pipeline stage and map index (None if not registered)."""
         with self.session() as s:
             return s.scalar(
                 select(TrainingJob.uuid).where(
-                    TrainingJob.dag_id == dag_id, TrainingJob.run_id == run_id, TrainingJob.map_index == map_index
+                    TrainingJob.dag_id == dag_id,
+                    TrainingJob.run_id == run_id,
+                    TrainingJob.stage == stage,
+                    TrainingJob.map_index == map_index,
                 )
             )
 
@@ -175,7 +181,7 @@ class ResultsStore:
                 s.scalars(
                     select(TrainingJob.uuid)
                     .where(TrainingJob.dag_id == dag_id, TrainingJob.run_id == run_id)
-                    .order_by(TrainingJob.map_index)
+                    .order_by(TrainingJob.stage, TrainingJob.map_index)
                 )
             )
 

@@ -1,0 +1,1 @@
+"""Retraining: specs that become DAGs, champion promotion, multi-stage pipelines and sweeps."""
