@@ -36,6 +36,8 @@ from gpu_training.api.stream import StreamSettings
 from gpu_training.events import parse_chunk
 from gpu_training.results.models import EpochTrain, Eval, Instance, TrainingIteration, TrainingStep
 from gpu_training.results.store import ArtifactRecord, ResultsStore
+from gpu_training.retraining.promotion import promote
+from gpu_training.retraining.spec import Promotion
 from tests.servers import free_port, wait_for_port
 
 from .conftest import event_line
@@ -99,6 +101,7 @@ def new_job(
     status: str = "running",
     created_at: datetime | None = None,
     gpu: str = "",
+    stage: str = "",
 ) -> str:
     job_uuid = store.create_job(
         project_id=project_id,
@@ -107,12 +110,14 @@ def new_job(
         params={"project_id": project_id, "gpu": gpu, "config": {}},
         dag_id=dag_id,
         run_id=run_id,
+        stage=stage,
     )
     store.update_job(job_uuid, status=status, created_at=created_at or datetime.now(UTC))
     return job_uuid
 
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+RULE = Promotion(metric="f1", min_delta=0.005)
 
 
 class World:
@@ -149,6 +154,16 @@ class World:
 
     def artifact_id(self, name: str) -> int:
         return next(a.id for a in self.store.artifacts(self.full) if a.name == name)
+
+    def decide_models(self) -> None:
+        """Promotion decisions, in this order. Model ``digits`` (DAG gpu_training): ``full`` (f1
+        0.75) is the first champion, ``other_project`` (f1 0.9) takes its place, ``old`` (no
+        evaluation) is not promoted. Model ``other`` (other_dag): ``other_dag`` (f1 0.5), promoted."""
+        feed(self.store, self.other_project, eval_line(1, 1, 1.0))
+        feed(self.store, self.other_dag, eval_line(1, 1, 0.6))
+        for job in (self.full, self.other_project, self.old):
+            promote(self.store, "digits", job, RULE, dag_id="gpu_training", run_id=self.store.job(job).run_id)
+        promote(self.store, "other", self.other_dag, RULE, dag_id=OTHER_DAG, run_id="r-o")
 
 
 class FailedRuns(list):  # type: ignore[type-arg]
@@ -201,12 +216,15 @@ def uuids(resp: requests.Response | Any) -> list[str]:
 def test_openapi_is_served_under_the_prefix(client: TestClient) -> None:
     spec = client.get("/training/openapi.json").json()
     assert spec["info"]["title"] == TITLE
-    assert {"/v1/jobs", "/v1/jobs/{job_uuid}/stream", "/v1/evaluations"} <= set(spec["paths"])
+    assert {"/v1/jobs", "/v1/jobs/{job_uuid}/stream", "/v1/evaluations", "/v1/models", "/v1/models/{name}"} <= set(
+        spec["paths"]
+    )
 
 
 def test_no_token_is_401(api: FastAPI, client: TestClient, world: World) -> None:
     del api.dependency_overrides[get_user]
-    for path in ("/training/v1/jobs", f"/training/v1/jobs/{world.full}", "/training/v1/evaluations"):
+    paths = ("/training/v1/jobs", f"/training/v1/jobs/{world.full}", "/training/v1/evaluations")
+    for path in (*paths, "/training/v1/models", "/training/v1/models/digits"):
         resp = client.get(path)
         assert resp.status_code == 401, (path, resp.text)
         assert resp.json() == {"detail": "Not authenticated"}
@@ -238,7 +256,7 @@ def test_jobs_newest_first_with_every_field(client: TestClient, world: World) ->
     assert set(full) == {
         "uuid", "project_id", "dag_id", "run_id", "status", "provider", "runtime", "gpu", "created_at",
         "started_at", "completed_at", "time_taken", "cost_usd", "failure_reason", "non_finite_loss",
-        "trainer_exit_code", "ingest_offset",
+        "trainer_exit_code", "ingest_offset", "stage",
     }  # fmt: skip
 
 
@@ -289,6 +307,15 @@ def test_jobs_list_only_readable_dags(client: TestClient, auth_manager: PerDagAu
     assert [j["uuid"] for j in body["jobs"]] == [world.other_dag] and body["total"] == 1
     auth_manager.rules = {}
     assert client.get("/training/v1/jobs").json() == {"jobs": [], "total": 0, "limit": 50, "offset": 0}
+
+
+def test_jobs_have_their_pipeline_stage(client: TestClient, world: World) -> None:
+    staged = new_job(world.store, "r-pipe", stage="sft", created_at=T0 + timedelta(hours=5))
+    jobs = client.get("/training/v1/jobs").json()["jobs"]
+    assert [(j["uuid"], j["stage"]) for j in jobs[:2]] == [(staged, "sft"), (world.full, "")]
+    assert client.get(f"/training/v1/jobs/{staged}").json()["stage"] == "sft"
+    assert client.get(f"/training/v1/jobs/{staged}/details").json()["stage"] == "sft"
+    assert client.get(f"/training/v1/jobs/{world.full}/details").json()["stage"] == ""
 
 
 def test_job_by_uuid(client: TestClient, world: World) -> None:
@@ -440,6 +467,120 @@ def test_latest_evaluations(client: TestClient, auth_manager: PerDagAuthManager,
     assert [r["job_uuid"] for r in client.get("/training/v1/evaluations").json()["evaluations"]] == [world.full] * 2
     forbidden = client.get("/training/v1/evaluations", params={"model_id": world.other_dag})
     assert forbidden.status_code == 403
+
+
+# --- models (promotion decisions) -----------------------------------------------------------------
+
+
+def test_models_with_their_champion_and_latest_decision(client: TestClient, world: World) -> None:
+    world.decide_models()
+    resp = client.get("/training/v1/models")
+    assert resp.status_code == 200, resp.text
+    digits, other = resp.json()["models"]
+    assert digits["name"] == "digits" and digits["decision_count"] == 3
+    champion = digits["champion"]
+    assert champion["job_uuid"] == world.other_project and champion["metric"] == "f1"
+    assert champion["value"] == pytest.approx(0.9)
+    assert champion["reason"] == "promoted: f1 0.9000 >= champion 0.7500 + 0.005"
+    assert (champion["dag_id"], champion["run_id"]) == ("gpu_training", "r-b")
+    assert set(champion) == {"job_uuid", "metric", "value", "decided_at", "reason", "dag_id", "run_id"}
+    latest = digits["latest"]
+    assert (latest["job_uuid"], latest["promoted"], latest["value"]) == (world.old, False, None)
+    assert latest["reason"] == "not promoted: the job reported no f1"
+    assert datetime.fromisoformat(latest["decided_at"]) >= datetime.fromisoformat(champion["decided_at"])
+    assert set(latest) == {"job_uuid", "metric", "value", "promoted", "reason", "decided_at"}
+    assert other["name"] == "other" and other["decision_count"] == 1
+    assert other["champion"]["job_uuid"] == other["latest"]["job_uuid"] == world.other_dag
+    assert other["latest"]["promoted"] is True and other["champion"]["reason"] == "promoted: first champion (f1 0.5000)"
+
+
+def test_no_models_yet(client: TestClient, world: World) -> None:
+    assert client.get("/training/v1/models").json() == {"models": []}
+
+
+def test_model_decisions_newest_first(client: TestClient, world: World) -> None:
+    world.decide_models()
+    resp = client.get("/training/v1/models/digits")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["name"], body["total"], body["limit"], body["offset"]) == ("digits", 3, 50, 0)
+    assert body["champion"]["job_uuid"] == world.other_project
+    old, better, first = body["decisions"]
+    assert [d["job_uuid"] for d in body["decisions"]] == [world.old, world.other_project, world.full]
+    assert [d["promoted"] for d in body["decisions"]] == [False, True, True]
+    assert [d["is_champion"] for d in body["decisions"]] == [False, True, False]
+    assert first["previous_champion_job_uuid"] is None and first["previous_value"] is None
+    assert first["retired_at"] is not None and first["value"] == pytest.approx(0.75)
+    assert first["reason"] == "promoted: first champion (f1 0.7500)"
+    assert better["previous_champion_job_uuid"] == world.full and better["previous_value"] == pytest.approx(0.75)
+    assert better["retired_at"] is None and better["decided_at"] == body["champion"]["decided_at"]
+    assert old["previous_champion_job_uuid"] == world.other_project and old["value"] is None
+    assert old["rule"] == {"metric": "f1", "mode": "max", "min_delta": 0.005}
+    assert (old["dag_id"], old["run_id"], old["metric"]) == ("gpu_training", "r-old", "f1")
+    assert set(old) == {
+        "job_uuid", "metric", "value", "previous_champion_job_uuid", "previous_value", "promoted", "is_champion",
+        "reason", "rule", "dag_id", "run_id", "decided_at", "retired_at",
+    }  # fmt: skip
+    page = client.get("/training/v1/models/digits", params={"limit": 1, "offset": 1}).json()
+    assert [d["job_uuid"] for d in page["decisions"]] == [world.other_project]
+    assert (page["total"], page["limit"], page["offset"]) == (3, 1, 1) and page["champion"] == body["champion"]
+    assert client.get("/training/v1/models/digits", params={"offset": 3}).json()["decisions"] == []
+    assert client.get("/training/v1/models/digits", params={"limit": 0}).status_code == 422
+
+
+def test_unknown_model_is_404(client: TestClient, world: World) -> None:
+    world.decide_models()
+    for name in ("nope", "Digits", "digits "):
+        resp = client.get(f"/training/v1/models/{name}")
+        assert resp.status_code == 404, (name, resp.text)
+        assert resp.json() == {"detail": f"no model {name!r}"}
+
+
+def test_models_of_unreadable_dags_are_hidden(
+    client: TestClient, auth_manager: PerDagAuthManager, world: World
+) -> None:
+    world.decide_models()
+    auth_manager.rules = {OTHER_DAG: {"GET"}}
+    assert [m["name"] for m in client.get("/training/v1/models").json()["models"]] == ["other"]
+    assert client.get("/training/v1/models/other").status_code == 200
+    hidden = client.get("/training/v1/models/digits")  # as unknown as a name never decided
+    assert hidden.status_code == 404 and hidden.json() == {"detail": "no model 'digits'"}
+    auth_manager.rules = {}
+    assert client.get("/training/v1/models").json() == {"models": []}
+    assert client.get("/training/v1/models/other").status_code == 404
+
+
+def test_model_decisions_in_an_unreadable_dag_are_hidden(
+    client: TestClient, auth_manager: PerDagAuthManager, world: World
+) -> None:
+    """A name decided in two DAGs: each user sees the decisions of the DAGs they can read, and no
+    job uuid of the others (the previous champion's uuid is null)."""
+    feed(world.store, world.other_dag, eval_line(1, 1, 0.6))
+    promote(world.store, "mixed", world.other_dag, RULE, dag_id=OTHER_DAG, run_id="r-o")
+    promote(world.store, "mixed", world.full, RULE, dag_id="gpu_training", run_id="r-full")
+
+    auth_manager.rules = {"gpu_training": {"GET"}}
+    [summary] = client.get("/training/v1/models").json()["models"]
+    assert summary["champion"]["job_uuid"] == summary["latest"]["job_uuid"] == world.full
+    assert summary["decision_count"] == 1
+    body = client.get("/training/v1/models/mixed").json()
+    [decision] = body["decisions"]
+    assert decision["job_uuid"] == world.full and body["total"] == 1
+    assert decision["previous_champion_job_uuid"] is None and decision["previous_value"] == pytest.approx(0.5)
+
+    auth_manager.rules = {OTHER_DAG: {"GET"}}
+    [summary] = client.get("/training/v1/models").json()["models"]
+    assert summary["champion"] is None and summary["latest"]["job_uuid"] == world.other_dag
+    body = client.get("/training/v1/models/mixed").json()
+    assert body["champion"] is None and body["total"] == 1
+    [decision] = body["decisions"]
+    assert decision["job_uuid"] == world.other_dag and decision["promoted"] is True
+    assert decision["is_champion"] is False and decision["retired_at"] is not None
+
+    auth_manager.rules = None
+    body = client.get("/training/v1/models/mixed").json()
+    assert [d["job_uuid"] for d in body["decisions"]] == [world.full, world.other_dag]
+    assert body["decisions"][0]["previous_champion_job_uuid"] == world.other_dag
 
 
 # --- artifacts ------------------------------------------------------------------------------------

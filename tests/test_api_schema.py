@@ -7,8 +7,9 @@ valid input not rejected, 401 without credentials.
 
 The app runs in-process (ASGI) over a real migrated SQLite results DB holding the jobs of
 ``tests.test_api.World`` (two iterations of epochs and evaluations, a file artifact and one that is
-gone, an instance; jobs in two DAGs). Generated job uuids, iteration numbers, artifact ids and model
-ids are often swapped for real ones, so the 200 answers are checked too, not only 404s. The
+gone, an instance; jobs in two DAGs) and its promotion decisions (``World.decide_models``: a model
+of each DAG). Generated job uuids, iteration numbers, artifact ids, model ids and model names are
+often swapped for real ones, so the 200 answers are checked too, not only 404s. The
 ``/stream`` operation only gets jobs that already ended (or unknown ones): every stream ends at once.
 
 Authentication: as in ``tests/test_api.py`` the user is injected instead of verified from a JWT, but
@@ -70,6 +71,7 @@ class Db:
     ended: list[str]  # those that already ended
     artifact_ids: list[int]
     model_ids: list[str]
+    model_names: list[str]  # of promotion decisions
 
 
 CURRENT: list[Db] = []  # the test's Db: the app and the schema are built once, at import
@@ -111,11 +113,13 @@ schema = schemathesis.openapi.from_asgi(
 @pytest.fixture(autouse=True)
 def db(store: ResultsStore, tmp_path: Path) -> Iterator[Db]:
     world = World(store, tmp_path)
+    world.decide_models()
     jobs = [world.old, world.failed, world.other_project, world.other_dag, world.full]
     ended = [u for u in jobs if store.job(u).status in TERMINAL_STATUSES]
     assert ended, "the stream operation needs jobs that already ended"
     model_ids = [world.full, f"{world.full}/1", f"{world.full}/1/2", f"{world.full}/2/1", world.other_dag]
-    CURRENT.append(Db(world, jobs, ended, [a.id for a in store.artifacts(world.full)], model_ids))
+    artifact_ids = [a.id for a in store.artifacts(world.full)]
+    CURRENT.append(Db(world, jobs, ended, artifact_ids, model_ids, ["digits", "other"]))
     yield CURRENT[-1]
     CURRENT.pop()
 
@@ -135,7 +139,7 @@ def sometimes(values: list[Any], generated: Any) -> st.SearchStrategy[Any]:
 
 @schema.hook
 def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any] | None) -> st.SearchStrategy[Any]:
-    """Real job uuids, iteration numbers and artifact ids, often."""
+    """Real job uuids, iteration numbers, artifact ids and model names, often."""
     if not path_parameters:
         return st.just(path_parameters)
     db = current()
@@ -154,6 +158,8 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any] | None
             strategies[name] = sometimes([1, 2], value)
         elif name == "artifact_id" and is_db_int(value):
             strategies[name] = sometimes(db.artifact_ids, value)
+        elif name == "name" and isinstance(value, str):
+            strategies[name] = sometimes(db.model_names, value)
         else:
             strategies[name] = st.just(value)
     return st.fixed_dictionaries(strategies)
@@ -190,6 +196,8 @@ def test_every_operation_is_tested() -> None:
         ("GET", "/v1/jobs/{job_uuid}/artifacts/{artifact_id}"),
         ("POST", "/v1/jobs/{job_uuid}/cancel"),
         ("GET", "/v1/jobs/{job_uuid}/stream"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/{name}"),
     }
 
 
@@ -220,6 +228,11 @@ def known_cases(db: Db) -> list[tuple[str, str, dict[str, Any], dict[str, Any], 
         ("POST", "/v1/jobs/{job_uuid}/cancel", {"job_uuid": w.full}, {}, 202),
         ("POST", "/v1/jobs/{job_uuid}/cancel", {"job_uuid": w.full}, {}, 400),
         ("POST", "/v1/jobs/{job_uuid}/cancel", {"job_uuid": "not-a-uuid"}, {}, 404),
+        ("GET", "/v1/models", {}, {}, 200),
+        ("GET", "/v1/models/{name}", {"name": "digits"}, {"limit": 2, "offset": 1}, 200),
+        ("GET", "/v1/models/{name}", {"name": "other"}, {}, 404),  # its DAG is not readable
+        ("GET", "/v1/models/{name}", {"name": "nope"}, {}, 404),
+        ("GET", "/v1/models/{name}", {"name": "digits"}, {"offset": 2**63}, 422),
     ]
 
 
@@ -243,7 +256,7 @@ def test_results_db_unavailable_is_a_documented_503(db: Db) -> None:
     try:
         for result in schema.get_all_operations():
             operation = result.ok()
-            params = {"job_uuid": db.world.full, "iteration": 1, "artifact_id": 1}
+            params = {"job_uuid": db.world.full, "iteration": 1, "artifact_id": 1, "name": "digits"}
             case = operation.Case(
                 path_parameters={p.name: params[p.name] for p in operation.path_parameters}, headers=AUTH
             )

@@ -129,7 +129,9 @@ class FakeTI:
     states: dict[str, str]
     map_index: int = -1
 
-    def get_task_states(self, *, dag_id: str, run_ids: list[str], task_ids: list[str]) -> dict[str, dict[str, str]]:
+    def get_task_states(
+        self, *, dag_id: str, run_ids: list[str], task_ids: list[str], map_index: int | None = None
+    ) -> dict[str, dict[str, str]]:
         return {self.run_id: {t: self.states[t] for t in task_ids if t in self.states}}
 
 

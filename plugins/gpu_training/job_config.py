@@ -27,10 +27,13 @@ def dataset_relpath(dataset_uri: str) -> str | None:
 
 
 def init_checkpoint_relpath(uri: str) -> str | None:
-    """Where the initial checkpoint lands in the work directory: ``init/<file name>``."""
+    """Where the initial checkpoint lands in the work directory: ``init/<file name>`` (``init`` for a prefix)."""
     if not uri:
         return None
-    name = urlparse(uri).path.rstrip("/").rsplit("/", 1)[-1]
+    path = urlparse(uri).path
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if path.endswith("/") or not name:
+        return INIT_DIR  # a prefix: its files land directly in init/
     return f"{INIT_DIR}/{name}"
 
 

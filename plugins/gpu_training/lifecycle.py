@@ -101,6 +101,11 @@ def ensure_within_cost(store: ResultsStore, job_uuid: str, spec: JobSpec, what: 
 BUDGET_CANCELLER = "run budget"
 
 
+def budget_cancelled(job: Any) -> bool:
+    """The job was cancelled before launching because its run's budget was spent."""
+    return (job.cancelled_by or "").startswith(BUDGET_CANCELLER)
+
+
 def run_cost(store: ResultsStore, dag_id: str, run_id: str) -> float:
     """What every job of a dag run has cost so far (a sweep's trials, a pipeline's stages)."""
     return sum(job_cost(store, uuid) for uuid in store.jobs_for_run(dag_id, run_id))

@@ -83,6 +83,10 @@ class TrainingJobStepOperator(BaseOperator):
         try:
             return step()
         except (Exception, AirflowTaskTimeout) as err:
+            if isinstance(err, JobCancelledError) and lifecycle.budget_cancelled(store.job(job_uuid)):
+                # Not launched because the run's budget is spent: what the run was told to do, so
+                # the job's steps are skipped (its dag run still succeeds), not failed.
+                raise AirflowSkipException(str(err)) from err
             ti = context["ti"]
             final = isinstance(err, NOT_RETRYABLE) or ti.try_number > (ti.max_tries or 0)
             if final:
@@ -346,7 +350,7 @@ class FinalizeJobOperator(TrainingJobStepOperator):
         status = lifecycle.finalize(store, job_uuid, failed_tasks=failed, run_marked_failed=marked_failed)
         job = store.job(job_uuid)
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
-        if status == "cancelled" and (job.cancelled_by or "").startswith(lifecycle.BUDGET_CANCELLER):
+        if status == "cancelled" and lifecycle.budget_cancelled(job):
             # Not launched because the run's budget was spent: what the run was told to do.
             raise AirflowSkipException(f"training job {job_uuid} {status}: {job.failure_reason}")
         if status != "completed":

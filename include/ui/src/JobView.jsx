@@ -358,6 +358,7 @@ export function JobView({ uuid }) {
           {details.provider} / {details.runtime}
         </span>
         <span>GPU {details.gpu || "by price"}</span>
+        {details.stage && <span data-testid="stage">stage {details.stage}</span>}
         <span>
           {fmtDuration(running ? jobDuration(details, now) : jobDuration(details))}
         </span>

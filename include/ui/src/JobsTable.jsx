@@ -1,5 +1,6 @@
 import { useEffect, useState } from "preact/hooks";
 import { api, explain } from "./api.js";
+import { Champions } from "./Champions.jsx";
 import { fmtCost, fmtDuration, fmtTime, jobDuration } from "./format.js";
 
 const STATUSES = ["", "pending", "provisioning", "running", "completed", "failed", "cancelled"];
@@ -38,6 +39,7 @@ export function JobsTable() {
   return (
     <section>
       <h1>Training jobs</h1>
+      <Champions />
       <form class="filters" onSubmit={(ev) => ev.preventDefault()}>
         <label>
           Status{" "}

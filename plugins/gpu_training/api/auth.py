@@ -4,7 +4,8 @@ Every endpoint needs an authenticated Airflow user (``GetUserDep``: a ``Bearer``
 ``POST /auth/token``, or the UI's session cookie). Access is per DAG, decided by the configured auth
 manager: reading a job needs read (``GET``) access to its ``dag_id``; cancelling it needs edit
 (``PUT``) access to that DAG's runs, as marking a dag run failed does. Lists only hold jobs of the
-DAGs the user can read.
+DAGs the user can read, and promotion decisions (``/v1/models``) only those whose ``dag_id`` (the
+retraining DAG that decided) the user can read.
 """
 
 from __future__ import annotations

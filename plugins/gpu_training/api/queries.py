@@ -3,7 +3,10 @@
 Jobs are listed newest first (``created_at DESC, id DESC``) by the indexes ``(project_id,
 created_at)``, ``(status, created_at)``, ``(provider, created_at)`` and ``(created_at)``; everything
 of one job is read by ``job_id`` (the unique natural keys start with it). The DAG ids of all jobs
-come from a loose index scan of ``(dag_id, run_id, map_index)``: one index probe per DAG.
+come from a loose index scan of ``(dag_id, run_id, stage, map_index)``: one index probe per DAG.
+Promotion decisions (``models``: one row per retraining run, not per epoch) are read by name
+(``(name, decided_at)``, the champion by the partial unique index on ``name``); the list of models
+reads the whole table.
 
 **Model id.** An evaluation evaluated a checkpoint, named ``"{job_uuid}/{iteration}/{epoch}"``
 (epoch 0: the ``EVAL_MODEL`` event named no epoch). ``"{job_uuid}"`` or
@@ -25,11 +28,14 @@ from sqlalchemy import ColumnElement, Connection, Select, func, select
 
 from gpu_training.api.schemas import (
     ArtifactInfo,
+    Champion,
     Epoch,
     Evaluation,
     InstanceInfo,
     Iteration,
     Job,
+    LatestDecision,
+    ModelDecision,
     Step,
     job_gpu,
     model_id,
@@ -40,6 +46,7 @@ from gpu_training.results.models import (
     EpochTrain,
     Eval,
     Instance,
+    Model,
     TrainingIteration,
     TrainingJob,
     TrainingStep,
@@ -107,6 +114,12 @@ def dag_ids(store: ResultsStore) -> set[str]:
     walk = seed.union_all(select(following).where(seed.c.dag_id.is_not(None)))
     with store.engine.connect() as conn:
         return {d for d in conn.scalars(select(walk.c.dag_id).where(walk.c.dag_id.is_not(None)))}
+
+
+def model_dag_ids(store: ResultsStore) -> set[str]:
+    """The distinct ``dag_id`` of every promotion decision (one row per decision: a small table)."""
+    with store.engine.connect() as conn:
+        return set(conn.scalars(select(Model.dag_id).distinct()))
 
 
 def _filtered(stmt: Select, filters: JobFilters, readable: Collection[str] | None) -> Select:
@@ -250,6 +263,90 @@ def latest_evaluations(
 def artifact(store: ResultsStore, job: TrainingJob, artifact_id: int) -> Artifact | None:
     with store.session() as s:
         return s.scalar(select(Artifact).where(Artifact.id == artifact_id, Artifact.job_id == job.id))
+
+
+def _of_readable_dags(stmt: Select, readable: Collection[str] | None) -> Select:
+    return stmt if readable is None else stmt.where(Model.dag_id.in_(sorted(readable)))
+
+
+#: Newest first; decisions of one instant in the order recorded.
+_NEWEST_DECISION_FIRST = (Model.decided_at.desc(), Model.id.desc())
+
+
+def _champions(readable: Collection[str] | None) -> Select:
+    """The champion of each name (:class:`Champion` columns, then ``name``), of ``readable`` DAGs."""
+    stmt = select(*_columns(Champion, Model), TrainingJob.uuid.label("job_uuid"), Model.name)
+    stmt = stmt.join(TrainingJob, TrainingJob.id == Model.job_id).where(Model.is_champion.is_(True))
+    return _of_readable_dags(stmt, readable)
+
+
+def list_models(store: ResultsStore, *, readable: Collection[str] | None) -> list[dict[str, Any]]:
+    """One plain :class:`ModelSummary` dict per model name with a decision of ``readable`` DAGs
+    (None: every DAG), by name: its champion, latest decision and how many decisions it has."""
+    if readable is not None and not readable:
+        return []
+    ranked = select(
+        *_columns(LatestDecision, Model),
+        TrainingJob.uuid.label("job_uuid"),
+        Model.name,
+        func.row_number().over(partition_by=Model.name, order_by=_NEWEST_DECISION_FIRST).label("rank"),
+        func.count().over(partition_by=Model.name).label("decision_count"),
+    ).join(TrainingJob, TrainingJob.id == Model.job_id)
+    ranked_rows = _of_readable_dags(ranked, readable).subquery()
+    latest = select(ranked_rows).where(ranked_rows.c.rank == 1).order_by(ranked_rows.c.name)
+    with store.engine.connect() as conn:
+        latest_rows = _dicts(conn, LatestDecision, latest)
+        champions = {row.pop("name"): row for row in _dicts(conn, Champion, _champions(readable))}
+    models = []
+    for row in latest_rows:
+        name, count = row.pop("name"), row.pop("decision_count")
+        del row["rank"]
+        models.append({"name": name, "champion": champions.get(name), "latest": row, "decision_count": count})
+    return models
+
+
+def model_details(
+    store: ResultsStore, name: str, *, readable: Collection[str] | None, limit: int, offset: int
+) -> dict[str, Any] | None:
+    """The champion and the decisions (newest first) of a model name, of ``readable`` DAGs (None:
+    every DAG), as a plain :class:`ModelDetails` dict; None when it has no such decision. The
+    previous champion's job uuid is left out (null) when that job's DAG is not readable."""
+    if readable is not None and not readable:
+        return None
+    previous = TrainingJob.__table__.alias("previous")
+    page = (
+        select(
+            *_columns(ModelDecision, Model),
+            TrainingJob.uuid.label("job_uuid"),
+            previous.c.uuid.label("previous_champion_job_uuid"),
+            previous.c.dag_id.label("previous_dag_id"),
+        )
+        .join(TrainingJob, TrainingJob.id == Model.job_id)
+        .outerjoin(previous, previous.c.id == Model.previous_champion_job_id)
+        .where(Model.name == name)
+    )
+    page = _of_readable_dags(page, readable).order_by(*_NEWEST_DECISION_FIRST).limit(limit).offset(offset)
+    count = _of_readable_dags(select(func.count()).select_from(Model).where(Model.name == name), readable)
+    with store.engine.connect() as conn:
+        total = int(conn.scalar(count) or 0)
+        if not total:
+            return None
+        decisions = _dicts(conn, ModelDecision, page)
+        champion = _dicts(conn, Champion, _champions(readable).where(Model.name == name))
+    for row in decisions:
+        previous_dag = row.pop("previous_dag_id")
+        if readable is not None and previous_dag is not None and previous_dag not in readable:
+            row["previous_champion_job_uuid"] = None
+    for row in champion:
+        del row["name"]
+    return {
+        "name": name,
+        "champion": champion[0] if champion else None,
+        "decisions": decisions,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
 
 
 @dataclasses.dataclass(frozen=True)

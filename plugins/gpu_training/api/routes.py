@@ -21,7 +21,17 @@ from starlette.concurrency import run_in_threadpool
 from gpu_training.api import commands, queries
 from gpu_training.api.auth import DagAccess, DagAccessDep
 from gpu_training.api.db import StoreDep
-from gpu_training.api.schemas import Epoch, Evaluation, EvaluationList, IterationEpochs, Job, JobDetails, JobList
+from gpu_training.api.schemas import (
+    Epoch,
+    Evaluation,
+    EvaluationList,
+    IterationEpochs,
+    Job,
+    JobDetails,
+    JobList,
+    ModelDetails,
+    ModelList,
+)
 from gpu_training.api.stream import StreamSettings, job_events
 from gpu_training.results.models import JOB_STATUSES, TrainingJob
 from gpu_training.results.store import ResultsStore
@@ -54,6 +64,7 @@ PRESIGNED_EXPIRY_SECONDS = 600
 Responses = dict[int | str, dict[str, Any]]
 
 NOT_FOUND: Responses = {404: {"description": "no such job (a malformed uuid is an unknown job too)"}}
+MODEL_NOT_FOUND: Responses = {404: {"description": "no decision of this model name (in a DAG the user can read)"}}
 FORBIDDEN: Responses = {
     401: {"description": "not authenticated"},
     403: {"description": "no access to the job's DAG"},
@@ -104,6 +115,14 @@ def readable_job(store: ResultsStore, access: DagAccess, job_uuid: str) -> Train
 def readable_dags(store: ResultsStore, access: DagAccess) -> set[str] | None:
     """DAG ids to restrict a list to, or None when the user can read every DAG that has jobs."""
     every = queries.dag_ids(store)
+    allowed = access.readable(every)
+    return None if allowed >= every else allowed
+
+
+def readable_model_dags(store: ResultsStore, access: DagAccess) -> set[str] | None:
+    """DAG ids to restrict promotion decisions (and the previous champions' jobs) to, or None when
+    the user can read every DAG that has jobs or decisions."""
+    every = queries.dag_ids(store) | queries.model_dag_ids(store)
     allowed = access.readable(every)
     return None if allowed >= every else allowed
 
@@ -193,6 +212,23 @@ def list_evaluations(
         access.require_read(job.dag_id)
         found = queries.evaluations_of(store, job, model)
     return EvaluationList(evaluations=found[offset : offset + limit], limit=limit, offset=offset)
+
+
+@router.get("/models", response_model=ModelList, responses=FORBIDDEN)
+def list_models(store: StoreDep, access: DagAccessDep) -> ModelList:
+    """Every model name (retraining spec) with a promotion decision in a DAG the user can read, by
+    name: its champion (null when none), its latest decision and how many decisions it has."""
+    return ModelList.model_validate({"models": queries.list_models(store, readable=readable_model_dags(store, access))})
+
+
+@router.get("/models/{name}", response_model=ModelDetails, responses={**MODEL_NOT_FOUND, **FORBIDDEN})
+def get_model(name: str, store: StoreDep, access: DagAccessDep, limit: Limit = 50, offset: Offset = 0) -> ModelDetails:
+    """The champion of a model name and its promotion decisions, promoted or not, newest first (of
+    the DAGs the user can read: a name with none of those is unknown, 404)."""
+    found = queries.model_details(store, name, readable=readable_model_dags(store, access), limit=limit, offset=offset)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {name!r}")
+    return ModelDetails.model_validate(found)
 
 
 @router.get(

@@ -17,6 +17,7 @@ class Job(BaseModel):
     project_id: str
     dag_id: str
     run_id: str
+    stage: str = Field(description="the pipeline stage (its task group) of a multi-stage run; empty for a single job")
     status: str = Field(description="pending, provisioning, running, completed, failed or cancelled")
     provider: str
     runtime: str
@@ -38,6 +39,7 @@ class Job(BaseModel):
             project_id=job.project_id,
             dag_id=job.dag_id,
             run_id=job.run_id,
+            stage=job.stage,
             status=job.status,
             provider=job.provider,
             runtime=job.runtime,
@@ -211,3 +213,68 @@ class JobDetails(Job):
     iterations: list[Iteration]
     artifacts: list[ArtifactInfo]
     instances: list[InstanceInfo]
+
+
+class Champion(BaseModel):
+    """The model of a name that is champion now: the decision that promoted it."""
+
+    job_uuid: str
+    metric: str
+    value: float | None = Field(description="the job's metric when it was promoted")
+    decided_at: datetime = Field(description="when it was promoted")
+    reason: str = Field(description='e.g. "promoted: f1 0.9389 >= champion 0.9101 + 0.005"')
+    dag_id: str
+    run_id: str
+
+
+class LatestDecision(BaseModel):
+    """The most recent promotion decision of a name, promoted or not."""
+
+    job_uuid: str
+    metric: str
+    value: float | None
+    promoted: bool
+    reason: str
+    decided_at: datetime
+
+
+class ModelSummary(BaseModel):
+    name: str = Field(description="the model's name: the retraining spec's name")
+    champion: Champion | None = Field(description="null: none yet (or its DAG is not readable by the user)")
+    latest: LatestDecision
+    decision_count: int = Field(description="decisions of this name (that the user may read)")
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ModelDecision(BaseModel):
+    """One promotion decision: a retrained model compared with the champion of its name."""
+
+    job_uuid: str
+    metric: str
+    value: float | None = Field(description="the candidate's metric (its last evaluation); null: it reported none")
+    previous_champion_job_uuid: str | None = Field(
+        description="the champion it was compared with (null: there was none, or its DAG is not readable)"
+    )
+    previous_value: float | None = Field(description="that champion's metric")
+    promoted: bool
+    is_champion: bool = Field(description="still the champion (at most one decision of a name)")
+    reason: str
+    rule: dict[str, Any] = Field(
+        description='the rule of the spec, e.g. {"metric": "f1", "mode": "max", "min_delta": 0.005}'
+    )
+    dag_id: str
+    run_id: str
+    decided_at: datetime
+    retired_at: datetime | None = Field(description="when another model took its place")
+
+
+class ModelDetails(BaseModel):
+    name: str
+    champion: Champion | None
+    decisions: list[ModelDecision] = Field(description="newest first")
+    total: int = Field(description="decisions of this name (that the user may read)")
+    limit: int
+    offset: int

@@ -136,14 +136,19 @@ def _sweep(spec: RetrainingSpec, results_conn_id: str, promote: Any) -> None:
     plan = PlanSweepOperator(task_id="plan_sweep")
 
     @task_group(group_id="trial")
-    def trial(job_params: Any) -> None:
-        training_job_tasks(results_conn_id=results_conn_id, stage="trial", job_params=job_params, pool=sweep.pool)
+    def trial(job_params: Any) -> Any:
+        tasks = training_job_tasks(
+            results_conn_id=results_conn_id, stage="trial", job_params=job_params, pool=sweep.pool
+        )
+        # Returned, so the report waits for every trial's finalize (status and cost settled): the
+        # group's own leaves leave teardowns out, which would make it wait for upload_outputs only.
+        return tasks["finalize"]
 
-    trials = trial.expand(job_params=plan.output)
+    finalized = trial.expand(job_params=plan.output)
     report = SweepReportOperator(
         task_id="report_sweep", metric=sweep.metric, mode=sweep.mode, stage="trial", results_conn_id=results_conn_id
     )
-    trials >> report
+    finalized >> report
     if promote is not None:
         report >> promote
 

@@ -55,7 +55,9 @@ def decide(
         return True, f"promoted: the champion has no {m} ({m} {value:.4f})"
     threshold = champion_value + rule.min_delta if rule.mode == "max" else champion_value - rule.min_delta
     rule_text = f"champion {champion_value:.4f} {sign} {rule.min_delta:g}"
-    if better_or_equal(value, threshold):
+    # Equal to the threshold promotes: as written in the spec, not as float arithmetic rounds it
+    # (0.803 + 0.01 is 0.8130000000000001).
+    if better_or_equal(value, threshold) or math.isclose(value, threshold, rel_tol=1e-9, abs_tol=1e-12):
         return True, f"promoted: {m} {value:.4f} {'>=' if rule.mode == 'max' else '<='} {rule_text}"
     return False, f"not promoted: {m} {value:.4f} {'<' if rule.mode == 'max' else '>'} {rule_text}"
 

@@ -16,6 +16,7 @@ type 'number'``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -269,6 +270,11 @@ def parse_spec(text: str, path: Path | str) -> RetrainingSpec:
         raise RetrainingSpecError(path, _field(best), best.message)
     if raw.get("stages") and raw.get("sweep"):
         raise RetrainingSpecError(path, "sweep", "a spec has stages or a sweep, not both")
+    start_date = raw.get("start_date", "2026-01-01")
+    try:
+        datetime.date.fromisoformat(start_date[:10])
+    except ValueError as err:
+        raise RetrainingSpecError(path, "start_date", f"{start_date!r}: {err}") from None
     schedule = raw.get("schedule")
     asset_uri = None
     if isinstance(schedule, dict):
@@ -316,7 +322,7 @@ def parse_spec(text: str, path: Path | str) -> RetrainingSpec:
         description=raw.get("description", ""),
         schedule=schedule,
         asset_uri=asset_uri,
-        start_date=raw.get("start_date", "2026-01-01"),
+        start_date=start_date,
         catchup=bool(raw.get("catchup", False)),
         tags=tuple(raw.get("tags", ())),
         params=params,

@@ -10,6 +10,7 @@ them before they end.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,10 +30,19 @@ def cloud(sshd_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="package")
-def cluster(tmp_path_factory: pytest.TempPathFactory, cloud: Rig) -> Iterator[AirflowCluster]:
-    airflow = AirflowCluster(
-        tmp_path_factory.mktemp("airflow_cluster"), parallelism=8, users=USERS, extra_env=dict(cloud.env)
-    )
+def retraining_dir(tmp_path_factory: pytest.TempPathFactory, cloud: Rig) -> Path:
+    """The deployment's retraining specs (``test_retraining_cluster.py``), written before it starts."""
+    from .test_retraining_cluster import write_specs
+
+    directory = tmp_path_factory.mktemp("retraining")
+    write_specs(directory, cloud)
+    return directory
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cloud: Rig, retraining_dir: Path) -> Iterator[AirflowCluster]:
+    env = {**cloud.env, "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir)}
+    airflow = AirflowCluster(tmp_path_factory.mktemp("airflow_cluster"), parallelism=8, users=USERS, extra_env=env)
     try:
         seconds = airflow.start()
         print(f"\ncluster started in {seconds:.1f} s")

@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from gpu_training.results.store import ResultsStore
+from gpu_training.retraining.promotion import promote
+from gpu_training.retraining.spec import Promotion
 from tests.airflow_cluster import AirflowCluster
 
 from . import DAG_ID, USERS
@@ -182,10 +185,18 @@ def test_the_nav_entry_and_the_unbuilt_answer(cluster: AirflowCluster) -> None:
 
 
 def test_job_table_and_a_finished_job(
-    browser: WebDriver, cluster: AirflowCluster, jobs: dict[str, dict[str, Any]], tmp_path: Path
+    browser: WebDriver,
+    cluster: AirflowCluster,
+    store: ResultsStore,
+    jobs: dict[str, dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     done = jobs["done"]
     assert cluster.wait_run(DAG_ID, done["run_id"], timeout=120) == "success"
+    # The finished job becomes a model's champion, as a retraining DAG's promote task records it.
+    model = f"ui-model-{done['project_id']}"
+    decision = promote(store, model, done["uuid"], Promotion(metric="f1"), dag_id=DAG_ID, run_id=done["run_id"])
+    assert decision.promoted, decision
     sign_in(browser, cluster)
     open_page(browser, cluster)
     wait_for("the finished job in the table", lambda: row_of(browser, done["uuid"]))
@@ -194,6 +205,13 @@ def test_job_table_and_a_finished_job(
     assert cells[0:3] == ["completed", done["project_id"], "local"], cells
     for key in ("live", "ended"):
         wait_for(f"the {key} job in the table", lambda k=key: row_of(browser, jobs[k]["uuid"]))
+    champion = wait_for(
+        "the model in the champions table",
+        lambda: browser.find_element(By.CSS_SELECTOR, f"[data-testid=champions-table] tr[data-model='{model}']"),
+    )
+    link = champion.find_element(By.CSS_SELECTOR, "[data-testid=champion-job] a").get_attribute("href") or ""
+    assert link.endswith(f"#/jobs/{done['uuid']}"), link
+    assert "promoted: first champion (f1 " in champion.text, champion.text
 
     row_of(browser, done["uuid"]).click()
     view = wait_for("the job view", lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=job-view]"))
