@@ -60,6 +60,9 @@ $(AIRFLOW_HOME)/.migrated: $(BIN)/.installed $(wildcard plugins/gpu_training/res
 	mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -30 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 	$(BIN)/python -m gpu_training.results.migrate upgrade
+	@# The pool sweeps' trials share (README "Retraining"); created once, never resized here.
+	$(BIN)/airflow pools get gpu_instances >/dev/null 2>&1 || \
+	  $(BIN)/airflow pools set gpu_instances 4 "GPU instances held at once by sweep trials" --include-deferred >/dev/null
 	touch $@
 
 migrate: $(AIRFLOW_HOME)/.migrated

@@ -96,6 +96,21 @@ class TrainingJobStepOperator(BaseOperator):
             raise
 
 
+def dataset_of_asset_events(context: Context) -> str | None:
+    """``dataset_uri`` from the extra of the newest asset event that triggered the run, if any: the
+    producer of new data says which object is new (``{"dataset_uri": "s3://.../batch-42.csv"}``)."""
+    try:
+        by_asset = context.get("triggering_asset_events") or {}
+        events = [e for found in by_asset.values() for e in found]
+    except Exception:  # not an asset-triggered run
+        return None
+    named = [e for e in events if isinstance(getattr(e, "extra", None), dict) and e.extra.get("dataset_uri")]
+    if not named:
+        return None
+    newest = max(named, key=lambda e: getattr(e, "timestamp", None) or 0)
+    return str(newest.extra["dataset_uri"])
+
+
 class RegisterTrainingJobOperator(BaseOperator):
     """Validates the params and creates the job row; returns the job uuid.
 
@@ -127,6 +142,10 @@ class RegisterTrainingJobOperator(BaseOperator):
 
         ti = context["ti"]
         params = dict(context["params"])
+        conf = getattr(context.get("dag_run"), "conf", None) or {}
+        if "dataset_uri" not in conf and (new_data := dataset_of_asset_events(context)):
+            self.log.info("training on %s, named by the asset event that triggered this run", new_data)
+            params["dataset_uri"] = new_data
         if self.job_params:
             params = merge_job_params(params, dict(self.job_params))
         try:

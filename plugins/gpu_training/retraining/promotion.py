@@ -103,7 +103,12 @@ def _promote_once(
         if done is not None:
             return _decision(s, done, job_uuid)
         champ = s.scalar(select(Model).where(Model.name == name, Model.is_champion.is_(True)).with_for_update())
-        promoted, reason = decide(rule, value, champ.value if champ else None, has_champion=champ is not None)
+        champion_value = champ.value if champ else None
+        if champ is not None and champ.metric != rule.metric:
+            # The rule's metric changed since the champion was chosen: compare like with like.
+            champ_uuid = s.scalar(select(TrainingJob.uuid).where(TrainingJob.id == champ.job_id))
+            champion_value = job_metric(store, str(champ_uuid), rule.metric)
+        promoted, reason = decide(rule, value, champion_value, has_champion=champ is not None)
         now = utcnow()
         if promoted and champ is not None:
             s.execute(update(Model).where(Model.id == champ.id).values(is_champion=False, retired_at=now))
@@ -114,7 +119,7 @@ def _promote_once(
             metric=rule.metric,
             value=value,
             previous_champion_job_id=champ.job_id if champ else None,
-            previous_value=champ.value if champ else None,
+            previous_value=champion_value,
             promoted=promoted,
             is_champion=promoted,
             reason=reason,

@@ -264,6 +264,8 @@ def parse_spec(text: str, path: Path | str) -> RetrainingSpec:
         raise RetrainingSpecError(path, "", f"not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise RetrainingSpecError(path, "", "a spec is a mapping (name, schedule, params, ...)")
+    if isinstance(raw.get("start_date"), datetime.date):  # YAML reads an unquoted 2026-01-01 as a date
+        raw["start_date"] = raw["start_date"].isoformat()
     errors = sorted(jsonschema.Draft202012Validator(SPEC_SCHEMA).iter_errors(raw), key=lambda e: list(e.path))
     if errors:
         best = jsonschema.exceptions.best_match(errors)

@@ -140,7 +140,12 @@ def test_an_asset_event_starts_the_retraining_run(
     uri = f"file://{retraining_dir}/incoming/digits.csv.gz"
     assets = cluster.api("GET", "/assets", params={"uri_pattern": "digits.csv.gz"}).json()["assets"]
     asset = next(a for a in assets if a["uri"] == uri)
-    resp = cluster.api("POST", "/assets/events", json={"asset_id": asset["id"], "extra": {"object": "digits.csv.gz"}})
+    # The producer of new data names the new object in the event's extra; the run trains on it.
+    batch = retraining_dir / "incoming" / "batch-2.csv.gz"
+    shutil.copy(DIGITS, batch)
+    resp = cluster.api(
+        "POST", "/assets/events", json={"asset_id": asset["id"], "extra": {"dataset_uri": f"file://{batch}"}}
+    )
     resp.raise_for_status()
 
     def asset_run() -> str | None:
@@ -151,8 +156,8 @@ def test_an_asset_event_starts_the_retraining_run(
     assert cluster.wait_run(dag_id, run_id, timeout=240) == "success"
     (job,) = jobs_of_run(store, dag_id, run_id)
     assert job.status == "completed"
-    assert job.params["dataset_uri"] == uri  # the run trains on the asset's data
-    assert "dataset_path: data/digits.csv.gz" in (job.config_yaml or "")
+    assert job.params["dataset_uri"] == f"file://{batch}"
+    assert "dataset_path: data/batch-2.csv.gz" in (job.config_yaml or "")
 
 
 def test_a_sweep_runs_its_trials_two_at_a_time_in_the_pool(
