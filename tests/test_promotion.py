@@ -260,3 +260,33 @@ def test_a_sweep_without_a_completed_trial_has_no_best(store: ResultsStore) -> N
     assert not any("<- best" in line for line in report["table"])
     empty = sweep_report(store, DAG, "manual__nothing", stage="trial")
     assert (empty["trials"], empty["best"], empty["cost_usd"]) == ([], None, 0)
+
+
+def test_a_changed_rule_metric_compares_the_champions_own_value_of_it(store: ResultsStore) -> None:
+    champion = new_job(store, "r1", f1=0.90)  # accuracy 0.90 too (see new_job)
+    promote(store, "digits", champion, MAX, dag_id=DAG, run_id="r1")
+    by_accuracy = Promotion(metric="accuracy", min_delta=0.01)
+    # The champion was chosen on f1; its accuracy (0.90) is looked up, not its f1 row value reused.
+    candidate = new_job(store, "r2", f1=0.905)
+    decision = promote(store, "digits", candidate, by_accuracy, dag_id=DAG, run_id="r2")
+    assert not decision.promoted and decision.previous_value == pytest.approx(0.90)
+    assert decision.reason == "not promoted: accuracy 0.9050 < champion 0.9000 + 0.01"
+
+
+def test_an_asset_event_names_the_dataset_the_run_trains_on() -> None:
+    import types
+
+    from gpu_training.operators import dataset_of_asset_events
+
+    def event(ts: int, **extra: Any) -> Any:
+        return types.SimpleNamespace(timestamp=ts, extra=extra)
+
+    assert dataset_of_asset_events({}) is None  # type: ignore[arg-type]
+    assert dataset_of_asset_events({"triggering_asset_events": {"a": [event(1, other=1)]}}) is None  # type: ignore[arg-type]
+    context = {
+        "triggering_asset_events": {
+            "a": [event(1, dataset_uri="s3://d/batch-1.csv"), event(3, dataset_uri="s3://d/batch-3.csv")],
+            "b": [event(2, dataset_uri="s3://d/batch-2.csv")],
+        }
+    }
+    assert dataset_of_asset_events(context) == "s3://d/batch-3.csv"  # type: ignore[arg-type]
