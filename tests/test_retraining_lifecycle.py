@@ -274,3 +274,64 @@ def test_the_initial_checkpoint_lands_in_the_work_dirs_init(tmp_path: Path) -> N
     missing = parse_job_params({"project_id": "p", "init_checkpoint_uri": (tmp_path / "nope.npz").as_uri()})
     with pytest.raises(StorageError, match=r"^init_checkpoint_uri: .*nope\.npz does not exist"):
         lifecycle._fetch_init_checkpoint(missing, host)
+
+
+# --- the run's instance slots (run_max_instances) ------------------------------------------------
+
+
+def test_a_run_holds_at_most_run_max_instances_and_a_waiting_launch_is_not_an_attempt(store: ResultsStore) -> None:
+    from gpu_training.errors import RunSlotBusyError
+
+    first, second, third = (new_job(store, map_index=i, run_max_instances=2) for i in range(3))
+    spec = parse_job_params(store.job(third).params)
+    add_instance(store, first, "i-first", price=1.0)
+    lifecycle.ensure_run_slot(store, third, spec)  # one holder: a slot is free
+    add_instance(store, second, "i-second", price=1.0)
+    with pytest.raises(RunSlotBusyError, match=r"already hold 2 instances \(run_max_instances\)"):
+        lifecycle.ensure_run_slot(store, third, spec)
+    # A holder being terminated still holds its slot; once terminated, the slot is free.
+    store.update_instance("i-first", state="stopping")
+    with pytest.raises(RunSlotBusyError):
+        lifecycle.ensure_run_slot(store, third, spec)
+    store.update_instance("i-first", state="terminated")
+    lifecycle.ensure_run_slot(store, third, spec)
+    # Unlimited runs never wait.
+    lifecycle.ensure_run_slot(store, new_job(store, map_index=9), parse_job_params({"project_id": "digits"}))
+
+
+def test_of_two_launches_racing_for_the_last_slot_the_older_intent_wins(store: ResultsStore) -> None:
+    from gpu_training.errors import RunSlotBusyError
+
+    holder, a, b = (new_job(store, map_index=i, run_max_instances=2) for i in range(3))
+    spec = parse_job_params(store.job(a).params)
+    add_instance(store, holder, "i-holder", price=1.0)
+    # Both passed the check before listing offers; both committed their intent.
+    store.record_instance_intent(a, provider="local", name="i-a")
+    store.record_instance_intent(b, provider="local", name="i-b")
+    lifecycle.ensure_run_slot(store, a, spec, intent="i-a")
+    with pytest.raises(RunSlotBusyError):
+        lifecycle.ensure_run_slot(store, b, spec, intent="i-b")
+    assert [r.name for r in store.instances_for_job(b)] == []  # forgotten: not a launch attempt
+    assert [r.name for r in store.instances_for_job(a)] == ["i-a"]
+
+
+def test_a_busy_run_reschedules_provision_instead_of_failing_it(
+    store: ResultsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from gpu_training.operators import ProvisionInstanceOperator
+
+    holders = [new_job(store, map_index=i, run_max_instances=1, poll_interval_seconds=3) for i in range(2)]
+    add_instance(store, holders[0], "i-holder", price=1.0)
+    op = ProvisionInstanceOperator(task_id="provision")
+    monkeypatch.setattr(op, "store", lambda: store)
+    ti = SimpleNamespace(dag_id=DAG, run_id=RUN, map_index=1, try_number=1, max_tries=2)
+    before = utcnow()
+    with pytest.raises(AirflowRescheduleException) as raised:
+        op.execute({"ti": ti})  # type: ignore[arg-type]
+    assert before + timedelta(seconds=2.5) <= raised.value.reschedule_date <= utcnow() + timedelta(seconds=3.5)
+    job = store.job(holders[1])
+    assert job.failure_reason is None and job.status == "provisioning" and store.instances_for_job(holders[1]) == []

@@ -75,6 +75,10 @@ class TrainerFailedError(TrainingError):
     """The trainer ended without ``PROJECT end``, stalled, or ran past its limits."""
 
 
+class RunSlotBusyError(TrainingError):
+    """The dag run already has ``run_max_instances`` jobs holding an instance: wait, then try again."""
+
+
 class JobLimitError(TrainingError):
     """The job reached one of its hard limits (``max_cost_usd``): it is stopped and torn down."""
 

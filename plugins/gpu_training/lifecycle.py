@@ -20,6 +20,7 @@ from gpu_training.errors import (
     JobParamsError,
     NoCapacityError,
     ProviderError,
+    RunSlotBusyError,
     StorageError,
     TrainerFailedError,
 )
@@ -122,6 +123,32 @@ def ensure_within_run_budget(store: ResultsStore, job_uuid: str, spec: JobSpec) 
         reason = f"{BUDGET_CANCELLER} of {spec.run_budget_usd:g} USD spent ({spent:.4f} USD)"
         store.request_cancel(job_uuid, by=reason)
         raise JobCancelledError(f"not launched: the {reason}")
+
+
+def ensure_run_slot(store: ResultsStore, job_uuid: str, spec: JobSpec, *, intent: str | None = None) -> None:
+    """At most ``run_max_instances`` jobs of the run hold an instance (launch to verified
+    termination). Checked before listing offers, and again once this launch's intent row is
+    committed: of two launches racing for the last slot the older row wins and the other forgets
+    its intent and waits (raises :class:`RunSlotBusyError`)."""
+    if not spec.run_max_instances:
+        return
+    job = store.job(job_uuid)
+    live = store.live_instances_of_run(job.dag_id, job.run_id)
+    if intent is None:
+        holders = {r.job_id for r in live if r.job_id != job.id}
+        busy = len(holders) >= spec.run_max_instances
+    else:
+        order: list[int] = []
+        for r in live:  # one place per job, in the order the jobs first recorded an instance
+            if r.job_id not in order:
+                order.append(r.job_id)
+        busy = job.id in order and order.index(job.id) >= spec.run_max_instances
+        if busy:
+            store.delete_instance_intent(intent)
+    if busy:
+        raise RunSlotBusyError(
+            f"waiting for a slot: the run's jobs already hold {spec.run_max_instances} instances (run_max_instances)"
+        )
 
 
 def ensure_not_cancelled(store: ResultsStore, job_uuid: str) -> None:
@@ -259,6 +286,7 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
     ensure_within_cost(store, job_uuid, spec, "before launching another instance")
     ensure_within_run_budget(store, job_uuid, spec)
+    ensure_run_slot(store, job_uuid, spec)
     for offer in ranked:
         if _offer_key(offer.provider, offer.instance_type, offer.region) in given_up:
             continue
@@ -289,6 +317,7 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
         if stop:
             store.update_instance(name, state="failed", state_reason=NOT_LAUNCHED_CANCELLED)
             raise JobCancelledError(stop)
+        ensure_run_slot(store, job_uuid, spec, intent=name)
         try:
             info = provider.find_instance(name) or provider.launch(offer, name)
         except ProviderError as err:

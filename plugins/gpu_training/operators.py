@@ -9,10 +9,16 @@ defer between polls, so no worker slot is held while an instance boots or a mode
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, AirflowTaskTimeout
+from airflow.sdk.exceptions import (
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    AirflowTaskTimeout,
+)
 
 from gpu_training import lifecycle
 from gpu_training.errors import (
@@ -23,10 +29,12 @@ from gpu_training.errors import (
     JobNotFoundError,
     JobParamsError,
     ResultsDbError,
+    RunSlotBusyError,
     TrainerFailedError,
 )
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
 from gpu_training.offers import NoOfferError
+from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
 
@@ -83,6 +91,12 @@ class TrainingJobStepOperator(BaseOperator):
         try:
             return step()
         except (Exception, AirflowTaskTimeout) as err:
+            if isinstance(err, RunSlotBusyError):
+                # Wait for a slot without holding a worker or a pool slot (up_for_reschedule
+                # counts in no pool, unlike a deferral), then provision again.
+                interval = lifecycle.job_spec(store, job_uuid).poll_interval_seconds
+                self.log.info("%s; trying again in %g s", err, interval)
+                raise AirflowRescheduleException(utcnow() + timedelta(seconds=interval)) from err
             if isinstance(err, JobCancelledError) and lifecycle.budget_cancelled(store.job(job_uuid)):
                 # Not launched because the run's budget is spent: what the run was told to do, so
                 # the job's steps are skipped (its dag run still succeeds), not failed.

@@ -212,6 +212,14 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "What all the jobs of this DAG run (a sweep's trials, a pipeline's stages) may cost together: once "
         "spent, no further instance is launched and a job not yet launched is cancelled. 0 for no budget.",
     ),
+    "run_max_instances": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 1000},
+        "Run max instances",
+        "At most this many jobs of this DAG run (a sweep's trials, a pipeline's parallel stages) hold an "
+        "instance at once, launch to verified termination; a job waits for a slot holding no worker or "
+        "pool slot. 0 for no limit.",
+    ),
     "max_runtime_minutes": (
         120,
         {"type": "number", "exclusiveMinimum": 0, "maximum": 60 * 24 * 14},
@@ -279,6 +287,7 @@ class JobSpec:
     presigned_url_expiry_minutes: float = 60
     max_cost_usd: float = 0
     run_budget_usd: float = 0
+    run_max_instances: int = 0
     max_runtime_minutes: float = 120
     stall_timeout_minutes: float = 15
     poll_interval_seconds: float = 5

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -254,6 +254,27 @@ class ResultsStore:
                     }
                 ],
             )
+
+    def live_instances_of_run(self, dag_id: str, run_id: str) -> list[Instance]:
+        """Instances of every job of a dag run not yet terminated (or failed), oldest row first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Instance)
+                    .join(TrainingJob, TrainingJob.id == Instance.job_id)
+                    .where(
+                        TrainingJob.dag_id == dag_id,
+                        TrainingJob.run_id == run_id,
+                        Instance.state.not_in(("terminated", "failed")),
+                    )
+                    .order_by(Instance.id)
+                )
+            )
+
+    def delete_instance_intent(self, name: str) -> None:
+        """Forget an intent whose launch never happened (no instance id): it was not an attempt."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(INSTANCES).where((INSTANCES.c.name == name) & INSTANCES.c.instance_id.is_(None)))
 
     def update_instance(self, name: str, **values: Any) -> None:
         with self.engine.begin() as conn:

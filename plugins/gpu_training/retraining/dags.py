@@ -19,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from gpu_training.retraining.spec import RetrainingSpec, load_specs, merge_job_params
+from gpu_training.retraining.spec import RetrainingSpec, load_specs
 
 OWNER = "ml-platform"
 
@@ -47,12 +47,9 @@ def _dag_params(spec: RetrainingSpec) -> dict[str, Any]:
             title="Sweep configs",
             description="Hyperparameter sets tried as they are, before the grid's combinations.",
         )
-        params["run_budget_usd"] = Param(
-            spec.params.get("run_budget_usd", spec.sweep.budget_usd),
-            **PARAM_SPECS["run_budget_usd"][1],
-            title=PARAM_SPECS["run_budget_usd"][2],
-            description=PARAM_SPECS["run_budget_usd"][3],
-        )
+        for name, value in (("run_budget_usd", spec.sweep.budget_usd), ("run_max_instances", spec.sweep.max_parallel)):
+            _default, schema, title, description = PARAM_SPECS[name]
+            params[name] = Param(spec.params.get(name, value), title=title, description=description, **schema)
     return params
 
 
@@ -116,7 +113,7 @@ def _pipeline(spec: RetrainingSpec, results_conn_id: str, promote: Any) -> None:
             groups[stage.name] = training_job_tasks(
                 results_conn_id=results_conn_id,
                 stage=stage.name,
-                job_params=merge_job_params({}, stage.params) or None,
+                job_params=dict(stage.params) or None,
                 init_from=(stage.init_from, stage.checkpoint) if stage.init_from else None,
             )
         for dep in stage.depends_on:

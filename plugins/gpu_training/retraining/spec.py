@@ -100,6 +100,7 @@ SPEC_SCHEMA: dict[str, Any] = {
                 "metric": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
                 "mode": {"enum": ["max", "min"]},
                 "budget_usd": {"type": "number", "minimum": 0},
+                "max_parallel": {"type": "integer", "minimum": 0, "maximum": 1000},
                 "pool": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,256}$"},
             },
         },
@@ -143,6 +144,7 @@ class Sweep:
     metric: str = "f1"
     mode: str = "max"
     budget_usd: float = 0.0
+    max_parallel: int = 0
     pool: str = DEFAULT_POOL
 
 
@@ -316,6 +318,7 @@ def parse_spec(text: str, path: Path | str) -> RetrainingSpec:
             metric=s.get("metric", promotion.metric if promotion else "f1"),
             mode=s.get("mode", promotion.mode if promotion else "max"),
             budget_usd=float(s.get("budget_usd", 0)),
+            max_parallel=int(s.get("max_parallel", 0)),
             pool=s.get("pool", DEFAULT_POOL),
         )
     return RetrainingSpec(

@@ -46,7 +46,7 @@ promotion: {{metric: f1}}
 name: sweep
 schedule: null
 params: {{project_id: sweep, provider: local, poll_interval_seconds: 1, config: {TRIAL_CONFIG}}}
-sweep: {{grid: {GRID}, metric: f1, mode: max, pool: gpu_instances}}
+sweep: {{grid: {GRID}, metric: f1, mode: max, pool: gpu_instances, max_parallel: {POOL_SLOTS}}}
 promotion: {{metric: f1}}
 """
     )
@@ -106,20 +106,6 @@ def instance_intervals(store: ResultsStore, jobs: list[TrainingJob]) -> list[tup
     return [(r.created_at, r.terminated_at) for r in rows if r.terminated_at is not None]
 
 
-def task_times(cluster: AirflowCluster, dag_id: str, run_id: str) -> dict[tuple[str, int], tuple[datetime, datetime]]:
-    """(task id, map index) -> (start, end) of the run's task instances."""
-    resp = cluster.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 200})
-    resp.raise_for_status()
-    return {
-        (ti["task_id"], ti["map_index"]): (
-            datetime.fromisoformat(ti["start_date"]),
-            datetime.fromisoformat(ti["end_date"]),
-        )
-        for ti in resp.json()["task_instances"]
-        if ti["start_date"] and ti["end_date"]
-    }
-
-
 def task_states(cluster: AirflowCluster, dag_id: str, run_id: str) -> dict[tuple[str, int], str]:
     resp = cluster.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 200})
     resp.raise_for_status()
@@ -176,25 +162,13 @@ def test_a_sweep_runs_its_trials_two_at_a_time_in_the_pool(
         (0.02, 16),
         (0.02, 32),
     ]
-    # Concurrent (not one after another), and never more jobs in their instance-holding steps
-    # (provision .. upload_outputs) than the pool has slots.
-    steps = task_times(cluster, dag_id, run_id)
-    holding = [(steps["trial.provision", i][0], steps["trial.upload_outputs", i][1]) for i in range(4)]
-    assert max_overlap(holding) == POOL_SLOTS
-    # Teardown takes no slot (it never waits): a new instance may start while an old one is being
-    # terminated, but never while more than POOL_SLOTS - 1 others are still in use.
-    with store.session() as s:
-        rows = {r.job_id: r for r in s.scalars(select(Instance).where(Instance.job_id.in_([j.id for j in jobs])))}
-    for job in jobs:
-        created = rows[job.id].created_at
-        in_use = [
-            other
-            for other in jobs
-            if other is not job
-            and rows[other.id].created_at < created
-            and steps["trial.teardown", other.map_index][0] > created
-        ]
-        assert len(in_use) <= POOL_SLOTS - 1, (job.map_index, [o.map_index for o in in_use])
+    # Concurrent (not one after another), and never more instances up at once (launch to verified
+    # termination) than the sweep's max_parallel: Airflow's pool bounds the trials' steps, and at a
+    # hand-over between two steps another trial's provision can take the freed slot; the run's own
+    # limit (checked in the results DB at launch) then makes it wait.
+    assert max_overlap(instance_intervals(store, jobs)) == POOL_SLOTS
+    states = task_states(cluster, dag_id, run_id)
+    assert {states["trial.provision", i] for i in range(4)} == {"success"}
     report = report_of(cluster, dag_id, run_id)
     values = {t["map_index"]: t["value"] for t in report["trials"]}
     assert report["best"]["value"] == max(values.values())
