@@ -186,6 +186,9 @@ def test_a_stage_that_was_never_registered_is_skipped_after_an_upstream_failure(
         op.execute({"ti": upstream_failed})
     with pytest.raises(AirflowFailException, match="never registered"):
         op.execute({"ti": FakeTI(RUN, -1, {"ppo.register_job": "failed"})})
+    # Skipped: the run was marked failed before the job started; finalize fails (so does the run).
+    with pytest.raises(AirflowFailException, match="never registered"):
+        op.execute({"ti": FakeTI(RUN, -1, {"ppo.register_job": "skipped"})})
 
 
 # --- a stage starting from an earlier stage's checkpoint -------------------------------------------

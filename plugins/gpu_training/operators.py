@@ -374,7 +374,9 @@ class FinalizeJobOperator(TrainingJobStepOperator):
             job_uuid = self.job_uuid(store, context)
         except JobNotFoundError as err:
             register = next((s for t, s in states.items() if t.endswith("register_job")), None)
-            if register in ("upstream_failed", "skipped"):  # an earlier stage did not complete
+            # An earlier pipeline stage failed (its own finalize fails the run). A register_job that
+            # was skipped means the run was marked failed before it started: fail, as for any job.
+            if register == "upstream_failed":
                 raise AirflowSkipException(f"not run: {err} (an upstream stage did not complete)") from err
             raise AirflowFailException(f"the job was never registered: {err}") from err
         failed = sorted(t for t, state in states.items() if state in ("failed", "upstream_failed"))
