@@ -77,8 +77,10 @@ run: migrate
 system-deps:
 	@bash .ci/system-deps
 
+# Two pytest processes at once (tests/run_shards.py): the suite mostly waits, so on 2 cores this
+# takes about as long as its longer half. `$(BIN)/python -m pytest` runs it in one process.
 test: system-deps install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python tests/run_shards.py $(PYTEST_ARGS)
 
 bench: migrate
 	$(BIN)/python bench/ingest.py

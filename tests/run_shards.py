@@ -1,0 +1,60 @@
+"""Run the suite as two pytest processes at once (``make test``), each with its own servers.
+
+Most of the suite waits (SSH round trips, a real Airflow deployment scheduling, trainers
+running), so two shards on a 2-core machine finish in about the time of the longer one. Every
+fixture starts its servers on free ports in private directories, so the shards share nothing but
+Docker's image cache. Each shard's output goes to ``$SHARD_LOG_DIR/<shard>.log`` (default
+``.pytest-shards/``) and its summary is printed when it ends; the exit code is the first non-zero
+one (pytest's 5, "no tests collected", counts as a failure).
+
+    python tests/run_shards.py [pytest args...]      # e.g. -q --durations=25
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# About equal halves on CI's 2 cores: the real deployment and the in-process fault matrix in one,
+# everything else (other end-to-end runs, servers, unit tests) in the other.
+SLOW_AND_SEPARATE = ["tests/e2e/cluster", "tests/test_fault_matrix.py"]
+SHARDS = {
+    "cluster-and-faults": SLOW_AND_SEPARATE,
+    "rest": ["tests", *[f"--ignore={p}" for p in SLOW_AND_SEPARATE]],
+}
+
+
+def main(argv: list[str]) -> int:
+    log_dir = Path(os.environ.get("SHARD_LOG_DIR") or REPO / ".pytest-shards")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    for name, paths in SHARDS.items():
+        log = log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv, *paths]
+        print(f"[{name}] {' '.join(cmd[1:])} > {log}", flush=True)
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
+    codes: dict[str, int] = {}
+    while len(codes) < len(procs):
+        for name, (proc, log) in procs.items():
+            if name in codes or proc.poll() is None:
+                continue
+            codes[name] = proc.returncode
+            lines = log.read_text(errors="replace").splitlines()
+            # The summary: from the failures if any, else pytest's "slowest" / "short test summary"
+            # section, else the tail.
+            marks = ("= FAILURES =", "= ERRORS =", "slowest", "short test summary")
+            start = next((i for mark in marks for i, line in enumerate(lines) if mark in line), max(0, len(lines) - 40))
+            print(f"\n[{name}] exit {proc.returncode} after {time.monotonic() - started:.0f} s:", flush=True)
+            print("\n".join(lines[start:][-400:]), flush=True)
+        time.sleep(1)
+    print(f"\nall shards done in {time.monotonic() - started:.0f} s: {codes}", flush=True)
+    return next((code for code in codes.values() if code != 0), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
