@@ -160,7 +160,9 @@ def test_max_cost_stops_a_training_job_and_tears_down(cluster: AirflowCluster, s
     job = store.job(str(store.job_uuid_for_run(DAG_ID, run_id)))
     assert job.status == "failed" and "max_cost_usd" in (job.failure_reason or ""), job.failure_reason
     assert job.cost_usd is not None and job.cost_usd >= conf["max_cost_usd"] * 0.9
-    assert job.cost_usd < conf["max_cost_usd"] + offer_price * 30 / 3600  # stopped soon after, not left running
+    # Stopped soon after, not left running (the trainer hangs for 600 s): teardown took up to ~30 s
+    # on CI's 2 cores running both test shards, hence the margin.
+    assert job.cost_usd < conf["max_cost_usd"] + offer_price * 90 / 3600
     cloud.fake.assert_all_terminated()
 
 
