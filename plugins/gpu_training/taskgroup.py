@@ -44,14 +44,7 @@ STEP_TASK_IDS = (
 #: Steps that hold an instance, in order: with a pool they take one slot each, later steps with a
 #: higher priority, so a job that holds an instance gets the slot it frees before a new job can
 #: launch. Teardown never waits for a slot.
-INSTANCE_STEPS = (
-    "provision",
-    "wait_until_ready",
-    "transfer_inputs",
-    "start_trainer",
-    "sense_progress",
-    "upload_outputs",
-)
+INSTANCE_STEPS = STEP_TASK_IDS[STEP_TASK_IDS.index("provision") : STEP_TASK_IDS.index("teardown")]
 
 
 def training_job_tasks(
