@@ -33,9 +33,11 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
@@ -146,7 +148,16 @@ class AirflowCluster:
         sql_alchemy_conn: str | None = None,
         startup_timeout: float = 240.0,
         users: dict[str, tuple[str, str]] | None = None,
+        executor: str = "LocalExecutor",
+        broker_url: str | None = None,
+        celery_workers: int = 2,
+        worker_concurrency: int = 8,
+        results_url: str | None = None,
     ) -> None:
+        if executor not in ("LocalExecutor", "CeleryExecutor"):
+            raise ValueError(f"executor {executor!r}: LocalExecutor or CeleryExecutor")
+        if executor == "CeleryExecutor" and (not broker_url or not sql_alchemy_conn or "sqlite" in sql_alchemy_conn):
+            raise ValueError("CeleryExecutor needs broker_url and a PostgreSQL sql_alchemy_conn (celery_deployment())")
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs = self.home / "logs"
@@ -156,7 +167,14 @@ class AirflowCluster:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{self.home / 'airflow.db'}"
-        self.results_url = f"sqlite:///{self.home / 'training_results.db'}"
+        # The results DB: the embedded default (SQLite in the home) unless a URL is given, which the
+        # tasks then get as the ``training_results`` connection.
+        self.results_url = results_url or f"sqlite:///{self.home / 'training_results.db'}"
+        self.executor = executor
+        self.broker_url = broker_url
+        self.worker_concurrency = worker_concurrency
+        self.workers = tuple(f"celery-worker-{i}" for i in range(1, celery_workers + 1)) if broker_url else ()
+        self.components = COMPONENTS + self.workers
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.startup_seconds: float | None = None
         self._migrated = False
@@ -179,7 +197,7 @@ class AirflowCluster:
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__EXECUTOR": self.executor,
                 "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
@@ -212,6 +230,20 @@ class AirflowCluster:
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
             }
         )
+        if self.results_url != f"sqlite:///{self.home / 'training_results.db'}":
+            env["AIRFLOW_CONN_TRAINING_RESULTS"] = json.dumps(
+                {"conn_type": "generic", "extra": {"sqlalchemy_url": self.results_url}}
+            )
+        if self.broker_url:
+            env.update(
+                {
+                    "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+                    # Task states go to the metadata DB (as Airflow's docker-compose does): one less
+                    # server to lose, and the scheduler reads them in bulk.
+                    "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.sql_alchemy_conn.replace("+asyncpg", ""),
+                    "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
+                }
+            )
         if self.users:
             passwords = self.home / "simple_auth_manager_passwords.json"
             passwords.write_text(json.dumps({name: pw for name, (_role, pw) in self.users.items()}))
@@ -255,11 +287,13 @@ class AirflowCluster:
         since = datetime.now(UTC)
         # The api-server first: workers and the triggerer need its execution API. The others start
         # right after it (not after it answers): on 2 cores their imports overlap usefully.
-        for name in COMPONENTS:
+        for name in self.components:
             self.start_component(name, wait=False)
         self._wait_api()
         self._login()
         self._wait_healthy(list(_HEALTH_KEYS), since)
+        for name in self.workers:
+            self._wait_worker(name, since)
         self.startup_seconds = time.monotonic() - t0
         _log(
             f"started in {self.startup_seconds:.1f} s (migrations {t_migrated - t0:.1f} s) at {self.base_url}, "
@@ -269,14 +303,19 @@ class AirflowCluster:
 
     def start_component(self, name: str, *, wait: bool = True) -> None:
         """Start one component (in a new process group); with ``wait``, until it is up."""
-        if name not in COMPONENTS:
-            raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}; one of {self.components}")
         old = self.procs.get(name)
         if old is not None and old.poll() is None:
             raise ClusterError(f"{name} is already running (pid {old.pid})")
         argv = [sys.executable, "-m", "airflow", name]
+        env = self.env
         if name == "api-server":
             argv += ["--port", str(self.port), "--host", "127.0.0.1"]
+        elif name in self.workers:
+            argv = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@%h"]
+            argv += ["--concurrency", str(self.worker_concurrency)]
+            env = self._worker_env(name)
         log = self.logs / f"{name}.log"
         since = datetime.now(UTC)
         with log.open("ab") as fh:
@@ -284,7 +323,7 @@ class AirflowCluster:
             fh.flush()
             self.procs[name] = subprocess.Popen(
                 argv,
-                env=self.env,
+                env=env,
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
@@ -294,8 +333,30 @@ class AirflowCluster:
         if wait:
             if name == "api-server":
                 self._wait_api()
+            elif name in self.workers:
+                self._wait_worker(name, since)
             else:
                 self._wait_healthy([name], since)
+
+    def _worker_env(self, name: str) -> dict[str, str]:
+        """A Celery worker's environment: its own log-server port (two on one host) and its name
+        as the hostname task instances record (``tests/cluster_hostname.py``)."""
+        env = dict(self.env)
+        env["PYTHONPATH"] = os.pathsep.join((env["PYTHONPATH"], str(REPO)))
+        env["AIRFLOW_CLUSTER_HOSTNAME"] = name
+        env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = "tests.cluster_hostname.hostname"
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+        return env
+
+    def _wait_worker(self, name: str, since: datetime) -> None:
+        """A Celery worker is up once it has connected to the broker and says ``ready``."""
+        marker = f"===== {since.isoformat()}"
+
+        def ready() -> bool:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+            return " ready." in text[text.rfind(marker) if marker in text else 0 :]
+
+        self.wait_until(f"{name} to connect to the broker", ready, self.startup_timeout, components=[name])
 
     def pid(self, name: str) -> int:
         proc = self.procs.get(name)
@@ -416,7 +477,7 @@ class AirflowCluster:
     # --- waiting ------------------------------------------------------------------------------
 
     def log_tails(self, *names: str, lines: int = 60) -> str:
-        names = names or COMPONENTS
+        names = names or self.components
         return "\n".join(
             f"----- {name}.log (last {lines} lines) -----\n{tail(self.logs / f'{name}.log', lines)}" for name in names
         )
@@ -426,7 +487,7 @@ class AirflowCluster:
 
     def check_alive(self, *names: str) -> None:
         """Raise :class:`ClusterError` (with its log tail) if a started component has exited."""
-        for name in names or COMPONENTS:
+        for name in names or self.components:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 raise self.fail(f"{name} exited with {proc.returncode}", name)
@@ -437,10 +498,11 @@ class AirflowCluster:
         predicate: Callable[[], Any],
         timeout: float,
         *,
-        components: Collection[str] = COMPONENTS,
+        components: Collection[str] | None = None,
         interval: float = 0.5,
     ) -> Any:
         """Poll ``predicate`` until it returns something truthy; raise with log tails on timeout."""
+        components = self.components if components is None else components
         deadline = time.monotonic() + timeout
         last_error: BaseException | None = None
         while True:
@@ -548,7 +610,7 @@ class AirflowCluster:
                     f"dag run {run_id} to finish",
                     lambda: (s := self.run_state(dag_id, run_id)) in FINISHED_RUN_STATES and s,
                     timeout,
-                    components=("scheduler", "triggerer"),
+                    components=("scheduler", "triggerer", *self.workers),
                     interval=1.0,
                 )
             )
@@ -629,22 +691,137 @@ class AirflowCluster:
         return ResultsStore(create_results_engine(self.results_url))
 
 
+class CeleryDeployment:
+    """The topology of ``docker-compose.yaml`` as native processes on 127.0.0.1 (``make cluster``).
+
+    PostgreSQL (Debian's; Airflow's metadata DB ``airflow`` and the results DB ``training_results``
+    as separate databases, as in the compose file), Redis as the Celery broker, moto's S3 server as
+    the ``aws_default`` connection, and an :class:`AirflowCluster` on the CeleryExecutor with
+    ``workers`` ``airflow celery worker`` processes beside the api-server, scheduler, dag-processor
+    and triggerer. ``cluster_kw`` go to :class:`AirflowCluster` (``extra_env`` is merged).
+
+        with CeleryDeployment(tmp_path) as deployment:
+            run_id = deployment.cluster.trigger("gpu_training", {...})
+    """
+
+    def __init__(self, root: Path, *, workers: int = 2, worker_concurrency: int = 8, **cluster_kw: Any) -> None:
+        self.root = Path(root).resolve()
+        self.workers = workers
+        self.worker_concurrency = worker_concurrency
+        self.cluster_kw = cluster_kw
+        self.postgres: Any = None
+        self.redis: Any = None
+        self.s3: Any = None
+        self.cluster: AirflowCluster | None = None
+        self._pg_root: Path | None = None
+
+    def __enter__(self) -> CeleryDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def airflow(self) -> AirflowCluster:
+        if self.cluster is None:
+            raise ClusterError("the deployment is not started")
+        return self.cluster
+
+    def start(self) -> float:
+        from tests.servers import pg_binary, start_moto, start_postgres, start_redis
+
+        t0 = time.monotonic()
+        # Under /tmp, not ``root``: the server runs as the postgres user, who cannot enter pytest's
+        # private temporary directories.
+        self._pg_root = Path(tempfile.mkdtemp(prefix="celery-deployment-postgres-"))
+        self.postgres = start_postgres(self._pg_root, max_connections=400)
+        createdb = [pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", self.postgres.user]
+        subprocess.run([*createdb, "training_results"], check=True, capture_output=True)
+        self.redis = start_redis(self.root / "redis")
+        self.s3 = start_moto()
+        extra_env = {"AIRFLOW_CONN_AWS_DEFAULT": self.s3.aws_connection(), **self.cluster_kw.pop("extra_env", {})}
+        self.cluster = AirflowCluster(
+            self.root / "airflow",
+            executor="CeleryExecutor",
+            sql_alchemy_conn=self.postgres.url(),
+            results_url=self.postgres.url().rsplit("/", 1)[0] + "/training_results",
+            broker_url=self.redis.url,
+            celery_workers=self.workers,
+            worker_concurrency=self.worker_concurrency,
+            extra_env=extra_env,
+            **self.cluster_kw,
+        )
+        self.cluster.start()
+        seconds = time.monotonic() - t0
+        _log(f"CeleryExecutor deployment with {self.workers} workers up in {seconds:.1f} s")
+        return seconds
+
+    def stop(self) -> None:
+        """The Airflow components first (they hold connections), then the servers."""
+        if self.cluster is not None:
+            self.cluster.stop()
+        for server in (self.s3, self.redis, self.postgres):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+        if self._pg_root is not None:
+            shutil.rmtree(self._pg_root, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        airflow = self.airflow
+        return {
+            "api": airflow.base_url,
+            "home": str(airflow.home),
+            "executor": airflow.executor,
+            "workers": list(airflow.workers),
+            "metadata_db": airflow.sql_alchemy_conn,
+            "results_db": airflow.results_url,
+            "broker": airflow.broker_url,
+            "s3": self.s3.endpoint,
+            "logs": str(airflow.logs),
+        }
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Start a local Airflow deployment and keep it up until Ctrl-C.")
     parser.add_argument("home", type=Path)
     parser.add_argument("--parallelism", type=int, default=32)
+    parser.add_argument(
+        "--celery",
+        action="store_true",
+        help="the docker-compose topology: CeleryExecutor, PostgreSQL, Redis, moto S3 (make cluster)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="Celery workers (with --celery)")
     args = parser.parse_args()
-    cluster = AirflowCluster(args.home, parallelism=args.parallelism)
+    deployment: CeleryDeployment | None = None
+    if args.celery:
+        deployment = CeleryDeployment(args.home, workers=args.workers, parallelism=args.parallelism)
+        stop: Callable[[], None] = deployment.stop
+    else:
+        cluster = AirflowCluster(args.home, parallelism=args.parallelism)
+        stop = cluster.stop
     try:
-        cluster.start()
+        if deployment is not None:
+            deployment.start()
+            cluster = deployment.airflow
+            info = deployment.describe()
+        else:
+            cluster.start()
+            info = {"api": cluster.base_url, "home": str(cluster.home)}
         cluster.wait_dag_parsed("gpu_training")
-        print(json.dumps({"api": cluster.base_url, "home": str(cluster.home)}), flush=True)
+        print(json.dumps(info, indent=2), flush=True)
+        print("up; Ctrl-C stops every process", flush=True)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
-        cluster.stop()
+        stop()
 
 
 if __name__ == "__main__":

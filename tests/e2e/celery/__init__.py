@@ -1,0 +1,1 @@
+"""End-to-end tests on the docker-compose topology as native processes (``CeleryDeployment``)."""
