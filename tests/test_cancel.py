@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from gpu_training import lifecycle, listener
-from gpu_training.errors import JobCancelledError, JobLimitError
+from gpu_training.errors import HostError, JobCancelledError, JobLimitError, TrainerFailedError
+from gpu_training.operators import NOT_RETRYABLE
 from gpu_training.providers.base import ComputeProvider
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.rigs import STARTERS, Rig
@@ -228,3 +229,60 @@ def test_the_trigger_judges_max_cost() -> None:
     assert judge(job, None, now=now, cost_deadline=now + timedelta(seconds=1), **limits) is None
     verdict = judge(job, None, now=now, cost_deadline=now, **limits)
     assert verdict is not None and verdict.kind == "max_cost" and "max_cost_usd (2 USD)" in verdict.reason
+
+
+class StopFailing:
+    """A trainer whose first ``failures`` stops fail as a stop over a dropped SSH connection does."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.stops = 0
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        self.stops += 1
+        if self.stops <= self.failures:
+            raise HostError("127.0.0.1: running 'bash' failed: [Errno 104] Connection reset by peer")
+
+
+@pytest.fixture
+def stop_failing(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], StopFailing]:
+    monkeypatch.setattr(lifecycle, "STOP_BACKOFF_SECONDS", 0.01)
+
+    def make(failures: int) -> StopFailing:
+        trainer = StopFailing(failures)
+        monkeypatch.setattr(lifecycle, "host_and_trainer", lambda store, job_uuid: (None, trainer))
+        return trainer
+
+    return make
+
+
+@pytest.mark.parametrize("failures", [0, lifecycle.STOP_ATTEMPTS - 1])
+def test_a_failed_stop_of_a_cancelled_trainer_is_tried_again(
+    stop_failing: Callable[[int], StopFailing], failures: int
+) -> None:
+    """Tried again right there: a retry of the task would refuse to start for a cancelled job."""
+    trainer = stop_failing(failures)
+    lifecycle.after_follow(None, "job", {"kind": "cancelled", "reason": "the job was cancelled by alice"})  # type: ignore[arg-type]
+    assert trainer.stops == failures + 1
+
+
+def test_a_trainer_that_cannot_be_stopped_fails_the_step_saying_why_it_ended_and_why(
+    stop_failing: Callable[[int], StopFailing],
+) -> None:
+    trainer = stop_failing(99)
+    result = {"kind": "stall", "reason": "stalled: no new bytes in global.json for 2 min"}
+    with pytest.raises(TrainerFailedError) as failed:  # not retried: teardown's termination stops it
+        lifecycle.after_follow(None, "job", result)  # type: ignore[arg-type]
+    assert trainer.stops == lifecycle.STOP_ATTEMPTS
+    assert str(failed.value).startswith("stalled: no new bytes in global.json for 2 min; the trainer could not")
+    assert "Connection reset by peer" in str(failed.value)
+    assert isinstance(failed.value, NOT_RETRYABLE)
+
+
+@pytest.mark.parametrize("kind", ["project_end", "trainer_exit", "not_started", "unreachable"])
+def test_nothing_is_stopped_after_a_trainer_that_ended_or_an_unreachable_host(
+    stop_failing: Callable[[int], StopFailing], kind: str
+) -> None:
+    trainer = stop_failing(0)
+    lifecycle.after_follow(None, "job", {"kind": kind, "reason": "..."})  # type: ignore[arg-type]
+    assert trainer.stops == 0

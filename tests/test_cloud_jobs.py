@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from gpu_training import lifecycle
 from gpu_training.errors import NoCapacityError
 from gpu_training.offers import NoOfferError
 from gpu_training.results.store import ResultsStore
+from tests.fakeclouds.boxes import box_processes
 from tests.fakeclouds.rigs import STARTERS, Rig, unreachable
 from tests.servers import free_port
 
@@ -149,6 +151,55 @@ def test_terminate_failing_first_is_retried_until_verified_gone(store: ResultsSt
     assert statuses(rig, 500) >= 1
     assert [s for s, _ in states(store, job)] == ["terminated"]
     rig.fake.assert_all_terminated()
+
+
+#: A trainer that runs until killed, and starts a process in a session of its own (out of reach of
+#: a stop by process group; a machine that is switched off kills it all the same).
+RUNS_ON = ["bash", "-c", "setsid sleep 600 & exec sleep 600"]
+
+
+def running_trainer(store: ResultsStore, rig: Rig, job: str) -> Path:
+    """Start ``RUNS_ON`` on the job's instance; returns its box once all three processes run."""
+    lifecycle.provision(store, job)
+    wait_ready(store, job)
+    lifecycle.start_trainer(store, job)
+    assert rig.fake.box_root is not None
+    box = rig.fake.box_root / store.instances_for_job(job)[0].name
+    deadline = time.monotonic() + 20
+    while len(box_processes(box)) < 3:  # the wrapper, the trainer, the one in its own session
+        assert time.monotonic() < deadline, box_processes(box)
+        time.sleep(0.05)
+    return box
+
+
+def test_terminating_an_instance_kills_what_runs_on_it(store: ResultsStore, rig: Rig) -> None:
+    """The fake instance is a directory on the shared sshd: its terminate kills every process of
+    that box, as a terminated machine's die, or a test's trainers would leak past it."""
+    job = new_job(store, rig, command=RUNS_ON)
+    box = running_trainer(store, rig, job)
+    other = new_job(store, rig, command=RUNS_ON)
+    other_box = running_trainer(store, rig, other)
+    assert lifecycle.teardown(store, job) == [box.name]
+    assert box_processes(box) == []
+    assert len(box_processes(other_box)) == 3  # another instance's box is not touched
+    lifecycle.teardown(store, other)
+    assert box_processes(other_box) == []
+    rig.fake.assert_all_terminated()
+
+
+def test_stopping_the_rig_kills_what_runs_on_its_instances(
+    store: ResultsStore, sshd_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rig stopped with an instance still running (a test that failed before its teardown)
+    leaves nothing running either."""
+    rig = STARTERS["lambda"](sshd_server, tmp_path / "boxes")
+    try:
+        for key, value in rig.env.items():
+            monkeypatch.setenv(key, value)
+        box = running_trainer(store, rig, new_job(store, rig, command=RUNS_ON))
+    finally:
+        rig.stop()
+    assert box_processes(box) == []
 
 
 @pytest.mark.parametrize("fault", ["unhealthy", "vanish"])

@@ -42,7 +42,10 @@ file a quarter through (dataset in, model out): the retry resumes / fetches agai
 ``oom`` / ``stall``: the trainer exits 3, is SIGKILLed (137), or stops writing (the trainer is
 stopped). ``json!`` malformed lines in ``global.json`` (recorded, skipped). ``json?`` the trainer
 exits 0 without writing ``global.json``. ``cancel`` ``store.request_cancel`` while the stage runs;
-once training reached PROJECT end the job is completed and a cancel is refused (uploading).
+once training reached PROJECT end the job is completed and a cancel is refused (uploading). One
+more training cell, ``cancel stop refused``: the cancel's first stop of the trainer finds SSH
+down, and the stop is tried again (where the trainer must be stopped, the cells check it is by the
+time ``sense_progress`` ended, on the cell's own box).
 
 Why the N/A cells are N/A: ``queued`` makes no cloud or SSH call (``register_job``/``build_config``
 only validate and render), so only a cancel means something there; a half-created instance and a
@@ -64,7 +67,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import tempfile
 import threading
 import time
@@ -79,11 +81,13 @@ from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from sqlalchemy import func, select
 
 from gpu_training import follow, lifecycle
+from gpu_training.hosts.ssh import SshHost
 from gpu_training.providers.registry import CLOUD_CONNECTIONS
 from gpu_training.results.models import Artifact, EpochTrain, IngestError
 from gpu_training.results.store import ResultsStore
 from gpu_training.taskgroup import STEP_TASK_IDS
 from tests.fakeclouds.base import Reply
+from tests.fakeclouds.boxes import box_processes, kill_box
 from tests.fakeclouds.rigs import STARTERS, Rig
 from tests.tcp_proxy import TcpProxy
 
@@ -270,12 +274,13 @@ class Cloud:
 class World:
     """One cell: the cloud, the store, the SSH proxy (Lambda), the job's params and fault hooks."""
 
-    def __init__(self, cloud: Cloud, store: ResultsStore, tmp: Path) -> None:
+    def __init__(self, cloud: Cloud, store: ResultsStore, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.rig = cloud.rig
         self.root = cloud.root
         self.proxy = cloud.proxy
         self.store = store
         self.tmp = tmp
+        self.monkeypatch = monkeypatch  # undone after the cell
         self.run_id = f"manual__faults_{uuid.uuid4().hex[:12]}"
         self.hooks: list[Hook] = []
         self.threads: list[threading.Thread] = []
@@ -463,9 +468,22 @@ def never_launched(w: World, run: Run) -> None:
     assert w.rig.fake.launched() == [], "nothing may be launched"
 
 
-def trainer_stopped(w: World, run: Run) -> None:
-    for pid in trainer_pids(w):
-        assert not alive(pid), f"the trainer (pid {pid}) was left running"
+def trainer_stopped(w: World) -> Callable[[World, Run], None]:
+    """The job itself stopped the trainer: none of its processes runs once ``sense_progress`` is
+    over. Looked at when ``upload_outputs`` starts, as teardown's termination kills them anyway."""
+    left: list[str] = []
+
+    def look(n: int) -> None:
+        if n == 1:
+            w.wait_for(lambda: not trainer_processes(w), timeout=5)  # a SIGKILL takes a moment
+            left.extend(trainer_processes(w))
+
+    w.before("upload_outputs", look)
+
+    def check(w: World, run: Run) -> None:
+        assert not left, f"the trainer was left running after sense_progress: {left}"
+
+    return check
 
 
 # provider 500 and 429: the cloud's API is down for the calls of one stage.
@@ -725,7 +743,7 @@ def training_oom(w: World) -> Expect:
 def training_stall(w: World) -> Expect:
     w.params["command"] = trainer("stall", 1)
     w.params["stall_timeout_minutes"] = 0.03
-    return Expect("failed", ("sense_progress:", "stalled: no new bytes in global.json"), trainer_stopped)
+    return Expect("failed", ("sense_progress:", "stalled: no new bytes in global.json"), trainer_stopped(w))
 
 
 @cell("training", "malformed global.json")
@@ -825,7 +843,37 @@ def training_cancel(w: World) -> Expect:
         w.cancel()
 
     w.while_running("sense_progress", cancel_after_an_epoch)
-    return Expect("cancelled", ("sense_progress:", "cancelled"), trainer_stopped, ("cancelled by alice",))
+    return Expect("cancelled", ("sense_progress:", "cancelled"), trainer_stopped(w), ("cancelled by alice",))
+
+
+@cell("training", "cancel stop refused")
+def training_cancel_stop_refused(w: World) -> Expect:
+    """The cancel's first stop finds SSH reset and refused: the stop is tried again, not dropped (a
+    retry of the task would refuse to start for a cancelled job, leaving the trainer running)."""
+    assert w.proxy is not None
+    proxy = w.proxy
+    expect = training_cancel(w)
+    real_stop = SshHost.stop_trainer
+    tries: list[int] = []
+
+    def stop_with_ssh_down(host: SshHost, grace_seconds: float = 10.0) -> None:
+        tries.append(1)
+        if len(tries) > 1:
+            return real_stop(host, grace_seconds)
+        proxy.cut(refuse=True)
+        try:
+            return real_stop(host, grace_seconds)
+        finally:
+            proxy.restore()
+
+    w.monkeypatch.setattr(SshHost, "stop_trainer", stop_with_ssh_down)
+
+    def stopped_on_the_second_try(w: World, run: Run) -> None:
+        assert expect.check is not None
+        expect.check(w, run)
+        assert len(tries) == 2, f"the trainer's stop was tried {len(tries)} times, not twice"
+
+    return dataclasses.replace(expect, check=all_of(stopped_on_the_second_try, tried("sense_progress", 1)))
 
 
 @cell("uploading", "cancel")
@@ -843,20 +891,26 @@ def uploading_cancel(w: World) -> Expect:
 # --- running the cells -----------------------------------------------------------------------------
 
 
-def trainer_pids(w: World) -> list[int]:
-    pids = []
-    for pidfile in w.root.glob("*/run/trainer.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pids.append(int(pidfile.read_text().strip()))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+def trainer_processes(w: World) -> list[str]:
+    """The trainer and its process group (the wrapper, what the trainer started) still running on
+    this cell's own boxes. Only its own: every cell's boxes share the cloud's work root. And only
+    processes that still run for the box: a dead trainer's pid in ``run/trainer.pid`` is soon
+    another process's (pid_max 32768 wraps every few cells on a busy machine), which is how a
+    stale pid once failed the stall and cancel cells."""
+    left = []
+    for inst in w.rig.fake.launched():
+        box = w.root / inst.name
+        ids = set()
+        for name in ("trainer.pid", "pgid"):
+            with contextlib.suppress(ValueError, OSError):
+                ids.add(int((box / "run" / name).read_text().strip()))
+        for pid in box_processes(box):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                pgid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+                if pid in ids or pgid in ids:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    left.append(f"{inst.name}: pid {pid} {cmdline.strip()}")
+    return left
 
 
 @pytest.fixture(scope="module")
@@ -896,13 +950,12 @@ def dag_tasks() -> dict[str, Any]:
     return load_dag_tasks()
 
 
-def kill_trainers(root: Path) -> None:
-    """Stop what the cell's trainers left running on the test sshd (by their process group)."""
-    for pgid_file in root.glob("*/run/pgid"):
-        with contextlib.suppress(ValueError, OSError):
-            pgid = int(pgid_file.read_text().strip())
-            if pgid > 1:
-                os.killpg(pgid, signal.SIGKILL)
+def kill_boxes(w: World) -> None:
+    """Kill what still runs on the cell's own boxes (teardown's terminate did, unless it failed).
+    Never by the pgids written in boxes: those of earlier cells are other processes' by now."""
+    for inst in w.rig.fake.launched():
+        if inst.name:
+            kill_box(w.root / inst.name)
 
 
 def check_cell(w: World, run: Run, expect: Expect, context: str) -> None:
@@ -958,10 +1011,11 @@ def test_fault_cell(
     monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", lambda self: store)
     monkeypatch.setattr(follow, "results_store", lambda conn_id: store)
     monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(lifecycle, "STOP_BACKOFF_SECONDS", 0.05)
     monkeypatch.setattr(lifecycle, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
-    w = World(cloud, store, tmp_path)
+    w = World(cloud, store, tmp_path, monkeypatch)
     real_dispatch = rig.fake._dispatch
 
     def dispatch(method: str, raw_path: str, headers: Any, raw: bytes) -> Reply:
@@ -1000,4 +1054,4 @@ def test_fault_cell(
             reason = store.job(run.job_uuid).failure_reason or ""
             assert part in reason, f"{part!r} not in {reason!r}; {context}"
     finally:
-        kill_trainers(cloud.root)
+        kill_boxes(w)

@@ -656,13 +656,42 @@ def restart_trainer(store: ResultsStore, job_uuid: str) -> dict[str, Any] | None
 
 #: Ends after which the trainer may still be running and must be stopped.
 _STOP_AFTER = frozenset({"stall", "max_runtime", "max_cost", "non_finite_loss", "cancelled"})
+#: How often :func:`after_follow` tries to stop the trainer, and the wait before the n-th retry
+#: (n times this).
+STOP_ATTEMPTS = 3
+STOP_BACKOFF_SECONDS = 2.0
 
 
 def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> None:
-    """Act on how following ended: stop a trainer that must not keep the GPU busy."""
-    if result.get("kind") in _STOP_AFTER:
-        _, trainer = host_and_trainer(store, job_uuid)
-        trainer.stop()
+    """Act on how following ended: stop a trainer that must not keep the GPU busy.
+
+    A failed stop (SSH refused or timing out, the cloud's API down) is tried again here, not by a
+    retry of the task: that retry would not stop anything for a cancelled job (every step refuses
+    to start once a job is cancelled) and would re-follow a stalled one first. A trainer that still
+    could not be stopped fails the step for good (``TrainerFailedError``), with why following ended
+    and why the stop failed; teardown, which runs whatever failed, then terminates the instance
+    (the SSH provider: stops the trainer and removes the work directory), retried until verified.
+    """
+    if result.get("kind") not in _STOP_AFTER:
+        return
+    import time
+
+    for attempt in range(1, STOP_ATTEMPTS + 1):
+        try:
+            _, trainer = host_and_trainer(store, job_uuid)
+            trainer.stop()
+            return
+        except InstanceNotFoundError:
+            return  # the instance is gone, and its trainer with it
+        except Exception as err:
+            if attempt >= STOP_ATTEMPTS:
+                reason = result.get("reason") or result.get("kind")
+                raise TrainerFailedError(
+                    f"{reason}; the trainer could not be stopped ({type(err).__name__}: {err}) after "
+                    f"{STOP_ATTEMPTS} tries: terminating the instance stops it"
+                ) from err
+            log.warning("job %s: stopping the trainer failed (%s: %s); trying again", job_uuid, type(err).__name__, err)
+            time.sleep(STOP_BACKOFF_SECONDS * attempt)
 
 
 def upload(store: ResultsStore, job_uuid: str) -> int:

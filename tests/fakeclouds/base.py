@@ -17,8 +17,11 @@ import threading
 import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakeclouds.boxes import kill_box
 
 
 @dataclasses.dataclass
@@ -96,6 +99,9 @@ class FakeCloud:
         self.calls: list[tuple[str, str, int]] = []  # (method, path, status)
         self.lock = threading.RLock()
         self._seq = 0
+        #: Where the instances' boxes are (``<box_root>/<instance name>`` on the test sshd), set by
+        #: the rigs; terminating an instance kills what runs in its box (:meth:`power_off`).
+        self.box_root: Path | None = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -172,8 +178,14 @@ class FakeCloud:
         raise ValueError(f"{self.name} has no spot or interruptible instances: nothing interrupts {instance_id}")
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        try:
+            # Its machines go with the cloud: nothing started on a box outlives the rig (a test that
+            # failed before its teardown would leave its trainer running on the shared sshd).
+            if self.box_root is not None:
+                kill_box(self.box_root)
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
 
     # --- for subclasses --------------------------------------------------------------------------
 
@@ -181,6 +193,14 @@ class FakeCloud:
         with self.lock:
             self._seq += 1
             return f"{prefix}{secrets.token_hex(6)}{self._seq:04d}"
+
+    def power_off(self, inst: FakeInstance) -> None:
+        """Kill every process of the instance's box, as terminating a real machine does (the fakes
+        call it when they accept a terminate). The box is only a directory on the shared sshd, so
+        without this the trainer of a terminated instance would run on (and leak past the test)."""
+        name = inst.name
+        if self.box_root is not None and name and "/" not in name and name not in (".", ".."):
+            kill_box(self.box_root / name)
 
     def visible(self, inst: FakeInstance) -> bool:
         """Whether the cloud still shows the instance (terminated ones linger, vanished ones do not)."""

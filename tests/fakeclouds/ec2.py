@@ -344,6 +344,7 @@ class Ec2FaultProxy(FakeCloud):
                 inst = self.instances.get(instance_id)
                 if inst is not None and inst.terminate_requested_at is None:
                     inst.terminate_requested_at = time.time()
+                    self.power_off(inst)
                     inst.extra["moto_terminated"] = True
                     inst.extra.pop("state_reason", None)  # a stopped spot instance terminated by us: our reason
                     if "spot_request" in inst.extra:

@@ -295,6 +295,7 @@ class FakeLambda(FakeCloud):
         now = time.time()
         for inst in targets:
             inst.terminate_requested_at = now
+            self.power_off(inst)
         return Reply(200, {"data": {"terminated_instances": [self._render(i) for i in targets]}})
 
     # --- rendering -------------------------------------------------------------------------------

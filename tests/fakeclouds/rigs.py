@@ -4,6 +4,10 @@ test sshd, so an instance it "launches" is a real box the job's transfer and tra
 Lambda and EC2 report no SSH port (it is 22 there), and moto's public IPs lead nowhere, so their
 SSH connection carries the test sshd's host and port (the documented override for forwards);
 RunPod and Vast.ai report the address and port themselves, so theirs carries only the key.
+
+Each fake knows where its boxes are (``fake.box_root``): terminating an instance kills the
+processes of its box, and stopping the rig those of every box, as switching machines off would
+(``tests/fakeclouds/boxes.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def start_lambda(sshd: Any, work_root: Path) -> Rig:
     from tests.fakeclouds.lambda_cloud import FakeLambda
 
     fake = FakeLambda(ssh_host="127.0.0.1", ssh_port=sshd.port)
+    fake.box_root = work_root
     env = ssh_connections(sshd, work_root)
     env["AIRFLOW_CONN_LAMBDA_DEFAULT"] = fake.connection(
         ssh_key_name="test-key", ssh_conn_id="gpu_instance_fwd", **FAST_RETRIES
@@ -66,6 +71,7 @@ def start_vast(sshd: Any, work_root: Path) -> Rig:
     from tests.fakeclouds.vast import FakeVast
 
     fake = FakeVast(ssh_host="127.0.0.1", ssh_port=sshd.port)
+    fake.box_root = work_root
     env = ssh_connections(sshd, work_root)
     env["AIRFLOW_CONN_VAST_DEFAULT"] = fake.connection(ssh_conn_id="gpu_instance_ssh", **FAST_RETRIES)
     return Rig("vast", fake, env, "gpu_instance_ssh", "A100", fake.stop)
@@ -78,6 +84,7 @@ def start_runpod(sshd: Any, work_root: Path) -> Rig:
     from tests.fakeclouds.runpod import FakeRunPod
 
     fake = FakeRunPod(ssh_host="127.0.0.1", ssh_port=sshd.port)
+    fake.box_root = work_root
     env = ssh_connections(sshd, work_root)
     env["AIRFLOW_CONN_RUNPOD_DEFAULT"] = fake.connection(ssh_conn_id="gpu_instance_ssh", **FAST_RETRIES)
     return Rig("runpod", fake, env, "gpu_instance_ssh", "A100", fake.stop)
@@ -92,6 +99,7 @@ def start_ec2(sshd: Any, work_root: Path) -> Rig:
     from tests.fakeclouds.ec2 import Ec2FaultProxy
 
     fake = Ec2FaultProxy()  # starts its own moto server
+    fake.box_root = work_root
     images = fake.moto(fake.region).describe_images(
         Owners=["amazon"], Filters=[{"Name": "name", "Values": ["*ubuntu*"]}]
     )["Images"]

@@ -432,6 +432,7 @@ class FakeRunPod(FakeCloud):
             return not_found()
         # A 204 means the pod is gone (billing stops); GET still shows it TERMINATED for a while.
         inst.terminate_requested_at = inst.terminated_at = time.time()
+        self.power_off(inst)
         return Reply(204)
 
     def _listed(self, inst: FakeInstance) -> bool:

@@ -394,6 +394,7 @@ class FakeVast(FakeCloud):
             return no_such_instance(instance_id)
         if inst.terminate_requested_at is None:
             inst.terminate_requested_at = time.time()
+            self.power_off(inst)
             ask_id = inst.extra["ask"]["id"]
             for ask in self.asks:
                 if ask["id"] == ask_id and "outbid" not in inst.extra:  # else the one who outbid us has it
