@@ -3,6 +3,9 @@
 #   make test            the whole test suite
 #   make run CONF='{}'   one job with these params, exactly as the demo runs it
 #   make ui              build the Training jobs page (include/ui -> plugins/gpu_training/ui_dist)
+#   make up              the production deployment (docker-compose.yaml, CeleryExecutor); secrets in .env
+#   make down [V=1]      stop it (V=1: delete its volumes too: databases, MinIO, logs)
+#   make cluster         the same topology as native processes on 127.0.0.1 (no images needed), until Ctrl-C
 SHELL := /bin/bash
 PYTHON ?= python3.11
 ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
@@ -23,10 +26,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install system-deps migrate demo run test lint bench bench-concurrency bench-soak clean status-db ui ui-if-node
+.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-soak clean status-db ui ui-if-node up down
 
 help:
-	@sed -n '2,5p' Makefile
+	@sed -n '2,8p' Makefile
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -74,11 +77,22 @@ demo: migrate
 run: migrate
 	$(BIN)/python -m gpu_training.cli run --conf '$(CONF)'
 
+# docker-compose's topology as native processes on 127.0.0.1 (README "make cluster"): Debian's
+# PostgreSQL and Redis, moto's S3 server, api-server, scheduler, dag-processor, triggerer and
+# WORKERS `airflow celery worker` processes, until Ctrl-C. State and logs in CLUSTER_HOME.
+CLUSTER_HOME ?= $(CURDIR)/.cluster
+WORKERS ?= 2
+cluster: install
+	@bash .ci/system-deps
+	rm -rf $(CLUSTER_HOME)
+	$(BIN)/python tests/airflow_cluster.py --celery --workers $(WORKERS) $(CLUSTER_HOME)
+
 system-deps:
 	@bash .ci/system-deps
 
 # Two pytest processes at once (tests/run_shards.py): the suite mostly waits, so on 2 cores this
 # takes about as long as its longer half. `$(BIN)/python -m pytest` runs it in one process.
+# RESULTS_DB=sqlite|postgresql|both (default both; `make test RESULTS_DB=postgresql`) picks the results DB.
 test: system-deps install
 	$(BIN)/python tests/run_shards.py $(PYTEST_ARGS)
 
@@ -115,3 +129,24 @@ lint: install
 
 clean:
 	rm -rf $(AIRFLOW_HOME) $(UI_DIST) $(UI_DIR)/node_modules
+
+# The production deployment (docker-compose.yaml: CeleryExecutor, PostgreSQL, Redis, MinIO, the image
+# of include/deploy/Dockerfile). Its secrets live in .env (git-ignored), written once with random
+# values and never overwritten: hex (URL-safe, they go into database URLs) and a Fernet key, from the
+# standard library only (no venv needed). `docker compose` v2, else `docker-compose` 1.29.
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_SECRETS := POSTGRES_PASSWORD MINIO_ROOT_PASSWORD AIRFLOW_JWT_SECRET AIRFLOW_API_SECRET_KEY AIRFLOW_ADMIN_PASSWORD
+
+.env:
+	@umask 077 && $(PYTHON) -c 'import base64, secrets, sys; \
+	  print("# Secrets of docker-compose.yaml, written by make up: keep private, never commit."); \
+	  [print(f"{name}={secrets.token_hex(32)}") for name in sys.argv[1:]]; \
+	  print("AIRFLOW_FERNET_KEY=" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())' \
+	  $(COMPOSE_SECRETS) > $@.tmp && mv $@.tmp $@
+	@echo "wrote $@ with random secrets; the UI's login is admin / AIRFLOW_ADMIN_PASSWORD from $@"
+
+up: .env
+	$(COMPOSE) up -d --build
+
+down:
+	$(COMPOSE) down $(if $(V),--volumes)

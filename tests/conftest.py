@@ -1,4 +1,11 @@
-"""Shared fixtures: a migrated results DB per test and helpers to write global.json events."""
+"""Shared fixtures: a migrated results DB per test and helpers to write global.json events.
+
+The results DB of the store-level tests (``results_engine``, ``store``, ``job_uuid``) is SQLite or
+PostgreSQL, chosen by ``RESULTS_DB``: ``sqlite``, ``postgresql`` or ``both`` (the default: each
+such test runs once per backend, ids ``[sqlite]`` and ``[postgresql]``). PostgreSQL is one server
+per session, the schema migrated once into a template database that every test gets a copy of.
+Tests that run a whole Airflow use one backend (``results_url``; SQLite unless ``RESULTS_DB=postgresql``).
+"""
 
 from __future__ import annotations
 
@@ -23,17 +30,55 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from gpu_training.hooks.results import create_results_engine
-from gpu_training.results.migrate import upgrade
 from gpu_training.results.store import ResultsStore
+from tests.servers import (
+    PostgresResults,
+    ResultsDatabases,
+    chosen_results_backends,
+    single_results_backend,
+)
+
+RESULTS_BACKENDS = chosen_results_backends()  # raises on a bad RESULTS_DB, before any test runs
+
+
+@pytest.fixture(scope="session")
+def postgres_results() -> Iterator[PostgresResults]:
+    """The session's PostgreSQL server of results databases (started on first use). Its directory is
+    not under pytest's tmp dirs: those are private to root, and the server runs as ``postgres``."""
+    root = Path(tempfile.mkdtemp(prefix="results-postgres-"))
+    try:
+        server = PostgresResults.start(root)
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def results_engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_results_engine(f"sqlite:///{tmp_path / 'results.db'}")
-    upgrade(engine)
-    yield engine
-    engine.dispose()
+def results_databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResultsDatabases]:
+    """New results databases for this test, on either backend, dropped after it."""
+    databases = ResultsDatabases(tmp_path, lambda: request.getfixturevalue("postgres_results"))
+    yield databases
+    databases.close()
+
+
+@pytest.fixture(params=RESULTS_BACKENDS)
+def results_backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgresql``: a test using it runs on each backend of ``RESULTS_DB``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def results_engine(results_backend: str, results_databases: ResultsDatabases) -> Engine:
+    """A migrated results DB of its own, on each backend of ``RESULTS_DB``."""
+    return results_databases.engine(results_backend)
+
+
+@pytest.fixture
+def results_url(results_databases: ResultsDatabases) -> str:
+    """A migrated results DB for a test that runs Airflow itself: one backend, SQLite unless
+    ``RESULTS_DB=postgresql``."""
+    return results_databases.url(single_results_backend())
 
 
 @pytest.fixture

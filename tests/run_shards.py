@@ -22,11 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 # About equal halves on CI's 2 cores (measured: 11.6 + 4.6 and 15.8 min of the 28 min in one
 # process): the real deployment, the in-process fault matrix and the per-cloud DAG runs in one,
 # everything else (other end-to-end runs, servers, unit tests) in the other.
-SLOW_AND_SEPARATE = ["tests/e2e/cluster", "tests/e2e/test_cloud_dags.py", "tests/test_fault_matrix.py"]
+SLOW_AND_SEPARATE = [
+    "tests/e2e/cluster",
+    "tests/e2e/celery",
+    "tests/e2e/test_cloud_dags.py",
+    "tests/test_fault_matrix.py",
+]
 SHARDS = {
     "cluster-clouds-faults": SLOW_AND_SEPARATE,
     "rest": ["tests", *[f"--ignore={p}" for p in SLOW_AND_SEPARATE]],
 }
+# The results DB of each shard (``RESULTS_DB``, tests/conftest.py) unless the caller chose one: the
+# rest runs every store-level test on SQLite and on PostgreSQL and its end-to-end runs on SQLite;
+# the deployments, the cloud DAG runs and the fault matrix run on PostgreSQL (production's backend,
+# and the Celery deployment's anyway), once: on both they would add ~5 min to the longer shard.
+SHARD_RESULTS_DB = {"cluster-clouds-faults": "postgresql", "rest": "both"}
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +48,14 @@ def main(argv: list[str]) -> int:
         log = log_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv, *paths]
         print(f"[{name}] {' '.join(cmd[1:])} > {log}", flush=True)
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
+        env = dict(os.environ)
+        if env.get("RESULTS_DB", "both") == "both":
+            env["RESULTS_DB"] = SHARD_RESULTS_DB[name]
+        print(f"[{name}] RESULTS_DB={env['RESULTS_DB']}", flush=True)
+        procs[name] = (
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT),
+            log,
+        )
     codes: dict[str, int] = {}
     while len(codes) < len(procs):
         for name, (proc, log) in procs.items():

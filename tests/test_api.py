@@ -1,4 +1,4 @@
-"""The results REST API (``gpu_training.api``) over a real migrated SQLite results DB.
+"""The results REST API (``gpu_training.api``) over a real migrated results DB (SQLite and PostgreSQL).
 
 The app is mounted under ``/training`` as the api-server mounts it, its rows stored by the real
 ingestion path (``global.json`` lines through ``ResultsStore.ingest``). Authorization is the real

@@ -5,7 +5,7 @@ invalid parameters, other HTTP methods) and checks every answer: no 5xx, a docum
 content type and headers, a body valid against the documented schema, invalid input rejected (4xx),
 valid input not rejected, 401 without credentials.
 
-The app runs in-process (ASGI) over a real migrated SQLite results DB holding the jobs of
+The app runs in-process (ASGI) over a real migrated results DB (SQLite and PostgreSQL) holding the jobs of
 ``tests.test_api.World`` (two iterations of epochs and evaluations, a file artifact and one that is
 gone, an instance; jobs in two DAGs) and its promotion decisions (``World.decide_models``: a model
 of each DAG). Generated job uuids, iteration numbers, artifact ids, model ids and model names are

@@ -44,6 +44,9 @@ def test_event_fields_are_normalised() -> None:
         (b'{"ts": "yesterday", "phase": "PROJECT", "event": "start"}', "Invalid isoformat"),
         (b'{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "e", "data": [1]}', "'data' must be an object"),
         (b'{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "e", "epoch": true}', "epoch must be an integer"),
+        # Before datetime.min once in UTC: an error of this line, not a crash of the whole chunk.
+        (b'{"ts": "0001-01-01T00:00:00+05:30", "phase": "P", "event": "e"}', "out of range"),
+        (b'{"ts": "0001-01-01T00:00:00", "phase": "P", "event": "e"}', "out of range"),
     ],
 )
 def test_malformed_lines_say_what_is_wrong(line: bytes, message: str) -> None:
@@ -177,3 +180,13 @@ def test_gc_paused_restores_the_collector_across_overlapping_threads() -> None:
         assert not gc.isenabled()  # someone else's choice is kept
     finally:
         gc.enable()
+
+
+def test_a_timestamp_out_of_range_is_one_malformed_line_of_its_chunk() -> None:
+    chunk = (
+        b'{"ts": "0001-01-01T00:00:00+05:30", "phase": "P", "event": "e"}\n'
+        b'{"ts": "2026-11-22T15:04:05Z", "phase": "PROJECT", "event": "end"}\n'
+    )
+    events, errors, consumed = parse_chunk(chunk, 0, final=True)
+    assert [e.event for e in events] == ["end"] and consumed == len(chunk)
+    assert [(e.offset, "out of range" in e.reason) for e in errors] == [(0, True)]

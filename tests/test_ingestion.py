@@ -1,6 +1,7 @@
 """Ingestion rules of global.json: each rule of the contract has its own test.
 
-Real files in a real work directory (``LocalHost``), a real migrated SQLite results DB.
+Real files in a real work directory (``LocalHost``), a real migrated results DB (SQLite and
+PostgreSQL: ``RESULTS_DB``, see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,47 @@ def test_malformed_line_is_recorded_with_its_offset_and_skipped(
     assert "not valid JSON" in error.error
     assert "oops" in (error.line_excerpt or "")
     assert count(store, EpochTrain) == 1
+
+
+def test_nul_characters_are_stored_as_replacement_characters(
+    store: ResultsStore, host: LocalHost, job_uuid: str
+) -> None:
+    """U+0000 (``\\u0000`` in JSON, or raw NUL bytes as a crash can leave in a file) is stored as
+    U+FFFD: PostgreSQL's ``text`` and ``jsonb`` cannot hold it, and the batch failed there."""
+    epoch = event_line(
+        "TRAINING", "epoch_complete", iteration=1, epoch=1, data={"avg_loss": 0.5, "model_path": "m\u0000.npz"}
+    )
+    custom = event_line("CUSTOM\u0000", "note", data={"msg": "a\u0000b", "k\u0000": ["\u0000"]})
+    zeros = b"\x00" * 8 + b"\n"
+    append(host, epoch + custom + zeros)
+    assert ingest(store, host, job_uuid) == (2, 1, len(epoch + custom + zeros))
+    with store.session() as s:
+        stored = s.scalars(select(EpochTrain)).one()
+        kept = s.scalars(select(JobEvent)).one()
+        error = s.scalars(select(IngestError)).one()
+    assert stored.model_path == "m\ufffd.npz"
+    assert (kept.phase, kept.data) == ("CUSTOM\ufffd", {"msg": "a\ufffdb", "k\ufffd": ["\ufffd"]})
+    assert error.byte_offset == len(epoch + custom) and error.line_excerpt == "\ufffd" * 8
+
+
+@pytest.mark.parametrize("field", ["iteration", "epoch"])
+def test_iteration_or_epoch_beyond_32_bits_is_a_malformed_line(
+    store: ResultsStore, host: LocalHost, job_uuid: str, field: str
+) -> None:
+    """The columns are 32-bit on PostgreSQL (64 on SQLite): a larger number is refused the same on
+    both, as an ingestion error, instead of failing the batch (PostgreSQL: integer out of range)."""
+    numbers = {"iteration": 1, "epoch": 1}
+    lines = [
+        event_line("TRAINING", "epoch_complete", **{**numbers, field: value}, data={"avg_loss": 0.5})
+        for value in (2**31 - 1, 2**31, -(2**31) - 1, 2**63)
+    ]
+    append(host, b"".join(lines))
+    assert ingest(store, host, job_uuid)[:2] == (1, 3)
+    with store.session() as s:
+        assert getattr(s.scalars(select(EpochTrain)).one(), field) == 2**31 - 1
+        errors = s.scalars(select(IngestError).order_by(IngestError.byte_offset)).all()
+    assert [e.byte_offset for e in errors] == [len(lines[0]), len(lines[0] + lines[1]), len(b"".join(lines[:3]))]
+    assert all(f"{field} must be an integer from -2147483648 to 2147483647" in e.error for e in errors)
 
 
 def test_duplicated_event_makes_no_second_row(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:

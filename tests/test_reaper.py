@@ -17,17 +17,16 @@ from typing import Any
 
 import pytest
 
-from gpu_training.hooks.results import create_results_engine
 from gpu_training.providers.base import NAME_PREFIX, ComputeProvider, GpuRequest, InstanceInfo
 from gpu_training.providers.lambda_cloud import LambdaProvider
 from gpu_training.providers.vast import VastProvider
 from gpu_training.reaper import ReapReport, first_seen_from_json, first_seen_to_json, reap
-from gpu_training.results.migrate import upgrade
 from gpu_training.results.models import Instance, utcnow
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.base import FakeCloud
 from tests.fakeclouds.lambda_cloud import FakeLambda
 from tests.fakeclouds.vast import FakeVast
+from tests.servers import ResultsDatabases, results_connection
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"retry_initial_seconds": 0.05, "retry_max_wait_seconds": 1, "retry_attempts": 2}
@@ -330,7 +329,11 @@ def test_a_cloud_that_is_down_does_not_stop_the_others(
 
 
 def test_the_reaper_dag_reaps_a_deleted_runs_instance_and_fails_on_a_cloud_error(
-    tmp_path: Path, lambda_server: FakeLambda, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    lambda_server: FakeLambda,
+    monkeypatch: pytest.MonkeyPatch,
+    results_url: str,
+    results_databases: ResultsDatabases,
 ) -> None:
     """``airflow dags test``: the dag run lookup through the Task SDK finds the job's run deleted
     (it never existed), the instance is terminated, another's box is left, Vast being down fails
@@ -353,14 +356,13 @@ def test_the_reaper_dag_reaps_a_deleted_runs_instance_and_fails_on_a_cloud_error
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "PYTHONPATH": str(REPO / "plugins"),
             "AIRFLOW_CONN_VAST_DEFAULT": DOWN,
-            "AIRFLOW_CONN_TRAINING_RESULTS": json.dumps({"conn_type": "sqlite", "host": str(home / "results.db")}),
+            "AIRFLOW_CONN_TRAINING_RESULTS": results_connection(results_url),
         }
     )
     migrate = subprocess.Popen(
         [sys.executable, "-m", "airflow", "db", "migrate"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    engine = create_results_engine(f"sqlite:///{home / 'results.db'}")
-    upgrade(engine)
+    engine = results_databases.engine_for(results_url)
     results = ResultsStore(engine)
     provider = LambdaProvider()
     orphan = launch(provider, NAME_PREFIX + "dag-orphan-1")
@@ -388,5 +390,4 @@ def test_the_reaper_dag_reaps_a_deleted_runs_instance_and_fails_on_a_cloud_error
     summary = json.loads(value)
     assert [a["name"] for a in summary["providers"]["lambda"]["terminated"]] == [orphan.name]
     assert summary["providers"]["vast"]["errors"] and summary["dry_run"] is False
-    engine.dispose()
     provider.terminate(other.instance_id)

@@ -318,6 +318,53 @@ def test_of_two_launches_racing_for_the_last_slot_the_older_intent_wins(store: R
     assert [r.name for r in store.instances_for_job(a)] == ["i-a"]
 
 
+def test_an_intent_written_while_an_older_one_is_not_yet_committed_waits_for_it(
+    store: ResultsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The older intent's row is written but not committed when the newer one commits and checks:
+    exactly one of them gets the last slot. (On PostgreSQL ids come at insert, not commit: the
+    newer one saw no older intent and launched, then the older one saw itself first and launched
+    too, until a run's intents were written one at a time.)"""
+    import threading
+
+    from gpu_training.errors import RunSlotBusyError
+    from gpu_training.results import store as store_module
+
+    holder, a, b = (new_job(store, map_index=i, run_max_instances=2) for i in range(3))
+    spec = parse_job_params(store.job(a).params)
+    add_instance(store, holder, "i-holder", price=1.0)
+    written, go = threading.Event(), threading.Event()
+    insert_ignore = store_module.insert_ignore
+
+    def slow_insert(conn: Any, table: Any, rows: Any) -> None:
+        insert_ignore(conn, table, rows)
+        if rows and rows[0].get("name") == "i-a":
+            written.set()
+            assert go.wait(30)
+
+    monkeypatch.setattr(store_module, "insert_ignore", slow_insert)
+    got: dict[str, str] = {}
+
+    def launch(job: str, intent: str) -> None:
+        store.record_instance_intent(job, provider="local", name=intent)
+        try:
+            lifecycle.ensure_run_slot(store, job, spec, intent=intent)
+            got[intent] = "slot"
+        except RunSlotBusyError:
+            got[intent] = "busy"
+
+    older = threading.Thread(target=launch, args=(a, "i-a"))
+    older.start()
+    assert written.wait(30)
+    newer = threading.Thread(target=launch, args=(b, "i-b"))
+    newer.start()
+    newer.join(1.0)  # it waits for the older intent's transaction
+    go.set()
+    older.join(60)
+    newer.join(60)
+    assert got == {"i-a": "slot", "i-b": "busy"}
+
+
 def test_a_busy_run_reschedules_provision_instead_of_failing_it(
     store: ResultsStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,7 @@ from gpu_training.hooks.results import create_results_engine, url_from_connectio
 from gpu_training.results.migrate import VERSION_TABLE, check_at_head, head_revision
 from gpu_training.results.models import EpochTrain, metadata
 from gpu_training.results.store import ResultsStore
+from tests.servers import ResultsDatabases
 
 
 def test_migrations_match_the_models(results_engine: Engine) -> None:
@@ -42,8 +43,8 @@ def test_tables_of_the_contract_exist(results_engine: Engine) -> None:
     } <= tables
 
 
-def test_unmigrated_db_is_refused_with_what_to_run(tmp_path) -> None:
-    engine = create_results_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+def test_unmigrated_db_is_refused_with_what_to_run(results_backend: str, results_databases: ResultsDatabases) -> None:
+    engine = results_databases.engine(results_backend, migrated=False)
     with pytest.raises(ResultsDbError, match=f"expected {head_revision()}: run `make migrate`"):
         check_at_head(engine)
 
@@ -71,6 +72,14 @@ def test_first_failure_reason_wins(store: ResultsStore, job_uuid: str) -> None:
     assert (job.status, job.failure_reason) == ("failed", "sense_progress: trainer exited with code 3")
 
 
+def test_a_failure_reason_quoting_a_nul_from_the_log_is_stored(store: ResultsStore, job_uuid: str) -> None:
+    """A reason with the trainer log's tail can hold U+0000, which PostgreSQL's text refuses."""
+    store.record_failure(job_uuid, "sense_progress: trainer exited with code 3\n[trainer] \x00\x00 core dumped")
+    job = store.job(job_uuid)
+    assert job.status == "failed"
+    assert job.failure_reason == "sense_progress: trainer exited with code 3\n[trainer] \ufffd\ufffd core dumped"
+
+
 def test_connection_urls() -> None:
     class Conn:
         def __init__(self, conn_type, host=None, extra=None, uri=None):
@@ -89,14 +98,28 @@ def test_connection_urls() -> None:
     )
 
 
+def test_postgres_urls_without_a_driver_get_psycopg2() -> None:
+    """SQLAlchemy 2.1 picks psycopg 3 for ``postgresql://``; only psycopg2 is installed."""
+    for url in ("postgresql://u:p@h:5432/results", "postgres://u:p@h:5432/results"):
+        engine = create_results_engine(url)
+        assert engine.url.drivername == "postgresql+psycopg2"
+        assert engine.url.render_as_string(hide_password=False) == "postgresql+psycopg2://u:p@h:5432/results"
+        engine.dispose()
+    assert create_results_engine("postgresql+asyncpg://u@h/db").url.drivername == "postgresql+asyncpg"
+
+
 def test_non_finite_loss_columns(results_engine: Engine) -> None:
     columns = {c["name"]: c for c in inspect(results_engine).get_columns("training_jobs")}
     assert columns["non_finite_loss"]["nullable"] and columns["non_finite_loss_at"]["nullable"]
     assert columns["non_finite_loss"]["type"].length == 300
 
 
-def test_sqlite_datetimes_are_stored_as_sqlalchemy_stores_them(results_engine: Engine) -> None:
-    """UtcDateTime binds on SQLite in one step; the text must be what DateTime's processor writes."""
+def test_sqlite_datetimes_are_stored_as_sqlalchemy_stores_them(results_databases: ResultsDatabases) -> None:
+    """UtcDateTime binds on SQLite in one step; the text must be what DateTime's processor writes.
+
+    SQLite only, whatever ``RESULTS_DB``: the one-step bind processor exists on SQLite alone
+    (elsewhere UtcDateTime binds through ``process_bind_param``, which every backend's tests use)."""
+    results_engine = results_databases.engine("sqlite")
     from datetime import timedelta, timezone
     from zoneinfo import ZoneInfo
 

@@ -4,6 +4,10 @@ Pure functions, no I/O: the tailer reads bytes by offset, these turn them into e
 ``{"ts": ..., "phase": ..., "event": ..., "iteration": N, "epoch": N, "data": {...}}``; ``ts`` with
 an offset is honoured, a naive ``ts`` is Asia/Kolkata (IST) as the legacy trainers write it, and
 every timestamp leaves here in UTC.
+
+What leaves here fits every results DB backend: ``iteration`` and ``epoch`` are 32-bit integers (a
+line with a larger one is malformed), and no text holds U+0000 (PostgreSQL's ``text`` and ``jsonb``
+cannot; a ``\\u0000`` becomes U+FFFD).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ KNOWN_PHASES = frozenset(
 )
 # Longest line kept in an ingestion error record, so one huge garbage line cannot bloat the DB.
 ERROR_EXCERPT_BYTES = 500
+#: The range of ``iteration`` and ``epoch``: ``integer`` columns, 32 bits on PostgreSQL.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 # Asia/Kolkata has been UTC+05:30 without DST since 1945-10-15; from then on a naive IST ts is
 # converted by subtracting the fixed offset (the same result as ZoneInfo, without its lookup).
@@ -76,6 +82,13 @@ class MalformedLine:
 
 def parse_timestamp(value: Any) -> datetime:
     """Parse an ISO 8601 ``ts`` to an aware UTC datetime; naive values are IST."""
+    try:
+        return _parse_timestamp(value)
+    except OverflowError as err:  # e.g. 0001-01-01T00:00:00+05:30 is before datetime.min in UTC
+        raise ValueError(f"ts {value!r} is out of range ({err})") from None
+
+
+def _parse_timestamp(value: Any) -> datetime:
     if type(value) is str:  # the fast path: a well-formed ISO string, as every trainer writes
         try:
             parsed = _fromisoformat(value)
@@ -115,13 +128,18 @@ def _optional_int(payload: dict[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"{key} must be an integer, got {value!r}")
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    raise ValueError(f"{key} must be an integer, got {value!r}")
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value.strip())
+    if number is None:
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if not INT32_MIN <= number <= INT32_MAX:
+        raise ValueError(f"{key} must be an integer from {INT32_MIN} to {INT32_MAX}, got {value!r}")
+    return number
 
 
 def parse_event(line: bytes, offset: int) -> TrainingEvent:
@@ -233,6 +251,7 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
     cls = TrainingEvent
     fromiso = _fromisoformat
     ist_since, ist_offset, utc = _IST_FIXED_SINCE, _IST_OFFSET, UTC
+    int_min, int_max = INT32_MIN, INT32_MAX
     parts = chunk.split(b"\n")
     tail = parts.pop()  # after the last newline: an unterminated line, or b""
     if final and tail:
@@ -260,23 +279,23 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
                     and type(name) is str
                     and type(ts) is str
                     and (data is None or type(data) is dict)
-                    and (iteration is None or type(iteration) is int)
-                    and (epoch is None or type(epoch) is int)
+                    and (iteration is None or (type(iteration) is int and int_min <= iteration <= int_max))
+                    and (epoch is None or (type(epoch) is int and int_min <= epoch <= int_max))
                 ):
                     phase = phase.strip().upper()
                     name = name.strip().lower()
                     if phase and name:
                         try:
                             when = fromiso(ts)
-                        except ValueError:
-                            when = None
-                        if when is not None:
                             if when.tzinfo is not None:
                                 when = when.astimezone(utc)
                             elif when >= ist_since:
                                 when = (when - ist_offset).replace(tzinfo=utc)
                             else:
                                 when = when.replace(tzinfo=IST).astimezone(utc)
+                        except (ValueError, OverflowError):  # the slow path below says what is wrong
+                            when = None
+                        if when is not None:
                             # What the frozen dataclass's __init__ would build, without its setattr calls.
                             ev = new(cls)
                             ev.__dict__.update(
@@ -298,8 +317,28 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
             append(parse_event(line, offset))
         except ValueError as err:
             excerpt = line[:ERROR_EXCERPT_BYTES].decode("utf-8", errors="replace")
-            errors.append(MalformedLine(offset=offset, reason=str(err), excerpt=excerpt))
+            errors.append(MalformedLine(offset=offset, reason=without_nul(str(err)), excerpt=without_nul(excerpt)))
+    if b"\\u0000" in chunk:  # rare: only then look for U+0000 in what was decoded
+        events = [_event_without_nul(ev) for ev in events]
     return events, errors, len(chunk) if final else len(chunk) - len(tail)
+
+
+def without_nul(value: Any) -> Any:
+    """``value`` with every U+0000 of its strings (dict keys too, nested) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+def _event_without_nul(ev: TrainingEvent) -> TrainingEvent:
+    phase, name, data = without_nul(ev.phase), without_nul(ev.event), without_nul(ev.data)
+    if data == ev.data and phase == ev.phase and name == ev.event:
+        return ev
+    return dataclasses.replace(ev, phase=phase, event=name, data=data)
 
 
 # The C scanner behind json.loads, called directly: it returns where the value ended.

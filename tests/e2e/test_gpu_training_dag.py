@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from gpu_training.results.models import (
     Artifact,
@@ -28,6 +29,7 @@ from gpu_training.results.models import (
     TrainingJob,
     TrainingStep,
 )
+from tests.servers import results_url_of
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
@@ -47,7 +49,8 @@ def run_dag(env: dict[str, str], conf: dict[str, Any]) -> subprocess.CompletedPr
 
 
 def session(env: dict[str, str]) -> Session:
-    return Session(create_engine(f"sqlite:///{env['AIRFLOW_HOME']}/training_results.db"))
+    """A session on the results DB of the Airflow in ``env`` (its connection closed with the session)."""
+    return Session(create_engine(results_url_of(env), poolclass=NullPool))
 
 
 def job_of(env: dict[str, str], project_id: str) -> TrainingJob:

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from gpu_training.results.models import Artifact, JobEvent, Model, TrainingJob
+from tests.servers import results_url_of
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +75,8 @@ def dags_test(env: dict[str, str], dag_id: str, logical_date: str | None = None,
 
 
 def session(env: dict[str, str]) -> Session:
-    return Session(create_engine(f"sqlite:///{env['AIRFLOW_HOME']}/training_results.db"))
+    """A session on the results DB of the Airflow in ``env`` (its connection closed with the session)."""
+    return Session(create_engine(results_url_of(env), poolclass=NullPool))
 
 
 def dag_runs(env: dict[str, str], dag_id: str) -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 
 from gpu_training.results.store import ResultsStore
 
@@ -42,8 +42,23 @@ def url_from_connection(conn: Any) -> str:
     return uri
 
 
+#: The PostgreSQL driver of ``requirements.txt``. A URL that names none (``postgresql://``) gets it:
+#: SQLAlchemy 2.1's default for such a URL is psycopg 3, which is not installed.
+POSTGRES_DRIVER = "psycopg2"
+
+
+def engine_url(url: str) -> URL:
+    """The URL an engine is made with: ``postgres://`` read as ``postgresql://``, and a PostgreSQL
+    URL that names no driver gets :data:`POSTGRES_DRIVER`."""
+    parsed = make_url("postgresql" + url[len("postgres") :] if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername=f"postgresql+{POSTGRES_DRIVER}")
+    return parsed
+
+
 def create_results_engine(url: str) -> Engine:
-    """An engine tuned for concurrent writers: WAL and a busy timeout on SQLite."""
+    """An engine tuned for concurrent writers: WAL and a busy timeout on SQLite; psycopg2 for a
+    PostgreSQL URL that names no driver."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60})
 
@@ -57,7 +72,7 @@ def create_results_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(engine_url(url), pool_pre_ping=True)
 
 
 class ResultsDbHook(BaseHook):

@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 
 from gpu_training.errors import ResultsDbError
 
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="SQLAlchemy URL; default: the training_results connection")
     args = parser.parse_args(argv)
     if args.url:
-        engine = create_engine(args.url)
+        from gpu_training.hooks.results import create_results_engine
+
+        engine = create_results_engine(args.url)
     else:
         from gpu_training.hooks.results import ResultsDbHook
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpu_training.errors import JobNotFoundError
-from gpu_training.events import MalformedLine, TrainingEvent
+from gpu_training.events import MalformedLine, TrainingEvent, without_nul
 from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore
 from gpu_training.results.models import (
     JOB_STATUSES,
@@ -147,12 +147,15 @@ class ResultsStore:
             return conn.execute(stmt.values(status=status, updated_at=utcnow())).rowcount == 1
 
     def record_failure(self, job_uuid: str, reason: str) -> None:
-        """Keep the first failure reason (later ones are consequences) and mark the job failed."""
+        """Keep the first failure reason (later ones are consequences) and mark the job failed.
+
+        A reason can quote the trainer's log: a U+0000 in it is stored as U+FFFD (PostgreSQL's
+        ``text`` cannot hold it)."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(JOBS)
                 .where((JOBS.c.uuid == job_uuid) & JOBS.c.failure_reason.is_(None))
-                .values(failure_reason=reason[:4000], updated_at=utcnow())
+                .values(failure_reason=without_nul(reason[:4000]), updated_at=utcnow())
             )
             conn.execute(
                 update(JOBS)
@@ -234,9 +237,20 @@ class ResultsStore:
         price_per_hour: float | None = None,
         spot: bool = False,
     ) -> None:
-        """Write the instance row *before* the launch call, so a crash still leaves a trace."""
+        """Write the instance row *before* the launch call, so a crash still leaves a trace.
+
+        The intents of one dag run are written one at a time, so their ids grow in commit order
+        (``ensure_run_slot``: the older intent wins). SQLite has one writer at a time anyway; on
+        PostgreSQL an id is handed out at insert, and a run's job rows are locked until commit."""
         job = self.job(job_uuid)
         with self.engine.begin() as conn:
+            if conn.dialect.name != "sqlite":  # there a read first would only risk SQLITE_BUSY
+                conn.execute(
+                    select(JOBS.c.id)
+                    .where((JOBS.c.dag_id == job.dag_id) & (JOBS.c.run_id == job.run_id))
+                    .order_by(JOBS.c.id)
+                    .with_for_update()
+                )
             insert_ignore(
                 conn,
                 INSTANCES,

@@ -18,6 +18,7 @@ import pytest
 from gpu_training.results.store import ResultsStore
 from tests.airflow_cluster import AirflowCluster
 from tests.fakeclouds.rigs import STARTERS, Rig
+from tests.servers import single_results_backend
 
 from . import DAG_ID, USERS
 
@@ -40,9 +41,18 @@ def retraining_dir(tmp_path_factory: pytest.TempPathFactory, cloud: Rig) -> Path
 
 
 @pytest.fixture(scope="package")
-def cluster(tmp_path_factory: pytest.TempPathFactory, cloud: Rig, retraining_dir: Path) -> Iterator[AirflowCluster]:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, cloud: Rig, retraining_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[AirflowCluster]:
     env = {**cloud.env, "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir)}
-    airflow = AirflowCluster(tmp_path_factory.mktemp("airflow_cluster"), parallelism=8, users=USERS, extra_env=env)
+    # The results DB: SQLite in the deployment's home, or with RESULTS_DB=postgresql a PostgreSQL
+    # database (empty: the deployment's own migration step creates the schema).
+    results_url = None
+    if single_results_backend() == "postgresql":
+        results_url = request.getfixturevalue("postgres_results").fresh_database(migrated=False)
+    airflow = AirflowCluster(
+        tmp_path_factory.mktemp("airflow_cluster"), parallelism=8, users=USERS, extra_env=env, results_url=results_url
+    )
     try:
         seconds = airflow.start()
         print(f"\ncluster started in {seconds:.1f} s")
