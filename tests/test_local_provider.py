@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_training.errors import InstanceNotFoundError
+from gpu_training.errors import BadRequestError, InstanceNotFoundError
 from gpu_training.hosts.local import _pid_alive
 from gpu_training.providers.base import GpuRequest, InstanceState, instance_name
 from gpu_training.providers.local import LocalProvider
@@ -131,3 +131,18 @@ def test_wait_for_ready_gives_up_after_the_boot_timeout(store, job_uuid, monkeyp
     store.update_instance("gpujob-slow", launched_at=datetime.now(UTC) - timedelta(minutes=31))
     with pytest.raises(ProviderError, match=r"still booting after 31\.0 min"):
         lifecycle.check_ready(store, job_uuid)
+
+
+def test_a_task_on_another_machine_is_told_the_instance_is_not_there(
+    provider: LocalProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on several hosts or containers (docker-compose): the local provider says why it fails."""
+    offer = provider.list_offers(GpuRequest())[0]
+    info = provider.launch(offer, "gpujob-elsewhere")
+    assert provider.host(info).workdir == info.details["workdir"]  # same machine: fine
+
+    monkeypatch.setattr("gpu_training.providers.local.machine_id", lambda: "other-boot/pid:[1]")
+    with pytest.raises(BadRequestError, match=r"was launched on .*provider 'local' keeps a job on the machine"):
+        provider.host(provider.get_instance(info.instance_id))
+    with pytest.raises(InstanceNotFoundError, match="use provider 'ssh' or a cloud"):
+        LocalProvider(provider.root / "elsewhere").get_instance(info.instance_id)

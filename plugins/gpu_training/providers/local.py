@@ -3,6 +3,10 @@
 It is recorded in the results DB like any cloud instance and follows the same life: launched
 idempotently by name, queried, terminated (its trainer's process group killed, its directory
 removed). It costs nothing, so every job can run end to end without a cloud account.
+
+An instance belongs to the machine that launched it (its files, its trainer's processes): every task
+of the job must run there. One Airflow host with any number of workers is fine (``make demo``,
+``make cluster``); workers on several hosts or containers are not, and get an error saying so.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +30,22 @@ from gpu_training.providers.base import (
 )
 
 INSTANCE_FILE = ".instance.json"
+ONE_MACHINE = (
+    "provider 'local' keeps a job on the machine that launched it, so every worker running the job's "
+    "tasks must be that machine (one host, as make demo and make cluster); with workers on several hosts "
+    "or containers (docker-compose) use provider 'ssh' or a cloud"
+)
+
+
+def machine_id() -> str:
+    """This machine as its processes see it: the kernel's boot id and the PID namespace, which differ
+    between hosts and between containers (whose trainers cannot see or signal each other's)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name is the best there is
+        return socket.gethostname()
+    return f"{boot}/{pid_ns}"
 
 
 def default_root() -> Path:
@@ -92,7 +113,13 @@ class LocalProvider(ComputeProvider):
             region="localhost",
             price_per_hour=0.0,
             address=str(path),
-            details={"workdir": str(path), "launched_at": meta.get("launched_at"), "gpus": meta.get("gpus", [])},
+            details={
+                "workdir": str(path),
+                "launched_at": meta.get("launched_at"),
+                "gpus": meta.get("gpus", []),
+                "machine": meta.get("machine"),
+                "hostname": meta.get("hostname"),
+            },
         )
 
     def find_instance(self, name: str) -> InstanceInfo | None:
@@ -109,6 +136,8 @@ class LocalProvider(ComputeProvider):
             "instance_type": offer.instance_type,
             "launched_at": datetime.now(UTC).isoformat(),
             "gpus": [offer.gpu_name] * offer.gpu_count if offer.gpu_name else [],
+            "machine": machine_id(),
+            "hostname": socket.gethostname(),
         }
         tmp = path / (INSTANCE_FILE + ".tmp")
         tmp.write_text(json.dumps(meta))
@@ -120,7 +149,10 @@ class LocalProvider(ComputeProvider):
     def get_instance(self, instance_id: str) -> InstanceInfo:
         info = self.find_instance(instance_id)
         if info is None:
-            raise InstanceNotFoundError(self.name, f"no local instance {instance_id!r} under {self.root}")
+            raise InstanceNotFoundError(
+                self.name,
+                f"no local instance {instance_id!r} under {self.root} on {socket.gethostname()} ({ONE_MACHINE})",
+            )
         return info
 
     def terminate(self, instance_id: str) -> None:
@@ -135,4 +167,12 @@ class LocalProvider(ComputeProvider):
         return [info for info in found if info is not None]
 
     def host(self, instance: InstanceInfo) -> LocalHost:
+        launched_on = (instance.details or {}).get("machine")
+        if launched_on and launched_on != machine_id():
+            where = (instance.details or {}).get("hostname") or launched_on
+            raise BadRequestError(
+                self.name,
+                f"local instance {instance.name!r} was launched on {where}, this task runs on "
+                f"{socket.gethostname()} ({ONE_MACHINE})",
+            )
         return LocalHost(self._dir(instance.name), gpus=instance.details.get("gpus") or ())
