@@ -26,7 +26,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-soak clean status-db ui ui-if-node up down
+.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down
 
 help:
 	@sed -n '2,8p' Makefile
@@ -103,6 +103,7 @@ bench: migrate
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/api.py
 	$(MAKE) --no-print-directory bench-concurrency
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory bench-cluster; else echo "bench/cluster.py needs root (sshd)"; fi
 
 # 50 concurrent runs on a real scheduler + triggerer + api-server, PostgreSQL as metadata DB (~3 min).
 bench-concurrency: install
@@ -110,6 +111,17 @@ bench-concurrency: install
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
 	  { echo "bench/concurrency.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
 	$(BIN)/python bench/concurrency.py
+
+# Jobs per minute started/finished and scheduler/triggerer/worker CPU: 20 jobs at once on the fake
+# Lambda (boot 0 s) on the CeleryExecutor deployment vs the LocalExecutor, both on PostgreSQL, side by
+# side (~8 min on 2 shared cores). CLUSTER_BENCH_ARGS='--jobs 4 --cloud vast'.
+CLUSTER_BENCH_ARGS ?=
+bench-cluster: install
+	@[ "$$(id -u)" = 0 ] || { echo "bench/cluster.py needs root (sshd)"; exit 1; }
+	@{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } && command -v redis-server >/dev/null || \
+	  apt-get install -y -qq --no-install-recommends postgresql redis-server >/dev/null || \
+	  { echo "bench/cluster.py needs PostgreSQL and Redis (apt-get install postgresql redis-server)"; exit 1; }
+	$(BIN)/python bench/cluster.py $(CLUSTER_BENCH_ARGS)
 
 # N jobs with random faults (provider faults, trainer crash/stall/OOM, cancels, spot interruptions) on
 # a real deployment with the fake Lambda and Vast.ai clouds: leaks, lost/duplicated rows, cancel ->
