@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# About equal halves on CI's 2 cores (measured: 11.6 + 4.6 and 15.8 min of the 28 min in one
-# process): the real deployment, the in-process fault matrix and the per-cloud DAG runs in one,
-# everything else (other end-to-end runs, servers, unit tests) in the other.
+# About equal halves on CI's 2 cores: the two real deployments (LocalExecutor and Celery), the
+# in-process fault matrix and the per-cloud job tests in one, everything else (the other end-to-end
+# runs, servers, unit tests) in the other. Measured with the per-cloud DAG runs here instead of the
+# job tests: 15.7 and 20.3 min.
 SLOW_AND_SEPARATE = [
     "tests/e2e/cluster",
     "tests/e2e/celery",
-    "tests/e2e/test_cloud_dags.py",
+    "tests/test_cloud_jobs.py",
     "tests/test_fault_matrix.py",
 ]
 SHARDS = {
@@ -34,7 +35,7 @@ SHARDS = {
 }
 # The results DB of each shard (``RESULTS_DB``, tests/conftest.py) unless the caller chose one: the
 # rest runs every store-level test on SQLite and on PostgreSQL and its end-to-end runs on SQLite;
-# the deployments, the cloud DAG runs and the fault matrix run on PostgreSQL (production's backend,
+# the deployments, the per-cloud job tests and the fault matrix run on PostgreSQL (production's backend,
 # and the Celery deployment's anyway), once: on both they would add ~5 min to the longer shard.
 SHARD_RESULTS_DB = {"cluster-clouds-faults": "postgresql", "rest": "both"}
 
