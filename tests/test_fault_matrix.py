@@ -571,16 +571,29 @@ def transferring_429(w: World) -> Expect:
 
 @cell("training", "500")
 def training_500(w: World) -> Expect:
-    """The API is down while the model trains: following needs SSH only, the job goes on."""
-    w.params["command"] = trainer("ok", 4, 0.4)
+    """The API is down while the model trains: following needs SSH only, the job goes on.
+
+    The trainer holds at epoch 1 until the outage is on (a ``gate``, as in ``training_ssh_drop``):
+    with a free-running trainer a late follower could end before the outage began, which then
+    outlived its disarm and failed teardown's terminate until the cell timed out."""
+    release = w.tmp / "release-trainer"
+    w.params["command"] = trainer("gate", 4, release, 0.2)
 
     def outage_while_training() -> None:
-        w.wait_for(lambda: w.epochs_stored() >= 1)
-        w.outage = lambda call: server_error(w.rig)
+        try:
+            assert w.wait_for(lambda: w.epochs_stored() >= 1), "the follower never stored epoch 1"
+            w.outage = lambda call: server_error(w.rig)
+            time.sleep(1)  # the follower polls through it (SSH only) before the trainer goes on
+        finally:
+            release.touch()
 
     w.while_running("sense_progress", outage_while_training)
     w.during(("sense_progress",), lambda: None, lambda: setattr(w, "outage", None))
-    return Expect("completed", check=all_of(succeeded("upload_outputs"), tried("sense_progress", 1)))
+
+    def every_epoch(w: World, run: Run) -> None:
+        assert w.epochs_stored() == 4
+
+    return Expect("completed", check=all_of(succeeded("upload_outputs"), tried("sense_progress", 1), every_epoch))
 
 
 @cell("training", "429")
