@@ -187,7 +187,9 @@ def test_a_sweep_stops_launching_when_its_budget_is_spent(
     jobs = jobs_of_run(store, dag_id, run_id)
     launched = [j for j in jobs if j.status == "completed"]
     stopped = [j for j in jobs if j.status == "cancelled"]
-    assert len(launched) == POOL_SLOTS and len(stopped) == len(jobs) - POOL_SLOTS
+    # The pool's first trials launch before any cost is counted: both, or only one when the other's
+    # provision came after the first instance had already spent the budget (a loaded machine).
+    assert 1 <= len(launched) <= POOL_SLOTS and len(stopped) == len(jobs) - len(launched)
     for job in stopped:
         assert steps["trial.provision", job.map_index] == "skipped"
         assert steps["trial.teardown", job.map_index] == "success"  # teardown still ran, finding nothing
@@ -196,7 +198,7 @@ def test_a_sweep_stops_launching_when_its_budget_is_spent(
     assert all(j.cost_usd and j.cost_usd > 0 for j in launched)
     instance_intervals(store, launched)  # every instance row terminated...
     names = {r.name for j in launched for r in store.instances_for_job(j.uuid)}
-    assert len(names) == POOL_SLOTS
+    assert len(names) == len(launched)
     assert [i for i in cloud.fake.live() if i.name in names] == []  # ...and the cloud agrees
     report = report_of(cluster, dag_id, run_id)
     assert report["best"]["job_uuid"] in {j.uuid for j in launched}
