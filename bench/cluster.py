@@ -27,7 +27,7 @@ The two columns are printed side by side with the machine they ran on.
 **The same deployment but for the executor.** Both runs use ``tests/airflow_cluster.py``'s
 ``CeleryDeployment`` databases: a private PostgreSQL server with Airflow's metadata DB ``airflow``
 and the results DB ``training_results`` (as ``docker-compose.yaml`` has them). The LocalExecutor run
-starts that PostgreSQL itself (:class:`LocalDeployment`) rather than using the SQLite default, so
+starts that PostgreSQL too (``CeleryDeployment(executor="LocalExecutor")``) rather than using the SQLite default, so
 the database, its connection count and the results store are the same and only the executor
 differs: no Redis broker, no Celery result backend and no workers, just the scheduler's forked
 worker processes. (SQLite would also lock up under 20 concurrent runs, see ``bench/concurrency.py``.)
@@ -62,7 +62,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +81,6 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from bench.concurrency import machine, machine_cpu_ticks, pct, tree_cpu  # noqa: E402
 from tests.airflow_cluster import AirflowCluster, CeleryDeployment, ClusterError, _proc_stat  # noqa: E402
 from tests.fakeclouds.rigs import STARTERS, Rig  # noqa: E402
-from tests.servers import PostgresServer, pg_binary, start_postgres  # noqa: E402
 from tests.sshd import Sshd, start_sshd  # noqa: E402
 
 DAG_ID = "gpu_training"
@@ -123,55 +121,6 @@ def shielded() -> Iterator[None]:
             signal.signal(sig, handler)
         if pending:
             raise KeyboardInterrupt(f"signal {pending[0]}")
-
-
-# --- the LocalExecutor deployment ----------------------------------------------------------------
-
-
-class LocalDeployment:
-    """``CeleryDeployment``'s databases with the LocalExecutor: a private PostgreSQL with the
-    metadata DB ``airflow`` and the results DB ``training_results``; no broker, no workers."""
-
-    def __init__(self, root: Path, *, parallelism: int, extra_env: dict[str, str]) -> None:
-        self.root = Path(root).resolve()
-        self.parallelism = parallelism
-        self.extra_env = extra_env
-        self.postgres: PostgresServer | None = None
-        self.cluster: AirflowCluster | None = None
-        self._pg_root: Path | None = None
-
-    @property
-    def airflow(self) -> AirflowCluster:
-        if self.cluster is None:
-            raise ClusterError("the deployment is not started")
-        return self.cluster
-
-    def start(self) -> float:
-        t0 = time.monotonic()
-        # Under /tmp: the server runs as the postgres user (as in CeleryDeployment).
-        self._pg_root = Path(tempfile.mkdtemp(prefix="bench-cluster-postgres-"))
-        self.postgres = start_postgres(self._pg_root, max_connections=400)
-        createdb = [pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", self.postgres.user]
-        subprocess.run([*createdb, "training_results"], check=True, capture_output=True)
-        self.cluster = AirflowCluster(
-            self.root / "airflow",
-            executor="LocalExecutor",
-            parallelism=self.parallelism,
-            sql_alchemy_conn=self.postgres.url(),
-            results_url=self.postgres.url().rsplit("/", 1)[0] + "/training_results",
-            extra_env=self.extra_env,
-        )
-        self.cluster.start()
-        return time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
-        if self.postgres is not None:
-            with contextlib.suppress(Exception):
-                self.postgres.stop()
-        if self._pg_root is not None:
-            shutil.rmtree(self._pg_root, ignore_errors=True)
 
 
 # --- CPU -----------------------------------------------------------------------------------------
@@ -291,7 +240,7 @@ def run_executor(executor: str, args: argparse.Namespace, sshd: Sshd, work: Path
     result = Result(executor)
     root = work / executor.removesuffix("Executor").lower()
     rig: Rig | None = None
-    deployment: LocalDeployment | CeleryDeployment | None = None
+    deployment: CeleryDeployment | None = None
     meta = results = None
     run_ids: list[str] = []
     states: dict[str, str] = {}
@@ -308,24 +257,21 @@ def run_executor(executor: str, args: argparse.Namespace, sshd: Sshd, work: Path
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(args.parallelism),
         }
         log(f"{executor}: starting the deployment")
-        if executor == "CeleryExecutor":
-            deployment = CeleryDeployment(
-                root,
-                workers=args.workers,
-                worker_concurrency=args.concurrency,
-                parallelism=args.parallelism,
-                extra_env=extra_env,
-            )
-            startup = deployment.start()
-        else:
-            deployment = LocalDeployment(root, parallelism=args.parallelism, extra_env=extra_env)
-            startup = deployment.start()
+        deployment = CeleryDeployment(
+            root,
+            executor=executor,
+            workers=args.workers,
+            worker_concurrency=args.concurrency,
+            parallelism=args.parallelism,
+            extra_env=extra_env,
+        )
+        startup = deployment.start()
         cluster = deployment.airflow
         cluster.wait_dag_parsed(DAG_ID, timeout=180)
         result.values["deployment start"] = f"{startup:.1f} s"
         assert deployment.postgres is not None
         servers = {"postgres": deployment.postgres.proc.pid, "sshd": sshd.proc.pid}
-        if isinstance(deployment, CeleryDeployment):
+        if deployment.redis is not None:
             servers["redis"] = deployment.redis.proc.pid
         meta = create_engine(cluster.sql_alchemy_conn)
         results = create_engine(cluster.results_url)

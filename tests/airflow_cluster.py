@@ -699,13 +699,24 @@ class CeleryDeployment:
     the ``aws_default`` connection, and an :class:`AirflowCluster` on the CeleryExecutor with
     ``workers`` ``airflow celery worker`` processes beside the api-server, scheduler, dag-processor
     and triggerer. ``cluster_kw`` go to :class:`AirflowCluster` (``extra_env`` is merged).
+    ``executor="LocalExecutor"``: the same databases, no broker, no S3, no workers (the scheduler's
+    own worker processes), so ``bench/cluster.py`` compares executors and nothing else.
 
         with CeleryDeployment(tmp_path) as deployment:
             run_id = deployment.cluster.trigger("gpu_training", {...})
     """
 
-    def __init__(self, root: Path, *, workers: int = 2, worker_concurrency: int = 8, **cluster_kw: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 2,
+        worker_concurrency: int = 8,
+        executor: str = "CeleryExecutor",
+        **cluster_kw: Any,
+    ) -> None:
         self.root = Path(root).resolve()
+        self.executor = executor
         self.workers = workers
         self.worker_concurrency = worker_concurrency
         self.cluster_kw = cluster_kw
@@ -742,15 +753,17 @@ class CeleryDeployment:
         self.postgres = start_postgres(self._pg_root, max_connections=400)
         createdb = [pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", self.postgres.user]
         subprocess.run([*createdb, "training_results"], check=True, capture_output=True)
-        self.redis = start_redis(self.root / "redis")
-        self.s3 = start_moto()
-        extra_env = {"AIRFLOW_CONN_AWS_DEFAULT": self.s3.aws_connection(), **self.cluster_kw.pop("extra_env", {})}
+        extra_env = dict(self.cluster_kw.pop("extra_env", {}))
+        if self.executor == "CeleryExecutor":
+            self.redis = start_redis(self.root / "redis")
+            self.s3 = start_moto()
+            extra_env.setdefault("AIRFLOW_CONN_AWS_DEFAULT", self.s3.aws_connection())
         self.cluster = AirflowCluster(
             self.root / "airflow",
-            executor="CeleryExecutor",
+            executor=self.executor,
             sql_alchemy_conn=self.postgres.url(),
             results_url=self.postgres.url().rsplit("/", 1)[0] + "/training_results",
-            broker_url=self.redis.url,
+            broker_url=self.redis.url if self.redis is not None else None,
             celery_workers=self.workers,
             worker_concurrency=self.worker_concurrency,
             extra_env=extra_env,
@@ -758,7 +771,7 @@ class CeleryDeployment:
         )
         self.cluster.start()
         seconds = time.monotonic() - t0
-        _log(f"CeleryExecutor deployment with {self.workers} workers up in {seconds:.1f} s")
+        _log(f"{self.executor} deployment up in {seconds:.1f} s (workers: {list(self.cluster.workers)})")
         return seconds
 
     def stop(self) -> None:
@@ -782,7 +795,7 @@ class CeleryDeployment:
             "metadata_db": airflow.sql_alchemy_conn,
             "results_db": airflow.results_url,
             "broker": airflow.broker_url,
-            "s3": self.s3.endpoint,
+            "s3": self.s3.endpoint if self.s3 is not None else None,
             "logs": str(airflow.logs),
         }
 
