@@ -369,12 +369,20 @@ def _terminate_if_torn_down(store: ResultsStore, job_uuid: str, name: str, provi
     raise JobCancelledError(cancelled_reason(job) or f"job {job_uuid} is being torn down")
 
 
-def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
-    """The job's latest instance record that was not terminated."""
+def current_nodes(store: ResultsStore, job_uuid: str) -> list[Instance]:
+    """The job's live nodes, rank 0 first: the instances of its latest launch attempt that were not
+    terminated (one for a single-node job)."""
     live = [i for i in store.instances_for_job(job_uuid) if i.state not in ("terminated", "failed")]
     if not live:
         raise InstanceNotFoundError(store.job(job_uuid).provider, f"job {job_uuid} has no live instance")
-    return live[-1]
+    group = live[-1].node_group or live[-1].name
+    return sorted((i for i in live if (i.node_group or i.name) == group), key=lambda i: i.node_rank)
+
+
+def current_instance(store: ResultsStore, job_uuid: str) -> Instance:
+    """The job's latest instance record that was not terminated (of a multi-node job: its node 0,
+    which writes global.json and holds the outputs)."""
+    return current_nodes(store, job_uuid)[0]
 
 
 def _provider_and_info(store: ResultsStore, job_uuid: str) -> tuple[ComputeProvider, InstanceInfo]:

@@ -25,6 +25,11 @@ _SIZE_PATTERN = r"^$|^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$"
 # A Docker image reference: never empty, never starting with '-' (it must not read as an option).
 _IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$"
 
+#: A ``notify`` target: ``smtp://<conn id>/<to>[,<to>...]``, ``slack://<conn id>``, ``webhook://<conn id>``.
+NOTIFY_TARGET_PATTERN = (
+    r"^(smtp://[A-Za-z0-9_.-]{1,250}/[^/\s,]+@[^/\s,]+(,[^/\s,]+@[^/\s,]+)*|(slack|webhook)://[A-Za-z0-9_.-]{1,250})$"
+)
+
 # name -> (default, JSON schema, title, description). Order is the trigger form's order.
 PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
     "project_id": (
@@ -92,6 +97,21 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Provisioning timeout (minutes)",
         "How long an instance may take from launch to answering SSH before it is terminated and the next "
         "offer tried; 0 for the provider's default (Lambda 30, RunPod 20, Vast.ai 20, EC2 10).",
+    ),
+    "num_nodes": (
+        1,
+        {"type": "integer", "minimum": 1, "maximum": 64},
+        "Nodes",
+        "Instances the job trains on together (data parallel, torchrun on each). All are launched from one "
+        "offer in one region, all or nothing: if one cannot be had, the others are terminated and the next "
+        "offer is tried. Node 0 writes global.json; one node failing fails the job; every node is torn down.",
+    ),
+    "gpus_per_node": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 64},
+        "GPUs per node",
+        "Trainer processes per node (torchrun --nproc-per-node); 0 for the offer's GPU count (1 where it has "
+        "none, e.g. the local provider). Offers with fewer GPUs are not considered.",
     ),
     "max_launch_attempts": (
         4,
@@ -252,6 +272,21 @@ PARAM_SPECS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
         "Unreachable timeout (minutes)",
         "The job fails when its host does not answer for this long while training.",
     ),
+    "notify": (
+        [],
+        {"type": "array", "items": {"type": "string", "pattern": NOTIFY_TARGET_PATTERN}, "uniqueItems": True},
+        "Notify",
+        "Where to say that the job completed, failed (with the reason) or was cancelled: "
+        "'smtp://<connection>/<to>[,<to>...]' (e-mail through an SMTP connection), "
+        "'slack://<connection>' (a Slack incoming webhook connection), 'webhook://<connection>' (a JSON POST "
+        "to the connection's URL). Secrets stay in the connections; a notifier that fails never fails the job.",
+    ),
+    "notify_every_epochs": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 100_000},
+        "Progress every N epochs",
+        "Also notify the `notify` targets of progress (epoch, loss, evaluation) every N epochs; 0 for none.",
+    ),
 }
 
 
@@ -269,6 +304,8 @@ class JobSpec:
     spot: bool = False
     max_recoveries: int = 2
     boot_timeout_minutes: float = 0
+    num_nodes: int = 1
+    gpus_per_node: int = 0
     max_launch_attempts: int = 4
     runtime: str = "process"
     ssh_conn_id: str = ""
@@ -293,6 +330,13 @@ class JobSpec:
     poll_interval_seconds: float = 5
     stop_on_nan: bool = False
     unreachable_timeout_minutes: float = 2
+    notify: tuple[str, ...] = ()
+    notify_every_epochs: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """Several nodes, or several trainer processes per node: the trainer runs under torchrun."""
+        return self.num_nodes > 1 or self.gpus_per_node > 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored on the job row."""
@@ -300,6 +344,7 @@ class JobSpec:
         out["command"] = list(self.command)
         out["providers"] = list(self.providers)
         out["regions"] = list(self.regions)
+        out["notify"] = list(self.notify)
         out["config"] = dict(self.config)
         return out
 
@@ -328,13 +373,28 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
         try:
             jsonschema.validate(value, schema)
         except jsonschema.ValidationError as err:
+            if name == "notify" and err.validator == "pattern":
+                raise JobParamsError(
+                    name,
+                    f"{err.instance!r} is not a target: use 'smtp://<connection>/<to>[,<to>...]', "
+                    "'slack://<connection>' or 'webhook://<connection>'",
+                ) from None
             raise JobParamsError(name, f"{err.message} (got {value!r})") from None
         values[name] = value
     if values["runtime"] == "process" and not any(part.strip() for part in values["command"]):
         raise JobParamsError("command", "must contain a program to run")
     if values["provider"] == "ssh" and not values["ssh_conn_id"]:
         raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
+    if values["num_nodes"] > 1 and values["provider"] == "ssh":
+        raise JobParamsError(
+            "num_nodes", "provider 'ssh' is one host; a multi-node job needs a provider that launches instances"
+        )
+    if values["num_nodes"] > 1 and values["runtime"] == "docker":
+        raise JobParamsError(
+            "num_nodes", "multi-node jobs run the trainer as a process (runtime 'process', torchrun on each node)"
+        )
     values["command"] = tuple(values["command"])
+    values["notify"] = tuple(values["notify"])
     values["providers"] = tuple(values["providers"])
     values["regions"] = tuple(values["regions"])
     from gpu_training.offers import parse_gpu

@@ -282,6 +282,40 @@ class Instance(Base):
     #: The cloud interrupted this (spot / interruptible) instance; ``interruption`` in its words.
     interrupted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     interruption: Mapped[str | None] = mapped_column(String(500))
+    #: The node's rank in a multi-node job (0: the node of rank 0, which writes global.json; 0 for
+    #: every single-node instance).
+    node_rank: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The launch attempt the node belongs to (its rank-0 instance's name); the nodes of one
+    #: attempt are launched, replaced and terminated together. None: a single-node instance.
+    node_group: Mapped[str | None] = mapped_column(String(128))
+
+
+NOTIFICATION_STATUSES = ("sending", "sent", "failed")
+
+
+class Notification(Base):
+    """One notification of a job to one target, claimed (``sending``) before it is sent, so a
+    retried task or a restarted trigger never sends it twice; ``failed`` keeps the notifier's error."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event", "event_key", "target"),
+        Index(None, "job_id"),
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in NOTIFICATION_STATUSES) + ")", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    #: completed, failed, cancelled or progress
+    event: Mapped[str] = mapped_column(String(16))
+    #: Tells progress notifications apart (e.g. "epoch 10"); "" for the final ones.
+    event_key: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    #: The target as the job's ``notify`` param names it (a kind and a connection id: no secret).
+    target: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16), default="sending")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class IngestError(Base):
