@@ -19,6 +19,7 @@ import pytest
 from gpu_training import lifecycle, listener
 from gpu_training.errors import HostError, JobCancelledError, JobLimitError, TrainerFailedError
 from gpu_training.operators import NOT_RETRYABLE
+from gpu_training.params import parse_job_params
 from gpu_training.providers.base import ComputeProvider
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.rigs import STARTERS, Rig
@@ -250,7 +251,8 @@ def stop_failing(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], StopFailing
 
     def make(failures: int) -> StopFailing:
         trainer = StopFailing(failures)
-        monkeypatch.setattr(lifecycle, "host_and_trainer", lambda store, job_uuid: (None, trainer))
+        monkeypatch.setattr(lifecycle, "_stop_trainers", lambda store, job_uuid: trainer.stop())
+        monkeypatch.setattr(lifecycle, "job_spec", lambda store, job_uuid: parse_job_params({"project_id": "p"}))
         return trainer
 
     return make

@@ -31,7 +31,7 @@ import random
 import shlex
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from gpu_training.errors import HostError
 from gpu_training.events import MalformedLine, parse_chunk
 from gpu_training.hosts.base import LOG_PATH, TrainerStatus
-from gpu_training.progress import GLOBAL_JSON_PATH, Verdict, judge, with_log_tail
+from gpu_training.progress import GLOBAL_JSON_PATH, Verdict, exit_description, judge, with_log_tail
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 
@@ -88,6 +88,18 @@ class FollowSpec:
     #: When the job's instances reach ``max_cost_usd`` (None: no cost limit).
     cost_deadline: datetime | None = None
     max_cost_usd: float = 0
+
+
+@dataclasses.dataclass
+class Peer:
+    """Another node of a multi-node job: its trainer is watched and its log shown with its rank
+    (node 0, the followed source, writes global.json)."""
+
+    rank: int
+    name: str
+    source: Source
+    #: ``[body, *args]`` of the script printing this node's trainer status.
+    status_command: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,9 +477,11 @@ class JobFollower:
         log: Any,
         store: ResultsStore | None = None,
         parse_status: Callable[[int, str, str], TrainerStatus] | None = None,
+        peers: Sequence[Peer] = (),
     ) -> None:
         self.spec = spec
         self.source = source
+        self.peers = list(peers)
         self.log = log
         self._store = store
         self._parse_status = parse_status or _parse_status_for(spec.runtime)
@@ -481,9 +495,9 @@ class JobFollower:
         self._room.set()
         self._skip_long_line = False
         self._warned_nan = False
-        self._log_gate = _LogGate(log)
-        self._log_offset: int | None = None  # of the trainer's log, shown up to here
-        self._log_partial = b""  # its unterminated last line
+        self._logs = [_TrainerLog(source, _LogGate(log, "node 0" if self.peers else "trainer"))] + [
+            _TrainerLog(peer.source, _LogGate(log, f"node {peer.rank}")) for peer in self.peers
+        ]
         self._pump_task: asyncio.Task[None] | None = None
         self._warned: dict[str, float] = {}
 
@@ -513,16 +527,18 @@ class JobFollower:
             getattr(self.source, "where", self.source.workdir),
         )
         self._start_pump()
-        logs = asyncio.create_task(self._follow_log(), name="trainer.log")
+        logs = [asyncio.create_task(t.follow(), name=f"trainer.log {i}") for i, t in enumerate(self._logs)]
         try:
             result = await self._main(store)
-            await self._drain_log(logs)
+            await asyncio.gather(*(t.drain(task) for t, task in zip(self._logs, logs, strict=True)))
             return result
         finally:
-            logs.cancel()
-            await asyncio.gather(logs, return_exceptions=True)
+            for task in logs:
+                task.cancel()
+            await asyncio.gather(*logs, return_exceptions=True)
             await self._stop_pump()
-            self._log_gate.flush()
+            for trainer_log in self._logs:
+                trainer_log.gate.flush()
 
     def _start_pump(self) -> None:
         self._pump_task = asyncio.create_task(self._pump(), name="global.json")
@@ -672,6 +688,8 @@ class JobFollower:
 
     async def _check(self, store: ResultsStore) -> None:
         status = await self._status()
+        if self.peers:
+            await self._check_peers(store, status)
         if status is not None and not status.running:
             await self._drain(store)
         verdict = await self._judge(store, status)
@@ -691,7 +709,7 @@ class JobFollower:
             return
         exit_code = status.exit_code if status is not None else None
         if verdict.kind == "trainer_exit":
-            verdict = dataclasses.replace(verdict, reason=with_log_tail(verdict.reason, await self._log_tail()))
+            verdict = dataclasses.replace(verdict, reason=with_log_tail(verdict.reason, await _log_tail(self.source)))
             if exit_code is not None:
                 await self._db(store.update_job, self.spec.job_uuid, trainer_exit_code=exit_code)
         raise _Finished(verdict, exit_code)
@@ -730,51 +748,112 @@ class JobFollower:
             self.pending += data
         await self._store_pending(store, final=True)
 
-    async def _log_tail(self) -> str:
+    # -- the other nodes of a multi-node job -----------------------------------------------------
+
+    async def _check_peers(self, store: ResultsStore, head: TrainerStatus | None) -> None:
+        """Fail the job when a node's trainer died (or its host stopped answering), naming that
+        node and its reason. When several ended, the node that ended first is the cause (the
+        others lost their peer); one killed with its wrapper (no exit code) counts as first."""
+        statuses = await asyncio.gather(*(self._peer_status(peer) for peer in self.peers))
+        failed: list[tuple[float, Peer | None, TrainerStatus | None, str]] = []
+        for peer, status in zip(self.peers, statuses, strict=True):
+            if status is None:
+                if peer.source.unreachable_for() > self.spec.unreachable_timeout.total_seconds():
+                    minutes = self.spec.unreachable_timeout.total_seconds() / 60
+                    reason = f"host unreachable for more than {minutes:g} min: {peer.source.last_error}"
+                    failed.append((0.0, peer, None, reason))
+                continue
+            if not status.started:
+                failed.append((0.0, peer, status, "the trainer is not running: it was never started on the node"))
+            elif not status.running and status.exit_code != 0:
+                failed.append((await _ended_at(peer.source), peer, status, f"trainer {exit_description(status)}"))
+        if not failed:
+            return
+        if head is not None and head.started and not head.running and head.exit_code != 0:
+            failed.append((await _ended_at(self.source), None, head, f"trainer {exit_description(head)}"))
+        _, peer, status, reason = min(failed, key=lambda f: (f[0], f[1] is None))
+        if peer is None:
+            return  # node 0 failed first: judged as its own trainer exit
+        tail = await _log_tail(peer.source)
+        exit_code = status.exit_code if status is not None else None
+        await self._store_pending(store, final=False)
+        raise _Finished(
+            Verdict("node_failed", False, with_log_tail(f"node {peer.rank} ({peer.name}): {reason}", tail)),
+            exit_code,
+        )
+
+    async def _peer_status(self, peer: Peer) -> TrainerStatus | None:
         try:
-            _, out, _ = await self.source.script(
-                'tail -n "$2" -- "$1" 2>/dev/null || true', f"{self.source.workdir}/{LOG_PATH}", "20"
-            )
-        except (SourceUnreachable, TimeoutError, OSError):
-            return ""
-        return out.rstrip("\n")
+            return self._parse_status(*await peer.source.script(*peer.status_command))
+        except (SourceUnreachable, HostError, TimeoutError, OSError) as err:
+            self._warn(f"status {peer.rank}", f"node {peer.rank}: trainer status unknown: {err}")
+            return None
 
-    # -- the trainer's log ----------------------------------------------------------------------
 
-    async def _follow_log(self) -> None:
-        """Show the trainer's output in the task log (display only: after a restart the last
-        :data:`LOG_REPLAY_BYTES` are shown again)."""
+#: When the trainer's wrapper recorded its exit (seconds since the epoch; 0 when it never did).
+_ENDED_AT = 'date -r "$1/run/exit_code" +%s.%N 2>/dev/null || echo 0'
+
+
+async def _ended_at(source: Source) -> float:
+    try:
+        _, out, _ = await source.script(_ENDED_AT, source.workdir)
+        return float(out.strip() or 0)
+    except (SourceUnreachable, HostError, TimeoutError, OSError, ValueError):
+        return 0.0
+
+
+async def _log_tail(source: Source, lines: int = 20) -> str:
+    try:
+        _, out, _ = await source.script(
+            'tail -n "$2" -- "$1" 2>/dev/null || true', f"{source.workdir}/{LOG_PATH}", str(lines)
+        )
+    except (SourceUnreachable, TimeoutError, OSError):
+        return ""
+    return out.rstrip("\n")
+
+
+class _TrainerLog:
+    """One node's trainer log shown in the task log (display only: after a restart the last
+    :data:`LOG_REPLAY_BYTES` are shown again)."""
+
+    def __init__(self, source: Source, gate: _LogGate) -> None:
+        self.source = source
+        self.gate = gate
+        self.offset: int | None = None  # shown up to here
+        self.partial = b""  # its unterminated last line
+
+    async def follow(self) -> None:
         backoff = Backoff()
         while True:
             try:
-                if self._log_offset is None:
-                    self._log_offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
-                async for data in self.source.stream(LOG_PATH, self._log_offset):
-                    self._log_lines(data)
+                if self.offset is None:
+                    self.offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
+                async for data in self.source.stream(LOG_PATH, self.offset):
+                    self.lines(data)
                     backoff.reset()
             except (StreamBroken, SourceUnreachable):
                 await asyncio.sleep(backoff.next())
 
-    def _log_lines(self, data: bytes) -> None:
-        assert self._log_offset is not None
-        self._log_offset += len(data)
-        lines = (self._log_partial + data).split(b"\n")
-        self._log_partial = lines.pop()
+    def lines(self, data: bytes) -> None:
+        assert self.offset is not None
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
         for line in lines:
-            self._log_gate.line(line.decode("utf-8", "replace"))
+            self.gate.line(line.decode("utf-8", "replace"))
 
-    async def _drain_log(self, logs: asyncio.Task[None]) -> None:
+    async def drain(self, task: asyncio.Task[None]) -> None:
         """The job ended: the log's last lines, which the stream may not have brought yet (a
         loaded host or triggerer), are read once more before following stops."""
-        logs.cancel()
-        await asyncio.gather(logs, return_exceptions=True)
-        if self._log_offset is None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if self.offset is None:
             return
         with contextlib.suppress(SourceUnreachable, StreamBroken, HostError, TimeoutError, OSError):
-            self._log_lines(await asyncio.wait_for(self.source.read(LOG_PATH, self._log_offset, LOG_REPLAY_BYTES), 10))
-        if self._log_partial:
-            self._log_gate.line(self._log_partial.decode("utf-8", "replace"))
-            self._log_partial = b""
+            self.lines(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
+        if self.partial:
+            self.gate.line(self.partial.decode("utf-8", "replace"))
+            self.partial = b""
 
 
 class _Restart(Exception):
@@ -784,8 +863,9 @@ class _Restart(Exception):
 class _LogGate:
     """Trainer lines into the task log: a burst, then a steady rate; what is dropped is counted."""
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, label: str = "trainer") -> None:
         self.log = log
+        self.label = label
         self.tokens = float(LOG_BURST_LINES)
         self.stamp = time.monotonic()
         self.dropped = 0
@@ -802,7 +882,7 @@ class _LogGate:
                 self.flush()
             if len(text) > LOG_LINE_CHARS:
                 text = text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
-            self.log.info("[trainer] %s", text)
+            self.log.info("[%s] %s", self.label, text)
         else:
             self.dropped += 1
             self.dropped_bytes += len(text) + 1
@@ -810,8 +890,9 @@ class _LogGate:
     def flush(self) -> None:
         if self.dropped:
             self.log.info(
-                "[trainer] ... %d lines (%d bytes) not shown: the trainer writes faster than %g lines/s; "
+                "[%s] ... %d lines (%d bytes) not shown: the trainer writes faster than %g lines/s; "
                 "logs/trainer.log has them all and is uploaded with the outputs",
+                self.label,
                 self.dropped,
                 self.dropped_bytes,
                 LOG_LINES_PER_SECOND,

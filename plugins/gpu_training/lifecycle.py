@@ -7,6 +7,7 @@ from the results DB (not XCom), so any step can be retried on its own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -85,12 +86,12 @@ def cost_deadline(store: ResultsStore, job_uuid: str, spec: JobSpec) -> datetime
     or a free instance)."""
     if not spec.max_cost_usd:
         return None
-    record = current_instance(store, job_uuid)
-    if not record.price_per_hour:
+    price = sum(node.price_per_hour or 0.0 for node in current_nodes(store, job_uuid))
+    if not price:
         return None
     now = utcnow()
     left = spec.max_cost_usd - job_cost(store, job_uuid, now=now)
-    return now + timedelta(hours=max(0.0, left) / record.price_per_hour)
+    return now + timedelta(hours=max(0.0, left) / price)
 
 
 def ensure_within_cost(store: ResultsStore, job_uuid: str, spec: JobSpec, what: str) -> None:
@@ -125,7 +126,9 @@ def ensure_within_run_budget(store: ResultsStore, job_uuid: str, spec: JobSpec) 
         raise JobCancelledError(f"not launched: the {reason}")
 
 
-def ensure_run_slot(store: ResultsStore, job_uuid: str, spec: JobSpec, *, intent: str | None = None) -> None:
+def ensure_run_slot(
+    store: ResultsStore, job_uuid: str, spec: JobSpec, *, intent: str | None = None, also: tuple[str, ...] = ()
+) -> None:
     """At most ``run_max_instances`` jobs of the run hold an instance (launch to verified
     termination). Checked before listing offers, and again once this launch's intent row is
     committed: of two launches racing for the last slot the older row wins and the other forgets
@@ -144,7 +147,8 @@ def ensure_run_slot(store: ResultsStore, job_uuid: str, spec: JobSpec, *, intent
                 order.append(r.job_id)
         busy = job.id in order and order.index(job.id) >= spec.run_max_instances
         if busy:
-            store.delete_instance_intent(intent)
+            for name in (intent, *also):  # ``also``: the other nodes of a multi-node attempt
+                store.delete_instance_intent(name)
     if busy:
         raise RunSlotBusyError(
             f"waiting for a slot: the run's jobs already hold {spec.run_max_instances} instances (run_max_instances)"
@@ -232,15 +236,41 @@ def provision(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     spec = parse_job_params(job.params)
     store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
     live = [i for i in store.instances_for_job(job_uuid) if i.state not in ("terminated", "failed")]
-    for record in reversed(live):
-        provider = get_provider(record.provider, spec)
-        found = provider.find_instance(record.name)
-        if found is not None:
-            store.update_instance(record.name, instance_id=found.instance_id, state=str(found.state))
-            return found
-        if not record.instance_id:  # the intent was recorded, the launch never happened
-            store.update_instance(record.name, state="failed", state_reason="launch did not complete")
+    groups: dict[str, list[Instance]] = {}
+    for record in live:
+        groups.setdefault(record.node_group or record.name, []).append(record)
+    for nodes in reversed(list(groups.values())):
+        provider = get_provider(nodes[0].provider, spec)
+        found = [provider.find_instance(record.name) for record in nodes]
+        for record, info in zip(nodes, found, strict=True):
+            if info is not None:
+                store.update_instance(record.name, instance_id=info.instance_id, state=str(info.state))
+            elif not record.instance_id:  # the intent was recorded, the launch never happened
+                store.update_instance(record.name, state="failed", state_reason="launch did not complete")
+        if all(found) and len(found) == node_count(nodes[0], spec):
+            return next(info for info in found if info is not None)
+        if any(found):  # part of a multi-node launch: all or nothing
+            missing = ", ".join(str(r.node_rank) for r, info in zip(nodes, found, strict=True) if info is None)
+            _terminate_group(store, nodes, provider, reason=f"launch did not complete: no node {missing}")
     return launch_next(store, job_uuid)
+
+
+def node_count(record: Instance, spec: JobSpec) -> int:
+    """How many nodes the launch attempt of ``record`` has (1 for a single-node instance)."""
+    return spec.num_nodes if record.node_group else 1
+
+
+def _terminate_group(store: ResultsStore, nodes: list[Instance], provider: ComputeProvider, *, reason: str) -> None:
+    """Terminate every node of a launch attempt that exists (all or nothing); failures are raised
+    after trying each (teardown tries again)."""
+    errors = []
+    for record in nodes:
+        try:
+            _terminate_record(store, store.instance(record.name) or record, provider, reason=reason)
+        except Exception as err:
+            errors.append(f"{record.name}: {err}")
+    if errors:
+        raise ProviderError(provider.name, "could not terminate " + "; ".join(errors))
 
 
 def _offer_key(provider: str, instance_type: str | None, region: str | None) -> tuple[str, str, str]:
@@ -290,11 +320,14 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     for offer in ranked:
         if _offer_key(offer.provider, offer.instance_type, offer.region) in given_up:
             continue
+        if offer.gpu_count and offer.gpu_count < spec.gpus_per_node:
+            continue  # fewer GPUs than trainer processes per node
         records = store.instances_for_job(job_uuid)
         number = len(records) + 1
-        # Relaunches after an interruption are limited by max_recoveries, not max_launch_attempts.
-        attempts = sum(1 for r in records if not (r.state_reason or "").startswith(INTERRUPTED)) + 1
-        if attempts > spec.max_launch_attempts:
+        # Relaunches after an interruption are limited by max_recoveries, not max_launch_attempts;
+        # the nodes of a multi-node launch are one attempt.
+        attempts = len({r.node_group or r.name for r in records if not (r.state_reason or "").startswith(INTERRUPTED)})
+        if attempts + 1 > spec.max_launch_attempts:
             raise NoCapacityError(
                 "all",
                 f"gave up after {spec.max_launch_attempts} launch attempts (max_launch_attempts): "
@@ -302,70 +335,108 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
             )
         provider = providers[offer.provider]
         name = instance_name(job.dag_id, job.run_id, job_uuid, number)
-        store.record_instance_intent(
-            job_uuid,
-            provider=provider.name,
-            name=name,
-            instance_type=offer.instance_type,
-            region=offer.region,
-            price_per_hour=offer.price_per_hour,
-            spot=offer.spot,
-        )
-        # The intent is committed: from here teardown waits for this launch to settle. A cancel or
+        names = node_names(name, spec.num_nodes)
+        for rank, node in enumerate(names):
+            store.record_instance_intent(
+                job_uuid,
+                provider=provider.name,
+                name=node,
+                instance_type=offer.instance_type,
+                region=offer.region,
+                price_per_hour=offer.price_per_hour,
+                spot=offer.spot,
+                node_rank=rank,
+                node_group=name if spec.num_nodes > 1 else None,
+            )
+        # The intents are committed: from here teardown waits for this launch to settle. A cancel or
         # teardown that came first means no launch at all.
         stop = cancelled_reason(store.job(job_uuid))
         if stop:
-            store.update_instance(name, state="failed", state_reason=NOT_LAUNCHED_CANCELLED)
+            for node in names:
+                store.update_instance(node, state="failed", state_reason=NOT_LAUNCHED_CANCELLED)
             raise JobCancelledError(stop)
-        ensure_run_slot(store, job_uuid, spec, intent=name)
-        try:
-            info = provider.find_instance(name) or provider.launch(offer, name)
-        except ProviderError as err:
-            if isinstance(err, NoCapacityError):
-                reason = f"{NO_CAPACITY} {err}"
-                history.append(f"{offer.provider} {offer.instance_type} {offer.region or ''}".strip() + f": {err}")
-                log.warning("no capacity for %s %s, trying the next offer", offer.provider, offer.instance_type)
-            else:
-                reason = str(err)
-            if err.instance_id:  # created despite the error: make sure teardown can find it
-                store.update_instance(name, instance_id=err.instance_id, state="unknown", state_reason=reason)
-            else:
-                store.update_instance(name, state="failed", state_reason=reason)
-            if isinstance(err, NoCapacityError):
-                continue
-            raise
-        store.update_instance(
-            name,
-            instance_id=info.instance_id,
-            state=str(info.state),
-            address=info.address,
-            launched_at=utcnow(),
-            details=info.details,
-        )
-        _terminate_if_torn_down(store, job_uuid, name, provider)
+        ensure_run_slot(store, job_uuid, spec, intent=name, also=tuple(names[1:]))
+        launched: list[InstanceInfo] = []
+        for rank, node in enumerate(names):
+            try:
+                info = provider.find_instance(node) or provider.launch(offer, node)
+            except ProviderError as err:
+                capacity = isinstance(err, NoCapacityError)
+                where = f"node {rank} of {len(names)}: " if len(names) > 1 else ""
+                reason = f"{NO_CAPACITY} {where}{err}" if capacity else f"{where}{err}"
+                if capacity:
+                    history.append(
+                        f"{offer.provider} {offer.instance_type} {offer.region or ''}".strip() + f": {where}{err}"
+                    )
+                    log.warning(
+                        "no capacity for %s %s %s, trying the next offer", where, offer.provider, offer.instance_type
+                    )
+                if err.instance_id:  # created despite the error: make sure teardown can find it
+                    store.update_instance(node, instance_id=err.instance_id, state="unknown", state_reason=reason)
+                else:
+                    store.update_instance(node, state="failed", state_reason=reason)
+                _abandon_attempt(store, names, rank, provider, reason)
+                if capacity:
+                    break
+                raise
+            store.update_instance(
+                node,
+                instance_id=info.instance_id,
+                state=str(info.state),
+                address=info.address,
+                launched_at=utcnow(),
+                details=info.details,
+            )
+            launched.append(info)
+        if len(launched) < len(names):
+            continue  # all or nothing: the next offer
+        _terminate_if_torn_down(store, job_uuid, names, provider)
         log.info(
-            "launched %s: %s %s %s at %s USD/h (%s)",
+            "launched %s: %s%s %s %s at %s USD/h (%s)",
             name,
+            f"{len(names)} nodes of " if len(names) > 1 else "",
             offer.provider,
             offer.instance_type,
             offer.region or "",
             offer.price_per_hour,
-            info.instance_id,
+            ", ".join(i.instance_id for i in launched),
         )
-        return info
+        return launched[0]
     raise NoCapacityError("all", f"every fitting offer was refused or given up ({len(history)}): " + "; ".join(history))
 
 
-def _terminate_if_torn_down(store: ResultsStore, job_uuid: str, name: str, provider: ComputeProvider) -> None:
+def node_names(name: str, num_nodes: int) -> list[str]:
+    """The instance names of one launch attempt: ``name`` for node 0, ``name-n<rank>`` for the others."""
+    return [name] + [f"{name}-n{rank}" for rank in range(1, num_nodes)]
+
+
+def _abandon_attempt(
+    store: ResultsStore, names: list[str], failed_rank: int, provider: ComputeProvider, reason: str
+) -> None:
+    """A node of a multi-node launch could not be had: the nodes launched before it are terminated
+    and those after it never launched, all with the same reason (so the offer is given up)."""
+    if len(names) == 1:
+        return
+    why = f"{reason} (all or nothing: the attempt's other nodes are released)"
+    launched = [store.instance(n) for n in names[:failed_rank]]
+    for node in names[failed_rank + 1 :]:
+        store.update_instance(node, state="failed", state_reason=why)
+    _terminate_group(store, [r for r in launched if r is not None], provider, reason=why)
+
+
+def _terminate_if_torn_down(store: ResultsStore, job_uuid: str, names: list[str], provider: ComputeProvider) -> None:
     """A teardown that started while the launch call was in flight may have given up waiting for
     it: terminate what was just created here too (terminating twice is harmless)."""
     job = store.job(job_uuid)
     if job.teardown_started_at is None:
         return
-    record = store.instance(name)
-    if record is not None and record.state != "terminated":
-        log.warning("teardown began while %s was launching: terminating it", name)
-        _terminate_record(store, record, provider, reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched"))
+    for name in names:
+        record = store.instance(name)
+        if record is not None and record.state != "terminated":
+            log.warning("teardown began while %s was launching: terminating it", name)
+            _terminate_record(
+                store, record, provider, reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched")
+            )
     raise JobCancelledError(cancelled_reason(job) or f"job {job_uuid} is being torn down")
 
 
@@ -392,8 +463,37 @@ def _provider_and_info(store: ResultsStore, job_uuid: str) -> tuple[ComputeProvi
 
 
 def host_for(store: ResultsStore, job_uuid: str) -> Host:
+    """The host of the job's instance (of a multi-node job: node 0, which holds the outputs)."""
     provider, info = _provider_and_info(store, job_uuid)
     return provider.host(info)
+
+
+def node_hosts(store: ResultsStore, job_uuid: str) -> list[tuple[Instance, InstanceInfo, Host]]:
+    """Every live node of the job with what its provider reports and its host, rank 0 first."""
+    nodes = current_nodes(store, job_uuid)
+    provider = get_provider(nodes[0].provider, job_spec(store, job_uuid))
+    out = []
+    for record in nodes:
+        info = _instance_info(provider, record)
+        out.append((record, info, provider.host(info)))
+    return out
+
+
+def node_label(record: Instance) -> str:
+    """``node 1 (gpujob-...-n1)`` for a node of a multi-node job, the instance name otherwise."""
+    return f"node {record.node_rank} ({record.name})" if record.node_group else record.name
+
+
+def _on_each(items: list[Any], fn: Any) -> list[Any]:
+    """``fn`` on every item, at once where there are several (nodes are separate machines); the
+    first error is raised once all ended."""
+    if len(items) == 1:
+        return [fn(items[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    return [f.result() for f in futures]
 
 
 def host_and_trainer(store: ResultsStore, job_uuid: str) -> tuple[Host, Trainer]:
@@ -410,47 +510,59 @@ def provision_timeout(spec: JobSpec, provider: ComputeProvider) -> timedelta:
 
 
 def check_ready(store: ResultsStore, job_uuid: str) -> bool:
-    """Whether the instance runs and answers SSH; called once per poll by the boot wait.
+    """Whether the instance runs and answers SSH (every node of a multi-node job); called once per
+    poll by the boot wait.
 
     A rented instance that turns unhealthy, vanishes, or is not usable within the provider's
-    provisioning timeout is terminated and replaced by the next offer (``False``: keep waiting).
+    provisioning timeout is terminated and replaced by the next offer (``False``: keep waiting);
+    a multi-node attempt is replaced whole.
     """
     ensure_not_cancelled(store, job_uuid)
     spec = job_spec(store, job_uuid)
-    record = current_instance(store, job_uuid)
-    provider = get_provider(record.provider, spec)
+    nodes = current_nodes(store, job_uuid)
+    provider = get_provider(nodes[0].provider, spec)
     timeout = provision_timeout(spec, provider)
     ensure_within_cost(store, job_uuid, spec, "while the instance booted")
-    waited = utcnow() - (record.launched_at or record.created_at)
+    waited = utcnow() - (nodes[0].launched_at or nodes[0].created_at)
     over = waited > timeout
     took = f"after {waited.total_seconds() / 60:.1f} min (provisioning timeout {timeout.total_seconds() / 60:g} min)"
-    try:
-        info = _instance_info(provider, record)
-    except InstanceNotFoundError as err:
-        return _replace_or_raise(store, job_uuid, record, provider, f"instance vanished while booting: {err}")
-    if info.state != record.state:
-        store.update_instance(record.name, state=str(info.state), address=info.address)
-    if info.state.is_gone:
-        status = info.details.get("status") or info.state
-        return _replace_or_raise(
-            store, job_uuid, record, provider, f"instance {info.instance_id} turned {status} while booting"
-        )
-    if info.state != InstanceState.RUNNING:
-        if over:
-            return _replace_or_raise(store, job_uuid, record, provider, f"instance still {info.state} {took}")
-        return False
-    try:
-        provider.host(info).prepare()
-    except BadRequestError:
-        raise  # a wrong key or host key: a new instance would not help
-    except (ProviderError, HostError) as err:
-        if not provider.ephemeral:
-            raise
-        if over:
-            return _replace_or_raise(store, job_uuid, record, provider, f"not reachable by SSH {took}: {err}")
-        log.info("instance %s runs but does not answer SSH yet: %s", info.instance_id, err)
-        return False
-    store.update_instance(record.name, ready_at=utcnow(), address=info.address)
+    infos: list[InstanceInfo] = []
+    for record in nodes:
+        what = f"{node_label(record)}: " if record.node_group else ""
+        try:
+            info = _instance_info(provider, record)
+        except InstanceNotFoundError as err:
+            return _replace_or_raise(store, job_uuid, nodes, provider, f"{what}instance vanished while booting: {err}")
+        if info.state != record.state:
+            store.update_instance(record.name, state=str(info.state), address=info.address)
+        if info.state.is_gone:
+            status = info.details.get("status") or info.state
+            return _replace_or_raise(
+                store, job_uuid, nodes, provider, f"{what}instance {info.instance_id} turned {status} while booting"
+            )
+        infos.append(info)
+    for record, info in zip(nodes, infos, strict=True):
+        if info.state != InstanceState.RUNNING:
+            if over:
+                what = f"{node_label(record)}: " if record.node_group else ""
+                return _replace_or_raise(store, job_uuid, nodes, provider, f"{what}instance still {info.state} {took}")
+            return False
+    for record, info in zip(nodes, infos, strict=True):
+        if record.ready_at is not None:
+            continue
+        try:
+            provider.host(info).prepare()
+        except BadRequestError:
+            raise  # a wrong key or host key: a new instance would not help
+        except (ProviderError, HostError) as err:
+            if not provider.ephemeral:
+                raise
+            what = f"{node_label(record)}: " if record.node_group else ""
+            if over:
+                return _replace_or_raise(store, job_uuid, nodes, provider, f"{what}not reachable by SSH {took}: {err}")
+            log.info("%sinstance %s runs but does not answer SSH yet: %s", what, info.instance_id, err)
+            return False
+        store.update_instance(record.name, ready_at=utcnow(), address=info.address)
     return True
 
 
@@ -464,13 +576,14 @@ def _instance_info(provider: ComputeProvider, record: Instance) -> InstanceInfo:
 
 
 def _replace_or_raise(
-    store: ResultsStore, job_uuid: str, record: Instance, provider: ComputeProvider, reason: str
+    store: ResultsStore, job_uuid: str, nodes: list[Instance], provider: ComputeProvider, reason: str
 ) -> bool:
-    """Terminate a broken instance and launch the next offer (rented instances only)."""
+    """Terminate a broken instance (every node of its attempt) and launch the next offer (rented
+    instances only)."""
     if not provider.ephemeral:
         raise ProviderError(provider.name, reason)
-    log.warning("%s: %s; terminating it and trying the next offer", record.name, reason)
-    _terminate_record(store, record, provider, reason=f"{REPLACED} {reason}")
+    log.warning("%s: %s; terminating it and trying the next offer", nodes[0].node_group or nodes[0].name, reason)
+    _terminate_group(store, nodes, provider, reason=f"{REPLACED} {reason}")
     try:
         info = launch_next(store, job_uuid)
     except (NoCapacityError, NoOfferError) as err:
@@ -486,22 +599,28 @@ def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
     spec = parse_job_params(job.params)
     if job.config_yaml is None:
         raise TrainerFailedError(f"job {job_uuid} has no config yet: the build_config step did not run")
-    host = host_for(store, job_uuid)
-    host.prepare()
-    host.put_bytes(job.config_yaml.encode(), CONFIG_PATH)
-    files = 1
-    if spec.dataset_uri:
-        if _direct_s3(spec, host, spec.dataset_uri):
-            expiry = int(spec.presigned_url_expiry_minutes * 60)
-            files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
-        else:
-            files += len(fetch_dataset(spec.dataset_uri, host))
-    if spec.init_checkpoint_uri:
-        files += _fetch_init_checkpoint(spec, host)
-    reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
-    if reference_trainer or any("{workdir}/trainer/" in part for part in spec.command):
-        files += len(host.put_tree(REFERENCE_TRAINER_DIR, TRAINER_DIR))
-    return {"files": files}
+    config = job.config_yaml.encode()
+
+    def transfer(host: Host) -> int:
+        host.prepare()
+        host.put_bytes(config, CONFIG_PATH)
+        files = 1
+        if spec.dataset_uri:
+            if _direct_s3(spec, host, spec.dataset_uri):
+                expiry = int(spec.presigned_url_expiry_minutes * 60)
+                files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
+            else:
+                files += len(fetch_dataset(spec.dataset_uri, host))
+        if spec.init_checkpoint_uri:
+            files += _fetch_init_checkpoint(spec, host)
+        reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
+        if reference_trainer or any("{workdir}/trainer/" in part for part in spec.command):
+            files += len(host.put_tree(REFERENCE_TRAINER_DIR, TRAINER_DIR))
+        return files
+
+    # Every node gets the same inputs (each trains on its shard of the same data).
+    counts = _on_each([host for _, _, host in node_hosts(store, job_uuid)], transfer)
+    return {"files": sum(counts), **({"nodes": len(counts)} if len(counts) > 1 else {})}
 
 
 def _fetch_init_checkpoint(spec: JobSpec, host: Host) -> int:
@@ -553,6 +672,8 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
         report = trainer.start(ContainerSpec.for_job(spec, host), registry_login(spec.registry_conn_id))
         log.info("%s", report)
         status = trainer.status()
+    elif spec.distributed:
+        status = _start_distributed(store, job_uuid, spec)
     else:
         argv = render_command(spec.command, python=host.python, workdir=host.workdir)
         status = host.start_trainer(argv, trainer_env(host))
@@ -563,16 +684,99 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
     return status.pid
 
 
+#: Where node 0 listens for the others when no free port could be asked for (torchrun's default).
+DEFAULT_MASTER_PORT = 29500
+_FREE_PORT = 'exec "$1" -c "import socket; s = socket.socket(); s.bind((\'\', 0)); print(s.getsockname()[1])"'
+
+
+def distributed_env(spec: JobSpec, *, rank: int, master_addr: str, master_port: int, nproc: int) -> dict[str, str]:
+    """The usual distributed environment of node ``rank`` (what torchrun and launchers read)."""
+    return {
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "NODE_RANK": str(rank),
+        "NNODES": str(spec.num_nodes),
+        "NPROC_PER_NODE": str(nproc),
+        "WORLD_SIZE": str(spec.num_nodes * nproc),
+    }
+
+
+def distributed_command(spec: JobSpec, env: Mapping[str, str], *, python: str, workdir: str) -> list[str]:
+    """The node's trainer command: the reference trainer under torchrun, or ``command`` with its
+    ``{torchrun}`` placeholder expanded to the launcher and this node's flags."""
+    command = list(spec.command)
+    if command == DEFAULT_COMMAND:
+        command = ["{torchrun}", "{workdir}/trainer/train.py"]
+    torchrun = [
+        python,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={env['NNODES']}",
+        f"--nproc-per-node={env['NPROC_PER_NODE']}",
+        f"--node-rank={env['NODE_RANK']}",
+        f"--master-addr={env['MASTER_ADDR']}",
+        f"--master-port={env['MASTER_PORT']}",
+    ]
+    argv: list[str] = []
+    for part in render_command(command, python=python, workdir=workdir):
+        argv.extend(torchrun if part == "{torchrun}" else [part])
+    return argv
+
+
+def _master_port(store: ResultsStore, record: Instance, host: Host) -> int:
+    """A free port on node 0 for the others to meet at, asked once and kept on its record (a
+    retried start uses the same)."""
+    details = dict(record.details or {})
+    if details.get("master_port"):
+        return int(details["master_port"])
+    rc, out, _ = host.script(_FREE_PORT, host.python, check=False, timeout=60)
+    port = int(out.strip()) if rc == 0 and out.strip().isdigit() else DEFAULT_MASTER_PORT
+    store.update_instance(record.name, details={**details, "master_port": port})
+    return port
+
+
+def _start_distributed(store: ResultsStore, job_uuid: str, spec: JobSpec) -> Any:
+    """Start the trainer on every node with the distributed environment; returns node 0's status."""
+    nodes = node_hosts(store, job_uuid)
+    head, head_info, head_host = nodes[0]
+    master_addr = str(head_info.details.get("private_ip") or head_info.address or "127.0.0.1")
+    master_port = _master_port(store, head, head_host)
+    nproc = spec.gpus_per_node or max(1, len(head_host.gpus))
+
+    def start(node: tuple[Instance, InstanceInfo, Host]) -> Any:
+        record, _, host = node
+        env = distributed_env(
+            spec, rank=record.node_rank, master_addr=master_addr, master_port=master_port, nproc=nproc
+        )
+        argv = distributed_command(spec, env, python=host.python, workdir=host.workdir)
+        return host.start_trainer(argv, {**trainer_env(host), **env})
+
+    log.info("starting %d nodes x %d processes (master %s:%d)", len(nodes), nproc, master_addr, master_port)
+    return _on_each(nodes, start)[0]
+
+
 def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
     """What :class:`~gpu_training.triggers.GlobalJsonTrigger` needs to follow the job: how to
     reach its host, how to ask for the trainer's status, and the job's limits."""
     ensure_not_cancelled(store, job_uuid)
     spec = job_spec(store, job_uuid)
     host, trainer = host_and_trainer(store, job_uuid)
+    peers = []
+    if spec.num_nodes > 1:  # the other nodes: their trainers are watched and their logs shown too
+        for record, _, node_host in node_hosts(store, job_uuid)[1:]:
+            peers.append(
+                {
+                    "rank": record.node_rank,
+                    "name": record.name,
+                    "target": node_host.follow_target(),
+                    "status_command": trainer_for(spec, node_host, record.name).status_command(),
+                }
+            )
     return {
         "job_uuid": job_uuid,
         "target": host.follow_target(),
         "status_command": trainer.status_command(),
+        "peers": peers,
         "runtime": spec.runtime,
         "poll_interval_seconds": spec.poll_interval_seconds,
         "stall_timeout_seconds": spec.stall_timeout_minutes * 60,
@@ -593,18 +797,20 @@ def interruption(store: ResultsStore, job_uuid: str) -> str | None:
     Asked when following ended with the host unreachable or the trainer gone: a spot instance the
     cloud reports interrupted, or that vanished altogether, is an interruption.
     """
-    record = current_instance(store, job_uuid)
-    if not record.spot:
+    nodes = current_nodes(store, job_uuid)
+    if not nodes[0].spot:
         return None
-    provider = get_provider(record.provider, job_spec(store, job_uuid))
-    try:
-        info = _instance_info(provider, record)
-    except InstanceNotFoundError as err:
-        return f"the spot instance vanished: {err}"
-    if info.interrupted:
-        return str(info.details.get("interruption") or f"{info.instance_id} interrupted ({info.state})")
-    if info.state.is_gone:
-        return f"the spot instance is {info.details.get('status') or info.state}"
+    provider = get_provider(nodes[0].provider, job_spec(store, job_uuid))
+    for record in nodes:  # one node lost is the whole attempt lost
+        what = f"{node_label(record)}: " if record.node_group else ""
+        try:
+            info = _instance_info(provider, record)
+        except InstanceNotFoundError as err:
+            return f"{what}the spot instance vanished: {err}"
+        if info.interrupted:
+            return what + str(info.details.get("interruption") or f"{info.instance_id} interrupted ({info.state})")
+        if info.state.is_gone:
+            return f"{what}the spot instance is {info.details.get('status') or info.state}"
     return None
 
 
@@ -624,10 +830,12 @@ def recover(store: ResultsStore, job_uuid: str, reason: str) -> InstanceInfo:
         raise TrainerFailedError(
             f"instance interrupted ({reason}); no recovery left (max_recoveries={spec.max_recoveries})"
         )
-    record = current_instance(store, job_uuid)
+    nodes = current_nodes(store, job_uuid)
+    record = nodes[0]
     provider = get_provider(record.provider, spec)
-    store.update_instance(record.name, interrupted_at=utcnow(), interruption=reason[:500])
-    _terminate_record(store, record, provider, reason=f"{INTERRUPTED} {reason}")
+    for node in nodes:
+        store.update_instance(node.name, interrupted_at=utcnow(), interruption=reason[:500])
+    _terminate_group(store, nodes, provider, reason=f"{INTERRUPTED} {reason}")
     store.begin_recovery(job_uuid)
     log.warning("job %s: %s interrupted (%s); recovery %d", job_uuid, record.name, reason, job.recovery_count + 1)
     return launch_next(store, job_uuid)
@@ -638,8 +846,7 @@ def awaiting_restart(store: ResultsStore, job_uuid: str) -> bool:
     job = store.job(job_uuid)
     if job.recovery_count == 0:
         return False
-    record = current_instance(store, job_uuid)
-    if record.ready_at is None:
+    if any(node.ready_at is None for node in current_nodes(store, job_uuid)):
         return True
     _, trainer = host_and_trainer(store, job_uuid)
     return not trainer.status().started
@@ -663,7 +870,7 @@ def restart_trainer(store: ResultsStore, job_uuid: str) -> dict[str, Any] | None
 
 
 #: Ends after which the trainer may still be running and must be stopped.
-_STOP_AFTER = frozenset({"stall", "max_runtime", "max_cost", "non_finite_loss", "cancelled"})
+_STOP_AFTER = frozenset({"stall", "max_runtime", "max_cost", "non_finite_loss", "cancelled", "node_failed"})
 #: How often :func:`after_follow` tries to stop the trainer, and the wait before the n-th retry
 #: (n times this).
 STOP_ATTEMPTS = 3
@@ -680,14 +887,19 @@ def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> 
     and why the stop failed; teardown, which runs whatever failed, then terminates the instance
     (the SSH provider: stops the trainer and removes the work directory), retried until verified.
     """
-    if result.get("kind") not in _STOP_AFTER:
+    kind = result.get("kind")
+    if kind == "trainer_exit":
+        # Node 0's trainer ended: the other nodes' may still run (waiting for it), so they are
+        # stopped too. A single node's trainer that ended has nothing left to stop.
+        if job_spec(store, job_uuid).num_nodes == 1:
+            return
+    elif kind not in _STOP_AFTER:
         return
     import time
 
     for attempt in range(1, STOP_ATTEMPTS + 1):
         try:
-            _, trainer = host_and_trainer(store, job_uuid)
-            trainer.stop()
+            _stop_trainers(store, job_uuid)
             return
         except InstanceNotFoundError:
             return  # the instance is gone, and its trainer with it
@@ -700,6 +912,12 @@ def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> 
                 ) from err
             log.warning("job %s: stopping the trainer failed (%s: %s); trying again", job_uuid, type(err).__name__, err)
             time.sleep(STOP_BACKOFF_SECONDS * attempt)
+
+
+def _stop_trainers(store: ResultsStore, job_uuid: str) -> None:
+    """Stop the trainer on every node of the job."""
+    spec = job_spec(store, job_uuid)
+    _on_each(node_hosts(store, job_uuid), lambda node: trainer_for(spec, node[2], node[0].name).stop())
 
 
 def upload(store: ResultsStore, job_uuid: str) -> int:

@@ -306,7 +306,7 @@ class GlobalJsonSensor(TrainingJobStepOperator):
         raise TrainerFailedError(reason)
 
     #: Ends of following after which the instance itself may be gone (an interruption).
-    LOST_HOST = frozenset({"unreachable", "trainer_exit", "not_started"})
+    LOST_HOST = frozenset({"unreachable", "trainer_exit", "not_started", "node_failed"})
 
     def _recovering(self, store: ResultsStore, job_uuid: str) -> Any:
         """Wait (deferred) for the recovery instance, then restart the trainer and follow again."""

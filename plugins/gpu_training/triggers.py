@@ -55,6 +55,7 @@ class GlobalJsonTrigger(BaseTrigger):
         stop_on_nan: bool = False,
         cost_deadline: str | None = None,
         max_cost_usd: float = 0.0,
+        peers: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.kwargs: dict[str, Any] = {
@@ -70,13 +71,15 @@ class GlobalJsonTrigger(BaseTrigger):
             "stop_on_nan": bool(stop_on_nan),
             "cost_deadline": cost_deadline,  # ISO 8601, UTC
             "max_cost_usd": float(max_cost_usd),
+            # The other nodes of a multi-node job: {rank, name, target, status_command} each.
+            "peers": [dict(p) for p in peers or ()],
         }
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return f"{type(self).__module__}.{type(self).__qualname__}", dict(self.kwargs)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from gpu_training.follow import FollowSpec, JobFollower, source_for
+        from gpu_training.follow import FollowSpec, JobFollower, Peer, source_for
 
         kw = self.kwargs
         spec = FollowSpec(
@@ -93,9 +96,19 @@ class GlobalJsonTrigger(BaseTrigger):
             max_cost_usd=float(kw.get("max_cost_usd") or 0.0),
         )
         source = source_for(kw["target"], unreachable_timeout=kw["unreachable_timeout_seconds"])
+        peers = [
+            Peer(
+                rank=int(p["rank"]),
+                name=str(p["name"]),
+                source=source_for(p["target"], unreachable_timeout=kw["unreachable_timeout_seconds"]),
+                status_command=tuple(p["status_command"]),
+            )
+            for p in kw.get("peers") or ()
+        ]
         try:
-            result = await JobFollower(spec, source, log=self.log).run()
+            result = await JobFollower(spec, source, log=self.log, peers=peers).run()
         finally:
-            await source.close()
+            for closing in (source, *(p.source for p in peers)):
+                await closing.close()
         self.log.info("job %s ended: %s", spec.job_uuid, result.reason.splitlines()[0] if result.reason else "")
         yield TriggerEvent(result.as_event())

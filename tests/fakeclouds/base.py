@@ -30,6 +30,9 @@ class Faults:
 
     no_capacity: bool = False  # every offer is listed without capacity
     refuse_launch: int = 0  # the next N launches are refused for capacity although listed as available
+    #: Launch calls (1-based, counted since the last reset) refused for capacity although listed as
+    #: available: ``(2,)`` lets a multi-node job's first node launch and refuses its second.
+    refuse_launches: tuple[int, ...] = ()
     rate_limit: int = 0  # the next N requests are answered 429
     retry_after: float | None = 1.0  # the Retry-After those 429s carry (None: no header)
     error_after_create: int = 0  # the next N launches create the instance, then answer 500
@@ -99,6 +102,7 @@ class FakeCloud:
         self.calls: list[tuple[str, str, int]] = []  # (method, path, status)
         self.lock = threading.RLock()
         self._seq = 0
+        self.launch_calls = 0
         #: Where the instances' boxes are (``<box_root>/<instance name>`` on the test sshd), set by
         #: the rigs; terminating an instance kills what runs in its box (:meth:`power_off`).
         self.box_root: Path | None = None
@@ -154,6 +158,7 @@ class FakeCloud:
             self.faults = Faults()
             self.instances.clear()
             self.calls.clear()
+            self.launch_calls = 0
 
     def launched(self) -> list[FakeInstance]:
         with self.lock:
@@ -193,6 +198,25 @@ class FakeCloud:
         with self.lock:
             self._seq += 1
             return f"{prefix}{secrets.token_hex(6)}{self._seq:04d}"
+
+    def capacity_refused(self) -> bool:
+        """Whether this launch call is refused for capacity by ``refuse_launch`` or ``refuse_launches``
+        (a launch call counts whatever its answer)."""
+        with self.lock:
+            self.launch_calls += 1
+            if self.faults.refuse_launch > 0:
+                self.faults.refuse_launch -= 1
+                return True
+            return self.launch_calls in self.faults.refuse_launches
+
+    def private_ip(self, inst: FakeInstance) -> str:
+        """A private address of its own per instance, on the loopback network (127.0.0.0/8), so the
+        nodes of a multi-node job reach each other at distinct addresses."""
+        with self.lock:
+            if "private_ip" not in inst.extra:
+                taken = sum(1 for i in self.instances.values() if "private_ip" in i.extra)
+                inst.extra["private_ip"] = f"127.0.{1 + taken // 250}.{2 + taken % 250}"
+            return str(inst.extra["private_ip"])
 
     def power_off(self, inst: FakeInstance) -> None:
         """Kill every process of the instance's box, as terminating a real machine does (the fakes

@@ -371,9 +371,7 @@ class Ec2FaultProxy(FakeCloud):
                     f"for client token '{token}'.",
                 )
             return self._after_create(self._xml(200, body))
-        if self.faults.no_capacity or self.faults.refuse_launch > 0:
-            if not self.faults.no_capacity:
-                self.faults.refuse_launch -= 1
+        if self.faults.no_capacity or self.capacity_refused():
             zone = params.get("Placement.AvailabilityZone") or f"{region}a"
             return self._error(
                 500,

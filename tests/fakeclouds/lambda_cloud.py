@@ -249,9 +249,7 @@ class FakeLambda(FakeCloud):
                 "Specified SSH key does not exist.",
                 "Add the SSH key to your account, or check its name.",
             )
-        refused = self.faults.refuse_launch > 0
-        if refused:
-            self.faults.refuse_launch -= 1
+        refused = self.capacity_refused()
         if refused or region not in self._regions_with_capacity(type_name):
             return error(
                 400,
@@ -328,6 +326,6 @@ class FakeLambda(FakeCloud):
         }
         if booted:
             data["ip"] = self.ssh_host
-            data["private_ip"] = "10.0.2.100"
+            data["private_ip"] = self.private_ip(inst)
             data["hostname"] = self.ssh_host
         return data

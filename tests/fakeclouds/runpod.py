@@ -384,9 +384,7 @@ class FakeRunPod(FakeCloud):
             return bad_request(f"unknown GPU type {gpu_id!r}")
         if gpu_id in self.forbidden_gpus:
             return problem(403, "Forbidden", "access denied")
-        refused = self.faults.refuse_launch > 0
-        if refused:
-            self.faults.refuse_launch -= 1
+        refused = self.capacity_refused()
         wanted = body.get("dataCenterIds") or []
         levels = {
             dc: level

@@ -339,9 +339,7 @@ class FakeVast(FakeCloud):
                 f"error 404/3603: no_such_ask Instance type by id {ask_id} is not available.",
                 ask_id=ask_id,
             )
-        refused = self.faults.refuse_launch > 0
-        if refused:
-            self.faults.refuse_launch -= 1
+        refused = self.capacity_refused()
         if refused or not self._rentable(ask):
             return fail(
                 410,

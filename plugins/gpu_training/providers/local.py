@@ -119,6 +119,8 @@ class LocalProvider(ComputeProvider):
                 "gpus": meta.get("gpus", []),
                 "machine": meta.get("machine"),
                 "hostname": meta.get("hostname"),
+                # The nodes of a multi-node job reach each other here (each is a process group).
+                "private_ip": "127.0.0.1",
             },
         )
 

@@ -236,6 +236,8 @@ class ResultsStore:
         region: str | None = None,
         price_per_hour: float | None = None,
         spot: bool = False,
+        node_rank: int = 0,
+        node_group: str | None = None,
     ) -> None:
         """Write the instance row *before* the launch call, so a crash still leaves a trace.
 
@@ -265,6 +267,8 @@ class ResultsStore:
                         "spot": spot,
                         "state": "requested",
                         "created_at": utcnow(),
+                        "node_rank": node_rank,
+                        "node_group": node_group,
                     }
                 ],
             )
