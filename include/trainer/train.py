@@ -3,6 +3,12 @@
 Environment: ``TRAINING_CONFIG`` (the job's YAML) and ``TRAINING_OUTPUT_DIR`` (everything written there
 is the job's output). Progress goes to ``$TRAINING_OUTPUT_DIR/global.json``, one JSON event per line.
 Checkpoints (model + optimizer) are saved every epoch; a run resumes from ``checkpoints/latest.json``.
+
+Data parallel: started by torchrun with ``WORLD_SIZE`` > 1 (a multi-node job), every process trains
+the same model on its share of each global batch (``batch_size`` is the global batch) and the
+gradients are averaged across processes with ``torch.distributed`` (gloo, CPU), so each step is the
+step a single process takes on the whole batch. Rank 0 writes global.json, checkpoints and the model;
+the others only train and print. One process (the default) needs no torch at all.
 """
 
 from __future__ import annotations
@@ -207,6 +213,107 @@ def evaluate(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dic
     }
 
 
+# --- data parallel ----------------------------------------------------------------------------------
+
+
+class Alone:
+    """One process: nothing to synchronise (no torch needed)."""
+
+    rank = 0
+    world_size = 1
+
+    def shard(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
+    def average(self, loss: float, grads: dict[str, np.ndarray], count: int) -> tuple[float, dict[str, np.ndarray]]:
+        return loss, grads
+
+    def broadcast(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return arrays
+
+    def close(self) -> None:
+        pass
+
+
+class DataParallel(Alone):
+    """Several processes (torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment),
+    synchronised with ``torch.distributed`` over gloo."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_seconds))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def shard(self, batch: np.ndarray) -> np.ndarray:
+        return batch[self.rank :: self.world_size]
+
+    def average(self, loss: float, grads: dict[str, np.ndarray], count: int) -> tuple[float, dict[str, np.ndarray]]:
+        """The whole batch's mean loss and gradients from every process's mean over its shard:
+        each weighted by its shard's size, summed across processes, divided by the batch size."""
+        keys = sorted(grads)
+        flat = np.concatenate([np.ravel(grads[k]) * count for k in keys] + [np.array([loss * count, count])])
+        summed = self.torch.from_numpy(flat)
+        self.dist.all_reduce(summed, op=self.dist.ReduceOp.SUM)
+        total = summed.numpy()
+        n = total[-1]
+        out, at = {}, 0
+        for k in keys:
+            size = grads[k].size
+            out[k] = (total[at : at + size] / n).reshape(grads[k].shape)
+            at += size
+        return float(total[-2] / n), out
+
+    def broadcast(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rank 0's arrays on every process (the model a resumed or initialised run starts from)."""
+        out = {}
+        for key in sorted(arrays):
+            tensor = self.torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float64))
+            self.dist.broadcast(tensor, src=0)
+            original = np.asarray(arrays[key])
+            out[key] = tensor.numpy().reshape(original.shape).astype(original.dtype)
+        return out
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def data_parallel(timeout_seconds: float = 600) -> Alone:
+    """How this process trains: alone, or as one of ``WORLD_SIZE`` started by torchrun."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) <= 1:
+        return Alone()
+    try:
+        return DataParallel(timeout_seconds)
+    except ImportError as err:
+        raise ConfigError(f"WORLD_SIZE={world}: data-parallel training needs torch ({err})") from err
+
+
+class NoWriter:
+    """What ranks other than 0 write to global.json: nothing."""
+
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def shard_gradients(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, weight_decay: float
+) -> tuple[float, dict[str, np.ndarray], int]:
+    """Mean loss and gradients over a shard, and its size (a process may get an empty one)."""
+    if len(y) == 0:
+        return 0.0, {k: np.zeros_like(v) for k, v in params.items()}, 0
+    loss, grads = gradients(params, x, y, weight_decay)
+    return loss, grads, len(y)
+
+
 # --- events and checkpoints -------------------------------------------------------------------------
 
 
@@ -297,7 +404,9 @@ def load_initial_model(path: Path, params: dict[str, np.ndarray]) -> dict[str, n
 # --- training ---------------------------------------------------------------------------------------
 
 
-def train(config: dict[str, Any], out: Path) -> int:
+def train(config: dict[str, Any], out: Path, sync: Alone | None = None) -> int:
+    sync = sync or Alone()
+    lead = sync.rank == 0  # writes global.json, checkpoints and the model
     hp = config["hyperparameters"]
     dataset = Path(config["dataset_path"]) if config.get("dataset_path") else bundled_data_path()
     x, y = load_dataset(dataset)
@@ -305,7 +414,7 @@ def train(config: dict[str, Any], out: Path) -> int:
     params = init_params(x.shape[1], hp["hidden_size"], hp["seed"])
     opt = Adam(params, hp["learning_rate"])
     start_iteration, start_epoch = 1, 1
-    writer = GlobalJsonWriter(out / "global.json")
+    writer: GlobalJsonWriter | NoWriter = GlobalJsonWriter(out / "global.json") if lead else NoWriter()
     t_project = time.monotonic()
     writer.emit(
         "PROJECT",
@@ -315,8 +424,13 @@ def train(config: dict[str, Any], out: Path) -> int:
         hyperparameters=hp,
         num_train=len(y_train),
         num_test=len(y_test),
+        **(
+            {"distributed": {"world_size": sync.world_size, "backend": "gloo", "nodes": os.environ.get("NNODES")}}
+            if sync.world_size > 1
+            else {}
+        ),
     )
-    found = find_checkpoint(config, out)
+    found = find_checkpoint(config, out) if lead else None
     if found is None and config.get("init_checkpoint_path"):
         # A pipeline stage starts from the previous stage's model (weights only; a fresh optimizer).
         params = load_initial_model(Path(str(config["init_checkpoint_path"])), params)
@@ -340,6 +454,16 @@ def train(config: dict[str, Any], out: Path) -> int:
             "PROJECT", "resumed", **{"from": pointer, "next_iteration": start_iteration, "next_epoch": start_epoch}
         )
         print(f"resumed from {pointer['model_path']}: iteration {start_iteration}, epoch {start_epoch}", flush=True)
+    if sync.world_size > 1:
+        # Every process starts from rank 0's model, optimizer state and place (only it resumes).
+        state = sync.broadcast(
+            {**{f"p_{k}": v for k, v in params.items()}, **{f"o_{k}": v for k, v in opt.state().items()}}
+            | {"start": np.array([start_iteration, start_epoch])}
+        )
+        params = {k: state[f"p_{k}"] for k in params}
+        opt = Adam(params, hp["learning_rate"])
+        opt.load({k[2:]: v for k, v in state.items() if k.startswith("o_")})
+        start_iteration, start_epoch = (int(v) for v in state["start"])
     writer.emit("GROUP_ITERATION", "start", training_config=hp)
     metrics: dict[str, Any] = {}
     model_rel = None
@@ -360,13 +484,18 @@ def train(config: dict[str, Any], out: Path) -> int:
             losses = []
             for start in range(0, len(perm), hp["batch_size"]):
                 batch = perm[start : start + hp["batch_size"]]
-                loss, grads = gradients(params, x_train[batch], y_train[batch], hp["weight_decay"])
+                if sync.world_size > 1:  # this process's share; the step is the whole batch's
+                    mine = sync.shard(batch)
+                    loss, grads, count = shard_gradients(params, x_train[mine], y_train[mine], hp["weight_decay"])
+                    loss, grads = sync.average(loss, grads, count)
+                else:
+                    loss, grads = gradients(params, x_train[batch], y_train[batch], hp["weight_decay"])
                 opt.update(params, grads)
                 losses.append(loss)
             _, train_probs = forward(params, x_train)
             val = evaluate(params, x_test, y_test)
-            pointer = save_checkpoint(out, it, ep, hp["epochs"], params, opt)
-            model_rel = pointer["model_path"]
+            pointer = save_checkpoint(out, it, ep, hp["epochs"], params, opt) if lead else {}
+            model_rel = pointer.get("model_path")
             duration = time.monotonic() - t_ep
             writer.emit(
                 "TRAINING",
@@ -374,8 +503,8 @@ def train(config: dict[str, Any], out: Path) -> int:
                 iteration=it,
                 epoch=ep,
                 avg_loss=float(np.mean(losses)),
-                model_path=pointer["model_path"],
-                optimizer_path=pointer["optimizer_path"],
+                model_path=pointer.get("model_path"),
+                optimizer_path=pointer.get("optimizer_path"),
                 train_accuracy=float((train_probs.argmax(axis=1) == y_train).mean()),
                 val_loss=val["loss"],
                 val_accuracy=val["accuracy"],
@@ -384,7 +513,7 @@ def train(config: dict[str, Any], out: Path) -> int:
                 samples_per_second=len(y_train) / max(duration, 1e-9),
             )
             print(
-                f"iteration {it} epoch {ep}/{hp['epochs']}: loss {np.mean(losses):.4f} "
+                f"{_who(sync)}iteration {it} epoch {ep}/{hp['epochs']}: loss {np.mean(losses):.4f} "
                 f"val_accuracy {val['accuracy']:.4f}",
                 flush=True,
             )
@@ -397,12 +526,13 @@ def train(config: dict[str, Any], out: Path) -> int:
         writer.emit("EVAL_MODEL", "metrics", iteration=it, epoch=hp["epochs"], model_path=model_rel, **metrics)
         writer.emit("EVAL_TRAINING", "end", iteration=it, duration_seconds=time.monotonic() - t_eval)
         writer.emit("ITERATION", "end", iteration=it, duration_seconds=time.monotonic() - t_it)
-        print(f"iteration {it}: test accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f}", flush=True)
+        print(f"{_who(sync)}iteration {it}: test accuracy {metrics['accuracy']:.4f} f1 {metrics['f1']:.4f}", flush=True)
     if not metrics:  # resumed after the last epoch: evaluate what was loaded
         metrics = evaluate(params, x_test, y_test)
     writer.emit("GROUP_ITERATION", "end")
-    atomic_save_npz(out / "model_final.npz", params)
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()}, indent=2))
+    if lead:
+        atomic_save_npz(out / "model_final.npz", params)
+        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()}, indent=2))
     writer.emit(
         "PROJECT",
         "end",
@@ -415,6 +545,10 @@ def train(config: dict[str, Any], out: Path) -> int:
     return 0
 
 
+def _who(sync: Alone) -> str:
+    return f"[rank {sync.rank}] " if sync.world_size > 1 else ""
+
+
 def main() -> int:
     def on_term(signum: int, _frame: Any) -> None:
         print(f"received signal {signum}: stopping", file=sys.stderr, flush=True)
@@ -425,14 +559,21 @@ def main() -> int:
     if not config_path or not out_dir:
         print("error: TRAINING_CONFIG and TRAINING_OUTPUT_DIR must be set", file=sys.stderr)
         return 2
+    sync: Alone | None = None
     try:
         config = load_config(config_path)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        return train(config, out)
+        sync = data_parallel()
+        if sync.world_size > 1:
+            print(f"{_who(sync)}data parallel: {sync.world_size} processes over gloo", flush=True)
+        return train(config, out, sync)
     except (ConfigError, OSError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if sync is not None:
+            sync.close()
 
 
 if __name__ == "__main__":

@@ -201,6 +201,8 @@ class InstanceInfo(BaseModel):
     launched_at: datetime | None
     ready_at: datetime | None
     terminated_at: datetime | None
+    node_rank: int = Field(0, description="The node's rank in a multi-node job (0: writes global.json)")
+    node_group: str | None = Field(None, description="The launch attempt of a multi-node job's node (node 0's name)")
 
     @classmethod
     def of(cls, row: Instance) -> InstanceInfo:
