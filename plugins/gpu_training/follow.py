@@ -499,6 +499,7 @@ class JobFollower:
             _TrainerLog(peer.source, _LogGate(log, f"node {peer.rank}")) for peer in self.peers
         ]
         self._pump_task: asyncio.Task[None] | None = None
+        self._progress_task: asyncio.Future[Any] | None = None
         self._warned: dict[str, float] = {}
 
     @property
@@ -539,6 +540,7 @@ class JobFollower:
             await self._stop_pump()
             for trainer_log in self._logs:
                 trainer_log.gate.flush()
+            await self._progress_sent()
 
     def _start_pump(self) -> None:
         self._pump_task = asyncio.create_task(self._pump(), name="global.json")
@@ -646,12 +648,29 @@ class JobFollower:
             self.offset += batch.consumed
             self.events += batch.events
             self.errors += batch.errors
+            if batch.events:
+                self._progress_due(store)
             self._room.set()
             if batch.non_finite_loss:
                 self._non_finite(batch.non_finite_loss)
             if batch.project_end:
                 raise _Finished(Verdict("project_end", True, "PROJECT end"))
         self._room.set()
+
+    def _progress_due(self, store: ResultsStore) -> None:
+        """Progress notifications (``notify_every_epochs``) in a thread, one check at a time, so a
+        slow mail server never holds the follower; its failures are only logged."""
+        if self._progress_task is not None and not self._progress_task.done():
+            return
+        from gpu_training.notify import notify_progress
+
+        self._progress_task = asyncio.ensure_future(asyncio.to_thread(notify_progress, store, self.spec.job_uuid))
+
+    async def _progress_sent(self) -> None:
+        """Let a progress notification in flight finish (briefly) before following stops."""
+        if self._progress_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._progress_task), 15)
 
     def _resync(self, offset: int) -> None:
         """Another follower stored this range first: continue from where it is."""

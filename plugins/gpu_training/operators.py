@@ -385,6 +385,10 @@ class FinalizeJobOperator(TrainingJobStepOperator):
         status = lifecycle.finalize(store, job_uuid, failed_tasks=failed, run_marked_failed=marked_failed)
         job = store.job(job_uuid)
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
+        if not lifecycle.budget_cancelled(job):  # a trial its run's budget never launched: nothing to say
+            from gpu_training.notify import notify_job_end
+
+            notify_job_end(store, job_uuid)  # never raises: a notifier that fails does not fail the job
         if status == "cancelled" and lifecycle.budget_cancelled(job):
             # Not launched because the run's budget was spent: what the run was told to do.
             raise AirflowSkipException(f"training job {job_uuid} {status}: {job.failure_reason}")

@@ -24,6 +24,7 @@ from gpu_training.results.models import (
     TERMINAL_STATUSES,
     Artifact,
     Instance,
+    Notification,
     TrainingJob,
     utcnow,
 )
@@ -374,6 +375,44 @@ class ResultsStore:
         job = self.job(job_uuid)
         with self.session() as s:
             return list(s.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)))
+
+    # --- notifications ---------------------------------------------------------------------------
+
+    def claim_notification(self, job_uuid: str, event: str, key: str, target: str) -> bool:
+        """Claim the sending of one notification (False: it was claimed before, by this or another
+        try); the row says ``sending`` until :meth:`finish_notification`."""
+        job = self.job(job_uuid)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    Notification.__table__.insert().values(
+                        job_id=job.id, event=event, event_key=key, target=target, status="sending", created_at=utcnow()
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def finish_notification(self, job_uuid: str, event: str, key: str, target: str, *, error: str | None) -> None:
+        job = self.job(job_uuid)
+        table = Notification.__table__
+        values: dict[str, Any] = {"status": "failed", "error": error[:4000]} if error else {"status": "sent"}
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(table)
+                .where(
+                    (table.c.job_id == job.id)
+                    & (table.c.event == event)
+                    & (table.c.event_key == key)
+                    & (table.c.target == target)
+                )
+                .values(sent_at=utcnow(), **values)
+            )
+
+    def notifications(self, job_uuid: str) -> list[Notification]:
+        job = self.job(job_uuid)
+        with self.session() as s:
+            return list(s.scalars(select(Notification).where(Notification.job_id == job.id).order_by(Notification.id)))
 
 
 def is_terminal(status: str) -> bool:

@@ -1,0 +1,54 @@
+"""End to end: a gpu_training DAG run that tells an SMTP server and a webhook how it went, and how it
+progressed every N epochs (the follower in the triggerer sends those)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.test_gpu_training_dag import job_of, run_dag
+from tests.notify_servers import SmtpServer, WebhookServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[SmtpServer, WebhookServer]]:
+    smtp, web = SmtpServer(), WebhookServer()
+    yield smtp, web
+    smtp.stop()
+    web.stop()
+
+
+def test_a_dag_run_notifies_its_end_and_its_progress(
+    airflow_env: dict[str, str], servers: tuple[SmtpServer, WebhookServer]
+) -> None:
+    smtp, web = servers
+    env = {
+        **airflow_env,
+        "AIRFLOW_CONN_TEAM_MAIL": smtp.connection(from_email="training@example.com"),
+        "AIRFLOW_CONN_TEAM_HOOK": web.webhook_connection(token="hook-secret"),
+    }
+    conf = {
+        "project_id": "e2e-notify",
+        "config": {"iterations": 1, "epochs": 4, "hidden_size": 16, "epoch_sleep_seconds": 1.5},
+        "notify": ["smtp://team_mail/ml-team@example.com", "webhook://team_hook"],
+        "notify_every_epochs": 2,
+        "poll_interval_seconds": 1,
+    }
+    result = run_dag(env, conf)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    job = job_of(env, "e2e-notify")
+    posts = web.wait_for(3)
+    by_event = {(p.body["event"], p.body["epochs"] if p.body["event"] == "progress" else None) for p in posts}
+    assert by_event == {("progress", 2), ("progress", 4), ("completed", None)}, posts
+    done = next(p for p in posts if p.body["event"] == "completed")
+    assert done.body["job_uuid"] == job.uuid and done.headers["Authorization"] == "Bearer hook-secret"
+    subjects = sorted(mail["Subject"] for _, mail in smtp.wait_for(3))
+    assert subjects == [
+        "[gpu-training] e2e-notify: job 2 epochs done",
+        "[gpu-training] e2e-notify: job 4 epochs done",
+        "[gpu-training] e2e-notify: job completed",
+    ]
+    assert "hook-secret" not in result.stdout + result.stderr
