@@ -6,6 +6,9 @@
 #   make up              the production deployment (docker-compose.yaml, CeleryExecutor); secrets in .env
 #   make down [V=1]      stop it (V=1: delete its volumes too: databases, MinIO, logs)
 #   make cluster         the same topology as native processes on 127.0.0.1 (no images needed), until Ctrl-C
+#   make status [LIMIT=20 PROJECT=x]   recent jobs: state, GPU, nodes, cost
+#   make logs JOB=<uuid> follow a job's trainer log live (every node's) until it finishes
+#   make validate        check the results DB (reachable, migrated), each cloud's credentials, the trainer image
 SHELL := /bin/bash
 PYTHON ?= python3.11
 ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
@@ -26,10 +29,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down
+.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down status logs validate
 
 help:
-	@sed -n '2,8p' Makefile
+	@sed -n '2,11p' Makefile
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +79,19 @@ demo: migrate
 
 run: migrate
 	$(BIN)/python -m gpu_training.cli run --conf '$(CONF)'
+
+# Operator commands on the results DB of this Airflow home (or AIRFLOW_CONN_TRAINING_RESULTS).
+LIMIT ?= 20
+PROJECT ?=
+status: $(BIN)/.installed
+	@$(BIN)/python -m gpu_training.cli status --limit $(LIMIT) $(if $(PROJECT),--project '$(PROJECT)')
+
+logs: $(BIN)/.installed
+	@test -n "$(JOB)" || { echo "usage: make logs JOB=<job uuid> (make status lists them)" >&2; exit 2; }
+	@$(BIN)/python -m gpu_training.cli logs '$(JOB)'
+
+validate: $(BIN)/.installed
+	@$(BIN)/python -m gpu_training.cli validate
 
 # docker-compose's topology as native processes on 127.0.0.1 (README "make cluster"): Debian's
 # PostgreSQL and Redis, moto's S3 server, api-server, scheduler, dag-processor, triggerer and

@@ -1,8 +1,12 @@
-"""Command line for operators: ``python -m gpu_training.cli run --conf JSON`` and ``show UUID``.
+"""Command line for operators (``python -m gpu_training.cli``; the make targets call it):
 
-``run`` runs one ``gpu_training`` DAG run through ``airflow dags test`` (a real dag run in the
-Airflow home, every task executed) and prints the job's summary from the results DB; it exits
-non-zero when the job did not complete.
+- ``run --conf JSON``: one ``gpu_training`` DAG run through ``airflow dags test`` (a real dag run in
+  the Airflow home, every task executed), then the job's summary; non-zero when it did not complete;
+- ``show UUID``: the summary of a job;
+- ``status``: recent jobs, their state, GPU, nodes and cost (``make status``);
+- ``logs UUID``: a job's trainer log, live, every node's (``make logs JOB=...``);
+- ``validate``: configuration and connections: the results DB reachable and migrated, each
+  configured cloud's credentials answered, the trainer image present (``make validate``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 
@@ -113,6 +118,206 @@ def run(conf: dict, *, quiet: bool = False) -> int:
     return 0 if proc.returncode == 0 and final == "completed" else 1
 
 
+# --- make status -----------------------------------------------------------------------------------
+
+
+def status_lines(store: ResultsStore, *, limit: int = 20, project: str | None = None) -> list[str]:
+    """Recent jobs, newest first: state, where (GPU / instance type, nodes), cost, time, why it failed."""
+    from gpu_training.lifecycle import job_cost
+
+    with store.session() as s:
+        query = select(TrainingJob).order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc()).limit(limit)
+        if project:
+            query = query.where(TrainingJob.project_id == project)
+        jobs = s.scalars(query).all()
+        instances: dict[int, list[Instance]] = {}
+        if jobs:
+            rows = s.scalars(select(Instance).where(Instance.job_id.in_([j.id for j in jobs])).order_by(Instance.id))
+            for row in rows:
+                instances.setdefault(row.job_id, []).append(row)
+    header = f"{'job':36}  {'project':14} {'status':10} {'provider':8} {'gpu / instance':22} {'nodes':>5} "
+    header += f"{'cost USD':>9}  {'started (UTC)':16} {'time':>8}  reason"
+    lines = [header]
+    now = datetime.now(UTC)
+    for job in jobs:
+        mine = [i for i in instances.get(job.id, []) if i.instance_id]
+        last = mine[-1] if mine else None
+        where = ((job.params or {}).get("gpu") or "") if last is None else (last.instance_type or "")
+        nodes = int((job.params or {}).get("num_nodes") or 1)
+        live = job.status not in ("completed", "failed", "cancelled")
+        cost = job_cost(store, job.uuid) if live else (job.cost_usd or 0.0)
+        started = job.started_at or job.created_at
+        took = job.time_taken if job.time_taken is not None else (now - started).total_seconds()
+        reason = (job.failure_reason or "").splitlines()[0][:80] if job.failure_reason else ""
+        lines.append(
+            f"{job.uuid:36}  {job.project_id[:14]:14} {job.status:10} {job.provider[:8]:8} {where[:22]:22} "
+            f"{nodes:>5} {cost:>9.4f}  {started:%Y-%m-%d %H:%M} {_duration(took):>8}  {reason}"
+        )
+    if not jobs:
+        lines.append("(no jobs" + (f" of project {project}" if project else "") + ")")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+# --- make logs -------------------------------------------------------------------------------------
+
+#: How much of the log is shown before following (its last lines).
+LOGS_TAIL_LINES = 50
+_TAIL_BYTES = 256 * 1024
+
+
+def follow_logs(
+    store: ResultsStore, job_uuid: str, *, out: Any = None, interval: float = 1.0, follow: bool = True
+) -> int:
+    """Print the job's trainer log (every node's, ``[node N]`` first when there are several): its
+    last lines, then what is appended, until the job has finished. Returns the exit status."""
+    from gpu_training import lifecycle
+    from gpu_training.errors import JobNotFoundError
+    from gpu_training.hosts.base import LOG_PATH
+
+    out = out or sys.stdout
+    try:
+        job = store.job(job_uuid)
+    except JobNotFoundError:
+        print(f"error: no job {job_uuid} in the results DB", file=sys.stderr)
+        return 2
+    try:
+        nodes = lifecycle.node_hosts(store, job_uuid)
+    except Exception as err:
+        print(f"job {job_uuid} is {job.status} and has no live instance ({err})", file=out)
+        logs = [a for a in store.artifacts(job_uuid) if a.name == LOG_PATH]
+        if logs:
+            print(f"its trainer log was uploaded: {logs[0].uri}", file=out)
+        return 0
+    prefix = len(nodes) > 1
+    offsets: list[int] = []
+    partial: list[bytes] = []
+    for record, _, host in nodes:
+        size = sum(f.size for f in host.list_files("logs") if f.path == LOG_PATH.split("/", 1)[1])
+        start = max(0, size - _TAIL_BYTES)
+        data = host.read_chunk(LOG_PATH, start, _TAIL_BYTES) or b""
+        text = data.decode("utf-8", "replace").splitlines()
+        if start and text:
+            text = text[1:]  # a line cut by the window
+        for line in text[-LOGS_TAIL_LINES:]:
+            print(f"[node {record.node_rank}] {line}" if prefix else line, file=out, flush=True)
+        offsets.append(start + len(data))
+        partial.append(b"")
+    if not follow:
+        return 0
+
+    def drain() -> None:
+        for i, (record, _, host) in enumerate(nodes):
+            try:
+                data = host.read_chunk(LOG_PATH, offsets[i], 1 << 20) or b""
+            except Exception:
+                continue  # torn down meanwhile
+            offsets[i] += len(data)
+            lines = (partial[i] + data).split(b"\n")
+            partial[i] = lines.pop()
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                print(f"[node {record.node_rank}] {text}" if prefix else text, file=out, flush=True)
+
+    try:
+        while True:
+            finished = store.job(job_uuid).status in ("completed", "failed", "cancelled")
+            drain()
+            if finished:
+                print(f"-- job {job_uuid} {store.job(job_uuid).status}", file=out, flush=True)
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+# --- make validate ---------------------------------------------------------------------------------
+
+
+def validate_checks(*, image: str | None = None) -> list[tuple[str, str, str]]:
+    """``(result, what, detail)`` per check; result is ``ok``, ``FAIL`` or ``skipped``."""
+    from gpu_training.params import DEFAULT_IMAGE
+
+    checks: list[tuple[str, str, str]] = [_check_results_db()]
+    checks.extend(_check_clouds())
+    checks.append(_check_image(image or DEFAULT_IMAGE))
+    return checks
+
+
+def _check_results_db() -> tuple[str, str, str]:
+    from gpu_training.errors import ResultsDbError
+    from gpu_training.hooks.results import ResultsDbHook
+    from gpu_training.results.migrate import check_at_head, head_revision
+
+    try:
+        engine = ResultsDbHook().get_engine()
+        where = engine.url.render_as_string(hide_password=True)
+        with engine.connect():
+            pass
+        check_at_head(engine)
+    except ResultsDbError as err:
+        return "FAIL", "results DB", str(err)
+    except Exception as err:
+        return "FAIL", "results DB", f"not reachable: {type(err).__name__}: {err}"
+    return "ok", "results DB", f"{where} at schema {head_revision()}"
+
+
+def _check_clouds() -> list[tuple[str, str, str]]:
+    from gpu_training.providers.base import GpuRequest
+    from gpu_training.providers.registry import CLOUD_CONNECTIONS, CLOUDS, cloud_class, configured_clouds
+
+    configured = configured_clouds()
+    checks = []
+    for name in CLOUDS:
+        conn_id = CLOUD_CONNECTIONS[name]
+        if name not in configured:
+            checks.append(("skipped", f"cloud {name}", f"no connection {conn_id}"))
+            continue
+        try:
+            offers = cloud_class(name)().list_offers(GpuRequest())
+        except Exception as err:
+            checks.append(("FAIL", f"cloud {name}", f"{conn_id}: {type(err).__name__}: {err}"))
+            continue
+        checks.append(("ok", f"cloud {name}", f"{conn_id}: credentials accepted, {len(offers)} offers listed"))
+    return checks
+
+
+def _check_image(image: str) -> tuple[str, str, str]:
+    import shutil
+
+    what = f"trainer image {image}"
+    build = "build it: include/trainer/build_base_image.sh && docker build -t gpu-trainer:latest include/trainer"
+    docker = shutil.which("docker")
+    if not docker:
+        return "FAIL", what, f"docker is not installed (runtime 'docker' needs it); {build}"
+    try:
+        proc = subprocess.run(
+            [docker, "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return "FAIL", what, f"docker did not answer: {err}"
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "not present"
+        return "FAIL", what, f"{detail}; {build}"
+    return "ok", what, f"present ({proc.stdout.strip()[:19]})"
+
+
+def validate(*, image: str | None = None, out: Any = None) -> int:
+    out = out or sys.stdout
+    checks = validate_checks(image=image)
+    for result, what, detail in checks:
+        print(f"{result:8} {what:34} {detail}", file=out)
+    failed = sum(1 for c in checks if c[0] == "FAIL")
+    print(f"{len(checks)} checks, {failed} failed", file=out)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpu_training.cli", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -121,7 +326,32 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--quiet", action="store_true", help="hide Airflow's task logs")
     p_show = sub.add_parser("show", help="print the summary of a job")
     p_show.add_argument("uuid")
+    p_status = sub.add_parser("status", help="recent jobs: state, GPU, nodes, cost")
+    p_status.add_argument("--limit", type=int, default=20)
+    p_status.add_argument("--project", default=None)
+    p_logs = sub.add_parser("logs", help="follow a job's trainer log (every node's) until it finishes")
+    p_logs.add_argument("uuid")
+    p_logs.add_argument("--no-follow", action="store_true", help="print the last lines and exit")
+    p_validate = sub.add_parser("validate", help="check the results DB, the clouds' credentials, the trainer image")
+    p_validate.add_argument(
+        "--image", default=None, help="the trainer image to look for (default: the params' default)"
+    )
     args = parser.parse_args(argv)
+    if args.cmd in ("status", "logs"):
+        from gpu_training.errors import ResultsDbError
+
+        store = _store()
+        try:
+            store.check_schema()
+        except ResultsDbError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.cmd == "logs":
+            return follow_logs(store, args.uuid, follow=not args.no_follow)
+        print("\n".join(status_lines(store, limit=args.limit, project=args.project or None)))
+        return 0
+    if args.cmd == "validate":
+        return validate(image=args.image)
     if args.cmd == "run":
         try:
             conf = json.loads(args.conf or "{}")
