@@ -20,14 +20,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # About equal halves on CI's 2 cores: the two real deployments (LocalExecutor and Celery), the
-# in-process fault matrix and the per-cloud job tests in one, everything else (the other end-to-end
-# runs, servers, unit tests) in the other. Measured with the per-cloud DAG runs here instead of the
-# job tests: 15.7 and 20.3 min.
+# in-process fault matrix, the per-cloud and multi-node job tests in one, everything else (the
+# other end-to-end runs, servers, unit tests) in the other. Fresh clone before the multi-node tests:
+# 16.8 and 20.5 min.
 SLOW_AND_SEPARATE = [
     "tests/e2e/cluster",
     "tests/e2e/celery",
+    "tests/e2e/test_multinode_dag.py",
     "tests/test_cloud_jobs.py",
     "tests/test_fault_matrix.py",
+    "tests/test_multinode.py",
 ]
 SHARDS = {
     "cluster-clouds-faults": SLOW_AND_SEPARATE,
