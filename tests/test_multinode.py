@@ -173,3 +173,42 @@ def test_a_node_killed_mid_training_fails_the_job_naming_it_and_every_node_is_te
     rig.fake.assert_all_terminated()
     assert all(box_processes(box) == [] for box in boxes)
     assert all(r.state == "terminated" for r in store.instances_for_job(job))
+
+
+def test_each_node_gets_the_distributed_environment_and_a_command_through_torchrun() -> None:
+    spec = parse_job_params({"project_id": "p", "num_nodes": 4, "gpus_per_node": 8})
+    env = lifecycle.distributed_env(spec, rank=2, master_addr="10.0.0.7", master_port=29411, nproc=8)
+    assert env == {
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "29411",
+        "NODE_RANK": "2",
+        "NNODES": "4",
+        "NPROC_PER_NODE": "8",
+        "WORLD_SIZE": "32",
+    }
+    launcher = ["/usr/bin/python3", "-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=8"]
+    launcher += ["--node-rank=2", "--master-addr=10.0.0.7", "--master-port=29411"]
+    default = lifecycle.distributed_command(spec, env, python="/usr/bin/python3", workdir="/w")
+    assert default == [*launcher, "/w/trainer/train.py"]  # the reference trainer under torchrun
+    own = parse_job_params(
+        {"project_id": "p", "num_nodes": 4, "command": ["{torchrun}", "{workdir}/fsdp.py", "--bf16"]}
+    )
+    assert lifecycle.distributed_command(own, env, python="/usr/bin/python3", workdir="/w") == [
+        *launcher,
+        "/w/fsdp.py",
+        "--bf16",
+    ]
+    plain = parse_job_params({"project_id": "p", "num_nodes": 4, "command": ["bash", "{workdir}/launch.sh"]})
+    assert lifecycle.distributed_command(plain, env, python="python3", workdir="/w") == ["bash", "/w/launch.sh"]
+
+
+def test_multi_node_params_are_checked() -> None:
+    from gpu_training.errors import JobParamsError
+
+    with pytest.raises(JobParamsError, match=r"num_nodes.*'ssh' is one host"):
+        parse_job_params({"project_id": "p", "num_nodes": 2, "provider": "ssh", "ssh_conn_id": "box"})
+    with pytest.raises(JobParamsError, match=r"num_nodes.*runtime 'process'"):
+        parse_job_params({"project_id": "p", "num_nodes": 2, "runtime": "docker"})
+    with pytest.raises(JobParamsError, match="num_nodes"):
+        parse_job_params({"project_id": "p", "num_nodes": 0})
+    assert lifecycle.node_names("gpujob-x-1", 3) == ["gpujob-x-1", "gpujob-x-1-n1", "gpujob-x-1-n2"]
