@@ -790,14 +790,14 @@ class JobFollower:
             return
         if head is not None and head.started and not head.running and head.exit_code != 0:
             failed.append((await _ended_at(self.source), None, head, f"trainer {exit_description(head)}"))
-        _, peer, status, reason = min(failed, key=lambda f: (f[0], f[1] is None))
-        if peer is None:
+        _, culprit, ended, reason = min(failed, key=lambda f: (f[0], f[1] is None))
+        if culprit is None:
             return  # node 0 failed first: judged as its own trainer exit
-        tail = await _log_tail(peer.source)
-        exit_code = status.exit_code if status is not None else None
+        tail = await _log_tail(culprit.source)
+        exit_code = ended.exit_code if ended is not None else None
         await self._store_pending(store, final=False)
         raise _Finished(
-            Verdict("node_failed", False, with_log_tail(f"node {peer.rank} ({peer.name}): {reason}", tail)),
+            Verdict("node_failed", False, with_log_tail(f"node {culprit.rank} ({culprit.name}): {reason}", tail)),
             exit_code,
         )
 

@@ -164,7 +164,9 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
     if target.kind == "slack":
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
-        return SlackWebhookNotifier(slack_webhook_conn_id=target.conn_id, text="\n".join([f"*{subject}*", *lines]), timeout=30)
+        return SlackWebhookNotifier(
+            slack_webhook_conn_id=target.conn_id, text="\n".join([f"*{subject}*", *lines]), timeout=30
+        )
     return WebhookNotifier(http_conn_id=target.conn_id, payload={"event": event, "summary": subject, **facts})
 
 

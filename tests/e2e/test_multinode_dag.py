@@ -42,9 +42,7 @@ def nodes_of(env: dict[str, str], project_id: str) -> list[Instance]:
 
 
 def test_a_two_node_job_reaches_the_loss_of_one_node_on_the_same_global_batch(airflow_env: dict[str, str]) -> None:
-    one = run_dag(
-        airflow_env, {"project_id": "mn-one", "config": SMALL, "poll_interval_seconds": 1}
-    )
+    one = run_dag(airflow_env, {"project_id": "mn-one", "config": SMALL, "poll_interval_seconds": 1})
     assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
     two = run_dag(airflow_env, {"project_id": "mn-two", "num_nodes": 2, "config": SMALL, "poll_interval_seconds": 1})
     output = two.stdout + two.stderr

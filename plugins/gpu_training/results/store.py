@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, Table, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +28,8 @@ from gpu_training.results.models import (
     TrainingJob,
     utcnow,
 )
+
+NOTIFICATIONS: Table = Notification.__table__  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +387,7 @@ class ResultsStore:
         try:
             with self.engine.begin() as conn:
                 conn.execute(
-                    Notification.__table__.insert().values(
+                    NOTIFICATIONS.insert().values(
                         job_id=job.id, event=event, event_key=key, target=target, status="sending", created_at=utcnow()
                     )
                 )
@@ -395,7 +397,7 @@ class ResultsStore:
 
     def finish_notification(self, job_uuid: str, event: str, key: str, target: str, *, error: str | None) -> None:
         job = self.job(job_uuid)
-        table = Notification.__table__
+        table = NOTIFICATIONS
         values: dict[str, Any] = {"status": "failed", "error": error[:4000]} if error else {"status": "sent"}
         with self.engine.begin() as conn:
             conn.execute(
