@@ -499,7 +499,8 @@ class JobFollower:
             _TrainerLog(peer.source, _LogGate(log, f"node {peer.rank}")) for peer in self.peers
         ]
         self._pump_task: asyncio.Task[None] | None = None
-        self._progress_task: asyncio.Future[Any] | None = None
+        self._progress_task: asyncio.Task[None] | None = None
+        self._progress_wanted = False
         self._warned: dict[str, float] = {}
 
     @property
@@ -658,19 +659,35 @@ class JobFollower:
         self._room.set()
 
     def _progress_due(self, store: ResultsStore) -> None:
-        """Progress notifications (``notify_every_epochs``) in a thread, one check at a time, so a
-        slow mail server never holds the follower; its failures are only logged."""
-        if self._progress_task is not None and not self._progress_task.done():
-            return
-        from gpu_training.notify import notify_progress
+        """Progress notifications (``notify_every_epochs``) are checked in a thread, one check at a
+        time (one asked for meanwhile runs next), so a slow mail server never holds the follower."""
+        self._progress_wanted = True
+        if self._progress_task is None or self._progress_task.done():
+            self._progress_task = asyncio.create_task(self._notify_progress(store), name="notify progress")
 
-        self._progress_task = asyncio.ensure_future(asyncio.to_thread(notify_progress, store, self.spec.job_uuid))
+    async def _notify_progress(self, store: ResultsStore) -> None:
+        while self._progress_wanted:
+            self._progress_wanted = False
+            try:
+                from gpu_training.notify import PROGRESS_TIMEOUT_SECONDS, notify_progress
+
+                await asyncio.wait_for(
+                    asyncio.to_thread(notify_progress, store, self.spec.job_uuid), PROGRESS_TIMEOUT_SECONDS
+                )
+            except Exception as err:  # notify_progress logs its own failures: a timeout, an import
+                self.log.warning("progress notification of job %s: %r (training goes on)", self.spec.job_uuid, err)
+                return
 
     async def _progress_sent(self) -> None:
-        """Let a progress notification in flight finish (briefly) before following stops."""
-        if self._progress_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._progress_task), 15)
+        """Let a progress notification in flight finish (15 s at most) before following stops."""
+        task, self._progress_task = self._progress_task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 15)
+        except Exception:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _resync(self, offset: int) -> None:
         """Another follower stored this range first: continue from where it is."""

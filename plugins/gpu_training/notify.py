@@ -13,32 +13,39 @@ A target names a kind and an Airflow connection, never a secret:
 
 Each notification is claimed in the results DB before it is sent (``notifications``: one row per
 job, event, key and target), so a retried task or a restarted trigger never sends it twice. A
-notifier that fails never fails the job: the error is logged and kept on the row (secrets masked).
+notifier that fails never fails the job: the error is logged and kept on the row (secrets masked),
+and a send that hangs is given up after :data:`SEND_TIMEOUT_SECONDS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import logging
 import socket
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from airflow.sdk import BaseNotifier
-from sqlalchemy import func, select
 
-from gpu_training.results.models import EpochTrain, Eval
+from gpu_training.results.models import TrainingJob
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
 
-#: The most one notification may take (a server that does not answer must not hold a task).
+#: The most one notification may take, connection lookup included: a server that accepts and
+#: never answers must not hold the finalize task or the follower.
 SEND_TIMEOUT_SECONDS = 60.0
-WEBHOOK_TIMEOUT_SECONDS = 10.0
+#: The most a progress check in the follower may take (its sends are bounded one by one as well).
+PROGRESS_TIMEOUT_SECONDS = 3 * SEND_TIMEOUT_SECONDS
+#: The HTTP timeout of a webhook POST and of a Slack webhook call.
+WEBHOOK_TIMEOUT_SECONDS = 10
 FINAL_EVENTS = ("completed", "failed", "cancelled")
-_SENDERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gpu-training-notify")
+PROGRESS = "progress"
+_EVAL_METRICS = ("accuracy", "precision", "recall", "f1", "auc", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +58,34 @@ class Target:
     to: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One notification sent by this call: ``sent``, or ``failed`` with its error (secrets masked)."""
+
+    target: str
+    event: str
+    key: str
+    status: str
+    error: str | None = None
+
+
 def parse_target(raw: str) -> Target:
+    """``smtp://conn/a@x,b@y``, ``slack://conn`` or ``webhook://conn`` (see ``params.NOTIFY_TARGET_PATTERN``)."""
     kind, _, rest = raw.partition("://")
     conn_id, _, recipients = rest.partition("/")
     if kind not in ("smtp", "slack", "webhook") or not conn_id or (kind == "smtp") != bool(recipients):
-        raise ValueError(f"{raw!r} is not a notify target")
+        raise ValueError(
+            f"{raw!r} is not a notify target: use 'smtp://<connection>/<to>[,<to>...]', "
+            "'slack://<connection>' or 'webhook://<connection>'"
+        )
     return Target(raw, kind, conn_id, tuple(r for r in recipients.split(",") if r))
 
 
 class WebhookNotifier(BaseNotifier):
-    """POSTs a JSON body to the URL of an HTTP connection (the http provider's ``HttpHook``)."""
+    """POSTs a JSON body to the URL of an HTTP connection (the http provider's ``HttpHook``); the
+    connection's password, when it has no login, is sent as ``Authorization: Bearer``."""
 
+    # Nothing is rendered: the payload carries a failure reason as it is, "{{" included.
     template_fields = ()
 
     def __init__(self, *, http_conn_id: str, payload: dict[str, Any], timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> None:
@@ -76,7 +100,7 @@ class WebhookNotifier(BaseNotifier):
 
         headers = {"Content-Type": "application/json"}
         conn = BaseHook.get_connection(self.http_conn_id)
-        if conn.password and not conn.login:
+        if conn.password and not conn.login:  # with a login, HttpHook sends basic auth instead
             headers["Authorization"] = f"Bearer {conn.password}"
         HttpHook(method="POST", http_conn_id=self.http_conn_id).run(
             endpoint=None, json=self.payload, headers=headers, extra_options={"timeout": self.timeout}
@@ -86,18 +110,29 @@ class WebhookNotifier(BaseNotifier):
 # --- what is said --------------------------------------------------------------------------------
 
 
+def _links(job: TrainingJob) -> dict[str, str]:
+    """Where to look: the job's page and its dag run in the Airflow UI (absolute when ``[api]
+    base_url`` is set), and its outputs."""
+    from airflow.sdk import conf
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    links = {
+        "job": f"{base}/training/ui/#/jobs/{job.uuid}",
+        "dag_run": f"{base}/dags/{quote(job.dag_id, safe='')}/runs/{quote(job.run_id, safe='')}",
+    }
+    if job.outputs_uri:
+        links["outputs"] = job.outputs_uri
+    return links
+
+
 def job_facts(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
     """What a notification says about the job (no secret: the params' connections are names)."""
     job = store.job(job_uuid)
-    with store.session() as s:
-        epochs = s.scalar(select(func.count()).select_from(EpochTrain).where(EpochTrain.job_id == job.id)) or 0
-        last_epoch = s.scalars(
-            select(EpochTrain).where(EpochTrain.job_id == job.id).order_by(EpochTrain.id.desc()).limit(1)
-        ).first()
-        last_eval = s.scalars(select(Eval).where(Eval.job_id == job.id).order_by(Eval.id.desc()).limit(1)).first()
-    metrics = {}
+    epochs = store.epoch_count(job_uuid)
+    last_epoch, last_eval = store.latest_epoch_and_eval(job_uuid)
+    metrics: dict[str, float] = {}
     if last_eval is not None:
-        metrics = {k: getattr(last_eval, k) for k in ("accuracy", "f1", "loss") if getattr(last_eval, k) is not None}
+        metrics = {k: getattr(last_eval, k) for k in _EVAL_METRICS if getattr(last_eval, k) is not None}
     return {
         "job_uuid": job.uuid,
         "project_id": job.project_id,
@@ -116,15 +151,17 @@ def job_facts(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
         else None,
         "eval": metrics,
         "outputs_uri": job.outputs_uri,
+        "links": _links(job),
     }
 
 
-def _lines(event: str, facts: dict[str, Any]) -> tuple[str, list[str]]:
-    what = {"progress": f"{facts['epochs']} epochs done"}.get(event, event)
+def message(event: str, facts: dict[str, Any]) -> tuple[str, list[str]]:
+    """The subject and the lines of a notification of ``event``."""
+    what = {PROGRESS: f"{facts['epochs']} epochs done"}.get(event, event)
     subject = f"[gpu-training] {facts['project_id']}: job {what}"
     lines = [f"Training job {facts['job_uuid']} ({facts['project_id']}): {what}."]
-    if event == "failed" and facts["reason"]:
-        lines.append(f"Reason: {facts['reason']}")
+    if event == "failed":
+        lines.append(f"Reason: {facts['reason'] or 'unknown'}")
     if event == "cancelled":
         lines.append(f"Cancelled by: {facts['cancelled_by'] or 'unknown'}")
     if facts["last_epoch"]:
@@ -135,7 +172,7 @@ def _lines(event: str, facts: dict[str, Any]) -> tuple[str, list[str]]:
         )
     if facts["eval"]:
         lines.append("Evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in facts["eval"].items()))
-    if event != "progress":
+    if event != PROGRESS:
         if facts["cost_usd"] is not None:
             lines.append(f"Cost: {facts['cost_usd']:.4f} USD")
         if facts["time_taken_seconds"] is not None:
@@ -143,21 +180,27 @@ def _lines(event: str, facts: dict[str, Any]) -> tuple[str, list[str]]:
         if facts["outputs_uri"] and event == "completed":
             lines.append(f"Outputs: {facts['outputs_uri']}")
     lines.append(f"Run: {facts['dag_id']} / {facts['run_id']}")
+    lines.append(f"Job: {facts['links']['job']}")
     return subject, lines
 
 
 def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotifier:
-    subject, lines = _lines(event, facts)
+    """The Airflow notifier that says ``event`` to ``target``."""
+    subject, lines = message(event, facts)
     if target.kind == "smtp":
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-        from airflow.sdk import BaseHook
+        from airflow.sdk import BaseHook, conf
 
-        sender = BaseHook.get_connection(target.conn_id).extra_dejson.get("from_email")
+        sender = (
+            BaseHook.get_connection(target.conn_id).extra_dejson.get("from_email")
+            or conf.get("email", "from_email", fallback=None)
+            or f"gpu-training@{socket.gethostname()}"  # not getfqdn(): that may wait on DNS
+        )
         body = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
         return SmtpNotifier(
             smtp_conn_id=target.conn_id,
             to=list(target.to),
-            from_email=sender or f"gpu-training@{socket.getfqdn()}",
+            from_email=sender,
             subject=subject,
             html_content=f"<html><body>{body}</body></html>",
         )
@@ -165,7 +208,7 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
         return SlackWebhookNotifier(
-            slack_webhook_conn_id=target.conn_id, text="\n".join([f"*{subject}*", *lines]), timeout=30
+            slack_webhook_conn_id=target.conn_id, text="\n".join([f"*{subject}*", *lines]), timeout=WEBHOOK_TIMEOUT_SECONDS
         )
     return WebhookNotifier(http_conn_id=target.conn_id, payload={"event": event, "summary": subject, **facts})
 
@@ -174,30 +217,69 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
 
 
 def _secrets_of(target: Target) -> list[str]:
+    """What must never reach a log or the ``error`` column: the connection's password (a webhook
+    token, or a whole webhook URL), in whatever form an error may quote it."""
     try:
         from airflow.sdk import BaseHook
 
         conn = BaseHook.get_connection(target.conn_id)
     except Exception:
         return []
-    return [s for s in (conn.password, conn.host if target.kind == "slack" else None) if s and len(s) >= 4]
+    secret = (conn.password or "").strip()
+    if len(secret) < 4:
+        return []
+    found = {secret, quote(secret, safe=""), quote(secret, safe="/:")}
+    if "://" in secret:  # a webhook URL as password: its path (/services/T.../B.../token) is secret too
+        path = urlsplit(secret).path.strip("/")
+        if len(path) >= 4:
+            found.add(path)
+    # Longest first, so that a URL is masked whole rather than around its masked token.
+    return sorted(found, key=len, reverse=True)
 
 
-def _masked(text: str, target: Target) -> str:
+def masked(text: str, target: Target) -> str:
     for secret in _secrets_of(target):
         text = text.replace(secret, "***")
     return text
 
 
-def send(store: ResultsStore, job_uuid: str, event: str, *, key: str = "", targets: list[str] | None = None) -> int:
-    """Send ``event`` to every target of the job once (claimed in the results DB first); returns
-    how many were sent now. Never raises for a notifier's failure: it is logged and recorded."""
-    job = store.job(job_uuid)
-    raw_targets = list(targets if targets is not None else (job.params or {}).get("notify") or [])
-    if not raw_targets:
-        return 0
-    facts = job_facts(store, job_uuid)
-    sent = 0
+def _within(seconds: float, call: Callable[[], None]) -> None:
+    """Run ``call`` in a daemon thread and give up after ``seconds`` (the thread is left to end on
+    its own: a daemon never holds the process when it exits, unlike a thread pool's workers)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # handed to the caller below
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="gpu-training-notify", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _send_one(target: Target, event: str, facts: dict[str, Any]) -> None:
+    # notifier.notify(), not notifier(context): the latter renders Jinja in the message, and a
+    # failure reason may hold "{{".
+    notifier_for(target, event, facts).notify({})
+
+
+def send(
+    store: ResultsStore, job_uuid: str, event: str, *, key: str = "", targets: Sequence[str] | None = None
+) -> list[Delivery]:
+    """Say ``event`` to every target of the job (or ``targets``) that was not told before: each is
+    claimed in the results DB first, then sent and marked ``sent`` or ``failed``. Returns what this
+    call sent; a notifier's failure is logged and recorded, never raised."""
+    raw_targets = list(targets if targets is not None else (store.job(job_uuid).params or {}).get("notify") or [])
+    facts: dict[str, Any] | None = None
+    deliveries = []
     for raw in raw_targets:
         try:
             target = parse_target(raw)
@@ -205,52 +287,54 @@ def send(store: ResultsStore, job_uuid: str, event: str, *, key: str = "", targe
             log.warning("notify: %s", err)
             continue
         if not store.claim_notification(job_uuid, event, key, raw):
-            continue  # sent (or being sent) by an earlier try
+            continue  # sent (or being sent, or failed) by an earlier try
         error = None
         try:
-            notifier = notifier_for(target, event, facts)
-            # Not through notifier(context): that renders Jinja in the message (a failure reason
-            # may hold "{{"). A send that hangs is given up on after SEND_TIMEOUT_SECONDS.
-            _SENDERS.submit(notifier.notify, {}).result(timeout=SEND_TIMEOUT_SECONDS)
-            sent += 1
-        except FutureTimeout:
-            error = f"no answer within {SEND_TIMEOUT_SECONDS:g} s"
+            if facts is None:
+                facts = job_facts(store, job_uuid)
+            _within(SEND_TIMEOUT_SECONDS, functools.partial(_send_one, target, event, facts))
         except Exception as err:
-            error = _masked(f"{type(err).__name__}: {err}", target)
+            error = masked(f"{type(err).__name__}: {err}", target)
+        label = f"{event} ({key})" if key else event
         if error:
-            log.warning("notify %s of job %s: %s failed: %s", event, job_uuid, raw, error)
+            log.warning("notifying %s of job %s to %s failed: %s", label, job_uuid, raw, error)
         else:
-            log.info("notified %s of job %s %s%s", raw, job_uuid, event, f" ({key})" if key else "")
+            log.info("notified %s of job %s to %s", label, job_uuid, raw)
         store.finish_notification(job_uuid, event, key, raw, error=error)
-    return sent
+        deliveries.append(Delivery(raw, event, key, "failed" if error else "sent", error))
+    return deliveries
 
 
-def notify_job_end(store: ResultsStore, job_uuid: str) -> int:
-    """The job's final status (completed, failed with the reason, cancelled) to its targets."""
+def notify_job_end(store: ResultsStore, job_uuid: str) -> list[Delivery]:
+    """Say how the job ended (completed; failed, with the reason; cancelled, by whom) to its
+    targets, once each. Nothing for a job without targets or not ended; never raises."""
     try:
-        status = store.job(job_uuid).status
-        if status not in FINAL_EVENTS:
-            return 0
-        return send(store, job_uuid, status)
-    except Exception:  # never fails the job
+        job = store.job(job_uuid)
+        if job.status not in FINAL_EVENTS or not (job.params or {}).get("notify"):
+            return []
+        return send(store, job_uuid, job.status)
+    except Exception:  # the job's outcome stands whatever happens here
         log.exception("notifying the end of job %s failed", job_uuid)
-        return 0
+        return []
 
 
 def notify_progress(store: ResultsStore, job_uuid: str) -> int:
-    """Progress to the job's targets when its stored epochs reached the next multiple of
-    ``notify_every_epochs`` (one message per multiple, the latest one only); cheap when none is due."""
+    """Progress to the job's targets once its stored epochs reach a multiple of
+    ``notify_every_epochs`` not said yet (the latest multiple only); returns how many were sent.
+    Called after every stored batch, so a check with nothing due is three small queries. Never raises."""
     try:
-        job = store.job(job_uuid)
-        params = job.params or {}
+        params = store.job(job_uuid).params or {}
         every = int(params.get("notify_every_epochs") or 0)
-        if every <= 0 or not params.get("notify"):
+        targets = list(params.get("notify") or [])
+        if every <= 0 or not targets:
             return 0
-        with store.session() as s:
-            epochs = s.scalar(select(func.count()).select_from(EpochTrain).where(EpochTrain.job_id == job.id)) or 0
+        epochs = store.epoch_count(job_uuid)
         if epochs < every:
             return 0
-        return send(store, job_uuid, "progress", key=f"epochs {epochs // every * every}")
-    except Exception:  # never fails the job
+        key = f"epochs {epochs // every * every}"
+        if set(targets) <= store.notified_targets(job_uuid, PROGRESS, key):
+            return 0
+        return sum(d.status == "sent" for d in send(store, job_uuid, PROGRESS, key=key, targets=targets))
+    except Exception:  # the job goes on whatever happens here
         log.exception("notifying the progress of job %s failed", job_uuid)
         return 0

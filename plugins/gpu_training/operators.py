@@ -386,15 +386,23 @@ class FinalizeJobOperator(TrainingJobStepOperator):
         job = store.job(job_uuid)
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
         if not lifecycle.budget_cancelled(job):  # a trial its run's budget never launched: nothing to say
-            from gpu_training.notify import notify_job_end
-
-            notify_job_end(store, job_uuid)  # never raises: a notifier that fails does not fail the job
+            self._notify_end(store, job_uuid)
         if status == "cancelled" and lifecycle.budget_cancelled(job):
             # Not launched because the run's budget was spent: what the run was told to do.
             raise AirflowSkipException(f"training job {job_uuid} {status}: {job.failure_reason}")
         if status != "completed":
             raise AirflowFailException(f"training job {job_uuid} {status}: {job.failure_reason}")
         return status
+
+    def _notify_end(self, store: ResultsStore, job_uuid: str) -> None:
+        """Tell the job's ``notify`` targets how it ended; nothing here may change the job's outcome."""
+        try:
+            from gpu_training.notify import notify_job_end
+
+            for delivery in notify_job_end(store, job_uuid):
+                self.log.info("notification %s to %s: %s", delivery.event, delivery.target, delivery.status)
+        except Exception:
+            self.log.exception("notifying the end of job %s failed (the job's status stands)", job_uuid)
 
     def _task_states(self, context: Context) -> dict[str, str]:
         """States of the watched tasks of this run (and of this map index, in a mapped group)."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, delete, select, update
+from sqlalchemy import Engine, Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +23,8 @@ from gpu_training.results.models import (
     JOB_STATUSES,
     TERMINAL_STATUSES,
     Artifact,
+    EpochTrain,
+    Eval,
     Instance,
     Notification,
     TrainingJob,
@@ -415,6 +417,38 @@ class ResultsStore:
         job = self.job(job_uuid)
         with self.session() as s:
             return list(s.scalars(select(Notification).where(Notification.job_id == job.id).order_by(Notification.id)))
+
+    def notified_targets(self, job_uuid: str, event: str, key: str) -> set[str]:
+        """Targets already claimed for this notification (being sent, sent or failed)."""
+        with self.session() as s:
+            return set(
+                s.scalars(
+                    select(Notification.target)
+                    .join(TrainingJob, TrainingJob.id == Notification.job_id)
+                    .where(TrainingJob.uuid == job_uuid, Notification.event == event, Notification.event_key == key)
+                )
+            )
+
+    def epoch_count(self, job_uuid: str) -> int:
+        """Epochs stored for the job (rows of ``epoch_train``, every iteration's)."""
+        with self.session() as s:
+            count = s.scalar(
+                select(func.count())
+                .select_from(EpochTrain)
+                .join(TrainingJob, TrainingJob.id == EpochTrain.job_id)
+                .where(TrainingJob.uuid == job_uuid)
+            )
+        return int(count or 0)
+
+    def latest_epoch_and_eval(self, job_uuid: str) -> tuple[EpochTrain | None, Eval | None]:
+        """The job's last stored epoch and last evaluation (None when it has none yet)."""
+        job = self.job(job_uuid)
+        with self.session() as s:
+            epoch = s.scalars(
+                select(EpochTrain).where(EpochTrain.job_id == job.id).order_by(EpochTrain.id.desc()).limit(1)
+            ).first()
+            evaluation = s.scalars(select(Eval).where(Eval.job_id == job.id).order_by(Eval.id.desc()).limit(1)).first()
+        return epoch, evaluation
 
 
 def is_terminal(status: str) -> bool:
