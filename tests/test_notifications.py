@@ -5,6 +5,7 @@ accepts connections and never answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -70,6 +71,12 @@ def new_job(store: ResultsStore, targets: list[str] = TARGETS, **params: Any) ->
         dag_id="gpu_training",
         run_id=f"manual__{time.monotonic_ns()}",
     )
+
+
+def smtp_connection(port: int, **extra: Any) -> str:
+    """An SMTP connection like ``SmtpServer.connection()``, to a port where no such server is."""
+    options = {"disable_ssl": True, "disable_tls": True, "timeout": 5, "retry_limit": 0, **extra}
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port, "extra": options})
 
 
 def mail_body(mail: Any) -> str:
@@ -205,10 +212,7 @@ def test_a_notifier_that_fails_never_raises_and_keeps_the_error_without_secrets(
     _, web = servers
     web.status = 500
     closed = free_port()  # nothing listens there
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MAIL",
-        SmtpServer.connection.__get__(type("Closed", (), {"port": closed})())(),  # type: ignore[attr-defined]
-    )
+    monkeypatch.setenv("AIRFLOW_CONN_MAIL", smtp_connection(closed))
     job = new_job(store, [*TARGETS, "webhook://nowhere"])  # no such connection
     store.record_failure(job, "boom")
     store.finish(job, "failed")
@@ -230,7 +234,6 @@ def test_a_notifier_that_fails_never_raises_and_keeps_the_error_without_secrets(
 def test_a_slack_url_in_the_password_is_masked_in_errors(
     store: ResultsStore, servers: tuple[SmtpServer, WebhookServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, web = servers
     dead = f"http://127.0.0.1:{free_port()}/services/{TOKEN}"  # the whole webhook URL as password
     monkeypatch.setenv("AIRFLOW_CONN_SLACK", f'{{"conn_type": "slackwebhook", "password": "{dead}"}}')
     job = new_job(store, ["slack://slack"])
@@ -249,8 +252,7 @@ def test_a_server_that_never_answers_is_given_up_on(
 ) -> None:
     smtp, _ = servers
     monkeypatch.setattr(notify, "SEND_TIMEOUT_SECONDS", 1.0)
-    hung = SmtpServer.connection.__get__(type("Hung", (), {"port": silent})())(timeout=30)  # type: ignore[attr-defined]
-    monkeypatch.setenv("AIRFLOW_CONN_HUNG", hung)
+    monkeypatch.setenv("AIRFLOW_CONN_HUNG", smtp_connection(silent, timeout=30))
     job = new_job(store, ["smtp://hung/ops@example.com", "smtp://mail/ops@example.com"])
     store.finish(job, "completed")
     started = time.monotonic()
@@ -327,3 +329,22 @@ def test_the_follower_sends_progress_in_the_background_and_the_last_one_too(
     rows = {(n.target, n.event_key): n for n in store.notifications(job)}
     assert rows[("webhook://hung", "epochs 2")].error == "TimeoutError: no answer within 2 s"
     assert rows[("webhook://hook", "epochs 4")].status == "sent"
+
+
+def test_finalize_goes_on_whatever_the_notification_does(
+    store: ResultsStore, servers: tuple[SmtpServer, WebhookServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpu_training.operators import FinalizeJobOperator
+
+    _, web = servers
+    finalize = FinalizeJobOperator(task_id="finalize")
+    job = new_job(store, ["webhook://hook"])
+    store.finish(job, "completed")
+    finalize._notify_end(store, job)
+    assert [p.body["event"] for p in web.wait_for(1)] == ["completed"]
+
+    def broken(*_: Any) -> list[notify.Delivery]:
+        raise RuntimeError("results DB gone")
+
+    monkeypatch.setattr(notify, "notify_job_end", broken)
+    finalize._notify_end(store, job)  # logged, not raised: the job's status stands

@@ -208,7 +208,9 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
         return SlackWebhookNotifier(
-            slack_webhook_conn_id=target.conn_id, text="\n".join([f"*{subject}*", *lines]), timeout=WEBHOOK_TIMEOUT_SECONDS
+            slack_webhook_conn_id=target.conn_id,
+            text="\n".join([f"*{subject}*", *lines]),
+            timeout=WEBHOOK_TIMEOUT_SECONDS,
         )
     return WebhookNotifier(http_conn_id=target.conn_id, payload={"event": event, "summary": subject, **facts})
 
@@ -229,18 +231,24 @@ def _secrets_of(target: Target) -> list[str]:
     if len(secret) < 4:
         return []
     found = {secret, quote(secret, safe=""), quote(secret, safe="/:")}
-    if "://" in secret:  # a webhook URL as password: its path (/services/T.../B.../token) is secret too
-        path = urlsplit(secret).path.strip("/")
-        if len(path) >= 4:
-            found.add(path)
+    # A Slack token (T.../B.../secret) or a whole webhook URL: its path and last part are secret too.
+    path = urlsplit(secret).path.strip("/") if "://" in secret else secret
+    for part in (path, path.rsplit("/", 1)[-1]):
+        if len(part) >= 8:
+            found.add(part)
     # Longest first, so that a URL is masked whole rather than around its masked token.
     return sorted(found, key=len, reverse=True)
 
 
-def masked(text: str, target: Target) -> str:
-    for secret in _secrets_of(target):
+def _mask(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+def masked(text: str, target: Target) -> str:
+    """``text`` with the secrets of ``target``'s connection replaced by ``***``."""
+    return _mask(text, _secrets_of(target))
 
 
 def _within(seconds: float, call: Callable[[], None]) -> None:
@@ -261,11 +269,16 @@ def _within(seconds: float, call: Callable[[], None]) -> None:
     thread.join(seconds)
     if not outcome:
         raise TimeoutError(f"no answer within {seconds:g} s")
-    if outcome[0] is not None:
-        raise outcome[0]
+    err = outcome[0]
+    if isinstance(err, Exception):
+        raise err
+    if err is not None:  # SystemExit and the like from a notifier: a failure like any other here
+        raise RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _send_one(target: Target, event: str, facts: dict[str, Any]) -> None:
+def _send_one(target: Target, event: str, facts: dict[str, Any], secrets: list[str]) -> None:
+    # The secrets are looked up here, within the time limit, for the error to be masked with.
+    secrets += _secrets_of(target)
     # notifier.notify(), not notifier(context): the latter renders Jinja in the message, and a
     # failure reason may hold "{{".
     notifier_for(target, event, facts).notify({})
@@ -289,12 +302,13 @@ def send(
         if not store.claim_notification(job_uuid, event, key, raw):
             continue  # sent (or being sent, or failed) by an earlier try
         error = None
+        secrets: list[str] = []
         try:
             if facts is None:
                 facts = job_facts(store, job_uuid)
-            _within(SEND_TIMEOUT_SECONDS, functools.partial(_send_one, target, event, facts))
+            _within(SEND_TIMEOUT_SECONDS, functools.partial(_send_one, target, event, facts, secrets))
         except Exception as err:
-            error = masked(f"{type(err).__name__}: {err}", target)
+            error = _mask(f"{type(err).__name__}: {err}", secrets)
         label = f"{event} ({key})" if key else event
         if error:
             log.warning("notifying %s of job %s to %s failed: %s", label, job_uuid, raw, error)
@@ -310,9 +324,10 @@ def notify_job_end(store: ResultsStore, job_uuid: str) -> list[Delivery]:
     targets, once each. Nothing for a job without targets or not ended; never raises."""
     try:
         job = store.job(job_uuid)
-        if job.status not in FINAL_EVENTS or not (job.params or {}).get("notify"):
+        targets = list((job.params or {}).get("notify") or [])
+        if job.status not in FINAL_EVENTS or not targets:
             return []
-        return send(store, job_uuid, job.status)
+        return send(store, job_uuid, job.status, targets=targets)
     except Exception:  # the job's outcome stands whatever happens here
         log.exception("notifying the end of job %s failed", job_uuid)
         return []

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
 
-from tests.e2e.test_gpu_training_dag import job_of, run_dag
+from gpu_training.results.models import Notification
+from tests.e2e.test_gpu_training_dag import job_of, run_dag, session
 from tests.notify_servers import SmtpServer, WebhookServer
 
 pytestmark = pytest.mark.e2e
@@ -45,10 +47,19 @@ def test_a_dag_run_notifies_its_end_and_its_progress(
     assert by_event == {("progress", 2), ("progress", 4), ("completed", None)}, posts
     done = next(p for p in posts if p.body["event"] == "completed")
     assert done.body["job_uuid"] == job.uuid and done.headers["Authorization"] == "Bearer hook-secret"
-    subjects = sorted(mail["Subject"] for _, mail in smtp.wait_for(3))
+    mails = smtp.wait_for(3)
+    assert all(recipients == ["ml-team@example.com"] for recipients, _ in mails)
+    subjects = sorted(mail["Subject"] for _, mail in mails)
     assert subjects == [
         "[gpu-training] e2e-notify: job 2 epochs done",
         "[gpu-training] e2e-notify: job 4 epochs done",
         "[gpu-training] e2e-notify: job completed",
     ]
+    with session(env) as s:
+        rows = s.scalars(select(Notification).where(Notification.job_id == job.id)).all()
+    assert sorted((n.event, n.event_key, n.target, n.status) for n in rows) == sorted(
+        (event, key, target, "sent")
+        for event, key in (("completed", ""), ("progress", "epochs 2"), ("progress", "epochs 4"))
+        for target in conf["notify"]
+    )
     assert "hook-secret" not in result.stdout + result.stderr
