@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,7 +169,10 @@ def test_a_node_killed_mid_training_fails_the_job_naming_it_and_every_node_is_te
     assert result.kind == "node_failed" and not result.succeeded
     assert result.reason.startswith(f"node 1 ({nodes[1].name}): trainer vanished"), result.reason
     lifecycle.after_follow(store, job, result.as_event())  # stops node 0's trainer, which lost its peer
-    assert all(box_processes(box) == [] for box in boxes)
+    deadline = time.monotonic() + 15
+    while any(box_processes(box) for box in boxes) and time.monotonic() < deadline:
+        time.sleep(0.1)  # SIGKILLed ones may take a moment to be gone
+    assert [box_processes(box) for box in boxes] == [[], []]  # torchrun's workers too (own sessions)
     lifecycle.teardown(store, job)
     rig.fake.assert_all_terminated()
     assert all(box_processes(box) == [] for box in boxes)
@@ -212,3 +216,33 @@ def test_multi_node_params_are_checked() -> None:
     with pytest.raises(JobParamsError, match="num_nodes"):
         parse_job_params({"project_id": "p", "num_nodes": 0})
     assert lifecycle.node_names("gpujob-x-1", 3) == ["gpujob-x-1", "gpujob-x-1-n1", "gpujob-x-1-n2"]
+
+
+#: A launcher like torchrun: its worker runs in a session of its own, outside the wrapper's group.
+LAUNCHER = (
+    "import subprocess, sys, time\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def test_stopping_a_trainer_stops_workers_started_in_sessions_of_their_own(tmp_path: Path) -> None:
+    import sys
+
+    from gpu_training.hosts.base import CONFIG_PATH
+    from gpu_training.hosts.local import LocalHost
+
+    host = LocalHost(tmp_path / "node")
+    host.prepare()
+    (tmp_path / "node" / "launcher.py").write_text(LAUNCHER)
+    env = {"PATH": "/usr/bin:/bin", "TRAINING_CONFIG": host.path(CONFIG_PATH)}
+    host.start_trainer([sys.executable, host.path("launcher.py")], env)
+    deadline = time.monotonic() + 20
+    while len(host._with_our_environment()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the launcher and its worker
+    assert len(host._with_our_environment()) >= 2
+    host.stop_trainer(grace_seconds=2)
+    deadline = time.monotonic() + 10
+    while host._with_our_environment() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host._with_our_environment() == []

@@ -16,6 +16,7 @@ from typing import Any
 
 from gpu_training.errors import HostError, TransferError
 from gpu_training.hosts.base import (
+    CONFIG_PATH,
     DATA_DIR,
     LOG_PATH,
     OUTPUT_DIR,
@@ -193,22 +194,47 @@ class LocalHost(Host):
         return _read_int(self.root / RUN_DIR / "pgid")
 
     def stop_trainer(self, grace_seconds: float = 10.0) -> None:
+        """SIGTERM the trainer, SIGKILL what is left after the grace: its process group and every
+        process started with its environment (torchrun starts its workers in sessions of their own,
+        which a group kill alone would leave running)."""
         pgid = self._pgid()
-        if pgid is None or pgid <= 1:
+        group = pgid if pgid is not None and pgid > 1 else None
+
+        def alive() -> list[int]:
+            return (_group_members(group) if group else []) + self._with_our_environment()
+
+        def send(sig: signal.Signals) -> None:
+            if group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, sig)
+            for pid in self._with_our_environment():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+        if not alive():
             return
-        if not _group_members(pgid):
-            return
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        send(signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline:
-            if not _group_members(pgid):
+            if not alive():
                 return
             time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+        send(signal.SIGKILL)
+
+    def _with_our_environment(self) -> list[int]:
+        """Processes started with this work directory's ``TRAINING_CONFIG`` (the trainer's own)."""
+        marker = f"TRAINING_CONFIG={self.path(CONFIG_PATH)}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ.split(b"\0"):
+                found.append(int(entry))
+        return found
 
     def group_alive(self) -> bool:
         """Whether any process of the trainer's process group still exists."""

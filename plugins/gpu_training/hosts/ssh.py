@@ -42,17 +42,28 @@ SFTP_MIN_WRITE = 32 * 1024
 _HASH_FN = "if command -v openssl >/dev/null 2>&1; then h() { openssl dgst -sha256 -r; }; else h() { sha256sum; }; fi; "
 
 # SIGTERM the trainer's process group, SIGKILL after the grace period ($2 seconds).
+#: SIGTERM the trainer, SIGKILL what is left after the grace. "The trainer" is its process group and
+#: every process started with its environment (``TRAINING_CONFIG`` of this work directory): torchrun
+#: starts its workers in sessions of their own, which a group kill alone would leave running.
 _STOP_SCRIPT = r"""
-pg=$(cat "$1/run/pgid" 2>/dev/null) || exit 0
-case "$pg" in ''|*[!0-9]*) exit 0 ;; esac
-[ "$pg" -gt 1 ] || exit 0
-kill -TERM -- "-$pg" 2>/dev/null || exit 0
+marker="TRAINING_CONFIG=$1/config/job.yaml"
+pg=$(cat "$1/run/pgid" 2>/dev/null)
+case "$pg" in ''|*[!0-9]*) pg= ;; esac
+[ -n "$pg" ] && [ "$pg" -le 1 ] && pg=
+others() { grep -lzxF -- "$marker" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }
+alive() { { [ -n "$pg" ] && kill -0 -- "-$pg" 2>/dev/null; } || [ -n "$(others)" ]; }
+signal() {
+  [ -n "$pg" ] && kill "-$1" -- "-$pg" 2>/dev/null
+  for p in $(others); do kill "-$1" "$p" 2>/dev/null; done
+}
+alive || exit 0
+signal TERM
 end=$(( $(date +%s) + $2 ))
 while [ "$(date +%s)" -lt "$end" ]; do
-  kill -0 -- "-$pg" 2>/dev/null || exit 0
+  alive || exit 0
   sleep 0.2
 done
-kill -KILL -- "-$pg" 2>/dev/null
+signal KILL
 exit 0
 """
 
