@@ -8,7 +8,7 @@
 #   make cluster         the same topology as native processes on 127.0.0.1 (no images needed), until Ctrl-C
 #   make status [LIMIT=20 PROJECT=x]   recent jobs: state, GPU, nodes, cost
 #   make logs JOB=<uuid> follow a job's trainer log live (every node's) until it finishes
-#   make validate        check the results DB (reachable, migrated), each cloud's credentials, the trainer image
+#   make validate [TRAINER_IMAGE=x]   check the results DB (migrated), each cloud's credentials, the trainer image
 SHELL := /bin/bash
 PYTHON ?= python3.11
 ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
@@ -90,8 +90,9 @@ logs: $(BIN)/.installed
 	@test -n "$(JOB)" || { echo "usage: make logs JOB=<job uuid> (make status lists them)" >&2; exit 2; }
 	@$(BIN)/python -m gpu_training.cli logs '$(JOB)'
 
+TRAINER_IMAGE ?=
 validate: $(BIN)/.installed
-	@$(BIN)/python -m gpu_training.cli validate
+	@$(BIN)/python -m gpu_training.cli validate $(if $(TRAINER_IMAGE),--image '$(TRAINER_IMAGE)')
 
 # docker-compose's topology as native processes on 127.0.0.1 (README "make cluster"): Debian's
 # PostgreSQL and Redis, moto's S3 server, api-server, scheduler, dag-processor, triggerer and

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -120,6 +122,9 @@ def run(conf: dict, *, quiet: bool = False) -> int:
 
 # --- make status -----------------------------------------------------------------------------------
 
+#: A job in one of these states is over: its cost is settled and ``logs`` stops following it.
+FINISHED = ("completed", "failed", "cancelled")
+
 
 def status_lines(store: ResultsStore, *, limit: int = 20, project: str | None = None) -> list[str]:
     """Recent jobs, newest first: state, where (GPU / instance type, nodes), cost, time, why it failed."""
@@ -140,18 +145,23 @@ def status_lines(store: ResultsStore, *, limit: int = 20, project: str | None = 
     lines = [header]
     now = datetime.now(UTC)
     for job in jobs:
-        mine = [i for i in instances.get(job.id, []) if i.instance_id]
-        last = mine[-1] if mine else None
+        launched = [i for i in instances.get(job.id, []) if i.instance_id]
+        last = launched[-1] if launched else None
+        # Before an instance exists, what was asked for; a job of provider "cloud" shows the cloud it got.
         where = ((job.params or {}).get("gpu") or "") if last is None else (last.instance_type or "")
+        provider = last.provider if last is not None else job.provider
         nodes = int((job.params or {}).get("num_nodes") or 1)
-        live = job.status not in ("completed", "failed", "cancelled")
-        cost = job_cost(store, job.uuid) if live else (job.cost_usd or 0.0)
+        finished = job.status in FINISHED
+        cost = job.cost_usd if finished and job.cost_usd is not None else job_cost(store, job.uuid, now=now)
         started = job.started_at or job.created_at
-        took = job.time_taken if job.time_taken is not None else (now - started).total_seconds()
+        if job.time_taken is not None:
+            took = job.time_taken
+        else:
+            took = ((job.completed_at if finished and job.completed_at else now) - started).total_seconds()
         reason = (job.failure_reason or "").splitlines()[0][:80] if job.failure_reason else ""
         lines.append(
-            f"{job.uuid:36}  {job.project_id[:14]:14} {job.status:10} {job.provider[:8]:8} {where[:22]:22} "
-            f"{nodes:>5} {cost:>9.4f}  {started:%Y-%m-%d %H:%M} {_duration(took):>8}  {reason}"
+            f"{job.uuid:36}  {job.project_id[:14]:14} {job.status:10} {provider[:8]:8} {where[:22]:22} "
+            f"{nodes:>5} {cost:>9.4f}  {started:%Y-%m-%d %H:%M} {_duration(took):>8}  {reason}".rstrip()
         )
     if not jobs:
         lines.append("(no jobs" + (f" of project {project}" if project else "") + ")")
@@ -167,74 +177,156 @@ def _duration(seconds: float) -> str:
 
 # --- make logs -------------------------------------------------------------------------------------
 
-#: How much of the log is shown before following (its last lines).
+#: How much of the log is shown before following (its last lines, per node).
 LOGS_TAIL_LINES = 50
 _TAIL_BYTES = 256 * 1024
+_READ_BYTES = 1 << 20
+
+
+class NodeLog:
+    """One node's ``logs/trainer.log`` followed by byte offset; lines are printed whole (a line
+    still being written waits for its newline, or for :meth:`flush`)."""
+
+    def __init__(self, host: Any, rank: int, *, out: Any, from_start: bool = False) -> None:
+        self.host, self.rank, self.out = host, rank, out
+        self.prefix = False
+        self.offset: int | None = 0 if from_start else None  # None: the tail comes first
+        self.partial = b""
+        self.error = ""  # the last read error shown, so that a lasting one is said once
+
+    def print(self, lines: list[bytes]) -> None:
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            print(f"[node {self.rank}] {text}" if self.prefix else text, file=self.out, flush=True)
+
+    def tail(self, max_lines: int) -> None:
+        """Print the last ``max_lines`` whole lines and position after them."""
+        from gpu_training.hosts.base import LOG_PATH
+
+        folder, name = LOG_PATH.split("/", 1)
+        size = sum(f.size for f in self.host.list_files(folder) if f.path == name)
+        start = max(0, size - _TAIL_BYTES)
+        data = self.host.read_chunk(LOG_PATH, start, _TAIL_BYTES) or b""
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if start and lines:
+            lines = lines[1:]  # cut by the window
+        self.print(lines[-max_lines:])
+        self.offset = start + len(data)
+
+    def drain(self) -> None:
+        """Print every whole line appended since the last read (the tail, the first time)."""
+        from gpu_training.hosts.base import LOG_PATH
+
+        if self.offset is None:
+            self.tail(LOGS_TAIL_LINES)
+            return
+        while True:
+            data = self.host.read_chunk(LOG_PATH, self.offset, _READ_BYTES) or b""
+            self.offset += len(data)
+            lines = (self.partial + data).split(b"\n")
+            self.partial = lines.pop()
+            self.print(lines)
+            if len(data) < _READ_BYTES:
+                return
+
+    def flush(self) -> None:
+        """The last line, though it has no newline (the log is over)."""
+        if self.partial:
+            self.print([self.partial])
+            self.partial = b""
 
 
 def follow_logs(
     store: ResultsStore, job_uuid: str, *, out: Any = None, interval: float = 1.0, follow: bool = True
 ) -> int:
     """Print the job's trainer log (every node's, ``[node N]`` first when there are several): its
-    last lines, then what is appended, until the job has finished. Returns the exit status."""
+    last lines, then what is appended, polled every ``interval`` s until the job has finished.
+    Returns the exit status: 2 for an unknown job, else 0."""
     from gpu_training import lifecycle
-    from gpu_training.errors import JobNotFoundError
-    from gpu_training.hosts.base import LOG_PATH
+    from gpu_training.errors import InstanceNotFoundError, JobNotFoundError
 
     out = out or sys.stdout
     try:
         job = store.job(job_uuid)
     except JobNotFoundError:
-        print(f"error: no job {job_uuid} in the results DB", file=sys.stderr)
+        where = store.engine.url.render_as_string(hide_password=True)
+        print(f"error: no job {job_uuid} in the results DB {where} (make status lists them)", file=sys.stderr)
         return 2
-    try:
-        nodes = lifecycle.node_hosts(store, job_uuid)
-    except Exception as err:
-        print(f"job {job_uuid} is {job.status} and has no live instance ({err})", file=out)
-        logs = [a for a in store.artifacts(job_uuid) if a.name == LOG_PATH]
-        if logs:
-            print(f"its trainer log was uploaded: {logs[0].uri}", file=out)
-        return 0
-    prefix = len(nodes) > 1
-    offsets: list[int] = []
-    partial: list[bytes] = []
-    for record, _, host in nodes:
-        size = sum(f.size for f in host.list_files("logs") if f.path == LOG_PATH.split("/", 1)[1])
-        start = max(0, size - _TAIL_BYTES)
-        data = host.read_chunk(LOG_PATH, start, _TAIL_BYTES) or b""
-        text = data.decode("utf-8", "replace").splitlines()
-        if start and text:
-            text = text[1:]  # a line cut by the window
-        for line in text[-LOGS_TAIL_LINES:]:
-            print(f"[node {record.node_rank}] {line}" if prefix else line, file=out, flush=True)
-        offsets.append(start + len(data))
-        partial.append(b"")
-    if not follow:
-        return 0
-
-    def drain() -> None:
-        for i, (record, _, host) in enumerate(nodes):
+    logs: dict[str, NodeLog] = {}  # by instance name, rank order
+    said = ""  # the last "waiting" or "not reachable" message, said once
+    while True:
+        job = store.job(job_uuid)
+        finished = job.status in FINISHED
+        try:
+            names = [n.name for n in lifecycle.current_nodes(store, job_uuid)]
+        except InstanceNotFoundError:
+            names = []
+        if names and names != list(logs):
+            # The first instance(s), or new ones (a replacement after an interruption, the nodes
+            # of a group as they come): a log that appears while following is read from its start.
             try:
-                data = host.read_chunk(LOG_PATH, offsets[i], 1 << 20) or b""
-            except Exception:
-                continue  # torn down meanwhile
-            offsets[i] += len(data)
-            lines = (partial[i] + data).split(b"\n")
-            partial[i] = lines.pop()
-            for line in lines:
-                text = line.decode("utf-8", "replace")
-                print(f"[node {record.node_rank}] {text}" if prefix else text, file=out, flush=True)
-
-    try:
-        while True:
-            finished = store.job(job_uuid).status in ("completed", "failed", "cancelled")
-            drain()
+                hosts = lifecycle.node_hosts(store, job_uuid)
+            except Exception as err:  # not launched yet, no address yet, or gone meanwhile
+                hosts = []
+                if not isinstance(err, InstanceNotFoundError) and str(err) != said:
+                    said = str(err)
+                    print(f"-- instance not reachable (job {job.status}): {err}", file=out, flush=True)
+            if hosts:
+                kept = {record.name for record, _, _ in hosts}
+                for name, log in logs.items():
+                    if name not in kept:  # a node left: what it wrote last, then its unfinished line
+                        with contextlib.suppress(Exception):
+                            log.drain()
+                        log.flush()
+                added = [record.name for record, _, _ in hosts if record.name not in logs]
+                if logs and added:
+                    print(f"-- job {job_uuid} now on {', '.join(added)}", file=out, flush=True)
+                logs = {
+                    record.name: logs.get(record.name)
+                    or NodeLog(host, record.node_rank, out=out, from_start=bool(logs))
+                    for record, _, host in hosts
+                }
+                for log in logs.values():
+                    log.prefix = len(logs) > 1
+        for log in logs.values():
+            try:
+                log.drain()
+                log.error = ""
+            except Exception as err:  # torn down meanwhile, or a connection that comes back
+                if f"{err}" != log.error:
+                    log.error = f"{err}"
+                    print(f"-- node {log.rank}: log not readable: {type(err).__name__}: {err}", file=out, flush=True)
+        if not logs and (finished or not follow):
+            _no_instance(store, job, out)
+            return 0
+        if finished or not follow:
+            for log in logs.values():
+                log.flush()
             if finished:
-                print(f"-- job {job_uuid} {store.job(job_uuid).status}", file=out, flush=True)
-                return 0
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return 0
+                print(f"-- job {job_uuid} {job.status}", file=out, flush=True)
+            return 0
+        if not logs and not said:
+            said = f"job {job_uuid} is {job.status}: waiting for its instance (Ctrl-C to stop)"
+            print(said, file=out, flush=True)
+        time.sleep(interval)
+
+
+def _no_instance(store: ResultsStore, job: TrainingJob, out: Any) -> None:
+    """Say that there is no instance to read the log from, and where the uploaded one is."""
+    from gpu_training.hosts.base import LOG_PATH
+
+    gone = store.instances_for_job(job.uuid)
+    what = "its instance is gone" if gone else "it never had an instance"
+    print(f"job {job.uuid} is {job.status} and {what}: no live trainer log to follow", file=out)
+    if job.failure_reason:
+        print(f"reason: {job.failure_reason.splitlines()[0]}", file=out)
+    uploaded = [a for a in store.artifacts(job.uuid) if a.name == LOG_PATH]
+    if uploaded:
+        print(f"its trainer log was uploaded with the outputs: {uploaded[0].uri}", file=out)
+    elif gone:
+        print("its trainer log was not uploaded (the outputs were not, or it had none)", file=out)
+    out.flush()
 
 
 # --- make validate ---------------------------------------------------------------------------------
@@ -292,10 +384,10 @@ def _check_image(image: str) -> tuple[str, str, str]:
     import shutil
 
     what = f"trainer image {image}"
-    build = "build it: include/trainer/build_base_image.sh && docker build -t gpu-trainer:latest include/trainer"
+    build = f"build it: sudo bash include/trainer/build_base_image.sh && docker build -t {image} include/trainer"
     docker = shutil.which("docker")
     if not docker:
-        return "FAIL", what, f"docker is not installed (runtime 'docker' needs it); {build}"
+        return "FAIL", what, f"docker is not installed (runtime 'docker' needs it; apt-get install docker.io); {build}"
     try:
         proc = subprocess.run(
             [docker, "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, timeout=60
@@ -303,12 +395,15 @@ def _check_image(image: str) -> tuple[str, str, str]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return "FAIL", what, f"docker did not answer: {err}"
     if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "not present"
-        return "FAIL", what, f"{detail}; {build}"
+        said = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        if "no such image" not in said.lower():
+            return "FAIL", what, f"docker did not answer: {said} (is dockerd running?)"
+        return "FAIL", what, f"not present in Docker; {build}"
     return "ok", what, f"present ({proc.stdout.strip()[:19]})"
 
 
 def validate(*, image: str | None = None, out: Any = None) -> int:
+    """Print one line per check and a count; 1 if any check failed."""
     out = out or sys.stdout
     checks = validate_checks(image=image)
     for result, what, detail in checks:
@@ -316,6 +411,40 @@ def validate(*, image: str | None = None, out: Any = None) -> int:
     failed = sum(1 for c in checks if c[0] == "FAIL")
     print(f"{len(checks)} checks, {failed} failed", file=out)
     return 1 if failed else 0
+
+
+def _quiet_logs() -> None:
+    """Keep Alembic's INFO lines (each schema check logs two) out of the commands' output."""
+    import logging
+
+    import airflow  # noqa: F401  (configures logging first, which would reset the level)
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _operator_command(args: argparse.Namespace) -> int:
+    """``status``, ``logs`` and ``validate``."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gpu_training.errors import ResultsDbError
+
+    _quiet_logs()
+    if args.cmd == "validate":
+        return validate(image=args.image)
+    store = _store()
+    try:
+        store.check_schema()
+    except ResultsDbError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as err:
+        where = store.engine.url.render_as_string(hide_password=True)
+        print(f"error: results DB {where} not reachable: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if args.cmd == "logs":
+        return follow_logs(store, args.uuid, follow=not args.no_follow, interval=args.interval)
+    print("\n".join(status_lines(store, limit=args.limit, project=args.project or None)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,31 +456,26 @@ def main(argv: list[str] | None = None) -> int:
     p_show = sub.add_parser("show", help="print the summary of a job")
     p_show.add_argument("uuid")
     p_status = sub.add_parser("status", help="recent jobs: state, GPU, nodes, cost")
-    p_status.add_argument("--limit", type=int, default=20)
-    p_status.add_argument("--project", default=None)
+    p_status.add_argument("--limit", type=int, default=20, help="how many jobs, newest first (default 20)")
+    p_status.add_argument("--project", default=None, help="only this project_id's jobs")
     p_logs = sub.add_parser("logs", help="follow a job's trainer log (every node's) until it finishes")
     p_logs.add_argument("uuid")
     p_logs.add_argument("--no-follow", action="store_true", help="print the last lines and exit")
+    p_logs.add_argument("--interval", type=float, default=1.0, help="seconds between reads (default 1)")
     p_validate = sub.add_parser("validate", help="check the results DB, the clouds' credentials, the trainer image")
     p_validate.add_argument(
-        "--image", default=None, help="the trainer image to look for (default: the params' default)"
+        "--image", default=None, help="the trainer image to look for (default: the params' default image)"
     )
     args = parser.parse_args(argv)
-    if args.cmd in ("status", "logs"):
-        from gpu_training.errors import ResultsDbError
-
-        store = _store()
+    if args.cmd in ("status", "logs", "validate"):
         try:
-            store.check_schema()
-        except ResultsDbError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if args.cmd == "logs":
-            return follow_logs(store, args.uuid, follow=not args.no_follow)
-        print("\n".join(status_lines(store, limit=args.limit, project=args.project or None)))
-        return 0
-    if args.cmd == "validate":
-        return validate(image=args.image)
+            return _operator_command(args)
+        except KeyboardInterrupt:
+            return 130  # Ctrl-C: quietly, as the shell reports a SIGINT
+        except BrokenPipeError:
+            # `make status | head`: the reader left; nothing more to say, and nowhere to say it.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if args.cmd == "run":
         try:
             conf = json.loads(args.conf or "{}")
