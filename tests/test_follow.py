@@ -333,6 +333,36 @@ def test_trainer_log_lines_reach_the_log_and_a_chatty_trainer_is_cut_short(
     assert f"[trainer] ... {3000 - len(shown)} lines" in dropped
 
 
+def test_the_logs_last_lines_are_kept_on_the_job_row_live_and_at_the_end(
+    store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer
+) -> None:
+    """The job page shows ``training_jobs.log_tail``: the last lines, while the job trains (within
+    a few seconds) and once it ended, bounded in size, lines cut and marked."""
+    import gpu_training.follow as follow
+
+    async def scenario() -> tuple[str | None, FollowResult]:
+        task = asyncio.create_task(follower(store, job_uuid, host).run())
+        trainer.log("epoch 1 done", "z" * 5000)
+        await until(lambda: "epoch 1 done" in (store.job(job_uuid).log_tail or ""), follow.LOG_TAIL_WRITE_SECONDS + 5)
+        live = store.job(job_uuid).log_tail
+        trainer.log(*(f"batch {i:05d} " + "x" * 90 for i in range(2000)))
+        trainer.log("the last line")
+        trainer.write(event_line("PROJECT", "end"))
+        return live, await asyncio.wait_for(task, 10)
+
+    live, result = asyncio.run(scenario())
+    assert result.succeeded
+    assert live is not None and live.splitlines()[0] == "epoch 1 done"
+    assert live.splitlines()[1].endswith(f"... [{5000 - follow.LOG_LINE_CHARS} more characters]")
+    job = store.job(job_uuid)
+    assert job.log_tail is not None and job.log_tail_at is not None
+    lines = job.log_tail.splitlines()
+    assert lines[-1] == "the last line"
+    assert lines[-2].startswith("batch 01999 ")
+    assert len(job.log_tail.encode()) <= follow.LOG_TAIL_BYTES
+    assert "epoch 1 done" not in job.log_tail  # pushed out by the 2000 later lines
+
+
 class _LaggingLogSource(LocalSource):
     """A host whose log stream lags: nothing of ``logs/trainer.log`` arrives by streaming."""
 

@@ -31,13 +31,14 @@ import random
 import shlex
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from gpu_training.errors import HostError
-from gpu_training.events import MalformedLine, parse_chunk
+from gpu_training.events import MalformedLine, parse_chunk, without_nul
 from gpu_training.hosts.base import LOG_PATH, TrainerStatus
 from gpu_training.progress import GLOBAL_JSON_PATH, Verdict, exit_description, judge, with_log_tail
 from gpu_training.results.models import utcnow
@@ -55,6 +56,10 @@ LOG_LINES_PER_SECOND = 40.0
 LOG_LINE_CHARS = 1000
 #: How much of an existing trainer log is shown when following starts (e.g. after a restart).
 LOG_REPLAY_BYTES = 64 * 1024
+#: The trainer log's last lines kept on the job row for the job page (``training_jobs.log_tail``),
+#: written at most this often while they change.
+LOG_TAIL_BYTES = 32 * 1024
+LOG_TAIL_WRITE_SECONDS = 2.0
 CONNECT_TIMEOUT_SECONDS = 20.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 30.0
@@ -495,9 +500,11 @@ class JobFollower:
         self._room.set()
         self._skip_long_line = False
         self._warned_nan = False
-        self._logs = [_TrainerLog(source, _LogGate(log, "node 0" if self.peers else "trainer"))] + [
-            _TrainerLog(peer.source, _LogGate(log, f"node {peer.rank}")) for peer in self.peers
+        self.log_tail = LogTail()
+        self._logs = [_TrainerLog(source, _LogGate(log, "node 0" if self.peers else "trainer"), self.log_tail)] + [
+            _TrainerLog(peer.source, _LogGate(log, f"node {peer.rank}"), self.log_tail) for peer in self.peers
         ]
+        self._tail_saved_at = 0.0
         self._pump_task: asyncio.Task[None] | None = None
         self._progress_task: asyncio.Task[None] | None = None
         self._progress_wanted = False
@@ -533,6 +540,7 @@ class JobFollower:
         try:
             result = await self._main(store)
             await asyncio.gather(*(t.drain(task) for t, task in zip(self._logs, logs, strict=True)))
+            await self._save_log_tail(store, force=True)
             return result
         finally:
             for task in logs:
@@ -562,6 +570,7 @@ class JobFollower:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
                 await self._store_pending(store, final=False)
+                await self._save_log_tail(store)
                 if time.monotonic() >= next_check:
                     await self._check(store)
                     next_check = time.monotonic() + self.spec.poll_interval
@@ -578,6 +587,19 @@ class JobFollower:
                     self.errors,
                     done.exit_code,
                 )
+
+    async def _save_log_tail(self, store: ResultsStore, *, force: bool = False) -> None:
+        """The log's last lines onto the job row when they changed (every few seconds at most): the
+        job page shows them live. A failed write is not a failed job: the next one catches up."""
+        if not self.log_tail.changed or (not force and time.monotonic() - self._tail_saved_at < LOG_TAIL_WRITE_SECONDS):
+            return
+        self._tail_saved_at = time.monotonic()
+        self.log_tail.changed = False
+        try:
+            await self._db(store.update_job, self.spec.job_uuid, log_tail=self.log_tail.text(), log_tail_at=utcnow())
+        except Exception as err:
+            self.log_tail.changed = True
+            self._warn("log_tail", f"could not store the trainer log's last lines: {err}")
 
     # -- global.json ----------------------------------------------------------------------------
 
@@ -848,13 +870,39 @@ async def _log_tail(source: Source, lines: int = 20) -> str:
     return out.rstrip("\n")
 
 
-class _TrainerLog:
-    """One node's trainer log shown in the task log (display only: after a restart the last
-    :data:`LOG_REPLAY_BYTES` are shown again)."""
+class LogTail:
+    """The last lines of the trainer log (every node's), at most ``max_bytes``: what the job page
+    shows while the job trains. Lines longer than :data:`LOG_LINE_CHARS` are cut, marked as cut."""
 
-    def __init__(self, source: Source, gate: _LogGate) -> None:
+    def __init__(self, max_bytes: int = LOG_TAIL_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.lines: deque[str] = deque()
+        self.size = 0
+        self.changed = False
+
+    def add(self, text: str) -> None:
+        if len(text) > LOG_LINE_CHARS:
+            text = text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
+        self.lines.append(text)
+        self.size += len(text) + 1
+        while self.size > self.max_bytes and len(self.lines) > 1:
+            self.size -= len(self.lines.popleft()) + 1
+        self.changed = True
+
+    def text(self) -> str:
+        return without_nul("\n".join(self.lines))
+
+
+class _TrainerLog:
+    """One node's trainer log shown in the task log and kept in the job's :class:`LogTail`
+    (display only: after a restart the last :data:`LOG_REPLAY_BYTES` are shown again)."""
+
+    def __init__(self, source: Source, gate: _LogGate, tail: LogTail | None = None) -> None:
         self.source = source
         self.gate = gate
+        self.tail = tail
+        # Several nodes share one tail: their lines are told apart as in the task log.
+        self.prefix = "" if gate.label == "trainer" else f"[{gate.label}] "
         self.offset: int | None = None  # shown up to here
         self.partial = b""  # its unterminated last line
 
@@ -876,7 +924,12 @@ class _TrainerLog:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         for line in lines:
-            self.gate.line(line.decode("utf-8", "replace"))
+            self._line(line.decode("utf-8", "replace"))
+
+    def _line(self, text: str) -> None:
+        self.gate.line(text)
+        if self.tail is not None:
+            self.tail.add(self.prefix + text)
 
     async def drain(self, task: asyncio.Task[None]) -> None:
         """The job ended: the log's last lines, which the stream may not have brought yet (a
@@ -888,7 +941,7 @@ class _TrainerLog:
         with contextlib.suppress(SourceUnreachable, StreamBroken, HostError, TimeoutError, OSError):
             self.lines(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
         if self.partial:
-            self.gate.line(self.partial.decode("utf-8", "replace"))
+            self._line(self.partial.decode("utf-8", "replace"))
             self.partial = b""
 
 

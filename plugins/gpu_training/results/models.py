@@ -152,6 +152,10 @@ class TrainingJob(Base):
     recovery_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: Job-wide byte offset where the current instance's global.json starts (0 until a recovery).
     ingest_base: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: The trainer log's last lines (every node's, ``[node N] `` prefixed on a multi-node job), at
+    #: most ``LOG_TAIL_BYTES``, written by the follower while the job trains; and when.
+    log_tail: Mapped[str | None] = mapped_column(Text)
+    log_tail_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     iterations: Mapped[list[TrainingIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="TrainingIteration.iteration"
