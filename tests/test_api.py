@@ -102,6 +102,7 @@ def new_job(
     created_at: datetime | None = None,
     gpu: str = "",
     stage: str = "",
+    map_index: int = -1,
 ) -> str:
     job_uuid = store.create_job(
         project_id=project_id,
@@ -111,6 +112,7 @@ def new_job(
         dag_id=dag_id,
         run_id=run_id,
         stage=stage,
+        map_index=map_index,
     )
     store.update_job(job_uuid, status=status, created_at=created_at or datetime.now(UTC))
     return job_uuid
@@ -223,7 +225,12 @@ def test_openapi_is_served_under_the_prefix(client: TestClient) -> None:
 
 def test_no_token_is_401(api: FastAPI, client: TestClient, world: World) -> None:
     del api.dependency_overrides[get_user]
-    paths = ("/training/v1/jobs", f"/training/v1/jobs/{world.full}", "/training/v1/evaluations")
+    paths = (
+        "/training/v1/jobs",
+        f"/training/v1/jobs/{world.full}",
+        f"/training/v1/jobs/{world.full}/log",
+        "/training/v1/evaluations",
+    )
     for path in (*paths, "/training/v1/models", "/training/v1/models/digits"):
         resp = client.get(path)
         assert resp.status_code == 401, (path, resp.text)
@@ -256,8 +263,11 @@ def test_jobs_newest_first_with_every_field(client: TestClient, world: World) ->
     assert set(full) == {
         "uuid", "project_id", "dag_id", "run_id", "status", "provider", "runtime", "gpu", "created_at",
         "started_at", "completed_at", "time_taken", "cost_usd", "failure_reason", "non_finite_loss",
-        "trainer_exit_code", "ingest_offset", "stage",
+        "trainer_exit_code", "ingest_offset", "stage", "map_index", "updated_at", "cancel_requested_at",
+        "cancelled_by",
     }  # fmt: skip
+    assert (full["map_index"], full["cancelled_by"], full["cancel_requested_at"]) == (-1, None, None)
+    assert full["updated_at"] is not None
 
 
 def test_jobs_filters(client: TestClient, world: World) -> None:
@@ -271,6 +281,29 @@ def test_jobs_filters(client: TestClient, world: World) -> None:
     both = client.get("/training/v1/jobs", params={"status": "running", "project_id": "proj-a"})
     assert uuids(both) == [world.full, world.other_dag]
     assert uuids(client.get("/training/v1/jobs", params={"project_id": "nobody"})) == []
+
+
+def test_jobs_of_one_dag_run(client: TestClient, world: World) -> None:
+    """The filters of the page's run view (``#/runs/<dag_id>/<run_id>``): a sweep's trials and a
+    pipeline's stages in one run."""
+    trials = [new_job(world.store, "r-sweep", stage="trial", map_index=i) for i in range(3)]
+    stages = [new_job(world.store, "r-pipe", stage=s) for s in ("sft", "rl")]
+    other_dag = new_job(world.store, "r-sweep", dag_id=OTHER_DAG)
+
+    def listed(**params: Any) -> set[str]:
+        return set(uuids(client.get("/training/v1/jobs", params=params)))
+
+    assert listed(dag_id="gpu_training", run_id="r-sweep") == set(trials)
+    assert listed(run_id="r-sweep") == {*trials, other_dag}
+    assert listed(dag_id="gpu_training", run_id="r-sweep", stage="trial", map_index=1) == {trials[1]}
+    assert listed(dag_id="gpu_training", run_id="r-pipe", stage="rl") == {stages[1]}
+    assert listed(dag_id="gpu_training", run_id="r-full", stage="", map_index=-1) == {world.full}
+    assert listed(dag_id="gpu_training", run_id="r-nope") == set()
+    assert listed(dag_id=OTHER_DAG) == {world.other_dag, other_dag}
+    trial = client.get("/training/v1/jobs", params={"run_id": "r-sweep", "map_index": 2}).json()["jobs"]
+    assert [(j["uuid"], j["stage"], j["map_index"]) for j in trial] == [(trials[2], "trial", 2)]
+    for bad in ({"map_index": -2}, {"map_index": 2**31}, {"map_index": "x"}):
+        assert client.get("/training/v1/jobs", params=bad).status_code == 422, bad
 
 
 def test_jobs_pagination(client: TestClient, world: World) -> None:
@@ -326,7 +359,7 @@ def test_job_by_uuid(client: TestClient, world: World) -> None:
 
 @pytest.mark.parametrize("job_uuid", ["00000000-0000-4000-8000-000000000000", "not-a-uuid"])
 def test_unknown_or_malformed_job_is_404(client: TestClient, world: World, job_uuid: str) -> None:
-    for suffix in ("", "/details", "/iterations/1/epochs", "/artifacts/1", "/stream"):
+    for suffix in ("", "/details", "/iterations/1/epochs", "/artifacts/1", "/stream", "/log"):
         resp = client.get(f"/training/v1/jobs/{job_uuid}{suffix}")
         assert resp.status_code == 404, (suffix, resp.text)
         assert resp.json() == {"detail": f"no training job {job_uuid!r}"}
@@ -335,7 +368,7 @@ def test_unknown_or_malformed_job_is_404(client: TestClient, world: World, job_u
 
 def test_job_of_an_unreadable_dag_is_403(client: TestClient, auth_manager: PerDagAuthManager, world: World) -> None:
     auth_manager.rules = {OTHER_DAG: {"GET"}}
-    for suffix in ("", "/details", "/iterations/1/epochs", "/stream"):
+    for suffix in ("", "/details", "/iterations/1/epochs", "/stream", "/log"):
         resp = client.get(f"/training/v1/jobs/{world.full}{suffix}")
         assert resp.status_code == 403, (suffix, resp.text)
         assert "gpu_training" in resp.json()["detail"]
@@ -347,6 +380,9 @@ def test_details(client: TestClient, world: World) -> None:
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["uuid"] == world.full and body["gpu"] == "A100"
+    assert body["params"] == {"project_id": "proj-a", "gpu": "A100", "config": {}}
+    job = world.store.job(world.full)
+    assert body["training_config"] == job.training_config and body["outputs_uri"] is None
     it1, it2 = body["iterations"]
     assert [e["epoch"] for e in it1["epochs"]] == [1, 2] and it1["epochs"][1]["avg_loss"] == 0.5
     assert it1["epochs"][0]["model_path"] == "checkpoints/iter001_epoch001_model.npz"
@@ -391,6 +427,9 @@ def details_by_the_models(store: ResultsStore, job_uuid: str) -> schemas.JobDeta
         iterations=iterations,
         artifacts=[schemas.ArtifactInfo.of(a) for a in sorted(store.artifacts(job_uuid), key=lambda a: a.name)],
         instances=[schemas.InstanceInfo.of(i) for i in instances],
+        params=job.params,
+        training_config=job.training_config,
+        outputs_uri=job.outputs_uri,
     )
 
 
@@ -404,6 +443,9 @@ def test_list_and_details_json_is_their_response_models_json(client: TestClient,
     feed(store, world.full, event_line("EVAL_MODEL", "metrics", iteration=2, epoch=2, data=evaluation))
     store.record_instance_intent(world.full, provider="ssh", name="gpujob-full-2", instance_type=None, region=None)
     store.update_job(world.failed, time_taken=12.5, cost_usd=0.0, failure_reason="exit 1", trainer_exit_code=1)
+    store.update_job(
+        world.full, training_config={"lr": 0.01, "layers": [64, 32]}, outputs_uri="file:///tmp/o", cancelled_by="x"
+    )
     job = store.job(world.full)
     assert job.non_finite_loss and "NaN" in job.non_finite_loss
 
@@ -621,6 +663,124 @@ def test_s3_artifact_redirects_to_a_presigned_url(
     assert requests.get(location, timeout=10).content == b"final weights"
 
 
+# --- trainer log ----------------------------------------------------------------------------------
+
+
+def upload_log(world: World, job_uuid: str, uri: str, size: int = 1) -> None:
+    """What upload_outputs records for the trainer log, and the job ended."""
+    world.store.record_artifacts(job_uuid, [ArtifactRecord("logs/trainer.log", uri, size, "3" * 64)])
+    world.store.update_job(job_uuid, status="completed")
+
+
+def write_log(tmp_path: Path, job_uuid: str, text: str) -> Path:
+    path = tmp_path / "outputs" / job_uuid / "logs" / "trainer.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_log_of_a_running_job_is_the_tail_the_follower_stores(client: TestClient, world: World) -> None:
+    url = f"/training/v1/jobs/{world.full}/log"
+    assert client.get(url).json() == {
+        "job_uuid": world.full,
+        "source": "none",
+        "lines": [],
+        "truncated": False,
+        "uri": None,
+        "updated_at": None,
+        "detail": None,
+    }
+    tail = "\n".join(f"[node {i % 2}] epoch {i}" for i in range(300))
+    world.store.update_job(world.full, log_tail=tail, log_tail_at=T0)
+    body = client.get(url, params={"lines": 5}).json()
+    assert body["source"] == "live" and body["truncated"] is True
+    assert body["lines"] == [f"[node {i % 2}] epoch {i}" for i in range(295, 300)]
+    assert datetime.fromisoformat(body["updated_at"]) == T0
+    assert len(client.get(url).json()["lines"]) == 200  # the default
+    everything = client.get(url, params={"lines": 2000}).json()
+    assert len(everything["lines"]) == 300 and everything["truncated"] is False
+    # A tail as long as the follower keeps has lost the log's beginning.
+    world.store.update_job(world.full, log_tail="x" * 100 + "\n" + "y" * 32_700)
+    full = client.get(url, params={"lines": 2000}).json()
+    assert len(full["lines"]) == 2 and full["truncated"] is True
+    for bad in (0, 2001, "x"):
+        assert client.get(url, params={"lines": bad}).status_code == 422, bad
+
+
+def test_log_of_an_ended_job_is_the_end_of_the_uploaded_file(client: TestClient, world: World, tmp_path: Path) -> None:
+    world.store.update_job(world.full, log_tail="the live tail")
+    url = f"/training/v1/jobs/{world.full}/log"
+    path = write_log(tmp_path, world.full, "".join(f"line {i}\n" for i in range(1000)) + "z" * 3000 + "\nlast\n")
+    upload_log(world, world.full, path.as_uri(), path.stat().st_size)
+    body = client.get(url, params={"lines": 3}).json()
+    assert body["source"] == "uploaded" and body["uri"] == path.as_uri() and body["truncated"] is True
+    assert body["lines"] == ["line 999", "z" * 1000 + "... [2000 more characters]", "last"]
+    assert body["detail"] is None and body["updated_at"] is not None
+    whole = client.get(url, params={"lines": 2000}).json()
+    assert whole["lines"][0] == "line 0" and len(whole["lines"]) == 1002 and whole["truncated"] is False
+
+    # Longer than what is read from its end (256 KiB): whole lines of the end only.
+    path.write_text("".join(f"{i:07d} " + "x" * 92 + "\n" for i in range(5000)))
+    end = client.get(url, params={"lines": 2000}).json()
+    assert end["truncated"] is True and len(end["lines"]) == 2000
+    assert end["lines"][-1] == "0004999 " + "x" * 92 and all(len(line) == 100 for line in end["lines"])
+
+
+def test_an_unreadable_uploaded_log_falls_back_to_the_stored_tail(
+    client: TestClient, world: World, tmp_path: Path
+) -> None:
+    url = f"/training/v1/jobs/{world.full}/log"
+    world.store.update_job(world.full, log_tail="one\ntwo")
+    gone = tmp_path / "outputs" / world.full / "logs" / "trainer.log"
+    upload_log(world, world.full, gone.as_uri())
+    body = client.get(url).json()
+    assert (body["source"], body["lines"], body["uri"]) == ("live", ["one", "two"], None)
+    assert body["detail"].startswith("the uploaded log could not be read: ") and "trainer.log" in body["detail"]
+
+    # A symlink out of the job's outputs folder is not followed, nor is a directory read.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a log\n")
+    gone.parent.mkdir(parents=True)
+    gone.symlink_to(secret)
+    body = client.get(url).json()
+    assert body["source"] == "live" and "outside the job's outputs folder" in body["detail"], body
+    gone.unlink()
+    gone.mkdir()
+    body = client.get(url).json()
+    assert body["source"] == "live" and "not a regular file" in body["detail"], body
+    # No stored tail either: nothing to show, and why.
+    world.store.update_job(world.full, log_tail=None)
+    body = client.get(url).json()
+    assert (body["source"], body["lines"]) == ("none", []) and body["detail"]
+
+
+def test_log_of_an_ended_job_on_s3_is_one_ranged_get_of_its_end(
+    client: TestClient, world: World, moto_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpu_training.api import trainer_log
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", moto_server.aws_connection())
+    monkeypatch.setattr(trainer_log, "READ_BYTES", 100)
+    s3 = moto_server.client()
+    bucket = f"log{time.monotonic_ns()}"
+    s3.create_bucket(Bucket=bucket)
+    text = "".join(f"step {i:04d}\n" for i in range(3000))  # 10 bytes a line
+    s3.put_object(Bucket=bucket, Key=f"outputs/{world.full}/logs/trainer.log", Body=text.encode())
+    uri = f"s3://{bucket}/outputs/{world.full}/logs/trainer.log"
+    upload_log(world, world.full, uri, len(text))
+    body = client.get(f"/training/v1/jobs/{world.full}/log").json()
+    assert body["source"] == "uploaded" and body["uri"] == uri and body["truncated"] is True
+    assert body["lines"] == [f"step {i:04d}" for i in range(2990, 3000)]  # the last 100 bytes only
+    monkeypatch.setattr(trainer_log, "READ_BYTES", 10**6)  # more than the object: all of it
+    whole = client.get(f"/training/v1/jobs/{world.full}/log", params={"lines": 2000}).json()
+    assert whole["lines"][-1] == "step 2999" and len(whole["lines"]) == 2000 and whole["truncated"] is True
+    assert len(client.get(f"/training/v1/jobs/{world.full}/log", params={"lines": 2000}).json()["lines"]) == 2000
+    s3.delete_object(Bucket=bucket, Key=f"outputs/{world.full}/logs/trainer.log")
+    world.store.update_job(world.full, log_tail="kept")
+    missing = client.get(f"/training/v1/jobs/{world.full}/log").json()
+    assert (missing["source"], missing["lines"]) == ("live", ["kept"]) and "NoSuchKey" in missing["detail"]
+
+
 # --- cancel ---------------------------------------------------------------------------------------
 
 
@@ -628,6 +788,8 @@ def test_cancel_a_running_job(api: FastAPI, client: TestClient, world: World) ->
     resp = client.post(f"/training/v1/jobs/{world.full}/cancel")
     assert resp.status_code == 202, resp.text
     assert resp.json()["uuid"] == world.full and resp.json()["status"] == "cancelled"
+    assert resp.json()["cancelled_by"] == "tester" and resp.json()["cancel_requested_at"] is not None
+    assert client.get(f"/training/v1/jobs/{world.full}").json()["cancelled_by"] == "tester"
     job = world.store.job(world.full)
     assert job.status == "cancelled" and job.cancelled_by == "tester" and job.cancel_requested_at is not None
     assert api.state.fail_run == [(job.dag_id, job.run_id)]  # and its dag run is marked failed

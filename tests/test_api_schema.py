@@ -169,7 +169,7 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any] | None
 #: (negative testing) reaches the app as repeated keys or as nothing, which can be a valid value
 #: (``model_id=[]`` is no model_id, ``limit=[3, 4]`` is limit 4): schemathesis then expects a 4xx
 #: for a request the app rightly answers 200. Such a value is sent as a scalar no schema accepts.
-SCALAR_QUERY_PARAMS = ("model_id", "status", "since", "limit", "offset")
+SCALAR_QUERY_PARAMS = ("model_id", "status", "since", "limit", "offset", "map_index", "lines")
 
 
 @schema.hook
@@ -201,6 +201,7 @@ def test_every_operation_is_tested() -> None:
         ("GET", "/v1/jobs"),
         ("GET", "/v1/jobs/{job_uuid}"),
         ("GET", "/v1/jobs/{job_uuid}/details"),
+        ("GET", "/v1/jobs/{job_uuid}/log"),
         ("GET", "/v1/jobs/{job_uuid}/iterations/{iteration}/epochs"),
         ("GET", "/v1/evaluations"),
         ("GET", "/v1/jobs/{job_uuid}/artifacts/{artifact_id}"),
@@ -220,9 +221,14 @@ def known_cases(db: Db) -> list[tuple[str, str, dict[str, Any], dict[str, Any], 
         ("GET", "/v1/jobs", {}, {"status": "running", "limit": 2}, 200),
         ("GET", "/v1/jobs", {}, {"since": "2026-11-20T13:00:00+05:30"}, 200),
         ("GET", "/v1/jobs", {}, {"since": "1700000000"}, 422),  # a number is not a date
+        ("GET", "/v1/jobs", {}, {"dag_id": "gpu_training", "run_id": "r-full", "stage": "", "map_index": -1}, 200),
+        ("GET", "/v1/jobs", {}, {"map_index": -2}, 422),
         ("GET", "/v1/jobs/{job_uuid}", {"job_uuid": w.full}, {}, 200),
         ("GET", "/v1/jobs/{job_uuid}", {"job_uuid": w.other_dag}, {}, 403),
         ("GET", "/v1/jobs/{job_uuid}/details", {"job_uuid": w.full}, {}, 200),
+        ("GET", "/v1/jobs/{job_uuid}/log", {"job_uuid": w.full}, {"lines": 20}, 200),
+        ("GET", "/v1/jobs/{job_uuid}/log", {"job_uuid": w.full}, {"lines": 0}, 422),
+        ("GET", "/v1/jobs/{job_uuid}/log", {"job_uuid": w.other_dag}, {}, 403),
         ("GET", "/v1/jobs/{job_uuid}/iterations/{iteration}/epochs", {"job_uuid": w.full, "iteration": 1}, {}, 200),
         ("GET", "/v1/jobs/{job_uuid}/iterations/{iteration}/epochs", {"job_uuid": w.full, "iteration": 9}, {}, 404),
         ("GET", "/v1/jobs/{job_uuid}/iterations/{iteration}/epochs", {"job_uuid": w.full, "iteration": 2**63}, {}, 422),

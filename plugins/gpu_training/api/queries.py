@@ -95,6 +95,10 @@ class JobFilters:
     project_id: str | None = None
     provider: str | None = None
     since: datetime | None = None  # created_at >= since
+    dag_id: str | None = None
+    run_id: str | None = None
+    stage: str | None = None
+    map_index: int | None = None
 
 
 def job(store: ResultsStore, job_uuid: str) -> TrainingJob | None:
@@ -131,6 +135,15 @@ def _filtered(stmt: Select, filters: JobFilters, readable: Collection[str] | Non
         stmt = stmt.where(TrainingJob.provider == filters.provider)
     if filters.since is not None:
         stmt = stmt.where(TrainingJob.created_at >= filters.since)
+    # The jobs of one dag run: the unique index (dag_id, run_id, stage, map_index).
+    if filters.dag_id is not None:
+        stmt = stmt.where(TrainingJob.dag_id == filters.dag_id)
+    if filters.run_id is not None:
+        stmt = stmt.where(TrainingJob.run_id == filters.run_id)
+    if filters.stage is not None:
+        stmt = stmt.where(TrainingJob.stage == filters.stage)
+    if filters.map_index is not None:
+        stmt = stmt.where(TrainingJob.map_index == filters.map_index)
     if readable is not None:
         stmt = stmt.where(TrainingJob.dag_id.in_(sorted(readable)))
     return stmt
@@ -213,6 +226,9 @@ def job_details(store: ResultsStore, job: TrainingJob) -> dict[str, Any]:
         "iterations": [by_number[n] for n in sorted(by_number)],
         "artifacts": artifacts,
         "instances": instances,
+        "params": job.params or {},
+        "training_config": job.training_config,
+        "outputs_uri": job.outputs_uri,
     }
 
 
@@ -263,6 +279,12 @@ def latest_evaluations(
 def artifact(store: ResultsStore, job: TrainingJob, artifact_id: int) -> Artifact | None:
     with store.session() as s:
         return s.scalar(select(Artifact).where(Artifact.id == artifact_id, Artifact.job_id == job.id))
+
+
+def artifact_named(store: ResultsStore, job: TrainingJob, name: str) -> Artifact | None:
+    """The job's artifact of this name (unique per job), or None."""
+    with store.session() as s:
+        return s.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
 
 
 def _of_readable_dags(stmt: Select, readable: Collection[str] | None) -> Select:

@@ -18,7 +18,7 @@ from pydantic import BeforeValidator
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
-from gpu_training.api import commands, queries
+from gpu_training.api import commands, queries, trainer_log
 from gpu_training.api.auth import DagAccess, DagAccessDep
 from gpu_training.api.db import StoreDep
 from gpu_training.api.schemas import (
@@ -29,6 +29,7 @@ from gpu_training.api.schemas import (
     Job,
     JobDetails,
     JobList,
+    JobLog,
     ModelDetails,
     ModelList,
 )
@@ -74,6 +75,8 @@ FORBIDDEN: Responses = {
 #: The widest integer a results DB column holds (SQLite INTEGER, PostgreSQL BIGINT): a larger one
 #: could not even be bound as a parameter (SQLite: OverflowError), so it is a 422, not a 500.
 INT64_MAX = 2**63 - 1
+#: The widest value of an INTEGER column (``map_index``) on PostgreSQL.
+INT32_MAX = 2**31 - 1
 
 Limit = Annotated[int, Query(ge=1, le=500, description="page size, 1 to 500")]
 Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]
@@ -141,13 +144,28 @@ def list_jobs(
         BeforeValidator(_not_a_number),
         Query(description="created at or after (ISO 8601; naive: UTC)"),
     ] = None,
+    dag_id: Annotated[str | None, Query(description="jobs of this DAG")] = None,
+    run_id: Annotated[str | None, Query(description="jobs of this dag run (with dag_id: one run)")] = None,
+    stage: Annotated[str | None, Query(description='pipeline stage (task group); "" for a single job')] = None,
+    map_index: Annotated[
+        int | None, Query(ge=-1, le=INT32_MAX, description="a sweep trial's map index; -1 when not mapped")
+    ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Response:
     """Jobs, newest first, of the DAGs the user can read."""
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    filters = queries.JobFilters(status=status_, project_id=project_id, provider=provider, since=since)
+    filters = queries.JobFilters(
+        status=status_,
+        project_id=project_id,
+        provider=provider,
+        since=since,
+        dag_id=dag_id,
+        run_id=run_id,
+        stage=stage,
+        map_index=map_index,
+    )
     jobs, total = queries.list_jobs(store, filters, readable=readable_dags(store, access), limit=limit, offset=offset)
     return json_response({"jobs": jobs, "total": total, "limit": limit, "offset": offset})
 
@@ -161,6 +179,31 @@ def get_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
 def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Response:
     """The job with its iterations (steps, epochs, evaluations), artifacts and instances."""
     return json_response(queries.job_details(store, readable_job(store, access, job_uuid)))
+
+
+@router.get("/jobs/{job_uuid}/log", response_model=JobLog, responses={**NOT_FOUND, **FORBIDDEN})
+def get_job_log(
+    job_uuid: str,
+    store: StoreDep,
+    access: DagAccessDep,
+    lines: Annotated[int, Query(ge=1, le=2000, description="at most this many of the last lines")] = 200,
+) -> JobLog:
+    """The last lines of the trainer log: while the job has not ended, those the follower stores
+    every ~2 s (``source`` live); once it ended, the end of the uploaded ``logs/trainer.log``
+    (``uploaded``), else the stored ones again (``live``, with ``detail`` saying why); ``none``: no
+    log yet. ``truncated``: earlier lines exist that are not shown."""
+    job = readable_job(store, access, job_uuid)
+    uploaded = queries.artifact_named(store, job, trainer_log.UPLOADED_LOG_NAME)
+    found = trainer_log.job_log(job, uploaded, lines)
+    return JobLog(
+        job_uuid=job.uuid,
+        source=found.source,
+        lines=found.lines,
+        truncated=found.truncated,
+        uri=found.uri,
+        updated_at=found.updated_at,
+        detail=found.detail,
+    )
 
 
 @router.get(

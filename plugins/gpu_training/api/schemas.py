@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,12 @@ class Job(BaseModel):
     non_finite_loss: str | None = Field(description="the first NaN/infinite loss reported, if any")
     trainer_exit_code: int | None
     ingest_offset: int = Field(description="bytes of global.json stored so far")
+    map_index: int = Field(description="the trial's map index in a sweep (its mapped task group); -1 when not mapped")
+    updated_at: datetime | None = Field(description="when the job's row last changed")
+    cancel_requested_at: datetime | None = Field(description="when a cancel was asked for (the job is cancelled then)")
+    cancelled_by: str | None = Field(
+        description="who cancelled the job: a user's name, or why (e.g. a run budget spent); null when not cancelled"
+    )
 
     @classmethod
     def of(cls, job: TrainingJob) -> Job:
@@ -53,6 +59,10 @@ class Job(BaseModel):
             non_finite_loss=job.non_finite_loss,
             trainer_exit_code=job.trainer_exit_code,
             ingest_offset=job.ingest_offset,
+            map_index=job.map_index,
+            updated_at=job.updated_at,
+            cancel_requested_at=job.cancel_requested_at,
+            cancelled_by=job.cancelled_by,
         )
 
 
@@ -215,6 +225,28 @@ class JobDetails(Job):
     iterations: list[Iteration]
     artifacts: list[ArtifactInfo]
     instances: list[InstanceInfo]
+    params: dict[str, Any] = Field(
+        description="the job's params as register_job validated them; `config` holds its hyperparameters"
+    )
+    training_config: dict[str, Any] | None = Field(
+        description="the training config the trainer reported (GROUP_ITERATION start); null when none"
+    )
+    outputs_uri: str | None = Field(description="where the job's outputs are uploaded (`<outputs_uri>/<job uuid>`)")
+
+
+class JobLog(BaseModel):
+    """The last lines of a job's trainer log: live while the job runs, then from the uploaded log."""
+
+    job_uuid: str
+    source: Literal["live", "uploaded", "none"] = Field(
+        description="live: the lines the follower keeps on the job row while the job trains (also after it ended "
+        "when no uploaded log can be read); uploaded: the end of the uploaded logs/trainer.log; none: no log yet"
+    )
+    lines: list[str] = Field(description="oldest first; a line longer than 1000 characters is cut and says so")
+    truncated: bool = Field(description="earlier lines of the log exist that are not in `lines`")
+    uri: str | None = Field(description="the uploaded log (source uploaded)")
+    updated_at: datetime | None = Field(description="live: when the lines were stored; uploaded: when it was uploaded")
+    detail: str | None = Field(description="why the uploaded log was not read, when a job that ended has one")
 
 
 class Champion(BaseModel):
