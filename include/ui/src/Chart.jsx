@@ -1,39 +1,100 @@
 import { useEffect, useRef } from "preact/hooks";
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
+import { fmtValue } from "./format.js";
 
 export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#db2777", "#4b5563"];
 
+const lastFinite = (values) => {
+  for (let i = values.length - 1; i >= 0; i--) if (values[i] !== null && Number.isFinite(values[i])) return i;
+  return null;
+};
+
+/** The legend shows each series' latest value while the cursor is off the plot (uPlot shows "--"
+ * there): set after every legend update that has no cursor (drawn, new data, mouse left). */
+function showLatest(u) {
+  if (u.cursor.idx !== null && u.cursor.idx !== undefined) return;
+  const idxs = u.series.map((_, i) => (i === 0 ? null : lastFinite(u.data[i])));
+  const latest = idxs.reduce((m, i) => (i !== null && (m === null || i > m) ? i : m), null);
+  idxs[0] = latest;
+  u.setLegend({ idxs }, false);
+}
+
+/** The x range, from the data (sorted x; uPlot widens a single x value on its own before asking):
+ * room for the points at both ends, one point (one epoch, one evaluation) in the middle. */
+function xRange(xs, ordinal) {
+  const min = xs.length ? xs[0] : null;
+  const max = xs.length ? xs[xs.length - 1] : null;
+  if (min === null || max === null) return [0, 1];
+  if (ordinal || min === max) return [min - 0.5, max + 0.5];
+  const pad = Math.max(0.2, (max - min) * 0.03);
+  return [min - pad, max + pad];
+}
+
 /**
- * A uPlot line chart. `x`: the x values; `series`: [{label, values}] aligned with `x` (null: no point).
+ * A uPlot line chart. `x`: the x values; `series`: [{label, values, color?}] aligned with `x` (null:
+ * no point). `xLabels` (aligned with `x` = 0, 1, 2, ...): an ordinal axis with these tick labels
+ * (evaluations by iteration/epoch); else `integerX` for whole-number ticks (epochs).
  * `data-points` on the wrapper counts the finite points drawn (the e2e test reads it).
  */
-export function LineChart({ x, series, xLabel, yLabel, time = false, integerX = false, height = 260, testId }) {
+export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels = null, height = 260, testId }) {
   const box = useRef(null);
   const plot = useRef(null);
-  const shape = series.map((s) => s.label).join("\u0000");
+  const labels = useRef(xLabels);
+  labels.current = xLabels;
+  const ordinal = xLabels !== null;
+  const shape = series.map((s) => `${s.label}\u0001${s.color || ""}\u0001${s.dash || ""}`).join("\u0000");
+  const few = x.length <= 3;
 
   useEffect(() => {
     const el = box.current;
+    const css = getComputedStyle(document.documentElement);
+    const ink = css.getPropertyValue("--muted").trim() || "#6b7280";
+    const rule = css.getPropertyValue("--line").trim() || "#e5e7eb";
+    const axis = { stroke: ink, grid: { stroke: rule, width: 1 }, ticks: { stroke: rule, width: 1 } };
+    const xAxis = { ...axis, label: xLabel };
+    if (ordinal) {
+      // One tick per evaluation, thinned to one per ~90 px.
+      xAxis.splits = (u, _i, min, max) => {
+        const n = labels.current.length;
+        const room = Math.max(1, Math.floor(u.bbox.width / (window.devicePixelRatio || 1) / 90));
+        const step = Math.max(1, Math.ceil(n / room));
+        const out = [];
+        for (let i = 0; i < n; i += step) if (i >= min && i <= max) out.push(i);
+        return out;
+      };
+      xAxis.values = (_u, splits) => splits.map((v) => labels.current[v] ?? "");
+    } else if (integerX) {
+      xAxis.incrs = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];
+      xAxis.values = (_u, splits) => splits.map((v) => String(v));
+    }
+    const xValue = (_u, v) => {
+      if (v === null || v === undefined) return "—";
+      return ordinal ? (labels.current[Math.round(v)] ?? "") : fmtValue(v);
+    };
     const opts = {
       width: Math.max(300, el.clientWidth || 600),
       height,
-      scales: { x: { time } },
-      axes: [
-        integerX ? { label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] } : { label: xLabel },
-        { label: yLabel, size: 60 },
-      ],
+      scales: { x: { time: false, range: (u) => xRange(u.data[0], ordinal) } },
+      axes: [xAxis, { ...axis, label: yLabel, size: 64, values: (_u, splits) => splits.map(fmtValue) }],
       series: [
-        { label: xLabel },
-        ...series.map((s, i) => ({
-          label: s.label,
-          stroke: PALETTE[i % PALETTE.length],
-          width: 2,
-          spanGaps: true,
-          points: { show: true, size: 6 },
-        })),
+        { label: xLabel, value: xValue },
+        ...series.map((s, i) => {
+          const color = s.color || PALETTE[i % PALETTE.length];
+          return {
+            label: s.label,
+            stroke: color,
+            dash: s.dash,
+            width: 2,
+            spanGaps: true,
+            // A lone point (one epoch, one evaluation) has no line: a bigger, filled dot.
+            points: few ? { show: true, size: 10, fill: color } : { show: true, size: 6 },
+            value: (_u, v) => fmtValue(v),
+          };
+        }),
       ],
       legend: { show: true },
+      hooks: { ready: [showLatest], setLegend: [showLatest] },
     };
     plot.current = new uPlot(opts, [x, ...series.map((s) => s.values)], el);
     const resize = new ResizeObserver(() => {
@@ -45,7 +106,7 @@ export function LineChart({ x, series, xLabel, yLabel, time = false, integerX = 
       plot.current?.destroy();
       plot.current = null;
     };
-  }, [shape, xLabel, yLabel, time, integerX, height]);
+  }, [shape, xLabel, yLabel, integerX, ordinal, few, height]);
 
   useEffect(() => {
     plot.current?.setData([x, ...series.map((s) => s.values)]);

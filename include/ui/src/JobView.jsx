@@ -1,144 +1,245 @@
-import { useEffect, useMemo, useState } from "preact/hooks";
-import { TERMINAL, api, artifactUrl, explain, streamUrl } from "./api.js";
+import { useEffect, useMemo, useRef, useState } from "preact/hooks";
+import { TERMINAL, api, artifactUrl, explain } from "./api.js";
 import { LineChart } from "./Chart.jsx";
+import { useJobDetails, useLog } from "./data.js";
 import { StatusBadge } from "./JobsTable.jsx";
-import { fmtBytes, fmtCost, fmtDuration, fmtNum, fmtTime, jobDuration, ts } from "./format.js";
+import {
+  flatten,
+  fmtBytes,
+  fmtCost,
+  fmtDuration,
+  fmtTime,
+  fmtValue,
+  trainingSeconds,
+  ts,
+  wallSeconds,
+} from "./format.js";
+import { DEFAULT_METRIC, EVAL_METRICS, epochMetricNames, epochSeries, evalPoints, latestEval } from "./metrics.js";
+import { STEP_TASK_IDS, dagRunUrl, href, navigate, runHref, taskId, taskUrl } from "./router.js";
 
-const EVAL_METRICS = ["accuracy", "precision", "recall", "f1", "auc"];
-const DETAILS_REFRESH_MS = 10000;
+const UPLOADED_LOG = "logs/trainer.log";
+/** Folders of artifacts shown collapsed: many files nobody reads one by one. */
+const COLLAPSED_FOLDERS = new Set(["checkpoints"]);
+const COLLAPSE_OVER = 12;
 
-/** Adds an epoch or evaluation row (from the stream) to the details, once (rows have ids). */
-function mergeRow(details, kind, row) {
-  const iterations = details.iterations.slice();
-  let i = iterations.findIndex((it) => it.iteration === row.iteration);
-  if (i < 0) {
-    iterations.push({ iteration: row.iteration, config: null, steps: [], epochs: [], evals: [] });
-    iterations.sort((a, b) => a.iteration - b.iteration);
-    i = iterations.findIndex((it) => it.iteration === row.iteration);
-  }
-  const it = { ...iterations[i] };
-  if (it[kind].some((r) => r.id === row.id)) return details;
-  it[kind] = [...it[kind], row];
-  iterations[i] = it;
-  return { ...details, iterations };
+/** A labelled fact of the header. */
+function Fact({ label, testId, title, children }) {
+  return (
+    <span class="fact" data-testid={testId} title={title}>
+      <span class="fact-label">{label}</span> <span class="fact-value">{children}</span>
+    </span>
+  );
 }
 
-/** Live updates while the job has not ended: the SSE stream, plus details now and then (instances). */
-function useJob(uuid) {
-  const [details, setDetails] = useState(null);
-  const [error, setError] = useState(null);
-  const [live, setLive] = useState(false);
-
-  useEffect(() => {
-    let alive = true;
-    let source = null;
-    let timer = null;
-    const refresh = () =>
-      api(`jobs/${encodeURIComponent(uuid)}/details`)
-        .then((body) => {
-          if (!alive) return body;
-          setDetails(body);
-          setError(null);
-          return body;
-        })
-        .catch((err) => {
-          if (alive) setError(explain(err));
-          return null;
-        });
-    refresh().then((body) => {
-      if (!alive || !body || TERMINAL.has(body.status)) return;
-      source = new EventSource(streamUrl(uuid));
-      source.onopen = () => setLive(true);
-      source.onerror = () => setLive(source.readyState === EventSource.OPEN);
-      source.addEventListener("epoch", (ev) => setDetails((d) => d && mergeRow(d, "epochs", JSON.parse(ev.data))));
-      source.addEventListener("eval", (ev) => setDetails((d) => d && mergeRow(d, "evals", JSON.parse(ev.data))));
-      source.addEventListener("status", (ev) => {
-        const job = JSON.parse(ev.data);
-        setDetails((d) => d && { ...d, ...job });
-        if (TERMINAL.has(job.status)) {
-          source.close();
-          setLive(false);
-          clearInterval(timer);
-          refresh(); // final artifacts, instances and costs
-        }
-      });
-      timer = setInterval(refresh, DETAILS_REFRESH_MS);
-    });
-    return () => {
-      alive = false;
-      source?.close();
-      clearInterval(timer);
-    };
-  }, [uuid]);
-
-  return { details, setDetails, error, live };
+/** Instance types the job ran on (the latest launch attempt's first), once each. */
+function instanceTypes(instances) {
+  const launched = instances.filter((i) => i.launched_at || i.state === "running" || i.state === "terminated");
+  const types = (launched.length ? launched : instances).map((i) => i.instance_type).filter(Boolean);
+  return [...new Set(types.reverse())];
 }
 
-function LossChart({ iterations }) {
-  const { x, series } = useMemo(() => {
-    const epochs = [...new Set(iterations.flatMap((it) => it.epochs.map((e) => e.epoch)))].sort((a, b) => a - b);
-    return {
-      x: epochs,
-      series: iterations
-        .filter((it) => it.epochs.length)
-        .map((it) => {
-          const byEpoch = new Map(it.epochs.map((e) => [e.epoch, e.avg_loss]));
-          return { label: `iteration ${it.iteration}`, values: epochs.map((e) => byEpoch.get(e) ?? null) };
-        }),
-    };
-  }, [iterations]);
-  if (!series.length) return <p class="muted">No epoch reported yet.</p>;
-  return <LineChart x={x} series={series} integerX xLabel="epoch" yLabel="avg loss" testId="loss-chart" />;
+function JobHeader({ details, live, now, onCancelled }) {
+  const ended = TERMINAL.has(details.status);
+  const types = instanceTypes(details.instances);
+  const nodes = new Set(details.instances.map((i) => i.node_rank)).size;
+  const local = details.provider === "local";
+  const reason = details.failure_reason;
+  return (
+    <>
+      <div class="summary" data-testid="job-header">
+        <StatusBadge status={details.status} />
+        {live && (
+          <span class="live" data-testid="live">
+            ● live
+          </span>
+        )}
+        <Fact label="Wall time" testId="wall-duration" title="created → ended (now, while the job runs)">
+          {fmtDuration(wallSeconds(details, now))}
+        </Fact>
+        <Fact label="Training time" testId="training-duration" title="the trainer's PROJECT start → end">
+          {fmtDuration(trainingSeconds(details, now))}
+        </Fact>
+        <Fact label="Cost" testId="cost">
+          {fmtCost(details.cost_usd)}
+        </Fact>
+        <Fact label="Provider" testId="provider">
+          {details.provider} / {details.runtime}
+        </Fact>
+        {types.length > 0 && (
+          <Fact label="Instance" testId="instance-type">
+            {types.join(", ")}
+            {nodes > 1 ? ` × ${nodes} nodes` : ""}
+          </Fact>
+        )}
+        {!local && (
+          <Fact label="GPU" testId="gpu" title="the job's gpu param; empty: the cheapest offer that fits">
+            {details.gpu || "any (cheapest offer)"}
+          </Fact>
+        )}
+        {details.stage && (
+          <Fact label={details.map_index >= 0 ? "Trial" : "Stage"} testId="stage">
+            {details.stage}
+            {details.map_index >= 0 ? ` #${details.map_index}` : ""}
+          </Fact>
+        )}
+        <Fact label="Created">{fmtTime(details.created_at)}</Fact>
+        {details.cancelled_by && (
+          <Fact label="Cancelled by" testId="cancelled-by">
+            {details.cancelled_by}
+          </Fact>
+        )}
+        <CancelButton job={details} onCancelled={onCancelled} />
+      </div>
+      <AirflowLinks job={details} />
+      {reason && (
+        <div class={`reason-box ${details.status === "failed" ? "error" : "warn"}`} data-testid="failure-reason">
+          <b>{details.status === "failed" ? "Failure reason" : ended ? "Reason" : "Note"}:</b> <span>{reason}</span>
+        </div>
+      )}
+      {details.non_finite_loss && <p class="warn">Non-finite loss: {details.non_finite_loss}</p>}
+    </>
+  );
+}
+
+/** The dag run and each step's task log in the Airflow UI (the page is in Airflow's iframe: the
+ * top window goes there). */
+function AirflowLinks({ job }) {
+  return (
+    <div class="links" data-testid="airflow-links">
+      <span>
+        <span class="fact-label">Dag run</span>{" "}
+        <a href={dagRunUrl(job.dag_id, job.run_id)} target="_top" data-testid="dag-run-link" class="mono">
+          {job.dag_id} / {job.run_id}
+        </a>{" "}
+        <a href={runHref(job.dag_id, job.run_id)} class="small" title="every training job of this dag run">
+          (its training jobs)
+        </a>
+      </span>
+      <span>
+        <span class="fact-label">Task logs</span>{" "}
+        {STEP_TASK_IDS.map((step, i) => (
+          <>
+            {i > 0 && <span class="muted"> · </span>}
+            <a
+              href={taskUrl(job.dag_id, job.run_id, taskId(job.stage, step), job.map_index)}
+              target="_top"
+              class="task-link small"
+              data-testid="task-link"
+              data-task={step}
+            >
+              {step}
+            </a>
+          </>
+        ))}
+      </span>
+    </div>
+  );
+}
+
+export function MetricSelect({ names, value, onChange }) {
+  if (names.length < 2) return null;
+  return (
+    <label class="metric-select">
+      Metric{" "}
+      <select value={value} onChange={(ev) => onChange(ev.currentTarget.value)} data-testid="metric-select">
+        {names.map((n) => (
+          <option value={n}>{n}</option>
+        ))}
+      </select>
+    </label>
+  );
+}
+
+/** The chosen metric: the route's `metric` when the jobs stored it, else avg_loss (or the first). */
+export function chosenMetric(names, wanted) {
+  if (wanted && names.includes(wanted)) return wanted;
+  return names.includes(DEFAULT_METRIC) ? DEFAULT_METRIC : names[0];
+}
+
+function EpochMetrics({ iterations, metric, onMetric }) {
+  const names = useMemo(() => epochMetricNames(iterations), [iterations]);
+  const chosen = chosenMetric(names, metric);
+  const { x, series } = useMemo(() => epochSeries([{ prefix: "", iterations }], chosen), [iterations, chosen]);
+  if (!names.length || !series.length) return <p class="muted">No epoch reported yet.</p>;
+  return (
+    <>
+      <div class="chart-head">
+        <MetricSelect names={names} value={chosen} onChange={onMetric} />
+        <span class="small muted">
+          {names.length} per-epoch metric{names.length > 1 ? "s" : ""} stored
+        </span>
+      </div>
+      <LineChart x={x} series={series} integerX xLabel="epoch" yLabel={chosen} testId="loss-chart" />
+    </>
+  );
 }
 
 function EvalChart({ evals }) {
-  const { x, series } = useMemo(() => {
-    const rows = evals.slice().sort((a, b) => ts(a.evaluated_at) - ts(b.evaluated_at));
-    const names = EVAL_METRICS.filter((m) => rows.some((r) => r[m] !== null && r[m] !== undefined));
+  const { x, series, labels, byIteration } = useMemo(() => {
+    const { rows, labels: l, byIteration: b } = evalPoints(evals);
+    const names = EVAL_METRICS.filter((m) => rows.some((r) => typeof r[m] === "number"));
     return {
-      x: rows.map((r) => ts(r.evaluated_at)),
-      series: names.map((m) => ({ label: m, values: rows.map((r) => r[m] ?? null) })),
+      x: rows.map((_, i) => i),
+      labels: l,
+      byIteration: b,
+      series: names.map((m) => ({ label: m, values: rows.map((r) => (typeof r[m] === "number" ? r[m] : null)) })),
     };
   }, [evals]);
   if (!series.length) return <p class="muted">No evaluation with accuracy, precision, recall, f1 or auc yet.</p>;
-  return <LineChart x={x} series={series} time xLabel="evaluated at" yLabel="metric" testId="eval-chart" />;
+  return (
+    <LineChart
+      x={x}
+      xLabels={labels}
+      series={series}
+      xLabel={byIteration ? "evaluation (iteration/epoch)" : "evaluation (epoch)"}
+      yLabel="metric"
+      testId="eval-chart"
+    />
+  );
 }
 
 function EvalTable({ evals }) {
-  const extra = [...new Set(evals.flatMap((e) => Object.keys(e.metrics || {})))].slice(0, 4);
+  const { rows } = evalPoints(evals);
+  const extra = [
+    ...new Set(rows.flatMap((e) => Object.keys(e.metrics || {}).filter((k) => typeof e.metrics[k] !== "object"))),
+  ]
+    .filter((k) => !EVAL_METRICS.includes(k) && k !== "loss")
+    .slice(0, 6);
   return (
-    <table class="compact">
-      <thead>
-        <tr>
-          <th>Model</th>
-          <th>Evaluated</th>
-          {EVAL_METRICS.map((m) => (
-            <th>{m}</th>
-          ))}
-          <th>loss</th>
-          {extra.map((m) => (
-            <th>{m}</th>
-          ))}
-        </tr>
-      </thead>
-      <tbody>
-        {evals.map((e) => (
-          <tr key={e.id}>
-            <td class="mono">
-              it {e.iteration} / ep {e.epoch}
-            </td>
-            <td>{fmtTime(e.evaluated_at)}</td>
+    <div class="scroll-x">
+      <table class="compact numbers" data-testid="eval-table">
+        <thead>
+          <tr>
+            <th>Model</th>
+            <th>Evaluated</th>
             {EVAL_METRICS.map((m) => (
-              <td>{fmtNum(e[m])}</td>
+              <th>{m}</th>
             ))}
-            <td>{fmtNum(e.loss)}</td>
+            <th>loss</th>
             {extra.map((m) => (
-              <td>{typeof e.metrics?.[m] === "number" ? fmtNum(e.metrics[m]) : String(e.metrics?.[m] ?? "—")}</td>
+              <th>{m}</th>
             ))}
           </tr>
-        ))}
-      </tbody>
-    </table>
+        </thead>
+        <tbody>
+          {rows.map((e) => (
+            <tr key={e.id}>
+              <td class="mono">
+                it {e.iteration} / ep {e.epoch}
+              </td>
+              <td>{fmtTime(e.evaluated_at)}</td>
+              {EVAL_METRICS.map((m) => (
+                <td>{fmtValue(e[m])}</td>
+              ))}
+              <td>{fmtValue(e.loss)}</td>
+              {extra.map((m) => (
+                <td>{fmtValue(e.metrics?.[m])}</td>
+              ))}
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </div>
   );
 }
 
@@ -182,35 +283,186 @@ function ConfusionMatrix({ evaluation }) {
   );
 }
 
-function Artifacts({ uuid, artifacts }) {
-  if (!artifacts.length) return <p class="muted">No artifacts stored (yet).</p>;
+/** Key/value rows of a (flattened) object. */
+function KeyValues({ entries, testId, empty }) {
+  if (!entries.length) return <p class="muted">{empty}</p>;
   return (
-    <table class="compact" data-testid="artifacts">
-      <thead>
-        <tr>
-          <th>Name</th>
-          <th>Size</th>
-          <th>sha256</th>
-          <th>Stored</th>
-        </tr>
-      </thead>
+    <table class="compact kv" data-testid={testId}>
       <tbody>
-        {artifacts.map((a) => (
-          <tr key={a.id}>
-            <td>
-              <a href={artifactUrl(uuid, a.id)} download={a.name.split("/").pop()} title={a.uri}>
-                {a.name}
-              </a>
-            </td>
-            <td>{fmtBytes(a.size_bytes)}</td>
-            <td class="mono" title={a.sha256}>
-              {a.sha256.slice(0, 12)}
-            </td>
-            <td>{fmtTime(a.created_at)}</td>
+        {entries.map(([k, v]) => (
+          <tr key={k} data-key={k}>
+            <th class="mono">{k}</th>
+            <td class="mono">{v === "" ? <span class="muted">""</span> : fmtValue(v)}</td>
           </tr>
         ))}
       </tbody>
     </table>
+  );
+}
+
+function Params({ details }) {
+  const params = details.params || {};
+  const { config, ...rest } = params;
+  const hyper = flatten(config || {});
+  const others = flatten(rest).sort(([a], [b]) => a.localeCompare(b));
+  // The training config starts as the config param; shown when the trainer reported another one.
+  const same = (a, b) => JSON.stringify(flatten(a).sort()) === JSON.stringify(flatten(b).sort());
+  const tc = details.training_config;
+  const reported = tc && Object.keys(tc).length && !same(tc, config || {}) ? tc : null;
+  return (
+    <div class="two-columns">
+      <div>
+        <h3>Hyperparameters</h3>
+        <KeyValues entries={hyper} testId="hyperparameters" empty="No hyperparameters (the config param is empty)." />
+        {reported && (
+          <details class="reported">
+            <summary>Training config the trainer reported</summary>
+            <KeyValues entries={flatten(reported)} testId="training-config" empty="" />
+          </details>
+        )}
+      </div>
+      <div>
+        <h3>Params</h3>
+        <KeyValues entries={others} testId="params" empty="No params recorded." />
+      </div>
+    </div>
+  );
+}
+
+const LOG_SOURCES = {
+  live: "live: the trainer log's last lines, as the job writes them",
+  uploaded: "the uploaded logs/trainer.log",
+  none: "no log yet",
+};
+
+function LogPanel({ details }) {
+  const running = !TERMINAL.has(details.status);
+  const uploaded = details.artifacts.find((a) => a.name === UPLOADED_LOG);
+  const [log, error] = useLog(details.uuid, { running, version: `${details.status} ${uploaded?.id ?? ""}` });
+  const box = useRef(null);
+  const pinned = useRef(true); // follows the end until the reader scrolls up
+  useEffect(() => {
+    const el = box.current;
+    if (el && pinned.current) el.scrollTop = el.scrollHeight;
+  }, [log]);
+  const source = log?.source ?? "none";
+  let note = LOG_SOURCES[source];
+  if (source === "live" && TERMINAL.has(details.status)) note = "the last lines kept while the job ran";
+  return (
+    <div data-testid="log-panel" data-source={log ? source : ""}>
+      <p class="small muted">
+        <span data-testid="log-source">{log ? note : "Loading…"}</span>
+        {log?.updated_at && source === "live" ? ` (stored ${fmtTime(log.updated_at)})` : ""}
+        {log?.truncated ? ` · the last ${log.lines.length} lines` : ""}
+        {uploaded && (
+          <>
+            {" · "}
+            <a href={artifactUrl(details.uuid, uploaded.id)} download="trainer.log">
+              whole log ({fmtBytes(uploaded.size_bytes)})
+            </a>
+          </>
+        )}
+        {log?.detail ? <span class="warn"> · {log.detail}</span> : ""}
+      </p>
+      {error && <p class="error">{error}</p>}
+      {log && log.lines.length > 0 && (
+        <pre
+          class="log"
+          ref={box}
+          data-testid="log-lines"
+          onScroll={(ev) => {
+            const el = ev.currentTarget;
+            pinned.current = el.scrollTop + el.clientHeight >= el.scrollHeight - 8;
+          }}
+        >
+          {log.lines.join("\n")}
+        </pre>
+      )}
+    </div>
+  );
+}
+
+/** Artifacts by folder: a folder of files is one row (collapsed for checkpoints and big folders)
+ * that opens to its files. */
+function Artifacts({ uuid, artifacts }) {
+  const groups = useMemo(() => {
+    const byFolder = new Map();
+    for (const a of artifacts) {
+      const cut = a.name.lastIndexOf("/");
+      const folder = cut < 0 ? "" : a.name.slice(0, cut);
+      if (!byFolder.has(folder)) byFolder.set(folder, []);
+      byFolder.get(folder).push(a);
+    }
+    return [...byFolder.entries()].sort(([a], [b]) => (a === "" ? -1 : b === "" ? 1 : a.localeCompare(b)));
+  }, [artifacts]);
+  const [open, setOpen] = useState({});
+  if (!artifacts.length) return <p class="muted">No artifacts stored (yet).</p>;
+  const total = artifacts.reduce((n, a) => n + (a.size_bytes || 0), 0);
+  return (
+    <>
+      <p class="small muted">
+        {artifacts.length} files, {fmtBytes(total)}
+      </p>
+      <table class="compact artifacts" data-testid="artifacts">
+        <thead>
+          <tr>
+            <th>Name</th>
+            <th>Size</th>
+            <th>sha256</th>
+            <th>Stored</th>
+          </tr>
+        </thead>
+        <tbody>
+          {groups.map(([folder, files]) => {
+            const collapsedByDefault = COLLAPSED_FOLDERS.has(folder.split("/")[0]) || files.length > COLLAPSE_OVER;
+            const shown = folder === "" || (open[folder] ?? !collapsedByDefault);
+            const size = files.reduce((n, a) => n + (a.size_bytes || 0), 0);
+            return [
+              folder !== "" && (
+                <tr
+                  key={`folder:${folder}`}
+                  class="folder"
+                  data-testid="artifact-folder"
+                  data-folder={folder}
+                  data-open={String(shown)}
+                  onClick={() => setOpen({ ...open, [folder]: !shown })}
+                >
+                  <td colSpan={4}>
+                    <button type="button" class="link" aria-expanded={String(shown)}>
+                      {shown ? "▾" : "▸"} {folder}/
+                    </button>{" "}
+                    <span class="small muted">
+                      {files.length} file{files.length > 1 ? "s" : ""}, {fmtBytes(size)}
+                    </span>
+                  </td>
+                </tr>
+              ),
+              ...(shown
+                ? files.map((a) => (
+                    <tr key={a.id} class={folder ? "in-folder" : ""}>
+                      <td>
+                        <a
+                          href={artifactUrl(uuid, a.id)}
+                          download={a.name.split("/").pop()}
+                          title={`${a.name}\n${a.uri}`}
+                          data-name={a.name}
+                        >
+                          {folder ? a.name.slice(folder.length + 1) : a.name}
+                        </a>
+                      </td>
+                      <td>{fmtBytes(a.size_bytes)}</td>
+                      <td class="mono" title={a.sha256}>
+                        {a.sha256.slice(0, 12)}
+                      </td>
+                      <td>{fmtTime(a.created_at)}</td>
+                    </tr>
+                  ))
+                : []),
+            ];
+          })}
+        </tbody>
+      </table>
+    </>
   );
 }
 
@@ -318,70 +570,63 @@ function CancelButton({ job, onCancelled }) {
   );
 }
 
-export function JobView({ uuid }) {
-  const { details, setDetails, error, live } = useJob(uuid);
+/** Ticks every second while ``on``: the running job's durations. */
+function useNow(on) {
   const [now, setNow] = useState(Date.now() / 1000);
   useEffect(() => {
+    if (!on) return undefined;
     const t = setInterval(() => setNow(Date.now() / 1000), 1000);
     return () => clearInterval(t);
-  }, []);
+  }, [on]);
+  return on ? now : Date.now() / 1000;
+}
+
+/** One job (#/jobs/<uuid>; also shown in place by the run view, ``back`` then says where to). */
+export function JobView({ uuid, query = {}, back = null, routeFor = null }) {
+  const { details, setDetails, error, live } = useJobDetails(uuid);
+  const running = details ? !TERMINAL.has(details.status) : false;
+  const now = useNow(running || !details);
+  // The metric is part of the URL (shareable); in the run view, of the run view's URL.
+  const onMetric = (metric) => navigate(routeFor ? routeFor({ ...query, metric }) : href(["jobs", uuid], { metric }), { replace: true });
+  const backLink = back ?? (
+    <p>
+      <a href="#/">‹ All jobs</a>
+    </p>
+  );
 
   if (!details) {
     return (
       <section>
-        <p>
-          <a href="#/">‹ All jobs</a>
-        </p>
+        {backLink}
         {error ? <p class="error" role="alert">{error}</p> : <p>Loading…</p>}
       </section>
     );
   }
   const evals = details.iterations.flatMap((it) => it.evals);
-  const latest = evals.reduce((a, b) => (a && ts(a.evaluated_at) >= ts(b.evaluated_at) ? a : b), null);
-  const running = !TERMINAL.has(details.status);
   return (
-    <section data-testid="job-view" data-status={details.status}>
-      <p>
-        <a href="#/">‹ All jobs</a>
-      </p>
+    <section data-testid="job-view" data-status={details.status} data-uuid={details.uuid}>
+      {backLink}
       <h1>
         {details.project_id} <span class="mono small">{details.uuid}</span>
       </h1>
-      <div class="summary">
-        <StatusBadge status={details.status} />
-        {live && (
-          <span class="live" data-testid="live">
-            ● live
-          </span>
-        )}
-        <span>
-          {details.provider} / {details.runtime}
-        </span>
-        <span>GPU {details.gpu || "by price"}</span>
-        {details.stage && <span data-testid="stage">stage {details.stage}</span>}
-        <span>
-          {fmtDuration(running ? jobDuration(details, now) : jobDuration(details))}
-        </span>
-        <span>{fmtCost(details.cost_usd)}</span>
-        <span>created {fmtTime(details.created_at)}</span>
-        <span class="muted">
-          {details.dag_id} / {details.run_id}
-        </span>
-        <CancelButton job={details} onCancelled={(job) => setDetails((d) => ({ ...d, ...job }))} />
-      </div>
+      <JobHeader details={details} live={live} now={now} onCancelled={(job) => setDetails((d) => ({ ...d, ...job }))} />
       {error && <p class="error">{error}</p>}
-      {details.failure_reason && <p class="error">Failed: {details.failure_reason}</p>}
-      {details.non_finite_loss && <p class="warn">Non-finite loss: {details.non_finite_loss}</p>}
 
-      <h2>Loss per iteration</h2>
-      <LossChart iterations={details.iterations} />
+      <h2>Per-epoch metrics</h2>
+      <EpochMetrics iterations={details.iterations} metric={query.metric} onMetric={onMetric} />
 
       <h2>Evaluations</h2>
       <EvalChart evals={evals} />
       {evals.length > 0 && <EvalTable evals={evals} />}
 
       <h2>Confusion matrix</h2>
-      <ConfusionMatrix evaluation={latest} />
+      <ConfusionMatrix evaluation={latestEval(evals)} />
+
+      <h2>Trainer log</h2>
+      <LogPanel details={details} />
+
+      <h2>Hyperparameters and params</h2>
+      <Params details={details} />
 
       <h2>Artifacts</h2>
       <Artifacts uuid={details.uuid} artifacts={details.artifacts} />

@@ -4,8 +4,11 @@ A real api-server, scheduler and triggerer (``tests/airflow_cluster.py``) with S
 users; the browser signs in on Airflow's own login page (``/auth/login``, which stores the JWT in
 the ``_token`` cookie), opens "Training jobs" (``/plugin/training-jobs``: the plugin's
 ``external_views`` entry, an iframe of ``/training/ui/``) and works inside that iframe: the jobs
-table, a finished job's plots, confusion matrix, artifacts and instances, a running job's live
-updates and the Cancel button (confirmed in the page's own dialog; a job that ended meanwhile gets
+table, a finished job's header (labelled durations, links into Airflow), its per-epoch metrics (any
+stored one selectable), evaluations by epoch (one and two points), confusion matrix, params, the
+uploaded trainer log, artifacts by folder and instances; deep links (the Airflow URL follows the
+page's view and reloads into it); two jobs compared; a dag run's jobs; a running job's live updates
+and log, and the Cancel button (confirmed in the page's own dialog; a job that ended meanwhile gets
 the API's 400 message).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/system-deps``), ``selenium`` (pip) and
@@ -20,10 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import pytest
 import requests
+from sqlalchemy import delete
 
+from gpu_training.results.models import TrainingJob
 from gpu_training.results.store import ResultsStore
 from gpu_training.retraining.promotion import promote
 from gpu_training.retraining.spec import Promotion
@@ -73,17 +79,26 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
 
 @pytest.fixture(scope="module")
 def jobs(cluster: AirflowCluster) -> dict[str, dict[str, Any]]:
-    """Three jobs triggered at once: ``done`` (2 iterations of 5 epochs, evaluated; it finishes),
-    ``live`` and ``ended`` (an epoch a second, then they hang until cancelled)."""
+    """Four jobs triggered at once: ``done`` (2 iterations of 5 epochs, each evaluated) and ``one``
+    (1 iteration of 3 epochs, one evaluation) finish, with other hyperparameters; ``live`` and
+    ``ended`` (an epoch a second, then they hang until cancelled)."""
     stamp = time.time_ns()
     commands = {
         "done": ["{python}", str(UI_TRAINER), "2", "5", "0.2"],
-        "live": ["{python}", str(SCRIPTED), "hang", "60", "1"],
-        "ended": ["{python}", str(SCRIPTED), "hang", "60", "1"],
+        "one": ["{python}", str(UI_TRAINER), "1", "3", "0.2"],
+        "live": ["{python}", str(SCRIPTED), "hang", "600", "1"],
+        "ended": ["{python}", str(SCRIPTED), "hang", "600", "1"],
     }
+    configs = {"done": {"lr": 0.01, "hidden": 64}, "one": {"lr": 0.05, "hidden": 64}}
     runs = {}
     for key, command in commands.items():
-        conf = {"project_id": f"ui-{key}-{stamp}", "provider": "local", "command": command, "poll_interval_seconds": 1}
+        conf = {
+            "project_id": f"ui-{key}-{stamp}",
+            "provider": "local",
+            "command": command,
+            "poll_interval_seconds": 1,
+            "config": configs.get(key, {}),
+        }
         runs[key] = (conf["project_id"], cluster.trigger(DAG_ID, conf))
     headers = {"Authorization": f"Bearer {cluster.token('admin')}"}
 
@@ -171,6 +186,49 @@ def inked_pixels(driver: WebDriver, testid: str) -> int:
     )
 
 
+def top_url(driver: WebDriver) -> str:
+    """The Airflow UI's own URL (the top window), then back into the page's iframe."""
+    driver.switch_to.default_content()
+    url = driver.current_url
+    driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"))
+    return url
+
+
+def by_testid(driver: WebDriver, name: str) -> WebElement:
+    return driver.find_element(By.CSS_SELECTOR, f"[data-testid={name}]")
+
+
+def words(element: WebElement) -> str:
+    """An element's text, its white space (line breaks between inline-flex parts) as single spaces."""
+    return " ".join(element.text.split())
+
+
+def choose(select: WebElement, value: str) -> None:
+    """Picks an option of a <select> as a user does (Preact sets option values as properties, so
+    there is no value attribute to select by)."""
+    [option] = [o for o in select.find_elements(By.TAG_NAME, "option") if o.get_attribute("value") == value]
+    option.click()
+
+
+def legend(driver: WebDriver, chart: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"[data-testid={chart}] .u-legend").text
+
+
+def job_view_of(driver: WebDriver, uuid: str) -> WebElement:
+    return wait_for(
+        f"the job view of {uuid}",
+        lambda: driver.find_element(By.CSS_SELECTOR, f"[data-testid=job-view][data-uuid='{uuid}']"),
+        60,
+    )
+
+
+def screenshot(driver: WebDriver, path: Path) -> None:
+    """The whole Airflow page (the iframe scrolls inside it): the window as tall as the page."""
+    driver.switch_to.default_content()
+    driver.save_screenshot(str(path))
+    driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"))
+
+
 def test_the_nav_entry_and_the_unbuilt_answer(cluster: AirflowCluster) -> None:
     plugins = requests.get(
         f"{cluster.base_url}/api/v2/plugins",
@@ -213,23 +271,95 @@ def test_job_table_and_a_finished_job(
     assert link.endswith(f"#/jobs/{done['uuid']}"), link
     assert "promoted: first champion (f1 " in champion.text, champion.text
 
+    # The jobs table: wall time and an (empty) failure reason for every row.
+    headings = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "table.jobs thead th")]
+    assert {"WALL TIME", "TRAINING", "FAILURE REASON", "COMPARE"} <= set(headings), headings
+
     row_of(browser, done["uuid"]).click()
-    view = wait_for("the job view", lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=job-view]"))
+    view = job_view_of(browser, done["uuid"])
     assert view.get_attribute("data-status") == "completed"
+    # The view is in the Airflow UI's own URL, so that URL reloads into it.
+    assert top_url(browser) == f"{cluster.base_url}/plugin/training-jobs/training/ui/#/jobs/{done['uuid']}"
+
+    # Header: labelled durations, no GPU on the local provider, links to the dag run and task logs.
+    header = by_testid(browser, "job-header")
+    assert "gpu" not in header.text.lower(), header.text
+    wall = words(by_testid(browser, "wall-duration"))
+    assert wall.startswith("WALL TIME ") and words(by_testid(browser, "training-duration")).startswith("TRAINING TIME ")
+    assert "PROVIDER local / process" in words(header), header.text
+    run_url = f"{cluster.base_url}/dags/{DAG_ID}/runs/{quote(done['run_id'], safe='')}"
+    run_link = by_testid(browser, "dag-run-link")
+    assert (run_link.get_attribute("href"), run_link.get_attribute("target")) == (run_url, "_top")
+    tasks = {a.get_attribute("data-task"): a for a in browser.find_elements(By.CSS_SELECTOR, "[data-testid=task-link]")}
+    assert list(tasks) == [
+        "register_job", "build_config", "provision", "wait_until_ready", "transfer_inputs", "start_trainer",
+        "sense_progress", "upload_outputs", "teardown", "finalize",
+    ]  # fmt: skip
+    assert tasks["sense_progress"].get_attribute("href") == f"{run_url}/tasks/sense_progress"
+    assert tasks["register_job"].get_attribute("target") == "_top"
+    # The link the Airflow UI answers with that task's page (its log).
+    assert requests.get(tasks["finalize"].get_attribute("href") or "", timeout=30).status_code == 200
+
+    # Per-epoch metrics: avg_loss first, its latest values in the legend without hovering.
     assert wait_for("10 loss points", lambda: points(browser, "loss-chart") == 10)
     assert wait_for("the loss curves drawn", lambda: inked_pixels(browser, "loss-chart") > 200)
-    legend = browser.find_element(By.CSS_SELECTOR, "[data-testid=loss-chart] .u-legend").text.lower()
-    assert "iteration 1" in legend and "iteration 2" in legend, legend
-    # 2 evaluations x accuracy, precision, recall, f1, auc.
+    text = legend(browser, "loss-chart")
+    assert "iteration 1" in text.lower() and "iteration 2" in text.lower(), text
+    assert "0.29" in text and "0.2714" in text and "--" not in text, text  # epoch 5 of each iteration
+    select = by_testid(browser, "metric-select")
+    options = [o.get_attribute("value") for o in select.find_elements(By.TAG_NAME, "option")]
+    assert options == ["avg_loss", "lr", "samples", "val_loss"], options
+    choose(select, "val_loss")
+    wait_for("the val_loss curves", lambda: "0.3186" in legend(browser, "loss-chart"))
+    assert "0.339" in legend(browser, "loss-chart") and points(browser, "loss-chart") == 10
+    assert inked_pixels(browser, "loss-chart") > 200
+    assert top_url(browser).endswith(f"#/jobs/{done['uuid']}?metric=val_loss")
+    choose(by_testid(browser, "metric-select"), "samples")
+    wait_for("integers as integers", lambda: "359" in legend(browser, "loss-chart"))
+    assert "359.0" not in legend(browser, "loss-chart")
+
+    # Evaluations by iteration/epoch: 2 evaluations x accuracy, precision, recall, f1, auc.
     assert points(browser, "eval-chart") == 10
     assert inked_pixels(browser, "eval-chart") > 100
-    matrix = browser.find_element(By.CSS_SELECTOR, "[data-testid=confusion-matrix]")
+    evals = legend(browser, "eval-chart")
+    assert "evaluation (iteration/epoch)" in evals.lower() and "2/5" in evals and "0.9" in evals, evals
+    matrix = by_testid(browser, "confusion-matrix")
     assert [c.text for c in matrix.find_elements(By.CSS_SELECTOR, "tbody td")][:3] == ["50", "6", "4"]
-    links = {
-        a.text: a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "[data-testid=artifacts] a")
+    hyper_rows = by_testid(browser, "hyperparameters").find_elements(By.TAG_NAME, "tr")
+    hyper = {r.get_attribute("data-key"): r.text for r in hyper_rows}
+    assert hyper == {"lr": "lr 0.01", "hidden": "hidden 64"}, hyper
+    params = by_testid(browser, "params").text
+    assert f"project_id {done['project_id']}" in params and "provider local" in params, params
+
+    # The trainer log: the end of the uploaded logs/trainer.log once the job ended.
+    panel = wait_for(
+        "the uploaded log",
+        lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=log-panel][data-source=uploaded]"),
+        30,
+    )
+    lines = panel.find_element(By.CSS_SELECTOR, "[data-testid=log-lines]").text.splitlines()
+    assert lines[-1] == "iteration 2 epoch 5: loss 0.2714", lines
+    assert "iteration 1 epoch 1: loss 1.2500" in lines, lines
+
+    # Artifacts by folder: checkpoints/ collapsed until clicked.
+    folders = {
+        f.get_attribute("data-folder"): f
+        for f in browser.find_elements(By.CSS_SELECTOR, "[data-testid=artifact-folder]")
     }
-    assert "checkpoints/iter002_model.bin" in links, links
-    href = links["checkpoints/iter002_model.bin"]
+    assert set(folders) == {"checkpoints", "logs"}, list(folders)
+    assert folders["checkpoints"].get_attribute("data-open") == "false"
+    assert "2 files, 4.0 KiB" in folders["checkpoints"].text, folders["checkpoints"].text
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=artifacts] a[data-name^='checkpoints/']") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=artifacts] a[data-name='logs/trainer.log']")
+    folders["checkpoints"].click()
+    checkpoint = wait_for(
+        "the expanded checkpoints",
+        lambda: browser.find_element(
+            By.CSS_SELECTOR, "[data-testid=artifacts] a[data-name='checkpoints/iter002_model.bin']"
+        ),
+    )
+    assert checkpoint.text == "iter002_model.bin"
+    href = checkpoint.get_attribute("href") or ""
     assert f"/training/v1/jobs/{done['uuid']}/artifacts/" in href
     # The download is authenticated by the session cookie alone, as the link click is.
     fetched = browser.execute_async_script(
@@ -238,15 +368,128 @@ def test_job_table_and_a_finished_job(
         href,
     )
     assert fetched == [200, 2048]
-    timeline = browser.find_element(By.CSS_SELECTOR, "[data-testid=instance-timeline]")
+    timeline = by_testid(browser, "instance-timeline")
     assert timeline.find_elements(By.CSS_SELECTOR, "rect.tl-bar"), timeline.get_attribute("outerHTML")
     assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=cancel]") == []  # it ended
+    assert words(by_testid(browser, "wall-duration")) == wall  # frozen: the job ended
 
     browser.switch_to.default_content()
     assert "/plugin/training-jobs" in browser.current_url
     shot = tmp_path / "ui-finished-job.png"
+    browser.set_window_size(1440, 3400)
     browser.save_screenshot(str(shot))
+    browser.set_window_size(1440, 2400)
     shutil.copy(shot, SCREENSHOT)
+
+    # Reloading the Airflow page opens the same view (with the metric chosen).
+    browser.refresh()
+    browser.switch_to.frame(
+        wait_for("the iframe", lambda: browser.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"))
+    )
+    job_view_of(browser, done["uuid"])
+    assert by_testid(browser, "metric-select").get_attribute("value") == "samples"
+
+
+def test_one_evaluation_is_drawn_at_its_epoch(
+    browser: WebDriver, cluster: AirflowCluster, jobs: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    one = jobs["one"]
+    assert cluster.wait_run(DAG_ID, one["run_id"], timeout=120) == "success"
+    open_page(browser, cluster, f"#/jobs/{one['uuid']}")
+    job_view_of(browser, one["uuid"])
+    assert wait_for("3 loss points", lambda: points(browser, "loss-chart") == 3)
+    assert wait_for("5 metrics of one evaluation", lambda: points(browser, "eval-chart") == 5)
+    # One point per metric, drawn (a 9 px dot), and the axis is the evaluation's epoch, not a date.
+    assert inked_pixels(browser, "eval-chart") > 30
+    evals = legend(browser, "eval-chart")
+    assert "evaluation (epoch)" in evals.lower() and "ep 3" in evals and "0.75" in evals, evals
+    screenshot(browser, tmp_path / "ui-one-evaluation.png")
+
+
+def test_two_jobs_compared(
+    browser: WebDriver, cluster: AirflowCluster, jobs: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    done, one = jobs["done"], jobs["one"]
+    assert cluster.wait_run(DAG_ID, one["run_id"], timeout=120) == "success"
+    open_page(browser, cluster)
+    for job in (done, one):
+        wait_for(f"the row of {job['uuid']}", lambda j=job: row_of(browser, j["uuid"]))
+        row_of(browser, job["uuid"]).find_element(By.CSS_SELECTOR, "[data-testid=compare-check]").click()
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=job-view]") == []  # a tick opens nothing
+    by_testid(browser, "compare-button").click()
+    wait_for("the comparison", lambda: by_testid(browser, "compare-params"))
+    assert top_url(browser).endswith(f"#/compare?jobs={done['uuid']},{one['uuid']}")
+    # Both jobs' curves overlaid: 2 x 5 + 3 points, each job in its colour.
+    assert wait_for("13 points", lambda: points(browser, "compare-chart") == 13)
+    assert inked_pixels(browser, "compare-chart") > 200
+    red = browser.execute_script(
+        "const c = document.querySelector('[data-testid=compare-chart] canvas');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 200 && d[i] > 180 && d[i + 1] < 80 && d[i + 2] < 80) n++;"
+        "return n;"
+    )
+    assert red > 100, red  # the second job (#dc2626)
+    text = legend(browser, "compare-chart")
+    assert done["uuid"][:8] in text and one["uuid"][:8] in text, text
+    # Side by side: only what differs is highlighted.
+    rows = {
+        r.get_attribute("data-key"): r
+        for r in browser.find_elements(By.CSS_SELECTOR, "[data-testid=compare-params] tr[data-key]")
+    }
+    assert rows["config.lr"].get_attribute("data-differs") == "true"
+    assert "differs" in (rows["config.lr"].get_attribute("class") or "")
+    assert rows["config.lr"].text.split() == ["config.lr", "0.01", "0.05"]
+    assert rows["config.hidden"].get_attribute("data-differs") == "false"
+    assert rows["provider"].get_attribute("data-differs") == "false"
+    assert rows["project_id"].get_attribute("data-differs") == "true"
+    assert rows["last evaluation.f1"].get_attribute("data-differs") == "true"
+    screenshot(browser, tmp_path / "ui-compare.png")
+
+
+def test_the_jobs_of_a_dag_run(
+    browser: WebDriver, cluster: AirflowCluster, store: ResultsStore, jobs: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``#/runs/<dag_id>/<run_id>``: the dag run's "Training" tab and the tasks' extra link."""
+    done = jobs["done"]
+    # One job: its view, in place.
+    open_page(browser, cluster, f"#/runs/{DAG_ID}/{quote(done['run_id'], safe='')}?stage=&map_index=-1")
+    job_view_of(browser, done["uuid"])
+    # Several (a sweep's trials, as register_job records them): a table of them.
+    run_id = f"ui_sweep__{time.time_ns()}"
+    trials = [
+        store.create_job(
+            project_id="ui-sweep", provider="local", runtime="process", params={"config": {"lr": lr}},
+            dag_id=DAG_ID, run_id=run_id, stage="trial", map_index=i,
+        )
+        for i, lr in enumerate((0.1, 0.01))
+    ]  # fmt: skip
+    try:
+        open_page(browser, cluster, f"#/runs/{DAG_ID}/{run_id}")
+        table = wait_for("the run's jobs", lambda: by_testid(browser, "run-jobs"))
+        rows = table.find_elements(By.CSS_SELECTOR, "tr[data-job]")
+        assert [r.get_attribute("data-job") for r in rows] == trials
+        assert [r.text.split()[1:3] for r in rows] == [["trial", "#0"], ["trial", "#1"]]
+        compare_all = by_testid(browser, "compare-all").get_attribute("href") or ""
+        assert compare_all.endswith(f"#/compare?jobs={trials[0]},{trials[1]}"), compare_all
+        screenshot(browser, tmp_path / "ui-run-jobs.png")
+        # One trial of it (the "Training job" link of a mapped task).
+        open_page(browser, cluster, f"#/runs/{DAG_ID}/{run_id}?stage=trial&map_index=1")
+        view = job_view_of(browser, trials[1])
+        assert "TRIAL trial #1" in words(by_testid(browser, "job-header"))
+        finalize = view.find_element(By.CSS_SELECTOR, "[data-testid=task-link][data-task=finalize]")
+        run_url = f"{cluster.base_url}/dags/{DAG_ID}/runs/{run_id}"
+        assert finalize.get_attribute("href") == f"{run_url}/tasks/trial.finalize/mapped/1"
+        # None: register_job refused the params (or it is another DAG's run).
+        open_page(browser, cluster, f"#/runs/{DAG_ID}/{run_id}?stage=trial&map_index=7")
+        empty = wait_for("the empty run", lambda: by_testid(browser, "no-job"))
+        assert "No training job in this run" in by_testid(browser, "run-view").text
+        link = empty.find_element(By.CSS_SELECTOR, "[data-testid=register-log-link]")
+        assert link.get_attribute("href") == f"{run_url}/tasks/trial.register_job/mapped/7"
+        assert link.get_attribute("target") == "_top"
+        screenshot(browser, tmp_path / "ui-run-without-job.png")
+    finally:  # rows without a dag run: gone again, for the package's other tests
+        with store.engine.begin() as conn:
+            conn.execute(delete(TrainingJob).where(TrainingJob.run_id == run_id))
 
 
 def test_a_running_job_updates_live_and_is_cancelled(
@@ -257,9 +500,27 @@ def test_a_running_job_updates_live_and_is_cancelled(
     wait_for("the live marker", lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=live]"), 60)
     first = wait_for("a first loss point", lambda: points(browser, "loss-chart"), 60)
     wait_for("more loss points, pushed by the stream", lambda: points(browser, "loss-chart") >= first + 2, 30)
-    browser.switch_to.default_content()
-    browser.save_screenshot(str(tmp_path / "ui-running-job.png"))
-    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"))
+    # The trainer log's last lines, live (stored by the follower every ~2 s).
+    panel = wait_for(
+        "the live log",
+        lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=log-panel][data-source=live]"),
+        30,
+    )
+    seen = wait_for("log lines", lambda: panel.find_element(By.CSS_SELECTOR, "[data-testid=log-lines]").text, 30)
+    assert "epoch 1 done" in seen, seen
+    wait_for(
+        "newer log lines",
+        lambda: (
+            panel.find_element(By.CSS_SELECTOR, "[data-testid=log-lines]").text.splitlines()[-1]
+            != seen.splitlines()[-1]
+        ),
+        30,
+    )
+    # Durations tick while it runs.
+    wall = by_testid(browser, "wall-duration").text
+    wait_for("the wall time ticking", lambda: by_testid(browser, "wall-duration").text != wall, 5)
+    assert "GPU" not in by_testid(browser, "job-header").text
+    screenshot(browser, tmp_path / "ui-running-job.png")
 
     browser.find_element(By.CSS_SELECTOR, "[data-testid=cancel]").click()
     dialog = wait_for(
@@ -274,6 +535,12 @@ def test_a_running_job_updates_live_and_is_cancelled(
     view = browser.find_element(By.CSS_SELECTOR, "[data-testid=job-view]")
     assert wait_for("status cancelled", lambda: view.get_attribute("data-status") == "cancelled")
     assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=cancel]") == []
+    assert words(by_testid(browser, "cancelled-by")) == "CANCELLED BY admin"
+    # A job that ended never ticks, though its finalize (completed_at) is still to come.
+    wall, training = by_testid(browser, "wall-duration").text, by_testid(browser, "training-duration").text
+    time.sleep(2.5)
+    assert (by_testid(browser, "wall-duration").text, by_testid(browser, "training-duration").text) == (wall, training)
+    screenshot(browser, tmp_path / "ui-cancelled-job.png")
 
 
 def test_cancelling_a_job_that_ended_meanwhile_shows_the_400(
@@ -289,6 +556,8 @@ def test_cancelling_a_job_that_ended_meanwhile_shows_the_400(
         button = wait_for(
             "the Cancel button", lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=cancel]"), 60
         )
+        # Nor its details, re-read every few seconds.
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/stream", "*/details"]})
         resp = requests.post(
             f"{cluster.base_url}/training/v1/jobs/{ended['uuid']}/cancel",
             headers={"Authorization": f"Bearer {cluster.token('admin')}"},
