@@ -50,7 +50,71 @@ def test_airflow_params_carry_schema_title_and_description() -> None:
         assert param.schema["title"], name
         assert param.description, name
         assert param.schema["type"], name
-    assert params["provider"].schema["enum"] == ["local", "ssh", "lambda", "runpod", "vast", "ec2", "cloud"]
+    assert params["provider"].schema["enum"] == ["local", "ssh", "lambda", "runpod", "vast", "ec2", "cloud", None]
+
+
+def test_the_trigger_form_requires_only_the_project_and_groups_params_in_sections() -> None:
+    """Airflow's form marks a param required (and blocks an empty one) unless its type admits null."""
+    from gpu_training.params import SECTIONS, airflow_params
+
+    params = airflow_params()
+    required = [name for name, p in params.items() if "null" not in p.schema["type"]]
+    assert required == ["project_id"]
+    for name, param in params.items():
+        if name != "project_id" and "enum" in param.schema:
+            assert None in param.schema["enum"], name  # null must also pass the enum
+    sections = [p.schema.get("section", "") for p in params.values()]
+    assert sections[:3] == ["", "", ""] and list(dict.fromkeys(sections)) == list(SECTIONS)
+    assert list(params)[:3] == ["project_id", "provider", "config"]
+    # Empty optional texts are empty (null) in the form, not the string "".
+    assert params["gpu"].value is None and params["ssh_conn_id"].value is None
+    params_dict = __import__("airflow.sdk", fromlist=["ParamsDict"]).ParamsDict(params)
+    params_dict.validate()  # the defaults submit as they are
+
+
+def test_the_form_defaults_and_nulls_are_a_valid_job() -> None:
+    from gpu_training.params import airflow_params
+
+    spec = parse_job_params({name: p.value for name, p in airflow_params().items()})
+    assert spec == parse_job_params({})
+    everything_cleared = {name: None for name in PARAM_SPECS if name != "project_id"}
+    assert parse_job_params({**everything_cleared, "project_id": "p"}) == parse_job_params({"project_id": "p"})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"project_id": "../../etc"},
+            "invalid param 'project_id' (Project): '../../etc' is not allowed: "
+            "1 to 64 letters, digits, '_', '.' or '-'",
+        ),
+        (
+            {"max_runtime_minutes": -5},
+            "invalid param 'max_runtime_minutes' (Max runtime (minutes)): -5 is not allowed: "
+            "a number greater than 0, at most 20160",
+        ),
+        (
+            {"provider": "azure"},
+            "invalid param 'provider' (Provider): 'azure' is not allowed: one of 'local', 'ssh', 'lambda', "
+            "'runpod', 'vast', 'ec2', 'cloud'",
+        ),
+        (
+            {"max_recoveries": 2.5},
+            "invalid param 'max_recoveries' (Max spot recoveries): 2.5 is not allowed: a whole number from 0 to 20",
+        ),
+        (
+            {"providers": ["lambda", "gcp"]},
+            'invalid param \'providers\' (Providers to consider): ["lambda", "gcp"] is not allowed: a list of '
+            "'local', 'ssh', 'lambda', 'runpod', 'vast', 'ec2' (each at most once)",
+        ),
+        ({"spot": "yes"}, "invalid param 'spot' (Allow spot / interruptible): 'yes' is not allowed: true or false"),
+    ],
+)
+def test_a_refusal_names_the_title_and_what_is_allowed_in_words(params: dict, message: str) -> None:
+    with pytest.raises(JobParamsError) as info:
+        parse_job_params(params)
+    assert str(info.value) == message
 
 
 def test_command_placeholders_are_the_only_thing_expanded() -> None:

@@ -215,7 +215,7 @@ MALFORMED = [
     ("asset not a URI", "name: a\nschedule: {asset: digits}\n", "schedule.asset", "does not match"),
     ("bad start_date", "name: a\nstart_date: '2026-13-01'\n", "start_date", "month must be in 1..12"),
     ("unknown job param", "name: a\nparams: {project_id: p, foo: 1}\n", "params.foo", "not a gpu_training param"),
-    ("invalid job param", "name: a\nparams: {provider: nope}\n", "params.provider", "'nope' is not one of"),
+    ("invalid job param", "name: a\nparams: {provider: nope}\n", "params.provider", "'nope' is not allowed: one of"),
     ("invalid job param type", "name: a\nparams: {max_cost_usd: lots}\n", "params.max_cost_usd", "'lots'"),
     ("min_delta not a number", "name: a\npromotion: {metric: f1, min_delta: x}\n", "promotion.min_delta", "number"),
     ("negative min_delta", "name: a\npromotion: {metric: f1, min_delta: -1}\n", "promotion.min_delta", "minimum"),

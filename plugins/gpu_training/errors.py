@@ -17,7 +17,15 @@ class JobParamsError(TrainingError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         self.param = param
         self.reason = message
-        super().__init__(f"invalid param {param!r}: {message}")
+        super().__init__(f"invalid param {param!r}{_param_title(param)}: {message}")
+
+
+def _param_title(param: str) -> str:
+    """`` (Title)``: the param's title in the trigger form, so a refusal names the field people see."""
+    from gpu_training.params import PARAM_SPECS
+
+    spec = PARAM_SPECS.get(param)
+    return f" ({spec.title})" if spec is not None else ""
 
 
 class ResultsDbError(TrainingError):

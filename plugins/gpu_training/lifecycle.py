@@ -29,6 +29,7 @@ from gpu_training.hosts.base import CONFIG_PATH, INIT_DIR, OUTPUT_DIR, REFERENCE
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
+from gpu_training.preflight import check_connections
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer, instance_name
 from gpu_training.providers.registry import get_provider, provider_names
 from gpu_training.results.models import Instance, utcnow
@@ -182,6 +183,7 @@ def register_job(
         params = {**params, "init_checkpoint_uri": stage_checkpoint_uri(store, dag_id, run_id, *init_from)}
     spec = parse_job_params(params)
     _providers(spec)  # an unavailable provider fails here, before anything is created
+    check_connections(spec)  # so does a connection the job needs that does not exist
     job_uuid = store.create_job(
         project_id=spec.project_id,
         provider=spec.provider,

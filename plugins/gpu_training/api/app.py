@@ -50,10 +50,14 @@ def create_app(*, stream_settings: StreamSettings | None = None, fail_run: RunFa
     ``fail_run`` marks a cancelled job's dag run failed; by default in-process through the
     api-server's own service (:func:`gpu_training.api.airflow_runs.fail_dag_run`).
     """
+    from gpu_training.api import param_refusals
     from gpu_training.api.airflow_runs import fail_dag_run
     from gpu_training.api.routes import router
     from gpu_training.api.ui import router as ui_router
 
+    # This app is built by the api-server (the plugin's fastapi_apps): its trigger refusals of our
+    # params are explained in words from here on.
+    param_refusals.install()
     app = FastAPI(
         title=TITLE,
         version=__version__,

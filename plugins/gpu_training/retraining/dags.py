@@ -27,18 +27,18 @@ OWNER = "ml-platform"
 def _dag_params(spec: RetrainingSpec) -> dict[str, Any]:
     from airflow.sdk import Param
 
-    from gpu_training.params import PARAM_SPECS, airflow_params
+    from gpu_training.params import airflow_param, airflow_params
 
     params = airflow_params()
     for name, value in spec.params.items():
-        _default, schema, title, description = PARAM_SPECS[name]
-        params[name] = Param(value, title=title, description=description, **schema)
+        params[name] = airflow_param(name, value)
     if spec.sweep is not None:
         params["sweep_grid"] = Param(
             dict(spec.sweep.grid),
             type="object",
             title="Sweep grid",
             description="Hyperparameter name -> list of values; every combination is one trial.",
+            section="Sweep",
         )
         params["sweep_configs"] = Param(
             [dict(c) for c in spec.sweep.configs],
@@ -46,10 +46,10 @@ def _dag_params(spec: RetrainingSpec) -> dict[str, Any]:
             items={"type": "object"},
             title="Sweep configs",
             description="Hyperparameter sets tried as they are, before the grid's combinations.",
+            section="Sweep",
         )
         for name, value in (("run_budget_usd", spec.sweep.budget_usd), ("run_max_instances", spec.sweep.max_parallel)):
-            _default, schema, title, description = PARAM_SPECS[name]
-            params[name] = Param(spec.params.get(name, value), title=title, description=description, **schema)
+            params[name] = airflow_param(name, spec.params.get(name, value))
     return params
 
 
