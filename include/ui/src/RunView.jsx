@@ -1,6 +1,6 @@
 import { useEffect, useState } from "preact/hooks";
 import { explain } from "./api.js";
-import { fetchJobs } from "./data.js";
+import { fetchJobs, useTaskInstance } from "./data.js";
 import { JobView } from "./JobView.jsx";
 import { CompareButton, JobHeadings, JobRows, useSelection } from "./JobsTable.jsx";
 import { compareHref, dagRunUrl, runHref, taskId, taskUrl } from "./router.js";
@@ -14,6 +14,39 @@ const COLUMNS = [
   { title: "Provider", cell: (job) => job.provider },
 ];
 
+/** Why a run has no job, from its register_job task's state in Airflow. */
+function RegisterState({ ti, task }) {
+  const say = (state, text) => (
+    <p class={state === "failed" ? "error" : undefined} data-testid="register-state" data-state={state}>
+      {text}
+    </p>
+  );
+  if (!ti) return <p class="muted">Asking Airflow about {task}…</p>;
+  if (ti.status === 404) {
+    return say(
+      "absent",
+      `Airflow has no task ${task} in this dag run: it is not a run of a training DAG (or no such run, stage or trial).`,
+    );
+  }
+  if (ti.status !== 200) {
+    return (
+      <ul>
+        <li>It may be a run of a DAG that trains nothing.</li>
+        <li>Or {task} refused the run's params, so no job was created and nothing was provisioned: its log says why.</li>
+      </ul>
+    );
+  }
+  if (ti.state === "failed" || ti.state === "upstream_failed") {
+    return say(
+      "failed",
+      `${task} failed: it refused this run's params (or could not record the job), so no job was created and ` +
+        "nothing was provisioned. Its log says which param and why.",
+    );
+  }
+  if (ti.state === "success") return say("success", `${task} succeeded, but its job is not one you may read.`);
+  return say(ti.state || "none", `${task} has not run yet (${ti.state || "no state"}): this page looks again every few seconds.`);
+}
+
 /** The jobs of one dag run (#/runs/<dag_id>/<run_id>?stage=&map_index=): the Airflow dag run's
  * "Training" tab and the tasks' "Training job" link open it. One job: its view in place; several
  * (a sweep's trials, a pipeline's stages): a table of them; none: why that may be. */
@@ -23,6 +56,8 @@ export function RunView({ dagId, runId, query = {} }) {
   const [data, setData] = useState(null);
   const [error, setError] = useState(null);
   const [selected, onSelect, clear] = useSelection();
+  const register = taskId(stage, "register_job");
+  const registerTi = useTaskInstance(dagId, runId, register, mapIndex, Boolean(data) && data.jobs.length === 0);
 
   useEffect(() => {
     let alive = true;
@@ -87,23 +122,15 @@ export function RunView({ dagId, runId, query = {} }) {
         <div class="empty-run" data-testid="no-job">
           <p>
             The results database has no training job for {what}dag run <b class="mono">{runId}</b> of{" "}
-            <b class="mono">{dagId}</b>{error ? "" : " (that you may read)"}.
+            <b class="mono">{dagId}</b> (that you may read).
           </p>
-          <ul>
-            <li>It may be a run of a DAG that trains nothing.</li>
-            <li>
-              Or <span class="mono">register_job</span> refused the run's params, so no job was created and nothing was
-              provisioned: its log says which param and why.{" "}
-              <a
-                href={taskUrl(dagId, runId, taskId(stage, "register_job"), mapIndex ?? -1)}
-                target="_top"
-                data-testid="register-log-link"
-              >
-                Open the register_job log
-              </a>
-            </li>
-            <li>Or the run has not reached register_job yet: this page looks again every few seconds.</li>
-          </ul>
+          <RegisterState ti={registerTi} task={register} />
+          <p>
+            <a href={taskUrl(dagId, runId, register, mapIndex ?? -1)} target="_top" data-testid="register-log-link">
+              Open the {register} log
+            </a>{" "}
+            · <a href={dagRunUrl(dagId, runId)} target="_top">the dag run</a>
+          </p>
         </div>
       </section>
     );

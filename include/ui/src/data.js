@@ -4,6 +4,7 @@
 import { useEffect, useState } from "preact/hooks";
 import { TERMINAL, api, explain, streamUrl } from "./api.js";
 import { jobEnd } from "./format.js";
+import { airflowBase } from "./router.js";
 
 const RUNNING_REFRESH_MS = 10000;
 const ENDED_REFRESH_MS = 3000;
@@ -143,4 +144,41 @@ export function useLog(uuid, { running, version, lines = 200 }) {
     };
   }, [uuid, running, version, lines]);
   return [log, error];
+}
+
+/** A task instance as Airflow's REST API has it (same origin: the session cookie authenticates),
+ * {status: HTTP status, state}: ``GET /api/v2/dags/{dag}/dagRuns/{run}/taskInstances/{task}[/{map_index}]``. */
+export async function fetchTaskInstance(dagId, runId, task, mapIndex) {
+  const mapped = mapIndex !== null && mapIndex !== undefined && Number(mapIndex) >= 0 ? `/${Number(mapIndex)}` : "";
+  const url = `${airflowBase()}api/v2/dags/${enc(dagId)}/dagRuns/${enc(runId)}/taskInstances/${enc(task)}${mapped}`;
+  const resp = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (!resp.ok) return { status: resp.status, state: null };
+  const body = await resp.json();
+  return { status: resp.status, state: body.state ?? null };
+}
+
+const SETTLED_TASK_STATES = new Set(["success", "failed", "upstream_failed", "skipped", "removed"]);
+
+/** The state of one task instance, re-read every few seconds until it settles (``enabled``: ask at all). */
+export function useTaskInstance(dagId, runId, task, mapIndex, enabled) {
+  const [found, setFound] = useState(null);
+  useEffect(() => {
+    if (!enabled) return undefined;
+    let alive = true;
+    let timer = null;
+    const load = () =>
+      fetchTaskInstance(dagId, runId, task, mapIndex)
+        .then((ti) => {
+          if (!alive) return;
+          setFound(ti);
+          if (ti.status === 200 && !SETTLED_TASK_STATES.has(ti.state)) timer = setTimeout(load, 5000);
+        })
+        .catch(() => alive && setFound({ status: 0, state: null }));
+    load();
+    return () => {
+      alive = false;
+      clearTimeout(timer);
+    };
+  }, [dagId, runId, task, mapIndex, enabled]);
+  return found;
 }

@@ -81,7 +81,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
 def jobs(cluster: AirflowCluster) -> dict[str, dict[str, Any]]:
     """Four jobs triggered at once: ``done`` (2 iterations of 5 epochs, each evaluated) and ``one``
     (1 iteration of 3 epochs, one evaluation) finish, with other hyperparameters; ``live`` and
-    ``ended`` (an epoch a second, then they hang until cancelled)."""
+    ``ended`` (an epoch a second, then they hang until cancelled). And ``refused``: a run without a
+    job (its register_job refuses the params)."""
     stamp = time.time_ns()
     commands = {
         "done": ["{python}", str(UI_TRAINER), "2", "5", "0.2"],
@@ -114,6 +115,9 @@ def jobs(cluster: AirflowCluster) -> dict[str, dict[str, Any]]:
     for key, (project, run_id) in runs.items():
         job = cluster.wait_until(f"the job of {run_id}", lambda p=project: job_of(p), 120)
         out[key] = {**job, "run_id": run_id}
+    # A run whose register_job refuses its params (ssh without a connection): it has no job.
+    refused = {"project_id": f"ui-refused-{stamp}", "provider": "ssh"}
+    out["refused"] = {"run_id": cluster.trigger(DAG_ID, refused)}
     return out
 
 
@@ -479,17 +483,33 @@ def test_the_jobs_of_a_dag_run(
         finalize = view.find_element(By.CSS_SELECTOR, "[data-testid=task-link][data-task=finalize]")
         run_url = f"{cluster.base_url}/dags/{DAG_ID}/runs/{run_id}"
         assert finalize.get_attribute("href") == f"{run_url}/tasks/trial.finalize/mapped/1"
-        # None: register_job refused the params (or it is another DAG's run).
+        # None, and Airflow has no such run.
         open_page(browser, cluster, f"#/runs/{DAG_ID}/{run_id}?stage=trial&map_index=7")
         empty = wait_for("the empty run", lambda: by_testid(browser, "no-job"))
         assert "No training job in this run" in by_testid(browser, "run-view").text
         link = empty.find_element(By.CSS_SELECTOR, "[data-testid=register-log-link]")
         assert link.get_attribute("href") == f"{run_url}/tasks/trial.register_job/mapped/7"
         assert link.get_attribute("target") == "_top"
-        screenshot(browser, tmp_path / "ui-run-without-job.png")
+        wait_for("Airflow's answer", lambda: browser.find_element(By.CSS_SELECTOR, "[data-state=absent]"))
     finally:  # rows without a dag run: gone again, for the package's other tests
         with store.engine.begin() as conn:
             conn.execute(delete(TrainingJob).where(TrainingJob.run_id == run_id))
+
+    # None, because register_job refused the run's params: said so, with its log.
+    refused = jobs["refused"]["run_id"]
+    open_page(browser, cluster, f"#/runs/{DAG_ID}/{quote(refused, safe='')}")
+    state = wait_for(
+        "register_job failed",
+        lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=register-state][data-state=failed]"),
+        90,
+    )
+    assert state.text.startswith("register_job failed: it refused this run's params"), state.text
+    link = by_testid(browser, "register-log-link")
+    assert (
+        link.get_attribute("href")
+        == f"{cluster.base_url}/dags/{DAG_ID}/runs/{quote(refused, safe='')}/tasks/register_job"
+    )
+    screenshot(browser, tmp_path / "ui-run-without-job.png")
 
 
 def test_a_running_job_updates_live_and_is_cancelled(
