@@ -416,6 +416,17 @@ def test_two_jobs_compared(
     done, one = jobs["done"], jobs["one"]
     assert cluster.wait_run(DAG_ID, one["run_id"], timeout=120) == "success"
     open_page(browser, cluster)
+    # The table's filters are in the URL too: a reload keeps them.
+    wait_for("the jobs table", lambda: row_of(browser, done["uuid"]))
+    choose(by_testid(browser, "filter-status"), "completed")
+    wait_for("the filter in the URL", lambda: top_url(browser).endswith("/training/ui/#/?status=completed"))
+    browser.refresh()
+    browser.switch_to.frame(
+        wait_for("the iframe", lambda: browser.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"))
+    )
+    wait_for("the filter kept", lambda: by_testid(browser, "filter-status").get_attribute("value") == "completed")
+    wait_for("the completed jobs", lambda: row_of(browser, done["uuid"]))
+    assert not browser.find_elements(By.CSS_SELECTOR, f"table.jobs tr[data-job='{jobs['live']['uuid']}']")
     for job in (done, one):
         wait_for(f"the row of {job['uuid']}", lambda j=job: row_of(browser, j["uuid"]))
         row_of(browser, job["uuid"]).find_element(By.CSS_SELECTOR, "[data-testid=compare-check]").click()
