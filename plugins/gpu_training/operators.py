@@ -173,6 +173,9 @@ class RegisterTrainingJobOperator(BaseOperator):
                 init_from=self.init_from,  # type: ignore[arg-type]
             )
         except NOT_RETRYABLE as err:
+            # Its own line in the task log, where the run's page shows it first (the traceback's
+            # one-line header is cut at the window's width).
+            self.log.error("the job is refused, nothing was created or provisioned: %s", err)
             raise AirflowFailException(str(err)) from err
         self.log.info("training job %s registered for run %s", job_uuid, ti.run_id)
         return job_uuid
