@@ -25,8 +25,8 @@ from . import DAG_ID
 from .chromium import needs_chromium, sign_in, start_chromium, wait_for
 
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 pytestmark = [pytest.mark.e2e, needs_chromium]
 
