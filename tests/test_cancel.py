@@ -7,10 +7,13 @@ The Airflow side (the UI / REST marking the run failed, the results API's cancel
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +25,7 @@ from gpu_training.operators import NOT_RETRYABLE
 from gpu_training.params import parse_job_params
 from gpu_training.providers.base import ComputeProvider
 from gpu_training.results.store import ResultsStore
+from gpu_training.storage import parse_uri
 from tests.fakeclouds.rigs import STARTERS, Rig
 
 from .test_cloud_jobs import new_job
@@ -288,3 +292,88 @@ def test_nothing_is_stopped_after_a_trainer_that_ended_or_an_unreachable_host(
     trainer = stop_failing(0)
     lifecycle.after_follow(None, "job", {"kind": kind, "reason": "..."})  # type: ignore[arg-type]
     assert trainer.stops == 0
+
+
+# --- a cancelled job keeps what exists -----------------------------------------------------------
+
+
+def local_job(store: ResultsStore) -> str:
+    """A job on the local provider, launched and ready, its trainer's files written by the test."""
+    job = lifecycle.register_job(
+        store, {"project_id": "salvage", "provider": "local"}, dag_id="gpu_training", run_id=f"manual__{time.time_ns()}"
+    )
+    lifecycle.provision(store, job)
+    assert lifecycle.check_ready(store, job)
+    host = lifecycle.host_for(store, job)
+    files = {
+        "logs/trainer.log": b"epoch 1 done\nepoch 2 done\n",
+        "outputs/checkpoints/iter001_epoch001_model.npz": b"old model",
+        "outputs/checkpoints/iter001_epoch002_model.npz": b"model 2" * 100,
+        "outputs/checkpoints/iter001_epoch002_optimizer.npz": b"optimizer 2" * 100,
+        "outputs/checkpoints/latest.json": json.dumps(
+            {
+                "iteration": 1,
+                "epoch": 2,
+                "model_path": "checkpoints/iter001_epoch002_model.npz",
+                "optimizer_path": "checkpoints/iter001_epoch002_optimizer.npz",
+            }
+        ).encode(),
+        "outputs/model_final.npz": b"not written by a cancelled trainer, and not kept",
+    }
+    for rel, data in files.items():
+        Path(host.path(rel)).parent.mkdir(parents=True, exist_ok=True)
+        Path(host.path(rel)).write_bytes(data)
+    return job
+
+
+def test_a_cancelled_jobs_log_and_latest_checkpoint_are_kept_before_its_instance_is_terminated(
+    store: ResultsStore,
+) -> None:
+    job = local_job(store)
+    host_dir = Path(lifecycle.host_for(store, job).path("."))
+    store.request_cancel(job, by="alice")
+    assert len(lifecycle.teardown(store, job)) == 1
+    assert not host_dir.exists()  # terminated: the local instance's directory is gone
+    kept = {a.name: a for a in store.artifacts(job)}
+    assert sorted(kept) == [
+        "MANIFEST.sha256",
+        "checkpoints/iter001_epoch002_model.npz",
+        "checkpoints/iter001_epoch002_optimizer.npz",
+        "checkpoints/latest.json",
+        "logs/trainer.log",
+    ]
+    log_file = Path(parse_uri(kept["logs/trainer.log"].uri).path)
+    assert log_file.read_bytes() == b"epoch 1 done\nepoch 2 done\n"
+    assert kept["logs/trainer.log"].sha256 == hashlib.sha256(log_file.read_bytes()).hexdigest()
+    assert lifecycle.finalize(store, job, failed_tasks=["sense_progress"]) == "cancelled"
+    assert lifecycle.salvage_cancelled(store, job) == []  # a retried teardown keeps nothing twice
+
+
+def test_keeping_a_cancelled_jobs_files_never_holds_its_termination_past_the_budget(
+    store: ResultsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = local_job(store)
+    release = threading.Event()
+
+    def stuck_upload(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)  # an instance that accepts the connection and then never answers
+        raise HostError("the instance stopped answering")
+
+    monkeypatch.setattr(lifecycle, "upload_outputs", stuck_upload)
+    monkeypatch.setattr(lifecycle, "SALVAGE_BUDGET", timedelta(seconds=1))
+    store.request_cancel(job, by="alice")
+    started = time.monotonic()
+    try:
+        assert len(lifecycle.teardown(store, job)) == 1
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
+    assert store.artifacts(job) == []
+    assert [r.state for r in store.instances_for_job(job)] == ["terminated"]
+
+
+def test_only_a_cancelled_job_is_salvaged(store: ResultsStore) -> None:
+    job = local_job(store)
+    assert lifecycle.salvage_cancelled(store, job) == []  # failed or completed: upload_outputs' job
+    lifecycle.teardown(store, job)
+    assert store.artifacts(job) == []

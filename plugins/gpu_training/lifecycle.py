@@ -25,7 +25,15 @@ from gpu_training.errors import (
     StorageError,
     TrainerFailedError,
 )
-from gpu_training.hosts.base import CONFIG_PATH, INIT_DIR, OUTPUT_DIR, REFERENCE_TRAINER_DIR, TRAINER_DIR, Host
+from gpu_training.hosts.base import (
+    CONFIG_PATH,
+    INIT_DIR,
+    LOG_PATH,
+    OUTPUT_DIR,
+    REFERENCE_TRAINER_DIR,
+    TRAINER_DIR,
+    Host,
+)
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
@@ -54,6 +62,8 @@ INTERRUPTED = "interrupted:"
 LAUNCH_SETTLE = timedelta(seconds=45)
 LAUNCH_SETTLE_POLL_SECONDS = 3.0
 NOT_LAUNCHED_CANCELLED = "not launched: the job was cancelled or is being torn down"
+#: The artifact name of the trainer's log (``logs/trainer.log`` on the host, uploaded as is).
+LOG_ARTIFACT = LOG_PATH
 
 
 def job_spec(store: ResultsStore, job_uuid: str) -> JobSpec:
@@ -938,12 +948,77 @@ def upload(store: ResultsStore, job_uuid: str) -> int:
     return len(records)
 
 
+#: The longest teardown waits for a cancelled job's log and latest checkpoint to upload before it
+#: terminates the instance anyway: money comes first.
+SALVAGE_BUDGET = timedelta(seconds=30)
+
+
+def salvage_cancelled(store: ResultsStore, job_uuid: str, *, budget: timedelta | None = None) -> list[str]:
+    """A cancelled job keeps what exists: its trainer log and latest checkpoint (the pointer and the
+    files it names), uploaded with checksums as the job's artifacts, when its instance still answers
+    and within ``budget``. Returns the names uploaded (none: not cancelled, no instance that got
+    ready, already kept, or not in time). Never raises: teardown terminates whatever happens here.
+
+    The upload runs in a thread that teardown waits for at most ``budget``; one still running then
+    is abandoned (the instance's termination ends its transfer).
+    """
+    import threading
+
+    budget = budget or SALVAGE_BUDGET
+    job = store.job(job_uuid)
+    if job.cancel_requested_at is None or budget_cancelled(job) or not job.outputs_uri:
+        return []
+    if any(a.name == LOG_ARTIFACT for a in store.artifacts(job_uuid)):
+        return []  # kept by an earlier try of teardown (or uploaded before the cancel)
+    try:
+        node = current_nodes(store, job_uuid)[0]
+    except InstanceNotFoundError:
+        return []
+    if node.ready_at is None:
+        return []  # never booted: nothing was written
+    uploaded: list[str] = []
+
+    def keep() -> None:
+        try:
+            spec = job_spec(store, job_uuid)
+            host = host_for(store, job_uuid)
+            records = upload_outputs(
+                host,
+                spec.outputs_uri,
+                job_uuid,
+                direct=_direct_s3(spec, host, job.outputs_uri or ""),
+                expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
+                only=storage.latest_checkpoint_sources(host),
+            )
+            store.record_artifacts(job_uuid, records)
+            uploaded.extend(r.name for r in records)
+        except Exception as err:  # an instance that no longer answers keeps nothing: say so
+            log.warning("job %s was cancelled; its log and checkpoint could not be kept: %s", job_uuid, err)
+
+    worker = threading.Thread(target=keep, name=f"salvage {job_uuid}", daemon=True)
+    worker.start()
+    worker.join(budget.total_seconds())
+    if worker.is_alive():
+        log.warning(
+            "job %s was cancelled; keeping its log and checkpoint took more than %.0f s: terminating anyway",
+            job_uuid,
+            budget.total_seconds(),
+        )
+        return []
+    if uploaded:
+        log.info("job %s was cancelled; kept %s", job_uuid, ", ".join(uploaded))
+    return list(uploaded)
+
+
 def teardown(store: ResultsStore, job_uuid: str, *, settle: timedelta = LAUNCH_SETTLE) -> list[str]:
     """Terminate every instance of the job that is not known to be gone; returns their names.
 
     Works from the results DB alone, so it also catches an instance whose launch call crashed
     after the cloud created it (found by its deterministic name). Each termination is retried
     until the provider reports the instance gone; cost is settled per instance and on the job.
+
+    A cancelled job's trainer log and latest checkpoint are kept first, when its instance still
+    answers (:func:`salvage_cancelled`, at most :data:`SALVAGE_BUDGET`).
 
     Teardown can start while the launch is still in flight (a cancelled run's teardown starts
     before its killed launch task stops). So it first records that it started, which a launch
@@ -954,6 +1029,7 @@ def teardown(store: ResultsStore, job_uuid: str, *, settle: timedelta = LAUNCH_S
     errors: list[str] = []
     spec = job_spec(store, job_uuid)
     store.begin_teardown(job_uuid)
+    salvage_cancelled(store, job_uuid)
     for record in store.instances_for_job(job_uuid):
         if record.state == "terminated":
             continue

@@ -272,16 +272,46 @@ def _output_sources(host: Host) -> list[tuple[str, str]]:
 MAX_SINGLE_PUT = 5 * 1024**3
 
 
+def latest_checkpoint_sources(host: Host) -> set[str]:
+    """Host paths of the trainer log and of the latest checkpoint: the pointer
+    (``outputs/checkpoints/latest.json``) and every file it names (:func:`checkpoint_files`).
+    What a cancelled job keeps; an unreadable pointer keeps the log alone."""
+    wanted = {LOG_PATH}
+    pointer_path = f"{OUTPUT_DIR}/{CHECKPOINT_POINTER}"
+    rc, out, _ = host.script('cat -- "$1" 2>/dev/null', host.path(pointer_path), check=False)
+    if rc == 0 and out.strip():
+        try:
+            pointer = json.loads(out)
+        except ValueError:
+            return wanted
+        wanted.add(pointer_path)
+        for rel in checkpoint_files(pointer):
+            try:
+                wanted.add(f"{OUTPUT_DIR}/{_safe_relpath(rel)}")
+            except StorageError:
+                continue  # a pointer naming something outside outputs/ names nothing we upload
+    return wanted
+
+
 def upload_outputs(
-    host: Host, outputs_uri: str, job_uuid: str, *, direct: bool = False, expiry_seconds: int = 3600
+    host: Host,
+    outputs_uri: str,
+    job_uuid: str,
+    *,
+    direct: bool = False,
+    expiry_seconds: int = 3600,
+    only: set[str] | None = None,
 ) -> list[ArtifactRecord]:
     """Upload the trainer's outputs and log; every file hashed, manifest last.
 
     ``direct`` (an ``s3://`` target and a remote instance): the instance PUTs each file to a
-    presigned URL and this worker only checks size and ETag (MD5) of what arrived.
+    presigned URL and this worker only checks size and ETag (MD5) of what arrived. ``only``: just
+    these host paths (e.g. :func:`latest_checkpoint_sources`), the manifest listing them.
     """
     root = parse_uri(job_outputs_uri(outputs_uri, job_uuid))
     sources = _output_sources(host)
+    if only is not None:
+        sources = [(remote, name) for remote, name in sources if remote in only]
     records: list[ArtifactRecord] = []
     if direct and root.scheme == "s3":
         records, sources = _push_direct(host, root, sources, expiry_seconds)
