@@ -6,8 +6,10 @@ itself is listed in ``.airflowignore`` and registered from here.
 Every Airflow process (scheduler, workers, triggerer, dag-processor) imports this module, but only
 the api-server reads ``fastapi_apps``: the results API app is built on that first read, so importing
 the plugin stays cheap and touches no database. ``external_views`` puts the app's Training jobs page
-(``/training/ui/``) in the Airflow UI's nav bar. ``listeners`` turns a dag run marked failed into a
-cancel of its jobs (``gpu_training/listener.py``).
+(``/training/ui/``) in the Airflow UI's nav bar and a "Training" tab on every dag run (that run's
+jobs); ``operator_extra_links`` a "Training job" button on each task of a job
+(``gpu_training/links.py``). ``listeners`` turns a dag run marked failed into a cancel of its jobs,
+noted on the run (``gpu_training/listener.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from airflow.plugins_manager import AirflowPlugin
 
 from gpu_training import __version__, listener
+from gpu_training.links import TrainingJobLink
 
 
 class _ResultsApiApps:
@@ -43,6 +46,15 @@ TRAINING_JOBS_VIEW: dict[str, Any] = {
     "destination": "nav",
 }
 
+#: A "Training" tab on each dag run's page: the run's training job(s) in place. Airflow shows a
+#: dag_run view on every DAG's runs; the page says when a run has no job.
+TRAINING_RUN_VIEW: dict[str, Any] = {
+    "name": "Training",
+    "href": "/training/ui/#/runs/{DAG_ID}/{RUN_ID}",
+    "url_route": "training-run",
+    "destination": "dag_run",
+}
+
 
 class GpuTrainingPlugin(AirflowPlugin):
     """Registers the orchestrator with Airflow: the results REST API under ``/training`` and its page."""
@@ -50,6 +62,7 @@ class GpuTrainingPlugin(AirflowPlugin):
     name = "gpu_training"
     version = __version__
     fastapi_apps = _ResultsApiApps()  # type: ignore[assignment]
-    external_views = [TRAINING_JOBS_VIEW]
+    external_views = [TRAINING_JOBS_VIEW, TRAINING_RUN_VIEW]
+    operator_extra_links = [TrainingJobLink()]
     # A dag run marked failed (UI or REST) cancels its training jobs.
     listeners = [listener]

@@ -377,3 +377,21 @@ def test_only_a_cancelled_job_is_salvaged(store: ResultsStore) -> None:
     assert lifecycle.salvage_cancelled(store, job) == []  # failed or completed: upload_outputs' job
     lifecycle.teardown(store, job)
     assert store.artifacts(job) == []
+
+
+def test_the_runs_note_says_who_cancelled_which_job(store: ResultsStore, rig: Rig) -> None:
+    job = new_job(store, rig)
+    run_id = store.job(job).run_id
+    assert listener.cancel_note(store, "gpu_training", run_id) is None  # nothing cancelled yet
+    store.request_cancel(job, by="alice")
+    note = listener.cancel_note(store, "gpu_training", run_id)
+    assert note is not None and note.startswith(f"Cancelled by alice: training job {job} (cloudjob). ")
+
+    class Run:  # the note proxy of an ORM dag run: a value, appended to
+        dag_run_note = None
+        note = "found a bad batch, stopping it"
+
+    run = Run()
+    listener.note_on_run(run, note)
+    listener.note_on_run(run, note)  # once
+    assert run.note == f"found a bad batch, stopping it\n\n{note}"
