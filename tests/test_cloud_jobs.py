@@ -74,6 +74,8 @@ def test_instance_boots_answers_ssh_and_is_terminated_with_its_cost(store: Resul
     info = lifecycle.provision(store, job)
     record = store.instances_for_job(job)[0]
     assert record.instance_id == info.instance_id and record.price_per_hour and record.launched_at
+    # The offer's GPUs are on the row (the job page shows them): what the job asked for, at least.
+    assert record.gpu_name and rig.gpu.split(":")[0].lower() in record.gpu_name.lower() and record.gpu_count >= 1
     assert lifecycle.check_ready(store, job) is False  # still booting: the boot wait defers
     wait_ready(store, job)
     assert store.instances_for_job(job)[0].ready_at is not None

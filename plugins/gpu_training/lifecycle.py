@@ -359,6 +359,8 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
                 spot=offer.spot,
                 node_rank=rank,
                 node_group=name if spec.num_nodes > 1 else None,
+                gpu_name=offer.gpu_name,
+                gpu_count=offer.gpu_count,
             )
         # The intents are committed: from here teardown waits for this launch to settle. A cancel or
         # teardown that came first means no launch at all.

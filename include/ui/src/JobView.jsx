@@ -38,6 +38,14 @@ function instanceTypes(instances) {
   return [...new Set(types.reverse())];
 }
 
+/** "8x H100" of the latest launched instance (what the offer had), "" when none says. */
+function instanceGpus(instances) {
+  const launched = instances.filter((i) => i.gpu_name);
+  const last = launched[launched.length - 1];
+  if (!last) return "";
+  return last.gpu_count > 1 ? `${last.gpu_count}x ${last.gpu_name}` : last.gpu_name;
+}
+
 function JobHeader({ details, live, now, onCancelled }) {
   const ended = TERMINAL.has(details.status);
   const types = instanceTypes(details.instances);
@@ -72,8 +80,12 @@ function JobHeader({ details, live, now, onCancelled }) {
           </Fact>
         )}
         {!local && (
-          <Fact label="GPU" testId="gpu" title="the job's gpu param; empty: the cheapest offer that fits">
-            {details.gpu || "any (cheapest offer)"}
+          <Fact
+            label="GPU"
+            testId="gpu"
+            title={`the GPUs of the instance launched; asked for: ${details.gpu || "any (the cheapest offer that fits)"}`}
+          >
+            {instanceGpus(details.instances) || details.gpu || "any (cheapest offer)"}
           </Fact>
         )}
         {details.stage && (

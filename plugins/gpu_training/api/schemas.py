@@ -213,6 +213,8 @@ class InstanceInfo(BaseModel):
     terminated_at: datetime | None
     node_rank: int = Field(0, description="The node's rank in a multi-node job (0: writes global.json)")
     node_group: str | None = Field(None, description="The launch attempt of a multi-node job's node (node 0's name)")
+    gpu_name: str | None = Field(None, description="GPU model of the offer launched (null: none, e.g. local)")
+    gpu_count: int = Field(0, description="GPUs of the offer launched")
 
     @classmethod
     def of(cls, row: Instance) -> InstanceInfo:

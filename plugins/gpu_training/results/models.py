@@ -292,6 +292,9 @@ class Instance(Base):
     #: The launch attempt the node belongs to (its rank-0 instance's name); the nodes of one
     #: attempt are launched, replaced and terminated together. None: a single-node instance.
     node_group: Mapped[str | None] = mapped_column(String(128))
+    #: The GPU model and count of the offer launched (None / 0: the offer has none, e.g. local).
+    gpu_name: Mapped[str | None] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 NOTIFICATION_STATUSES = ("sending", "sent", "failed")

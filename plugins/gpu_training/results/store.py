@@ -243,6 +243,8 @@ class ResultsStore:
         spot: bool = False,
         node_rank: int = 0,
         node_group: str | None = None,
+        gpu_name: str | None = None,
+        gpu_count: int = 0,
     ) -> None:
         """Write the instance row *before* the launch call, so a crash still leaves a trace.
 
@@ -274,6 +276,8 @@ class ResultsStore:
                         "created_at": utcnow(),
                         "node_rank": node_rank,
                         "node_group": node_group,
+                        "gpu_name": (gpu_name or None) and gpu_name[:64],
+                        "gpu_count": gpu_count,
                     }
                 ],
             )
