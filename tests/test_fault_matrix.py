@@ -717,6 +717,7 @@ def transferring_cut(w: World) -> Expect:
     dataset.parent.mkdir()
     dataset.write_bytes(os.urandom(BIG))
     w.params["dataset_uri"] = dataset.as_uri()
+    w.monkeypatch.setenv("AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS", str(w.tmp))
     w.while_running(
         "transfer_inputs",
         w.cut_when_bigger(lambda: w.workdir() / "data/big.bin.partial", BIG // 4, lambda: proxy.cut(refuse=True)),
@@ -854,6 +855,7 @@ def transferring_cancel(w: World) -> Expect:
     dataset = w.tmp / "dataset.bin"
     dataset.write_bytes(os.urandom(BIG))
     w.params["dataset_uri"] = dataset.as_uri()
+    w.monkeypatch.setenv("AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS", str(w.tmp))
     w.while_running(
         "transfer_inputs", w.cut_when_bigger(lambda: w.workdir() / "data/dataset.bin.partial", BIG // 4, w.cancel)
     )

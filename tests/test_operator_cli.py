@@ -405,9 +405,31 @@ def test_make_validate_prints_one_line_per_check_and_fails_on_a_missing_image(
     )
     assert proc.returncode != 0
     lines = proc.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:-1]] == ["ok", "skipped", "skipped", "skipped", "skipped", "FAIL"]
-    assert lines[-2].startswith("FAIL     trainer image gpu-trainer:no-such-tag")
-    assert lines[-1] == "6 checks, 1 failed"
+    results = [line.split()[0] for line in lines[:-1]]
+    assert results[:6] == ["ok", "skipped", "skipped", "skipped", "skipped", "FAIL"]
+    assert lines[5].startswith("FAIL     trainer image gpu-trainer:no-such-tag")
+    assert results[6:13] == ["policy"] * 7  # the [gpu_training] policy in force
+    warned = results[13:] == ["WARN"]  # as root, with provider 'local' allowed (the default)
+    assert warned == (os.geteuid() == 0)
+    assert lines[-1] == ("7 checks, 1 failed, 1 warnings" if warned else "6 checks, 1 failed")
+
+
+def test_validate_prints_the_policy_in_force_and_warns_when_local_trainers_run_as_root(
+    results_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__GPU_TRAINING__ALLOWED_PROVIDERS", "ssh, lambda")
+    monkeypatch.setenv("AIRFLOW__GPU_TRAINING__ALLOWED_CONNECTIONS", "gpu_box_*")
+    checks = checks_by_name()
+    assert checks["allowed_providers"] == ("policy", "ssh, lambda")
+    assert checks["allowed_connections"] == ("policy", "gpu_box_*")
+    assert checks["local_run_as_user"] == ("policy", "(the worker's own user)")
+    assert "local trainers run as root" not in checks  # 'local' is not allowed
+    monkeypatch.delenv("AIRFLOW__GPU_TRAINING__ALLOWED_PROVIDERS")
+    if os.geteuid() == 0:
+        result, detail = checks_by_name()["local trainers run as root"]
+        assert result == "WARN" and "local_run_as_user" in detail
+    monkeypatch.setenv("AIRFLOW__GPU_TRAINING__LOCAL_RUN_AS_USER", "nobody-here-xyz")
+    assert checks_by_name()["local_run_as_user"][0] == "FAIL"
 
 
 def test_the_make_targets_are_listed_and_logs_needs_a_job() -> None:

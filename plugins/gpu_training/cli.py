@@ -339,6 +339,39 @@ def validate_checks(*, image: str | None = None) -> list[tuple[str, str, str]]:
     checks: list[tuple[str, str, str]] = [_check_results_db()]
     checks.extend(_check_clouds())
     checks.append(_check_image(image or DEFAULT_IMAGE))
+    checks.extend(_check_policy())
+    return checks
+
+
+def _check_policy() -> list[tuple[str, str, str]]:
+    """The deployment's policy in force (``[gpu_training]``), one line per key, and a WARN where a
+    triggered job could run code as root on this machine."""
+    import os
+
+    from gpu_training.policy import Policy
+
+    try:
+        policy = Policy.current()
+    except ValueError as err:
+        return [("FAIL", "policy [gpu_training]", str(err))]
+    checks = [("policy", key, value) for key, value in policy.described()]
+    if policy.allows_provider("local") and not policy.local_run_as_user and os.geteuid() == 0:
+        checks.append(
+            (
+                "WARN",
+                "local trainers run as root",
+                "provider 'local' is allowed and this worker is root: a triggered job's trainer runs as root "
+                "here. Set [gpu_training] local_run_as_user to an unprivileged user, or leave 'local' out of "
+                "allowed_providers",
+            )
+        )
+    elif policy.local_run_as_user:
+        import pwd
+
+        try:
+            pwd.getpwnam(policy.local_run_as_user)
+        except KeyError:
+            checks.append(("FAIL", "local_run_as_user", f"{policy.local_run_as_user!r} is not a user on this machine"))
     return checks
 
 
@@ -408,8 +441,10 @@ def validate(*, image: str | None = None, out: Any = None) -> int:
     checks = validate_checks(image=image)
     for result, what, detail in checks:
         print(f"{result:8} {what:34} {detail}", file=out)
-    failed = sum(1 for c in checks if c[0] == "FAIL")
-    print(f"{len(checks)} checks, {failed} failed", file=out)
+    real = [c for c in checks if c[0] != "policy"]  # the policy lines say what is in force
+    failed = sum(1 for c in real if c[0] == "FAIL")
+    warned = sum(1 for c in real if c[0] == "WARN")
+    print(f"{len(real)} checks, {failed} failed" + (f", {warned} warnings" if warned else ""), file=out)
     return 1 if failed else 0
 
 

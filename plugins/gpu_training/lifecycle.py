@@ -37,6 +37,8 @@ from gpu_training.hosts.base import (
 from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.params import DEFAULT_COMMAND, JobSpec, parse_job_params, render_command
+from gpu_training.policy import Policy
+from gpu_training.policy import enforce as enforce_policy
 from gpu_training.preflight import check_connections
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer, instance_name
 from gpu_training.providers.registry import get_provider, provider_names
@@ -192,6 +194,7 @@ def register_job(
     if init_from is not None:
         params = {**params, "init_checkpoint_uri": stage_checkpoint_uri(store, dag_id, run_id, *init_from)}
     spec = parse_job_params(params)
+    enforce_policy(spec)  # what the deployment allows, before any provider is asked anything
     _providers(spec)  # an unavailable provider fails here, before anything is created
     check_connections(spec)  # so does a connection the job needs that does not exist
     job_uuid = store.create_job(
@@ -624,7 +627,7 @@ def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
                 expiry = int(spec.presigned_url_expiry_minutes * 60)
                 files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
             else:
-                files += len(fetch_dataset(spec.dataset_uri, host))
+                files += len(fetch_dataset(spec.dataset_uri, host, check_path=_allowed_path("dataset_uri")))
         if spec.init_checkpoint_uri:
             files += _fetch_init_checkpoint(spec, host)
         reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
@@ -644,9 +647,16 @@ def _fetch_init_checkpoint(spec: JobSpec, host: Host) -> int:
         if _direct_s3(spec, host, uri):
             expiry = int(spec.presigned_url_expiry_minutes * 60)
             return len(fetch_dataset_direct(uri, host, expiry_seconds=expiry, dest_dir=INIT_DIR))
-        return len(fetch_dataset(uri, host, dest_dir=INIT_DIR))
+        return len(fetch_dataset(uri, host, dest_dir=INIT_DIR, check_path=_allowed_path("init_checkpoint_uri")))
     except StorageError as err:
         raise StorageError(f"init_checkpoint_uri: {err}".replace("dataset ", "")) from err
+
+
+def _allowed_path(param: str) -> Any:
+    """Every local file a ``file://`` param reads is checked against the deployment's allowed roots
+    as it is read (symlinks resolved): one planted since the job registered is refused too."""
+    policy = Policy.current()
+    return lambda path: policy.check_path(param, path)
 
 
 def _direct_s3(spec: JobSpec, host: Host, uri: str) -> bool:
@@ -938,6 +948,7 @@ def upload(store: ResultsStore, job_uuid: str) -> int:
     """Upload outputs with checksums and record them as artifacts; returns the file count."""
     job = store.job(job_uuid)
     spec = parse_job_params(job.params)
+    Policy.current().check_file_uri("outputs_uri", spec.outputs_uri)
     host = host_for(store, job_uuid)
     records = upload_outputs(
         host,
@@ -983,6 +994,7 @@ def salvage_cancelled(store: ResultsStore, job_uuid: str, *, budget: timedelta |
     def keep() -> None:
         try:
             spec = job_spec(store, job_uuid)
+            Policy.current().check_file_uri("outputs_uri", spec.outputs_uri)
             host = host_for(store, job_uuid)
             records = upload_outputs(
                 host,

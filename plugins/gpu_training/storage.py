@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -116,18 +117,26 @@ def _safe_relpath(relpath: str) -> str:
 # --- datasets -----------------------------------------------------------------------------------
 
 
-def fetch_dataset(dataset_uri: str, host: Host, *, dest_dir: str = DATA_DIR) -> list[tuple[str, int, str]]:
-    """Copy the dataset into the host's ``data/`` directory (or ``dest_dir``); returns ``(relpath, size, sha256)``."""
+def fetch_dataset(
+    dataset_uri: str, host: Host, *, dest_dir: str = DATA_DIR, check_path: Callable[[Path], None] | None = None
+) -> list[tuple[str, int, str]]:
+    """Copy the dataset into the host's ``data/`` directory (or ``dest_dir``); returns ``(relpath, size, sha256)``.
+
+    ``check_path`` is asked about every local file before it is read (the deployment's allowed
+    roots, symlinks resolved); it raises to refuse one."""
     loc = parse_uri(dataset_uri)
     is_prefix = dataset_uri.endswith("/")
     copied: list[tuple[str, int, str]] = []
     if loc.scheme == "file":
         src = Path(loc.path)
+        check = check_path or (lambda path: None)
         if src.is_dir():
             for rf in sorted(p for p in src.rglob("*") if p.is_file()):
+                check(rf)
                 rel = rf.relative_to(src).as_posix()
                 copied.append((f"{dest_dir}/{rel}", rf.stat().st_size, host.put_file(rf, f"{dest_dir}/{rel}")))
         elif src.is_file():
+            check(src)
             copied.append((f"{dest_dir}/{src.name}", src.stat().st_size, host.put_file(src, f"{dest_dir}/{src.name}")))
         else:
             raise StorageError(f"dataset {dataset_uri} does not exist")

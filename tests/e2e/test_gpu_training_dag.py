@@ -99,7 +99,8 @@ def test_reference_trainer_end_to_end(airflow_env: dict[str, str], tmp_path: Pat
         "config": {"iterations": 2, "epochs": 3, "seed": 1},
         "poll_interval_seconds": 1,
     }
-    result = run_dag(airflow_env, conf)
+    # The deployment lets jobs read and write file:// under this folder ([gpu_training] allowed_file_roots).
+    result = run_dag({**airflow_env, "AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS": str(tmp_path)}, conf)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     job = job_of(airflow_env, "e2e-happy")

@@ -69,12 +69,43 @@ def _read_int(path: Path) -> int | None:
 class LocalHost(Host):
     """A work directory on this machine; the trainer runs in its own session and process group."""
 
-    def __init__(self, workdir: Path | str, *, python: str | None = None, gpus: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        python: str | None = None,
+        gpus: Sequence[str] = (),
+        run_as: str | None = None,
+    ) -> None:
         self.root = Path(workdir)
         self.workdir = str(self.root)
         self.python = python or sys.executable
         self.gpus = tuple(gpus)
         self.user = f"{os.getuid()}:{os.getgid()}"
+        #: The unprivileged user the trainer runs as (``[gpu_training] local_run_as_user``).
+        self.run_as = run_as or None
+
+    def _trainer_identity(self) -> tuple[int, int] | None:
+        """(uid, gid) the trainer runs as; None: the worker's own. The wrapper stays the worker's
+        (it writes run/: pid, process group, exit code, which only the worker may write), and only
+        ``outputs/`` belongs to the trainer's user."""
+        if not self.run_as:
+            return None
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(self.run_as)
+        except KeyError:
+            raise HostError(
+                f"[gpu_training] local_run_as_user = {self.run_as!r} is not a user on this machine: create it "
+                f"(useradd --system --no-create-home {self.run_as}) or change the setting"
+            ) from None
+        if os.geteuid() != 0:
+            raise HostError(
+                f"[gpu_training] local_run_as_user = {self.run_as!r} needs the worker to run as root (it switches "
+                "to that user to start the trainer)"
+            )
+        return entry.pw_uid, entry.pw_gid
 
     def script(
         self, body: str, *args: str, stdin: bytes | None = None, timeout: float = 300, check: bool = True
@@ -146,6 +177,13 @@ class LocalHost(Host):
         if status.started:
             return status
         self.prepare()
+        identity = self._trainer_identity()
+        if identity is not None:
+            uid, gid = identity
+            for path in [self.root / OUTPUT_DIR, *(self.root / OUTPUT_DIR).rglob("*")]:
+                os.chown(path, uid, gid, follow_symlinks=False)
+            setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+            argv = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
         # setsid in a backgrounded shell: the wrapper leads a new session and process group that
         # teardown kills whole, and it is not our child, so it outlives the task that started it
         # and is never left a zombie of a long-lived worker.

@@ -78,8 +78,10 @@ class LocalProvider(ComputeProvider):
 
     name = "local"
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, *, run_as: str | None = None) -> None:
         self.root = Path(root) if root else default_root()
+        #: Trainers run as this user (``[gpu_training] local_run_as_user``); None: the worker's own.
+        self.run_as = run_as
 
     def _dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
@@ -177,4 +179,4 @@ class LocalProvider(ComputeProvider):
                 f"local instance {instance.name!r} was launched on {where}, this task runs on "
                 f"{socket.gethostname()} ({ONE_MACHINE})",
             )
-        return LocalHost(self._dir(instance.name), gpus=instance.details.get("gpus") or ())
+        return LocalHost(self._dir(instance.name), gpus=instance.details.get("gpus") or (), run_as=self.run_as)

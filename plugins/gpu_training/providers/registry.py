@@ -34,9 +34,10 @@ def cloud_class(name: str) -> type[ComputeProvider]:
 def get_provider(name: str, spec: JobSpec | None = None) -> ComputeProvider:
     """The provider called ``name``, configured from the job's params (connection ids)."""
     if name == "local":
+        from gpu_training.policy import Policy
         from gpu_training.providers.local import LocalProvider
 
-        return LocalProvider()
+        return LocalProvider(run_as=Policy.current().local_run_as_user or None)
     if name == "ssh":
         from gpu_training.providers.ssh import SshProvider
 
@@ -70,7 +71,18 @@ def provider_names(spec: JobSpec) -> tuple[str, ...]:
     if spec.providers:
         return spec.providers
     if spec.provider == "cloud":
-        clouds = configured_clouds()
+        from gpu_training.policy import Policy
+
+        policy = Policy.current()
+        configured = configured_clouds()
+        clouds = tuple(name for name in configured if policy.allows_provider(name))
+        if not clouds and configured:
+            raise policy.refuse(
+                "provider",
+                f"provider 'cloud' (of the clouds with a connection, {', '.join(configured)}, none)",
+                "allowed_providers",
+                ", ".join(policy.allowed_providers),
+            )
         if not clouds:
             raise JobParamsError(
                 "provider",

@@ -44,7 +44,12 @@ def retraining_dir(tmp_path_factory: pytest.TempPathFactory, cloud: Rig) -> Path
 def cluster(
     tmp_path_factory: pytest.TempPathFactory, cloud: Rig, retraining_dir: Path, request: pytest.FixtureRequest
 ) -> Iterator[AirflowCluster]:
-    env = {**cloud.env, "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir)}
+    env = {
+        **cloud.env,
+        "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir),
+        # New data arrives as file:// under incoming/ (test_retraining_cluster.py): the deployment's policy.
+        "AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS": str(retraining_dir / "incoming"),
+    }
     # The results DB: SQLite in the deployment's home, or with RESULTS_DB=postgresql a PostgreSQL
     # database (empty: the deployment's own migration step creates the schema).
     results_url = None
