@@ -5,6 +5,10 @@ Pure functions, no I/O: the tailer reads bytes by offset, these turn them into e
 an offset is honoured, a naive ``ts`` is Asia/Kolkata (IST) as the legacy trainers write it, and
 every timestamp leaves here in UTC.
 
+No line can stop ingestion: one nested deeper than :data:`MAX_JSON_DEPTH` is refused before it is
+parsed (``json`` parses recursively), and anything a line raises while it is parsed makes it a
+malformed line, recorded with its offset like any other.
+
 What leaves here fits every results DB backend: ``iteration`` and ``epoch`` are 32-bit integers (a
 line with a larger one is malformed), and no text holds U+0000 (PostgreSQL's ``text`` and ``jsonb``
 cannot; a ``\\u0000`` becomes U+FFFD).
@@ -18,6 +22,7 @@ import gc
 import json
 import json.scanner
 import math
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -45,6 +50,10 @@ KNOWN_PHASES = frozenset(
 )
 # Longest line kept in an ingestion error record, so one huge garbage line cannot bloat the DB.
 ERROR_EXCERPT_BYTES = 500
+#: The deepest nesting of arrays and objects a line may have. ``json`` parses recursively (a line
+#: 1000 deep raises ``RecursionError``), as do the writers that store ``data``; no field of the
+#: contract needs more than a few levels.
+MAX_JSON_DEPTH = 64
 #: The range of ``iteration`` and ``epoch``: ``integer`` columns, 32 bits on PostgreSQL.
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -142,12 +151,40 @@ def _optional_int(payload: dict[str, Any], key: str) -> int | None:
     return number
 
 
+def nested_deeper_than(line: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``line`` nests arrays and objects deeper than ``limit``, found without
+    recursion and in linear time (C-speed byte operations; a line of a few brackets costs two counts)."""
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    # Outside strings every bracket counts: drop escapes (a backslash only occurs in strings and
+    # always starts an escape, so dropping its pairs left to right leaves the quotes that delimit
+    # strings), then the strings, then everything but brackets.
+    text = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = _STRING.sub(b"", text).translate(_AS_OPEN_CLOSE, _NOT_BRACKETS)
+    if not brackets:
+        return False
+    import numpy as np  # only for lines with many brackets: the running depth in C
+
+    depth = np.cumsum(np.frombuffer(brackets, dtype=np.int8), dtype=np.int64)
+    return bool(depth.max() > limit)
+
+
+_STRING = re.compile(rb'"[^"]*"')
+#: Opening brackets become +1, closing ones -1 (as int8), everything else is deleted.
+_AS_OPEN_CLOSE = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def parse_event(line: bytes, offset: int) -> TrainingEvent:
     """Parse one line (without its newline). Raises ``ValueError`` saying what is wrong."""
+    if nested_deeper_than(line, MAX_JSON_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
     try:
         payload = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not valid JSON: {err}") from None
+    except RecursionError:  # a lower recursion limit than the depth allows: still this line's error
+        raise ValueError(f"nested too deeply to parse (at most {MAX_JSON_DEPTH} levels)") from None
     if not isinstance(payload, dict):
         raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
     phase, event = payload.get("phase"), payload.get("event")
@@ -252,6 +289,7 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
     fromiso = _fromisoformat
     ist_since, ist_offset, utc = _IST_FIXED_SINCE, _IST_OFFSET, UTC
     int_min, int_max = INT32_MIN, INT32_MAX
+    depth_limit = MAX_JSON_DEPTH  # a line with more brackets takes parse_event, which checks depth first
     parts = chunk.split(b"\n")
     tail = parts.pop()  # after the last newline: an unterminated line, or b""
     if final and tail:
@@ -261,11 +299,11 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
         offset = pos
         pos += len(raw) + 1
         ev = None
-        if raw[:1] == b"{" and raw[-1:] == b"}":
+        if raw[:1] == b"{" and raw[-1:] == b"}" and raw.count(b"[") + raw.count(b"{") <= depth_limit:
             try:
                 text = raw.decode()
                 payload, end = scan(text, 0)
-            except (UnicodeDecodeError, StopIteration, ValueError):
+            except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
                 payload = end = None
             if type(payload) is dict and end == len(text):  # nothing after the object
                 phase = payload.get("phase")
@@ -315,9 +353,10 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
             continue
         try:
             append(parse_event(line, offset))
-        except ValueError as err:
+        except Exception as err:  # whatever a line raises is that line's error, never the chunk's
+            reason = str(err) if isinstance(err, ValueError) else f"could not be parsed: {type(err).__name__}: {err}"
             excerpt = line[:ERROR_EXCERPT_BYTES].decode("utf-8", errors="replace")
-            errors.append(MalformedLine(offset=offset, reason=without_nul(str(err)), excerpt=without_nul(excerpt)))
+            errors.append(MalformedLine(offset=offset, reason=without_nul(reason), excerpt=without_nul(excerpt)))
     if b"\\u0000" in chunk:  # rare: only then look for U+0000 in what was decoded
         events = [_event_without_nul(ev) for ev in events]
     return events, errors, len(chunk) if final else len(chunk) - len(tail)

@@ -14,6 +14,9 @@ the cost per event is a few dict operations, not a statement.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import operator
 import weakref
@@ -67,25 +70,27 @@ _SQLITE_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[UpdateBase, tuple[s
 )
 
 
-def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert rows, silently skipping any whose unique key already exists.
+def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows, silently skipping any whose unique key already exists; returns how many were new.
 
     Every row must have the same keys: they are sent as one ``executemany``.
     """
     if not rows:
-        return
+        return 0
     dialect = conn.dialect.name
     if dialect in ("sqlite", "postgresql"):
-        _executemany(conn, _insert_ignore_statement(dialect, table), rows)
-    else:  # pragma: no cover - other backends: row by row inside savepoints
-        from sqlalchemy.exc import IntegrityError
+        return _executemany(conn, _insert_ignore_statement(dialect, table), rows)
+    from sqlalchemy.exc import IntegrityError  # pragma: no cover - other backends: row by row
 
-        for row in rows:
-            try:
-                with conn.begin_nested():
-                    conn.execute(table.insert(), row)
-            except IntegrityError:
-                pass
+    inserted = 0
+    for row in rows:
+        try:
+            with conn.begin_nested():
+                conn.execute(table.insert(), row)
+            inserted += 1
+        except IntegrityError:
+            pass
+    return inserted
 
 
 def _insert_ignore_statement(dialect: str, table: Table) -> Insert:
@@ -99,20 +104,20 @@ def _insert_ignore_statement(dialect: str, table: Table) -> Insert:
     return stmt
 
 
-def _executemany(conn: Connection, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
+def _executemany(conn: Connection, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> int:
     """``conn.execute(stmt, rows)`` for a long-lived statement and rows that all have the same keys.
 
     On SQLite the statement is compiled once per dialect and set of keys, and each row becomes a
     tuple in the compiled order with the parameters' own bind processors applied (JSON,
     datetimes): what Core's ``executemany`` sends, without its generic per-row bookkeeping, which
     is about a third of the cost of a row. Anything else, or a statement that needs more than the
-    rows' values (column defaults to fill in), goes through Core.
+    rows' values (column defaults to fill in), goes through Core. Returns the rows the statement
+    changed (an insert that ``ON CONFLICT DO NOTHING`` skipped changed none).
     """
     if not rows:
-        return
+        return 0
     if conn.dialect.name != "sqlite":
-        conn.execute(stmt, list(rows))
-        return
+        return _rowcount(conn.execute(stmt, list(rows)), len(rows))
     plans = _SQLITE_PLANS.get(conn.dialect)
     if plans is None:
         plans = _SQLITE_PLANS[conn.dialect] = {}
@@ -122,8 +127,7 @@ def _executemany(conn: Connection, stmt: UpdateBase, rows: Sequence[dict[str, An
     except KeyError:
         plan = plans[(stmt, keys)] = _sqlite_plan(conn.dialect, stmt, keys)
     if plan is None:
-        conn.execute(stmt, list(rows))
-        return
+        return _rowcount(conn.execute(stmt, list(rows)), len(rows))
     sql, values_of, processors = plan
     if processors:
         params = []
@@ -134,7 +138,14 @@ def _executemany(conn: Connection, stmt: UpdateBase, rows: Sequence[dict[str, An
             params.append(tuple(values))
     else:
         params = [values_of(row) for row in rows]
-    conn.exec_driver_sql(sql, params)
+    return _rowcount(conn.exec_driver_sql(sql, params), len(rows))
+
+
+def _rowcount(result: Any, sent: int) -> int:
+    """Rows an ``executemany`` changed, as its driver counts them (summed over the rows by sqlite3
+    and psycopg2); a driver that does not know (-1) is taken at its word that all were."""
+    count = result.rowcount
+    return sent if count is None or count < 0 else int(count)
 
 
 def _sqlite_plan(dialect: Dialect, stmt: UpdateBase, keys: tuple[str, ...]) -> _SqlitePlan | None:
@@ -254,6 +265,16 @@ class MetricsWriter:
         self._current_iteration: int | None = None
         #: Description of the first non-finite loss of the last :meth:`apply`, if it had one.
         self.non_finite_loss: str | None = None
+        #: Rows the last :meth:`apply` added (iterations, steps, epochs, evaluations, events, errors):
+        #: what counts against ``max_metric_rows_per_job``. A row already there adds none.
+        self.rows = 0
+
+    def state(self) -> tuple[int | None, str | None, int]:
+        """What :meth:`apply` changes in memory, to be put back when its savepoint is rolled back."""
+        return self._current_iteration, self.non_finite_loss, self.rows
+
+    def restore(self, state: tuple[int | None, str | None, int]) -> None:
+        self._current_iteration, self.non_finite_loss, self.rows = state
 
     def apply(self, events: Iterable[TrainingEvent], errors: Iterable[MalformedLine] = ()) -> str | None:
         """Write the events' rows; returns the description of the batch's first non-finite loss, if any."""
@@ -318,22 +339,23 @@ class MetricsWriter:
                     }
                 )
 
-        insert_ignore(self.conn, ITERATIONS, [{"job_id": job_id, "iteration": it} for it in iterations])
+        rows = insert_ignore(self.conn, ITERATIONS, [{"job_id": job_id, "iteration": it} for it in iterations])
         self._write_spans(ITERATIONS, [((it,), marks) for it, marks in iterations.items()], "time_taken", "config")
-        insert_ignore(
+        rows += insert_ignore(
             self.conn,
             STEPS,
             [{"job_id": job_id, "iteration": it, "step_type": st} for (it, st) in steps],
         )
         self._write_spans(STEPS, list(steps.items()), "duration", "config")
-        insert_ignore(self.conn, EPOCHS, list(epochs.values()))
-        insert_ignore(self.conn, EVALS, list(evals.values()))
-        insert_ignore(self.conn, EVENTS, unknown)
-        insert_ignore(
+        rows += insert_ignore(self.conn, EPOCHS, list(epochs.values()))
+        rows += insert_ignore(self.conn, EVALS, list(evals.values()))
+        rows += insert_ignore(self.conn, EVENTS, unknown)
+        rows += insert_ignore(
             self.conn,
             ERRORS,
             [{"job_id": job_id, "byte_offset": e.offset, "error": e.reason, "line_excerpt": e.excerpt} for e in errors],
         )
+        self.rows = rows
         for ev in job_events:
             self._apply_job_event(ev)
         self.non_finite_loss = None
@@ -496,6 +518,143 @@ class MetricsWriter:
             config = ev.data.get("training_config")
             if isinstance(config, dict):
                 self.conn.execute(update(JOBS).where(job.id == self.job_id).values(training_config=json_safe(config)))
+
+
+#: The most rows one line of ``global.json`` adds: an epoch, step or evaluation and its iteration.
+MAX_ROWS_PER_LINE = 2
+#: A chunk that raised is halved until it is this short, then tried line by line.
+_LINE_BY_LINE = 32
+#: How much of a line that could not be stored is kept with its ingestion error.
+_UNSTORABLE_EXCERPT_CHARS = 500
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StoredLines:
+    """What :func:`store_lines` stored: rows added, events and errors stored (a line that could not
+    be stored is an error), and where it stopped when the row limit was reached (else ``None``)."""
+
+    rows: int = 0
+    events: int = 0
+    errors: int = 0
+    stopped_at: int | None = None
+    non_finite_loss: str | None = None
+
+
+def store_lines(
+    writer: MetricsWriter, events: Sequence[TrainingEvent], errors: Sequence[MalformedLine], *, room: int | None
+) -> StoredLines:
+    """Apply a batch's lines in order so that no line can stop ingestion and at most ``room`` rows
+    are added (``None``: no limit).
+
+    The batch goes in whole inside a savepoint (one extra statement pair: the common case). If
+    applying it raises, it is split in halves until the line that raises is alone: that line is
+    recorded as an ingestion error (its offset, the error, an excerpt of what was parsed) and the
+    others are stored. Near the limit lines go in chunks that cannot exceed it (each line adds at
+    most :data:`MAX_ROWS_PER_LINE` rows), down to single lines; the first line that does not fit
+    stops the batch there: ``stopped_at`` is its offset and nothing after it is stored.
+    """
+    lines: list[TrainingEvent | MalformedLine] = sorted([*events, *errors], key=lambda line: line.offset)
+    stored = StoredLines()
+    _store_run(writer, lines, room, stored)
+    return stored
+
+
+def _store_run(
+    writer: MetricsWriter, lines: Sequence[TrainingEvent | MalformedLine], room: int | None, stored: StoredLines
+) -> None:
+    start = 0
+    while start < len(lines) and stored.stopped_at is None:
+        left = len(lines) - start
+        if room is not None and room - stored.rows < MAX_ROWS_PER_LINE * left:
+            left = max(1, (room - stored.rows) // MAX_ROWS_PER_LINE)
+        _store_chunk(writer, lines[start : start + left], room, stored)
+        start += left
+
+
+def _store_chunk(
+    writer: MetricsWriter, chunk: Sequence[TrainingEvent | MalformedLine], room: int | None, stored: StoredLines
+) -> None:
+    conn = writer.conn
+    events = [line for line in chunk if isinstance(line, TrainingEvent)]
+    errors = [line for line in chunk if isinstance(line, MalformedLine)]
+    state = writer.state()
+    savepoint = conn.begin_nested()
+    try:
+        non_finite_loss = writer.apply(events, errors)
+    except Exception as err:
+        savepoint.rollback()
+        writer.restore(state)
+        if len(chunk) == 1:
+            _store_unstorable(writer, chunk[0], err, room, stored)
+        elif len(chunk) <= _LINE_BY_LINE:  # halving on: many bad lines would cost n log n tries
+            for line in chunk:
+                _store_run(writer, [line], room, stored)
+        else:
+            half = len(chunk) // 2
+            _store_run(writer, chunk[:half], room, stored)
+            _store_run(writer, chunk[half:], room, stored)
+        return
+    if room is not None and stored.rows + writer.rows > room:  # only a single line near the limit
+        savepoint.rollback()
+        writer.restore(state)
+        stored.stopped_at = chunk[0].offset
+        return
+    savepoint.commit()
+    stored.rows += writer.rows
+    stored.events += len(events)
+    stored.errors += len(errors)
+    stored.non_finite_loss = stored.non_finite_loss or non_finite_loss
+
+
+def _store_unstorable(
+    writer: MetricsWriter, line: TrainingEvent | MalformedLine, err: Exception, room: int | None, stored: StoredLines
+) -> None:
+    """Record the line that raised as an ingestion error; one that cannot even be recorded (its
+    own error row raised) is recorded in plain ASCII without its excerpt, or else skipped."""
+    if room is not None and stored.rows + 1 > room:
+        stored.stopped_at = line.offset
+        return
+    why = _describe(err)
+    if isinstance(line, TrainingEvent):
+        record = MalformedLine(line.offset, f"could not be stored: {why}", _excerpt_of(line))
+    else:
+        record = MalformedLine(line.offset, _ascii(f"{line.reason} (its excerpt could not be stored: {why})"), "")
+    for attempt in (record, MalformedLine(line.offset, _ascii(record.reason), "")):
+        try:
+            with writer.conn.begin_nested():
+                writer.apply([], [attempt])
+        except Exception as again:
+            err = again
+            continue
+        stored.rows += writer.rows
+        stored.errors += 1
+        return
+    log.warning("line at byte %d could not be stored, nor its error (%s): skipped", line.offset, _describe(err))
+
+
+def _describe(err: BaseException) -> str:
+    """The error in one short line: the driver's own message, not the statement and its parameters."""
+    orig = getattr(err, "orig", None)
+    text = str(orig if orig is not None else err).strip().splitlines()
+    message = f"{type(orig or err).__name__}: {text[0] if text else ''}"
+    return _ascii(message[:300])
+
+
+def _ascii(text: str) -> str:
+    """Text any backend stores: no NUL, no lone surrogate (escaped as ``\\udXXX``)."""
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "\\x00")
+
+
+def _excerpt_of(ev: TrainingEvent) -> str:
+    """The event as parsed, in ASCII JSON (the line's own bytes are not kept past parsing)."""
+    payload = {"phase": ev.phase, "event": ev.event, "iteration": ev.iteration, "epoch": ev.epoch, "data": ev.data}
+    try:
+        text = json.dumps(payload, ensure_ascii=True, default=repr)
+    except Exception as err:  # e.g. an integer too long to print
+        text = f"{ev.phase}/{ev.event} (not printable: {type(err).__name__})"
+    return text[:_UNSTORABLE_EXCERPT_CHARS]
 
 
 def _span_key_columns(table: Table) -> tuple[str, ...]:

@@ -156,6 +156,9 @@ class TrainingJob(Base):
     #: most ``LOG_TAIL_BYTES``, written by the follower while the job trains; and when.
     log_tail: Mapped[str | None] = mapped_column(Text)
     log_tail_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    #: Rows ingestion added for the job (iterations, steps, epochs, evaluations, events, ingestion
+    #: errors), moved with ``ingest_offset``: what ``max_metric_rows_per_job`` is checked against.
+    metric_rows: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     iterations: Mapped[list[TrainingIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="TrainingIteration.iteration"

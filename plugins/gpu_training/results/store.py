@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gpu_training.errors import JobNotFoundError
 from gpu_training.events import MalformedLine, TrainingEvent, without_nul
-from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore
+from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore, store_lines
 from gpu_training.results.models import (
     JOB_STATUSES,
     TERMINAL_STATUSES,
@@ -56,6 +56,11 @@ class IngestResult:
     offset: int
     conflict: bool = False
     non_finite_loss: str | None = None
+    #: The job's metric rows once this batch was stored (``training_jobs.metric_rows``).
+    metric_rows: int = 0
+    #: ``max_rows`` stopped the batch: ``offset`` is where the first line that did not fit starts,
+    #: and nothing from there on was stored.
+    row_limit_reached: bool = False
 
 
 class _OffsetMoved(Exception):
@@ -327,15 +332,20 @@ class ResultsStore:
         events: Sequence[TrainingEvent],
         errors: Sequence[MalformedLine] = (),
         now: datetime | None = None,
+        max_rows: int | None = None,
     ) -> IngestResult:
         """Store events and advance the byte offset in one transaction (exactly once).
 
         The offset moves only from ``expected_offset``: if another poller got there first nothing
-        is written and ``conflict`` is set, so no event is stored twice.
+        is written and ``conflict`` is set, so no event is stored twice. A line that cannot be
+        stored (the database refuses a value) becomes an ingestion error and the others are stored
+        (:func:`~gpu_training.results.ingest.store_lines`). With ``max_rows`` the job's rows
+        (``metric_rows``, kept with the offset) never exceed it: the batch stops at the first line
+        that does not fit, the offset moves only up to it, and ``row_limit_reached`` is set.
         """
         now = now or utcnow()
         try:
-            return self._ingest(job_uuid, expected_offset, new_offset, events, errors, now)
+            return self._ingest(job_uuid, expected_offset, new_offset, events, errors, now, max_rows)
         except _OffsetMoved:
             return IngestResult(0, 0, expected_offset, conflict=True)
 
@@ -347,6 +357,7 @@ class ResultsStore:
         events: Sequence[TrainingEvent],
         errors: Sequence[MalformedLine],
         now: datetime,
+        max_rows: int | None,
     ) -> IngestResult:
         with self.engine.begin() as conn:
             row = conn.execute(select(JOBS.c.id, JOBS.c.ingest_offset).where(JOBS.c.uuid == job_uuid)).one_or_none()
@@ -362,8 +373,23 @@ class ResultsStore:
             ).rowcount
             if moved != 1:
                 raise _OffsetMoved  # rolls the transaction back
-            non_finite_loss = MetricsWriter(conn, row.id).apply(events, errors)
-        return IngestResult(len(events), len(errors), new_offset, non_finite_loss=non_finite_loss)
+            # Read once the row is ours (the update above holds it): no other batch moves it now.
+            rows = int(conn.execute(select(JOBS.c.metric_rows).where(JOBS.c.id == row.id)).scalar_one())
+            room = None if max_rows is None else max(0, max_rows - rows)
+            stored = store_lines(MetricsWriter(conn, row.id), events, errors, room=room)
+            after: dict[str, Any] = {"metric_rows": rows + stored.rows}
+            if stored.stopped_at is not None:
+                after["ingest_offset"] = new_offset = stored.stopped_at
+            if stored.rows or stored.stopped_at is not None:
+                conn.execute(update(JOBS).where(JOBS.c.id == row.id).values(**after))
+        return IngestResult(
+            stored.events,
+            stored.errors,
+            new_offset,
+            non_finite_loss=stored.non_finite_loss,
+            metric_rows=rows + stored.rows,
+            row_limit_reached=stored.stopped_at is not None,
+        )
 
     # --- artifacts ----------------------------------------------------------------------------
 
