@@ -348,3 +348,46 @@ def test_finalize_goes_on_whatever_the_notification_does(
 
     monkeypatch.setattr(notify, "notify_job_end", broken)
     finalize._notify_end(store, job)  # logged, not raised: the job's status stands
+
+
+def test_a_webhook_url_with_a_token_in_its_path_and_query_is_masked_in_logs_and_errors(
+    store: ResultsStore, servers: tuple[SmtpServer, WebhookServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from airflow.sdk.log import mask_secret  # noqa: F401  (the masker the task logs go through)
+
+    dead = free_port()
+    token, key = "hook-path-token-8f3a91c2", "query-secret-77e1"
+    url = f"http://127.0.0.1:{dead}/services/{token}?key={key}"
+    conn = {"conn_type": "http", "host": url, "extra": {"timeout": 2}}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_CONN_TOKENHOOK", json.dumps(conn))
+        job = new_job(store, ["webhook://tokenhook"])
+        store.finish(job, "completed")
+        with caplog.at_level(logging.DEBUG):
+            [delivery] = notify.notify_job_end(store, job)
+    assert delivery.status == "failed" and delivery.error
+    [row] = store.notifications(job)
+    for text in (delivery.error, row.error or ""):
+        for secret in (token, key, f"127.0.0.1:{dead}", url):
+            assert secret not in text, text
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert token not in logged and key not in logged, logged
+    target = notify.parse_target("webhook://tokenhook")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_CONN_TOKENHOOK", json.dumps(conn))
+        assert notify.masked(f"POST {url} refused", target) == "POST *** refused"
+        assert token not in notify.masked(f"/services/{token}%3Fkey%3D{key}", target)
+
+
+def test_slack_text_from_the_job_is_escaped(store: ResultsStore, servers: tuple[SmtpServer, WebhookServer]) -> None:
+    _, web = servers
+    job = new_job(store, ["slack://slack"])
+    store.record_failure(job, "trainer said <!channel> see <http://evil.example/x|the fix> & <@U123>")
+    store.finish(job, "failed")
+    assert statuses(notify.notify_job_end(store, job)) == {"slack://slack": "sent"}
+    [post] = web.wait_for(1)
+    text = post.body["text"]
+    assert "&lt;!channel&gt; see &lt;http://evil.example/x|the fix&gt; &amp; &lt;@U123&gt;" in text
+    assert "<!channel>" not in text and "<http" not in text and "<@" not in text

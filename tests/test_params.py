@@ -122,3 +122,42 @@ def test_command_placeholders_are_the_only_thing_expanded() -> None:
         ["{python}", "{workdir}/t.py", "--name", "$HOME;rm -rf /"], python="/usr/bin/python3", workdir="/w"
     )
     assert argv == ["/usr/bin/python3", "/w/t.py", "--name", "$HOME;rm -rf /"]
+
+
+#: A good value of every param whose schema has a pattern (on the value or on each item).
+GOOD = {
+    "project_id": "demo",
+    "ssh_conn_id": "my_box",
+    "image": "registry.example.com:5000/team/trainer:1.4",
+    "registry_conn_id": "team_registry",
+    "container_memory": "32g",
+    "container_shm_size": "1g",
+    "dataset_uri": "s3://data/digits.csv",
+    "init_checkpoint_uri": "file:///models/m.npz",
+    "outputs_uri": "s3://runs/",
+    "notify": ["slack://team"],
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_param_must_be_finite(value: float) -> None:
+    """NaN is neither below a minimum nor above a maximum: JSON schema alone lets it through."""
+    with pytest.raises(JobParamsError, match="is not allowed: a number from 0 to 1440"):
+        parse_job_params({"boot_timeout_minutes": value})
+
+
+def test_every_pattern_matches_the_whole_value_so_a_trailing_newline_is_refused() -> None:
+    patterned = {
+        name
+        for name, spec in PARAM_SPECS.items()
+        if "pattern" in spec.schema or "pattern" in spec.schema.get("items", {})
+    }
+    assert patterned == set(GOOD)
+    for name, good in GOOD.items():
+        parse_job_params({name: good})
+        bad = [good[0] + "\n"] if isinstance(good, list) else good + "\n"
+        with pytest.raises(JobParamsError) as info:
+            parse_job_params({name: bad})
+        assert info.value.param == name
+        with pytest.raises(JobParamsError):  # nor is a newline inside it
+            parse_job_params({name: [good[0] + "\nx"] if isinstance(good, list) else good + "\nx"})

@@ -184,6 +184,12 @@ def message(event: str, facts: dict[str, Any]) -> tuple[str, list[str]]:
     return subject, lines
 
 
+def slack_escaped(text: str) -> str:
+    """Text as Slack shows it literally: ``&``, ``<`` and ``>`` escaped (Slack's message formatting
+    rules), so ``<!channel>``, ``<@U123>`` and ``<http://x|click>`` are words, not commands or links."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotifier:
     """The Airflow notifier that says ``event`` to ``target``."""
     subject, lines = message(event, facts)
@@ -207,9 +213,11 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
     if target.kind == "slack":
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
+        # What the job says (its project, a failure reason quoting the trainer's log) is escaped as
+        # Slack asks: no <!channel> pings, no disguised <url|text> links.
         return SlackWebhookNotifier(
             slack_webhook_conn_id=target.conn_id,
-            text="\n".join([f"*{subject}*", *lines]),
+            text="\n".join([f"*{slack_escaped(subject)}*", *map(slack_escaped, lines)]),
             timeout=WEBHOOK_TIMEOUT_SECONDS,
         )
     return WebhookNotifier(http_conn_id=target.conn_id, payload={"event": event, "summary": subject, **facts})
@@ -218,24 +226,49 @@ def notifier_for(target: Target, event: str, facts: dict[str, Any]) -> BaseNotif
 # --- sending, once -------------------------------------------------------------------------------
 
 
+def _url_secrets(url: str) -> set[str]:
+    """A webhook URL and its parts as an error may quote them: whole, host, path, each long path
+    segment (a token in the path), the query and each of its values, raw and percent-encoded."""
+    url = url.strip()
+    if len(url) < 4:
+        return set()
+    found = {url, quote(url, safe=""), quote(url, safe="/:")}
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    path = parts.path.strip("/")
+    found |= {p for p in (parts.netloc, parts.hostname or "", path, parts.query) if len(p) >= 4}
+    found |= {segment for segment in path.split("/") if len(segment) >= 8}
+    found |= {value for _, _, value in (pair.partition("=") for pair in parts.query.split("&")) if len(value) >= 4}
+    found |= {quote(p, safe="") for p in list(found)}
+    return found
+
+
 def _secrets_of(target: Target) -> list[str]:
     """What must never reach a log or the ``error`` column: the connection's password (a webhook
-    token, or a whole webhook URL), in whatever form an error may quote it."""
+    token, or a whole webhook URL) and, for a webhook, its whole URL (host, path, query: a token
+    is often in the path), in whatever form an error may quote them."""
     try:
         from airflow.sdk import BaseHook
 
         conn = BaseHook.get_connection(target.conn_id)
     except Exception:
         return []
+    found: set[str] = set()
     secret = (conn.password or "").strip()
-    if len(secret) < 4:
-        return []
-    found = {secret, quote(secret, safe=""), quote(secret, safe="/:")}
-    # A Slack token (T.../B.../secret) or a whole webhook URL: its path and last part are secret too.
-    path = urlsplit(secret).path.strip("/") if "://" in secret else secret
-    for part in (path, path.rsplit("/", 1)[-1]):
-        if len(part) >= 8:
-            found.add(part)
+    if len(secret) >= 4:
+        found |= {secret, quote(secret, safe=""), quote(secret, safe="/:")}
+        # A Slack token (T.../B.../secret) or a whole webhook URL: its path and last part are secret too.
+        path = urlsplit(secret).path.strip("/") if "://" in secret else secret
+        for part in (path, path.rsplit("/", 1)[-1]):
+            if len(part) >= 8:
+                found.add(part)
+        if "://" in secret:
+            found |= _url_secrets(secret)
+    if target.kind == "webhook" and conn.host:
+        host = conn.host if "://" in conn.host else f"{conn.schema or 'https'}://{conn.host}"
+        found |= _url_secrets(host)
+        if conn.port:
+            parts = urlsplit(host)
+            found.add(f"{parts.hostname}:{conn.port}")
     # Longest first, so that a URL is masked whole rather than around its masked token.
     return sorted(found, key=len, reverse=True)
 
@@ -276,9 +309,26 @@ def _within(seconds: float, call: Callable[[], None]) -> None:
         raise RuntimeError(f"{type(err).__name__}: {err}")
 
 
+def mask_in_logs(secret: str) -> None:
+    """Hand ``secret`` to Airflow's log maskers. A task's log goes through the Task SDK's masker (and
+    its supervisor's); the triggerer's, and ``airflow dags test``'s, through the core one: two
+    separate instances in Airflow 3.3, so both are told."""
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(secret)
+    try:
+        from airflow._shared.secrets_masker import mask_secret as mask_in_core
+    except ImportError:  # a worker with the Task SDK alone
+        return
+    mask_in_core(secret)
+
+
 def _send_one(target: Target, event: str, facts: dict[str, Any], secrets: list[str]) -> None:
-    # The secrets are looked up here, within the time limit, for the error to be masked with.
+    # The secrets are looked up here, within the time limit, for the error to be masked with, and
+    # handed to Airflow's log maskers: the HTTP hook logs the URL it calls (and fails to reach).
     secrets += _secrets_of(target)
+    for secret in secrets:
+        mask_in_logs(secret)
     # notifier.notify(), not notifier(context): the latter renders Jinja in the message, and a
     # failure reason may hold "{{".
     notifier_for(target, event, facts).notify({})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,19 +17,27 @@ import jsonschema
 
 from gpu_training.errors import JobParamsError
 
+
+def whole(pattern: str) -> str:
+    r"""A JSON-schema ``pattern`` that must match the whole value. JSON schema searches (Python's
+    ``re.search``), and Python's ``$`` also matches before a final newline: the lookahead refuses a
+    value ending in one, and the pattern means the same in ECMA-262 (which has no ``\Z``)."""
+    return rf"^(?:{pattern})$(?!\n)"
+
+
 PROVIDERS = ("local", "ssh", "lambda", "runpod", "vast", "ec2")
 RUNTIMES = ("process", "docker")
 DEFAULT_IMAGE = "gpu-trainer:latest"
 # ``{python}`` and ``{workdir}`` are expanded on the instance (see ``render_command``).
 DEFAULT_COMMAND = ["{python}", "{workdir}/trainer/train.py"]
-_URI_PATTERN = r"^$|^(file|s3)://.+"
-_SIZE_PATTERN = r"^$|^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$"
+_URI_PATTERN = whole(r"|(?:file|s3)://.+")
+_SIZE_PATTERN = whole(r"|[0-9]+(?:\.[0-9]+)?[bkmgBKMG]?")
 # A Docker image reference: never empty, never starting with '-' (it must not read as an option).
-_IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$"
+_IMAGE_PATTERN = whole(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
 
 #: A ``notify`` target: ``smtp://<conn id>/<to>[,<to>...]``, ``slack://<conn id>``, ``webhook://<conn id>``.
-NOTIFY_TARGET_PATTERN = (
-    r"^(smtp://[A-Za-z0-9_.-]{1,250}/[^/\s,]+@[^/\s,]+(,[^/\s,]+@[^/\s,]+)*|(slack|webhook)://[A-Za-z0-9_.-]{1,250})$"
+NOTIFY_TARGET_PATTERN = whole(
+    r"smtp://[A-Za-z0-9_.-]{1,250}/[^/\s,]+@[^/\s,]+(?:,[^/\s,]+@[^/\s,]+)*|(?:slack|webhook)://[A-Za-z0-9_.-]{1,250}"
 )
 
 #: The trigger form's sections, in order (Airflow's ``Param(section=...)``). The job's own params
@@ -42,7 +51,7 @@ LIMITS = "Limits and budget"
 NOTIFY = "Notifications"
 SECTIONS = (JOB, WHERE, TRAINER, DATA, LIMITS, NOTIFY)
 
-_CONN_ID_PATTERN = r"^$|^[A-Za-z0-9_.-]{1,250}$"
+_CONN_ID_PATTERN = whole(r"|[A-Za-z0-9_.-]{1,250}")
 _CONN_ID_WORDS = "an Airflow connection id: up to 250 letters, digits, '_', '.' or '-' (or empty)"
 _URI_WORDS = "a file:// or s3:// URI (or empty)"
 _SIZE_WORDS = "a size such as 512m, 32g or 1.5g (a number, then b, k, m or g), or empty"
@@ -73,7 +82,7 @@ PARAM_SPECS: dict[str, ParamSpec] = {
     # --- the job ---------------------------------------------------------------------------------
     "project_id": ParamSpec(
         "demo",
-        {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+        {"type": "string", "pattern": whole(r"[A-Za-z0-9_.-]{1,64}")},
         "Project",
         "Your project's name: 1-64 characters of letters, digits, '_', '.', '-'.",
         JOB,
@@ -554,6 +563,17 @@ def airflow_params() -> dict[str, Any]:
     return {name: airflow_param(name) for name in PARAM_SPECS}
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value`` (a number, or one inside a list or an object)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
     """Validate raw params (defaults filled for missing or null ones) and return a :class:`JobSpec`.
 
@@ -567,6 +587,8 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
             value = spec.default
         try:
             jsonschema.validate(value, spec.schema)
+            if not _finite(value):  # NaN passes minimum and maximum, and JSON (the results DB) has none
+                raise jsonschema.ValidationError("not a finite number")
         except jsonschema.ValidationError:
             raise JobParamsError(name, f"{shown(value)} is not allowed: {spec.allowed_words()}") from None
         values[name] = value

@@ -9,6 +9,7 @@ them before they end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tests.airflow_cluster import AirflowCluster
 from tests.fakeclouds.rigs import STARTERS, Rig
 from tests.servers import single_results_backend
 
-from . import DAG_ID, USERS
+from . import DAG_ID, TOKEN_HOOK_URL, USERS
 
 
 @pytest.fixture(scope="package")
@@ -49,6 +50,8 @@ def cluster(
         "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir),
         # New data arrives as file:// under incoming/ (test_retraining_cluster.py): the deployment's policy.
         "AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS": str(retraining_dir / "incoming"),
+        # A webhook whose URL holds its token and answers nothing (test_secrets_in_logs.py).
+        "AIRFLOW_CONN_TOKEN_HOOK": json.dumps({"conn_type": "http", "host": TOKEN_HOOK_URL, "extra": {"timeout": 2}}),
     }
     # The results DB: SQLite in the deployment's home, or with RESULTS_DB=postgresql a PostgreSQL
     # database (empty: the deployment's own migration step creates the schema).
