@@ -285,11 +285,21 @@ class AirflowCluster:
         self.migrate()
         t_migrated = time.monotonic()
         since = datetime.now(UTC)
-        # The api-server first: workers and the triggerer need its execution API. The others start
-        # right after it (not after it answers): on 2 cores their imports overlap usefully.
+        # What runs tasks starts only once the api-server answers: a task talks to the execution
+        # API from its first step, and one started earlier fails after the task SDK's few retries
+        # (`[workers] execution_api_retries`, 4-30 s in all) with "Connection refused", before any
+        # of its own code ran (the reaper's first run on a fresh `make cluster`, as soon as its DAG
+        # was parsed). That is the scheduler (the LocalExecutor's workers are its children; the
+        # CeleryExecutor's tasks wait in the broker) and the Celery workers. The dag-processor and
+        # the triggerer reach the execution API in process: they start beside the api-server, their
+        # imports overlapping usefully on 2 cores.
+        runs_tasks = ("scheduler", *self.workers)
         for name in self.components:
-            self.start_component(name, wait=False)
+            if name not in runs_tasks:
+                self.start_component(name, wait=False)
         self._wait_api()
+        for name in runs_tasks:
+            self.start_component(name, wait=False)
         self._login()
         self._wait_healthy(list(_HEALTH_KEYS), since)
         for name in self.workers:
