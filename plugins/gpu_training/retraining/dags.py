@@ -11,7 +11,12 @@ Shapes (see :mod:`gpu_training.retraining.spec`):
   ``gpu_instances``; ``report_sweep`` names the best trial, ``promote`` compares it with the champion.
 
 Every DAG has ``max_active_runs=1`` (a spec's runs never overlap) and ``catchup=False`` unless the
-spec asks for it. Building is cheap: no I/O beyond reading the spec files.
+spec asks for it. Every DAG is **paused when first created** (``is_paused_upon_creation=True``,
+whatever ``[core] dags_are_paused_at_creation`` says): a spec launches GPU jobs on its schedule, so
+nothing runs until someone unpauses its DAG (UI toggle, or ``PATCH /api/v2/dags/{dag_id}``
+``{"is_paused": false}``); Airflow keeps that choice across restarts and re-parses. The repo's
+example specs thus start nothing in a fresh deployment. Building is cheap: no I/O beyond reading the
+spec files.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ def build_dag(spec: RetrainingSpec, *, results_conn_id: str = "training_results"
         start_date=datetime.fromisoformat(spec.start_date[:10]),
         catchup=spec.catchup,
         max_active_runs=1,
+        is_paused_upon_creation=True,
         params=_dag_params(spec),
         tags=["training", "retraining", *spec.tags],
         doc_md=doc,
