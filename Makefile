@@ -5,7 +5,7 @@
 #   make ui              build the Training jobs page (include/ui -> plugins/gpu_training/ui_dist)
 #   make up              the production deployment (docker-compose.yaml, CeleryExecutor); secrets in .env
 #   make down [V=1]      stop it (V=1: delete its volumes too: databases, MinIO, logs)
-#   make cluster         the same topology as native processes on 127.0.0.1 (no images needed), until Ctrl-C
+#   make cluster [PORT=8080]  the same topology as native processes (no images needed), until Ctrl-C
 #   make status [LIMIT=20 PROJECT=x]   recent jobs: state, GPU, nodes, cost
 #   make logs JOB=<uuid> follow a job's trainer log live (every node's) until it finishes
 #   make validate [TRAINER_IMAGE=x]   check the results DB (migrated), each cloud's credentials, the trainer image
@@ -95,14 +95,16 @@ validate: $(BIN)/.installed
 	@$(BIN)/python -m gpu_training.cli validate $(if $(TRAINER_IMAGE),--image '$(TRAINER_IMAGE)')
 
 # docker-compose's topology as native processes on 127.0.0.1 (README "make cluster"): Debian's
-# PostgreSQL and Redis, moto's S3 server, api-server, scheduler, dag-processor, triggerer and
-# WORKERS `airflow celery worker` processes, until Ctrl-C. State and logs in CLUSTER_HOME.
+# PostgreSQL and Redis, moto's S3 server, api-server (http://localhost:PORT), scheduler,
+# dag-processor, triggerer and WORKERS `airflow celery worker` processes, until Ctrl-C. A fresh
+# deployment at every start, state and logs in CLUSTER_HOME; sign in as admin with the password it
+# prints, generated once and kept in CLUSTER_HOME/admin-password. A taken PORT is an error naming its holder.
 CLUSTER_HOME ?= $(CURDIR)/.cluster
 WORKERS ?= 2
+PORT ?= 8080
 cluster: install
 	@bash .ci/system-deps
-	rm -rf $(CLUSTER_HOME)
-	$(BIN)/python tests/airflow_cluster.py --celery --workers $(WORKERS) $(CLUSTER_HOME)
+	$(BIN)/python tests/airflow_cluster.py --celery --fresh --workers $(WORKERS) --port $(PORT) $(CLUSTER_HOME)
 
 system-deps:
 	@bash .ci/system-deps

@@ -23,7 +23,9 @@ the local provider run detached in their own session there).
         run_id = cluster.trigger("gpu_training", {"project_id": "x"})
         assert cluster.wait_run("gpu_training", run_id, timeout=300) == "success"
 
-``python tests/airflow_cluster.py HOME`` starts one and keeps it up until Ctrl-C.
+``python tests/airflow_cluster.py HOME`` starts one and keeps it up until Ctrl-C; with ``--celery``
+(``make cluster``, :func:`start_make_cluster`) the compose topology on port 8080 (``--port``), where
+signing in is required: user ``admin``, password generated once per HOME and printed at start.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -130,6 +133,73 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user only (mode 0600), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
+
+
+class PortInUse(ClusterError):
+    """The api-server's port is taken; the message says by which process when it can."""
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6, any address), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on ``port``, if this user can see it."""
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not sockets:
+        return None
+    for pid in _all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in sockets:
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                except OSError:
+                    cmdline = "?"
+                return f"pid {pid} ({cmdline[:200]})"
+    return None
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise :class:`PortInUse` naming the process that listens on ``host:port``, if one does."""
+    with socket.socket() as sock:
+        # As uvicorn binds: SO_REUSEADDR, so only a listener (not a closing connection) counts.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return
+        except OSError as err:
+            reason = err.strerror or str(err)
+    holder = port_holder(port)
+    who = f"it is taken by {holder}" if holder else f"{reason} (`ss -ltnp 'sport = :{port}'` shows who holds it)"
+    raise PortInUse(f"port {port} on {host} is not free for the api-server: {who}; stop that, or choose another port")
+
+
 def _fernet_key() -> str:
     from cryptography.fernet import Fernet
 
@@ -153,6 +223,7 @@ class AirflowCluster:
         celery_workers: int = 2,
         worker_concurrency: int = 8,
         results_url: str | None = None,
+        port: int | None = None,
     ) -> None:
         if executor not in ("LocalExecutor", "CeleryExecutor"):
             raise ValueError(f"executor {executor!r}: LocalExecutor or CeleryExecutor")
@@ -164,7 +235,10 @@ class AirflowCluster:
         self.logs.mkdir(exist_ok=True)
         self.parallelism = parallelism
         self.startup_timeout = startup_timeout
-        self.port = free_port()
+        # A port of the caller's (make cluster: 8080) is checked before anything starts; without
+        # one, a free port.
+        self.fixed_port = port is not None
+        self.port = port if port is not None else free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{self.home / 'airflow.db'}"
         # The results DB: the embedded default (SQLite in the home) unless a URL is given, which the
@@ -246,7 +320,7 @@ class AirflowCluster:
             )
         if self.users:
             passwords = self.home / "simple_auth_manager_passwords.json"
-            passwords.write_text(json.dumps({name: pw for name, (_role, pw) in self.users.items()}))
+            _write_private(passwords, json.dumps({name: pw for name, (_role, pw) in self.users.items()}))
             env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "False"
             env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = ",".join(
                 f"{name}:{role}" for name, (role, _pw) in self.users.items()
@@ -282,6 +356,8 @@ class AirflowCluster:
     def start(self) -> float:
         """Migrate, start the four components and wait until each is up; returns the seconds taken."""
         t0 = time.monotonic()
+        if self.fixed_port:
+            check_port_free(self.port)
         self.migrate()
         t_migrated = time.monotonic()
         since = datetime.now(UTC)
@@ -810,6 +886,88 @@ class CeleryDeployment:
         }
 
 
+# --- make cluster ----------------------------------------------------------------------------
+
+#: ``make cluster``'s admin password, in CLUSTER_HOME: written once (mode 0600), reused while the
+#: home is kept (``--fresh`` keeps it).
+ADMIN_PASSWORD_FILE = "admin-password"
+_PIDFILE = "cluster.pid"
+
+
+def admin_password(home: Path) -> str:
+    """The admin's password of this CLUSTER_HOME: read from its file, or generated and kept there."""
+    import string
+
+    path = Path(home) / ADMIN_PASSWORD_FILE
+    with contextlib.suppress(FileNotFoundError):
+        password = path.read_text().strip()
+        if password:
+            os.chmod(path, 0o600)
+            return password
+    # Letters and digits only: it goes into JSON bodies and shell commands as it is.
+    password = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(20))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, password + "\n")
+    return password
+
+
+def prepare_home(home: Path) -> None:
+    """A fresh deployment in ``home``: refuse when one still runs from it, else remove what the last
+    one left (``airflow/``: logs, config; ``redis/``); the admin's password and the rest stay."""
+    home = Path(home).resolve()
+    pidfile = home / _PIDFILE
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text())
+        if pid != os.getpid() and b"airflow_cluster.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ClusterError(
+                f"a deployment started from {home} still runs (pid {pid}): "
+                "stop it (Ctrl-C), or use another CLUSTER_HOME"
+            )
+    for name in ("airflow", "redis"):
+        shutil.rmtree(home / name, ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{os.getpid()}\n")
+
+
+def start_make_cluster(
+    home: Path,
+    *,
+    port: int = 8080,
+    workers: int = 2,
+    out: Any = None,
+    **cluster_kw: Any,
+) -> CeleryDeployment:
+    """What ``make cluster`` starts: the compose topology (:class:`CeleryDeployment`) on ``port``,
+    signed in as SimpleAuthManager's ``admin`` (role ADMIN) with the password of :func:`admin_password`;
+    prints the URL and the login to ``out`` (stdout) once ``gpu_training`` is parsed. The caller stops it."""
+    out = out if out is not None else sys.stdout
+    check_port_free(port)  # before anything starts: a clear error, not an api-server's crash later
+    password = admin_password(home)
+    deployment = CeleryDeployment(home, workers=workers, port=port, users={"admin": ("ADMIN", password)}, **cluster_kw)
+    try:
+        deployment.start()
+        deployment.airflow.wait_dag_parsed("gpu_training")
+    except BaseException:
+        deployment.stop()
+        raise
+    url = f"http://localhost:{port}"
+    token_call = (
+        f"curl -s -X POST {url}/auth/token -H 'Content-Type: application/json' "
+        f"""-d '{{"username": "admin", "password": "{password}"}}'"""
+    )
+    print(json.dumps(deployment.describe(), indent=2), file=out)
+    print(
+        f"\nAirflow is ready: {url}\n"
+        f"login with username: admin  password: {password}\n"
+        f"(kept in {Path(home).resolve() / ADMIN_PASSWORD_FILE}, reused while this CLUSTER_HOME is kept)\n"
+        f"REST API token: {token_call}\n"
+        "Ctrl-C stops every process",
+        file=out,
+        flush=True,
+    )
+    return deployment
+
+
 def main() -> None:
     import argparse
 
@@ -819,32 +977,52 @@ def main() -> None:
     parser.add_argument(
         "--celery",
         action="store_true",
-        help="the docker-compose topology: CeleryExecutor, PostgreSQL, Redis, moto S3 (make cluster)",
+        help="make cluster: the docker-compose topology (CeleryExecutor, PostgreSQL, Redis, moto S3) "
+        "with sign-in (user admin, password kept in HOME/admin-password)",
     )
     parser.add_argument("--workers", type=int, default=2, help="Celery workers (with --celery)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="the api-server's port (default: 8080 with --celery, else a free one)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="remove what the last deployment left in HOME (keeps admin-password)"
+    )
     args = parser.parse_args()
     deployment: CeleryDeployment | None = None
-    if args.celery:
-        deployment = CeleryDeployment(args.home, workers=args.workers, parallelism=args.parallelism)
-        stop: Callable[[], None] = deployment.stop
-    else:
-        cluster = AirflowCluster(args.home, parallelism=args.parallelism)
-        stop = cluster.stop
+    cluster: AirflowCluster | None = None
     try:
-        if deployment is not None:
-            deployment.start()
-            cluster = deployment.airflow
-            info = deployment.describe()
+        if args.celery:
+            port = args.port if args.port is not None else 8080
+            check_port_free(port)  # before --fresh removes anything: the port may be a running deployment's
+            if args.fresh:
+                prepare_home(args.home)
+            deployment = start_make_cluster(args.home, port=port, workers=args.workers, parallelism=args.parallelism)
         else:
+            if args.fresh:
+                prepare_home(args.home)
+            cluster = AirflowCluster(args.home, parallelism=args.parallelism, port=args.port)
             cluster.start()
-            info = {"api": cluster.base_url, "home": str(cluster.home)}
-        cluster.wait_dag_parsed("gpu_training")
-        print(json.dumps(info, indent=2), flush=True)
-        print("up; Ctrl-C stops every process", flush=True)
+            cluster.wait_dag_parsed("gpu_training")
+            print(json.dumps({"api": cluster.base_url, "home": str(cluster.home)}, indent=2), flush=True)
+            print("up; Ctrl-C stops every process", flush=True)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except PortInUse as err:
+        print(f"error: {err} (make cluster PORT=..., or --port)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C while starting: what had started is stopped below
+        sys.exit(130)
     finally:
-        stop()
+        for running in (deployment, cluster):
+            if running is not None:
+                running.stop()
+        with contextlib.suppress(OSError):
+            pidfile = Path(args.home).resolve() / _PIDFILE
+            if pidfile.read_text().strip() == str(os.getpid()):
+                pidfile.unlink()
 
 
 if __name__ == "__main__":
