@@ -3,17 +3,25 @@
 The app is mounted under ``/training`` as the api-server mounts it, its rows stored by the real
 ingestion path (``global.json`` lines through ``ResultsStore.ingest``). Authorization is the real
 ``DagAccess`` over an auth manager whose per-DAG rules each test sets; only the user (who the
-token would say) is injected. ``test_no_token_is_401`` keeps Airflow's own authentication.
+token would say) is injected, and the test client sends the ``Origin`` a browser on the api-server's
+own page sends. ``test_no_token_is_401`` keeps Airflow's own authentication, and the order of
+authentication and the results DB is tested with Airflow's own ``get_user`` and ``get_store``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,22 +33,25 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
 from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import Engine, event, insert, select
 
-from gpu_training.api import schemas
-from gpu_training.api.app import TITLE, create_app
-from gpu_training.api.db import get_store
+from gpu_training.api import db, output_files, queries, schemas
+from gpu_training.api.app import TITLE, UNAVAILABLE, create_app
+from gpu_training.api.auth import origin_of
+from gpu_training.api.db import bound_waits, get_store
 from gpu_training.api.stream import StreamSettings
+from gpu_training.errors import StorageError
 from gpu_training.events import parse_chunk
-from gpu_training.results.models import EpochTrain, Eval, Instance, TrainingIteration, TrainingStep
+from gpu_training.hooks.results import create_results_engine
+from gpu_training.results.models import Base, EpochTrain, Eval, Instance, TrainingIteration, TrainingStep
 from gpu_training.results.store import ArtifactRecord, ResultsStore
 from gpu_training.retraining.promotion import promote
 from gpu_training.retraining.spec import Promotion
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, results_connection, start_postgres, wait_for_port
 
-from .conftest import event_line
+from .conftest import RESULTS_BACKENDS, event_line
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_DAG = "other_dag"
@@ -194,11 +205,20 @@ def api(store: ResultsStore, auth_manager: PerDagAuthManager) -> FastAPI:
     return app
 
 
-@pytest.fixture
-def client(api: FastAPI) -> Iterator[TestClient]:
+#: The test client's own origin (its requests go to http://testserver).
+OWN_ORIGIN = "http://testserver"
+
+
+def mounted(api: FastAPI) -> FastAPI:
     root = FastAPI()
     root.mount("/training", api)  # as the api-server mounts plugin apps
-    with TestClient(root) as c:
+    return root
+
+
+@pytest.fixture
+def client(api: FastAPI) -> Iterator[TestClient]:
+    # The Origin the page's fetch() sends (a POST authenticated by the session cookie needs it).
+    with TestClient(mounted(api), headers={"Origin": OWN_ORIGIN}) as c:
         yield c
 
 
@@ -422,14 +442,25 @@ def details_by_the_models(store: ResultsStore, job_uuid: str) -> schemas.JobDeta
             )
             for it in rows(TrainingIteration, TrainingIteration.iteration)
         ]
+    evaluations = [e for it in iterations for e in it.evals]
+    artifacts = [schemas.ArtifactInfo.of(a) for a in sorted(store.artifacts(job_uuid), key=lambda a: a.name)]
     return schemas.JobDetails(
         **schemas.Job.of(job).model_dump(),
         iterations=iterations,
-        artifacts=[schemas.ArtifactInfo.of(a) for a in sorted(store.artifacts(job_uuid), key=lambda a: a.name)],
+        artifacts=artifacts,
         instances=[schemas.InstanceInfo.of(i) for i in instances],
         params=job.params,
         training_config=job.training_config,
         outputs_uri=job.outputs_uri,
+        epochs_total=sum(len(it.epochs) for it in iterations),
+        epochs_limit=500,
+        epochs_offset=0,
+        evals_total=len(evaluations),
+        evals_limit=500,
+        evals_offset=0,
+        iterations_total=len(iterations),
+        artifacts_total=len(artifacts),
+        latest_evaluation=evaluations[-1] if evaluations else None,
     )
 
 
@@ -636,8 +667,13 @@ def test_file_artifact_is_streamed(client: TestClient, world: World) -> None:
 
 
 def test_missing_artifacts_are_404(client: TestClient, world: World) -> None:
-    gone = client.get(f"/training/v1/jobs/{world.full}/artifacts/{world.artifact_id('gone.txt')}")
-    assert gone.status_code == 404 and "is gone" in gone.json()["detail"]
+    gone_id = world.artifact_id("gone.txt")
+    gone = client.get(f"/training/v1/jobs/{world.full}/artifacts/{gone_id}")
+    assert gone.status_code == 404
+    assert gone.json()["detail"] == (
+        f"artifact {gone_id} of job {world.full} is not available: gone, or not a regular file inside the job's "
+        "outputs folder"
+    )
     assert client.get(f"/training/v1/jobs/{world.full}/artifacts/99999").status_code == 404
     # An artifact id of another job is not this job's.
     other = client.get(f"/training/v1/jobs/{world.old}/artifacts/{world.artifact_id('model.npz')}")
@@ -917,3 +953,532 @@ def test_a_repeated_query_parameter_is_422(client: TestClient, world: World) -> 
     assert resp.status_code == 422, resp.text
     assert resp.json()["detail"][0]["loc"] == ["query", "provider"]
     assert "takes one value, got 2" in resp.json()["detail"][0]["msg"]
+
+
+# --- authentication before the results DB; 503 names no location ---------------------------------
+
+#: Every operation, as an anonymous client would send it.
+ANONYMOUS_CALLS = (
+    ("GET", "/training/v1/jobs"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/details"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/epochs"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/evaluations"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/series"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/log"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/iterations/1/epochs"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/artifacts/1"),
+    ("GET", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/stream"),
+    ("POST", "/training/v1/jobs/00000000-0000-4000-8000-000000000000/cancel"),
+    ("GET", "/training/v1/evaluations"),
+    ("GET", "/training/v1/models"),
+    ("GET", "/training/v1/models/digits"),
+)
+
+
+@contextmanager
+def connects_recorded() -> Iterator[list[dict[str, Any]]]:
+    """The parameters of every DBAPI connect any engine makes meanwhile."""
+    seen: list[dict[str, Any]] = []
+
+    def record(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.append(dict(cparams))
+
+    event.listen(Engine, "do_connect", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "do_connect", record)
+
+
+@pytest.mark.parametrize("where", ["postgresql refused", "sqlite unreachable", "sqlite not migrated"])
+def test_anonymous_is_401_without_touching_the_results_db(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """Airflow's own get_user and our own get_store: an anonymous request is answered 401 and no
+    connection to the results DB is even tried; a signed-in one finds the DB unavailable: 503,
+    whose body names no URL, host, port, database, path or driver (the cause is logged)."""
+    secret = "s3cr3t"
+    hidden_dir = tmp_path / f"hidden-{secret}"
+    urls = {
+        "postgresql refused": f"postgresql://results:pw-{secret}@127.0.0.1:{free_port()}/db_{secret}",
+        "sqlite unreachable": f"sqlite:///{hidden_dir}/no/such/dir/results.db",
+        "sqlite not migrated": f"sqlite:///{hidden_dir}/empty.db",
+    }
+    hidden_dir.mkdir()
+    monkeypatch.setenv("AIRFLOW_CONN_TRAINING_RESULTS", results_connection(urls[where]))
+    monkeypatch.setattr(db, "_store", None)
+    app = create_app(fail_run=FailedRuns())
+    app.state.auth_manager = PerDagAuthManager()
+    with connects_recorded() as connects, TestClient(mounted(app)) as anonymous:
+        for method, path in ANONYMOUS_CALLS:
+            resp = anonymous.request(method, path)
+            assert resp.status_code == 401, (method, path, resp.text)
+            assert resp.json() == {"detail": "Not authenticated"}
+        assert connects == []  # the results DB was never connected to
+        assert db._store is None
+
+        app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="tester", role="VIEWER")
+        with caplog.at_level(logging.ERROR, logger="gpu_training.api.app"):
+            for method, path in ANONYMOUS_CALLS:
+                resp = anonymous.request(method, path, headers={"Origin": OWN_ORIGIN})
+                assert resp.status_code == 503, (method, path, resp.text)
+                assert resp.json() == {"detail": UNAVAILABLE}
+                for leak in (secret, "127.0.0.1", "results.db", str(tmp_path), "psycopg", "sqlite", "revision"):
+                    assert leak not in resp.text.lower(), (leak, resp.text)
+    assert connects, "the signed-in requests tried the results DB"
+    causes = {
+        "postgresql refused": "Connection refused",
+        "sqlite unreachable": "unable to open database file",
+        "sqlite not migrated": "is at schema revision none",
+    }
+    assert causes[where] in caplog.text and UNAVAILABLE in caplog.text  # the cause: on the api-server only
+
+
+def test_postgres_connections_wait_a_bounded_time() -> None:
+    engine = bound_waits(create_results_engine(f"postgresql://u@127.0.0.1:{free_port()}/x"))
+    with connects_recorded() as connects, pytest.raises(Exception, match="refused"), engine.connect():
+        pass
+    assert connects  # the class-level listener runs first, then the engine's own
+    engine.dispose()
+    seen: dict[str, Any] = {}
+    event.listen(engine, "do_connect", lambda _d, _r, _a, cparams: seen.update(cparams))
+    with pytest.raises(Exception, match="refused"), engine.connect():
+        pass
+    assert (seen["connect_timeout"], seen["keepalives"]) == (5, 1)
+
+
+@pytest.mark.skipif("postgresql" not in RESULTS_BACKENDS, reason="RESULTS_DB is sqlite only")
+def test_postgresql_stopped_mid_request_is_503() -> None:
+    """A PostgreSQL server of its own, stopped (fast shutdown, as an operator or a crash does) between
+    two queries of one request: 503, not 500; then refused at connect: 503 again."""
+    root = Path(tempfile.mkdtemp(prefix="results-postgres-stop-"))  # the server runs as postgres
+    server = start_postgres(root, user="results", database="results")
+    try:
+        engine = bound_waits(create_results_engine(server.url()))
+        Base.metadata.create_all(engine)
+        store = ResultsStore(engine)
+        job = new_job(store, "r-stop")
+        feed(store, job, event_line("ITERATION", "start", iteration=1) + epoch_line(1, 1, 0.5))
+        app = create_app(fail_run=FailedRuns())
+        app.state.auth_manager = PerDagAuthManager()
+        app.dependency_overrides[get_store] = lambda: store
+        app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="tester", role="VIEWER")
+        statements: list[str] = []
+
+        def stop_before_the_second(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement)
+            if len(statements) == 2:
+                server.stop()
+
+        event.listen(engine, "before_cursor_execute", stop_before_the_second)
+        with TestClient(mounted(app)) as client:
+            resp = client.get(f"/training/v1/jobs/{job}/details")
+            assert "training_jobs" in statements[0]  # the job was read, then the server went away
+            assert resp.status_code == 503 and resp.json() == {"detail": UNAVAILABLE}, resp.text
+            for path in ("/training/v1/jobs", f"/training/v1/jobs/{job}/series"):
+                again = client.get(path)
+                assert again.status_code == 503 and again.json() == {"detail": UNAVAILABLE}, again.text
+        engine.dispose()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- artifacts only from inside the job's outputs folder ------------------------------------------
+
+
+def record_artifact(world: World, name: str, path: Path) -> int:
+    world.store.record_artifacts(world.full, [ArtifactRecord(name, path.as_uri(), 1, "4" * 64)])
+    return world.artifact_id(name)
+
+
+def test_artifact_that_is_not_a_regular_file_inside_the_outputs_is_404(
+    client: TestClient, world: World, tmp_path: Path
+) -> None:
+    outputs = world.file.parent  # the job's outputs folder (as its other artifacts say)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the api-server's secret\n")
+    (outputs / "escape.txt").symlink_to(secret)
+    (outputs / "folder").mkdir()
+    os.mkfifo(outputs / "pipe")
+    (outputs / "inside.npz").symlink_to(world.file)  # a link that stays inside is followed
+    cases = {
+        "escape.txt": outputs / "escape.txt",
+        "folder": outputs / "folder",
+        "pipe": outputs / "pipe",  # opened without blocking, then refused
+        "../secret.txt": outputs / ".." / "secret.txt",  # a name that climbs out
+    }
+    for name, path in cases.items():
+        artifact_id = record_artifact(world, name, path)
+        started = time.monotonic()
+        resp = client.get(f"/training/v1/jobs/{world.full}/artifacts/{artifact_id}")
+        assert resp.status_code == 404, (name, resp.text)
+        assert time.monotonic() - started < 5
+        detail = resp.json()["detail"]
+        assert detail == (
+            f"artifact {artifact_id} of job {world.full} is not available: gone, or not a regular file inside "
+            "the job's outputs folder"
+        )
+        assert str(tmp_path) not in detail and "secret" not in detail
+    inside = client.get(
+        f"/training/v1/jobs/{world.full}/artifacts/{record_artifact(world, 'in', outputs / 'inside.npz')}"
+    )
+    assert inside.status_code == 200 and inside.content == world.file.read_bytes()
+    assert inside.headers["content-length"] == str(world.file.stat().st_size)
+
+
+def test_artifact_outside_the_outputs_uri_of_its_job_is_404(client: TestClient, world: World, tmp_path: Path) -> None:
+    """The job's outputs_uri is its folder: a file elsewhere (another job's, the api-server's) is
+    not served, whatever path its artifact row names."""
+    mine = tmp_path / "outputs" / world.full
+    mine.mkdir()
+    (mine / "model.npz").write_bytes(b"mine")
+    world.store.update_job(world.full, outputs_uri=mine.as_uri())
+    ok = client.get(
+        f"/training/v1/jobs/{world.full}/artifacts/{record_artifact(world, 'model2.npz', mine / 'model.npz')}"
+    )
+    assert ok.status_code == 200 and ok.content == b"mine"
+    # model.npz of the World lies in tmp_path/outputs, beside (not inside) the job's own folder.
+    elsewhere = client.get(f"/training/v1/jobs/{world.full}/artifacts/{world.artifact_id('model.npz')}")
+    assert elsewhere.status_code == 404 and "not available" in elsewhere.json()["detail"]
+    world.store.update_job(world.full, outputs_uri="s3://bucket/outputs/x")
+    assert client.get(f"/training/v1/jobs/{world.full}/artifacts/{world.artifact_id('model2.npz')}").status_code == 404
+
+
+def test_a_symlink_swapped_in_after_resolving_is_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is opened through the outputs folder one component at a time without following
+    links: a folder replaced by a link between resolving and opening (a race) is refused."""
+    root, outside = tmp_path / "outputs", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "f").write_text("outside")
+    (root / "sub").symlink_to(outside)
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: self)  # resolved before the swap
+    with pytest.raises(StorageError):
+        output_files.open_inside(root / "sub" / "f", root)
+    monkeypatch.undo()
+    with pytest.raises(StorageError, match="outside the job's outputs folder"):
+        output_files.open_inside(root / "sub" / "f", root)
+
+
+# --- a cookie-authenticated cancel comes from our own origin (CSRF) -------------------------------
+
+
+def cookie_or_bearer_user(request: Request) -> SimpleAuthManagerUser:
+    """Airflow's get_user as far as this API sees it: a Bearer header wins over the _token cookie."""
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get("_token")
+    if token != "valid-jwt":
+        raise HTTPException(401, "Not authenticated")
+    return SimpleAuthManagerUser(username="tester", role="ADMIN")
+
+
+@pytest.fixture
+def origin_clients(api: FastAPI) -> Iterator[dict[str, TestClient]]:
+    """A browser signed in (the session cookie) and a script (a Bearer token), neither sending an
+    Origin of its own."""
+    api.dependency_overrides[get_user] = cookie_or_bearer_user
+    root = mounted(api)
+    with (
+        TestClient(root, cookies={"_token": "valid-jwt"}) as browser,
+        TestClient(root, headers={"Authorization": "Bearer valid-jwt"}) as script,
+    ):
+        yield {"browser": browser, "script": script}
+
+
+def test_cookie_cancel_needs_our_own_origin(
+    api: FastAPI, origin_clients: dict[str, TestClient], world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    browser, script = origin_clients["browser"], origin_clients["script"]
+    cancel = f"/training/v1/jobs/{world.full}/cancel"
+    for headers in (
+        {},  # neither Origin nor Referer
+        {"Origin": "http://evil.example"},
+        {"Origin": "http://testserver:8080"},  # another port of the same host: same site, not same origin
+        {"Origin": "https://testserver"},  # another scheme
+        {"Origin": "null"},  # a sandboxed or privacy-hiding page
+        {"Referer": "http://evil.example/training/ui/"},
+        {"Origin": "http://evil.example", "Referer": f"{OWN_ORIGIN}/training/ui/"},  # Origin wins
+    ):
+        resp = browser.post(cancel, headers=headers)
+        assert resp.status_code == 403, (headers, resp.text)
+        assert "session cookie" in resp.json()["detail"] and "Bearer" in resp.json()["detail"]
+    assert world.store.job(world.full).status == "running" and api.state.fail_run == []
+    # Reads are not state-changing: a cookie's GET needs no Origin.
+    assert browser.get(f"/training/v1/jobs/{world.full}").status_code == 200
+    # Without any credential it is the 401 of authentication, before the origin is looked at.
+    assert TestClient(mounted(api)).post(cancel).status_code == 401
+
+    assert browser.post(cancel, headers={"Origin": OWN_ORIGIN}).status_code == 202
+    referer = browser.post(
+        f"/training/v1/jobs/{world.other_project}/cancel", headers={"Referer": f"{OWN_ORIGIN}/training/ui/#/jobs/x"}
+    )
+    assert referer.status_code == 202, referer.text
+    # A script's Bearer token is not ambient: no Origin asked for, whatever it sends.
+    assert script.post(f"/training/v1/jobs/{world.other_dag}/cancel").status_code == 202
+    # [api] base_url (the api-server's public URL behind a proxy) is our origin too.
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/")
+    job = new_job(world.store, "r-proxied")
+    forbidden = browser.post(f"/training/v1/jobs/{job}/cancel", headers={"Origin": "https://evil.example.com"})
+    assert forbidden.status_code == 403
+    assert (
+        browser.post(f"/training/v1/jobs/{job}/cancel", headers={"Origin": "https://airflow.example.com"}).status_code
+        == 202
+    )
+
+
+def test_origin_of() -> None:
+    assert origin_of("http://Host:80/x?y") == "http://host"
+    assert origin_of("https://host:443") == "https://host"
+    assert origin_of("https://host:8443/") == "https://host:8443"
+    assert origin_of("http://[::1]:8080/training/ui/") == "http://[::1]:8080"
+    for bad in (None, "", "null", "file:///etc", "javascript:alert(1)", "http://", "http://h:99999", "//host"):
+        assert origin_of(bad) is None, bad
+
+
+# --- epochs and evaluations a page at a time ------------------------------------------------------
+
+
+def bulk_epochs(store: ResultsStore, job_uuid: str, epochs: dict[int, int], metrics: Any = None) -> None:
+    """``epochs[iteration]`` epochs (1..n) of each iteration, inserted at once: avg_loss 1/epoch, and
+    ``metrics(iteration, epoch)``."""
+    job_id = store.job(job_uuid).id
+    rows = [
+        {
+            "job_id": job_id,
+            "iteration": it,
+            "epoch": ep,
+            "avg_loss": 1 / ep,
+            "metrics": metrics(it, ep) if metrics else {"val_loss": 2 / ep},
+            "completed_at": T0,
+        }
+        for it, count in epochs.items()
+        for ep in range(1, count + 1)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(TrainingIteration.__table__), [{"job_id": job_id, "iteration": it} for it in epochs])
+        conn.execute(insert(EpochTrain.__table__), rows)
+
+
+def bulk_evals(store: ResultsStore, job_uuid: str, iteration: int, count: int) -> None:
+    job_id = store.job(job_uuid).id
+    rows = [
+        {"job_id": job_id, "iteration": iteration, "epoch": ep, "accuracy": ep / count, "evaluated_at": T0}
+        for ep in range(1, count + 1)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(Eval.__table__), rows)
+
+
+@contextmanager
+def statements_of(store: ResultsStore) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+
+
+def unbounded_reads(statements: list[str], table: str) -> list[str]:
+    """The statements that read rows of ``table`` with neither a LIMIT nor an aggregate."""
+    return [
+        sql
+        for sql in statements
+        if f"FROM {table}" in sql and "LIMIT" not in sql and "count(" not in sql and "max(" not in sql
+    ]
+
+
+@pytest.fixture
+def big(world: World) -> str:
+    """A job of 20,000 epochs (15,000 + 5,000 in two iterations) and 1,200 evaluations."""
+    job = new_job(world.store, "r-big", created_at=T0 + timedelta(hours=6))
+    bulk_epochs(world.store, job, {1: 15_000, 2: 5_000})
+    bulk_evals(world.store, job, 1, 1_200)
+    return job
+
+
+def test_details_of_a_long_job_is_one_page(client: TestClient, world: World, big: str) -> None:
+    url = f"/training/v1/jobs/{big}/details"
+    with statements_of(world.store) as statements:
+        body = client.get(url).json()
+    assert unbounded_reads(statements, "epoch_train") == [] and unbounded_reads(statements, "evals") == []
+    epochs = [(e["iteration"], e["epoch"]) for it in body["iterations"] for e in it["epochs"]]
+    assert epochs == [(1, n) for n in range(1, 501)]  # the default page: the first 500
+    assert [len(it["evals"]) for it in body["iterations"]] == [500, 0]
+    assert (body["epochs_total"], body["epochs_limit"], body["epochs_offset"]) == (20_000, 500, 0)
+    assert (body["evals_total"], body["evals_limit"], body["evals_offset"]) == (1_200, 500, 0)
+    assert body["iterations_total"] == 2 and [it["iteration"] for it in body["iterations"]] == [1, 2]
+    assert body["latest_evaluation"]["model_id"] == f"{big}/1/1200"
+
+    # Any page, across iterations; the last one; past the end.
+    page = client.get(url, params={"epochs_limit": 5000, "epochs_offset": 14_998, "evals_limit": 0}).json()
+    got = [(e["iteration"], e["epoch"]) for it in page["iterations"] for e in it["epochs"]]
+    assert got[:3] == [(1, 14_999), (1, 15_000), (2, 1)] and len(got) == 5000 and got[-1] == (2, 4998)
+    assert all(not it["evals"] for it in page["iterations"]) and page["evals_total"] == 1_200
+    end = client.get(url, params={"epochs_limit": 10, "epochs_offset": 19_995}).json()
+    assert [e["epoch"] for it in end["iterations"] for e in it["epochs"]] == [4996, 4997, 4998, 4999, 5000]
+    past = client.get(url, params={"epochs_offset": 50_000, "evals_offset": 50_000}).json()
+    assert all(not it["epochs"] and not it["evals"] for it in past["iterations"])
+    assert (past["epochs_total"], past["evals_total"]) == (20_000, 1_200)
+    for bad in ({"epochs_limit": 5001}, {"evals_limit": -1}, {"epochs_offset": -1}, {"evals_offset": 2**63}):
+        assert client.get(url, params=bad).status_code == 422, bad
+
+
+def test_epochs_and_evaluations_of_a_job_in_pages(client: TestClient, world: World, big: str) -> None:
+    epochs = client.get(f"/training/v1/jobs/{big}/epochs", params={"limit": 3, "offset": 14_999}).json()
+    assert [(e["iteration"], e["epoch"]) for e in epochs["epochs"]] == [(1, 15_000), (2, 1), (2, 2)]
+    assert (epochs["total"], epochs["limit"], epochs["offset"], epochs["iteration"]) == (20_000, 3, 14_999, None)
+    it2 = client.get(f"/training/v1/jobs/{big}/epochs", params={"iteration": 2, "offset": 4_998}).json()
+    assert [e["epoch"] for e in it2["epochs"]] == [4999, 5000] and it2["total"] == 5_000
+    assert len(client.get(f"/training/v1/jobs/{big}/epochs").json()["epochs"]) == 500  # the default
+    none = client.get(f"/training/v1/jobs/{big}/epochs", params={"iteration": 7}).json()
+    assert (none["epochs"], none["total"]) == ([], 0)
+    past = client.get(f"/training/v1/jobs/{big}/epochs", params={"offset": 20_000}).json()
+    assert (past["epochs"], past["total"]) == ([], 20_000)
+
+    evals = client.get(f"/training/v1/jobs/{big}/evaluations", params={"limit": 5000}).json()
+    assert len(evals["evaluations"]) == 1_200 and evals["total"] == 1_200
+    assert evals["evaluations"][0]["model_id"] == f"{big}/1/1" and evals["evaluations"][0]["job_uuid"] == big
+    last = client.get(f"/training/v1/jobs/{big}/evaluations", params={"limit": 2, "offset": 1_198}).json()
+    assert [e["epoch"] for e in last["evaluations"]] == [1199, 1200]
+    assert client.get(f"/training/v1/jobs/{world.full}/evaluations", params={"iteration": 2}).json()["total"] == 1
+
+    by_model = client.get("/training/v1/evaluations", params={"model_id": big, "limit": 2, "offset": 10}).json()
+    assert [e["epoch"] for e in by_model["evaluations"]] == [11, 12] and by_model["total"] == 1_200
+    assert client.get("/training/v1/evaluations").json()["total"] is None  # the latest of every job: not counted
+
+    iteration = client.get(f"/training/v1/jobs/{big}/iterations/2/epochs").json()
+    assert len(iteration["epochs"]) == 500 and (iteration["total"], iteration["limit"]) == (5_000, 500)
+    tail = client.get(f"/training/v1/jobs/{big}/iterations/2/epochs", params={"offset": 4_999}).json()
+    assert [e["epoch"] for e in tail["epochs"]] == [5000]
+    for path in ("epochs", "evaluations", "iterations/1/epochs"):
+        for bad in ({"limit": 0}, {"limit": 5001}, {"offset": -1}, {"iteration": "x"}):
+            if path.startswith("iterations") and "iteration" in bad:
+                continue
+            assert client.get(f"/training/v1/jobs/{big}/{path}", params=bad).status_code == 422, (path, bad)
+
+
+def test_details_list_a_bounded_number_of_iterations_and_artifacts(
+    client: TestClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queries, "MAX_ITERATIONS", 1)
+    monkeypatch.setattr(queries, "MAX_ARTIFACTS", 1)
+    body = client.get(f"/training/v1/jobs/{world.full}/details", params={"epochs_limit": 0, "evals_limit": 0}).json()
+    assert [it["iteration"] for it in body["iterations"]] == [1] and body["iterations_total"] == 2
+    assert [a["name"] for a in body["artifacts"]] == ["gone.txt"] and body["artifacts_total"] == 2
+    assert [s["step_type"] for s in body["iterations"][0]["steps"]] == ["training"]
+
+
+# --- a metric downsampled for a chart -------------------------------------------------------------
+
+
+def test_series_of_a_short_job_is_every_epoch(client: TestClient, world: World) -> None:
+    body = client.get(f"/training/v1/jobs/{world.full}/series").json()
+    assert (body["metric"], body["metrics"], body["epochs_total"], body["iterations_total"]) == (
+        "avg_loss",
+        ["avg_loss"],
+        3,
+        2,
+    )
+    it1, it2 = body["iterations"]
+    assert (it1["epochs"], it1["values"], it1["counts"]) == ([1, 2], [0.9, 0.5], [1, 1])
+    assert it1["low"] == it1["high"] == it1["values"] and it1["epochs_total"] == 2
+    assert (it2["iteration"], it2["epochs"], it2["values"]) == (2, [1], [0.4])
+    epoch_ids = [e.id for e in world.store.session().scalars(select(EpochTrain))]
+    eval_ids = [e.id for e in world.store.session().scalars(select(Eval))]
+    assert body["cursor"] == f"{max(epoch_ids)}-{max(eval_ids)}"
+    # A metric the job does not have: no value, not an error; names and cursor as before.
+    other = client.get(f"/training/v1/jobs/{world.full}/series", params={"metric": "val_loss"}).json()
+    assert [it["values"] for it in other["iterations"]] == [[None, None], [None]] and other["metrics"] == ["avg_loss"]
+    empty = client.get(f"/training/v1/jobs/{world.old}/series").json()
+    assert (empty["iterations"], empty["metrics"], empty["cursor"], empty["epochs_total"]) == ([], [], "0-0", 0)
+    for bad in ({"metric": 'a"b'}, {"metric": "a\\b"}, {"metric": ""}, {"points": 0}, {"points": 5001}):
+        assert client.get(f"/training/v1/jobs/{world.full}/series", params=bad).status_code == 422, bad
+
+
+def test_series_of_a_long_job_is_downsampled_keeping_lows_and_highs(client: TestClient, world: World) -> None:
+    """15,000 + 5,000 epochs in 500 points: 250 buckets per iteration, each with its last epoch's
+    value and its lowest and highest, so a spike between sampled epochs is still there."""
+    job = new_job(world.store, "r-series")
+
+    def metrics(it: int, ep: int) -> dict[str, Any]:
+        val = 50.0 if (it, ep) == (1, 7777) else 2 / ep
+        row: dict[str, Any] = {
+            "val_loss": "NaN" if ep % 1000 == 0 else val,
+            "lr": 0.01,
+            "flag": True,
+            "nested": {"a": 1},
+        }
+        if ep == 3:
+            row["huge"] = 10**400  # a JSON number no float holds
+        return row
+
+    bulk_epochs(world.store, job, {1: 15_000, 2: 5_000}, metrics)
+    with statements_of(world.store) as statements:
+        body = client.get(f"/training/v1/jobs/{job}/series", params={"metric": "val_loss", "points": 500}).json()
+    assert unbounded_reads(statements, "epoch_train") == []  # aggregates and LIMITs only
+    assert body["metrics"] == ["avg_loss", "lr", "val_loss"] and body["points"] == 250
+    assert (body["epochs_total"], body["iterations_total"]) == (20_000, 2)
+    it1, it2 = body["iterations"]
+    assert len(it1["epochs"]) == 250 and it1["epochs"][:2] == [60, 120] and it1["epochs"][-1] == 15_000
+    assert set(it1["counts"]) == {60} and it1["epochs_total"] == 15_000
+    assert len(it2["epochs"]) == 250 and it2["epochs"][-1] == 5_000 and set(it2["counts"]) == {20}
+    spike = it1["epochs"].index(7800)  # the bucket of epochs 7741..7800
+    assert it1["high"][spike] == 50.0 and it1["values"][spike] == pytest.approx(2 / 7800)
+    assert max(h for h in it1["high"] if h is not None) == 50.0
+    assert it1["low"][0] == pytest.approx(2 / 60) and it1["high"][0] == 2.0
+    assert it1["values"][it1["epochs"].index(1020)] == pytest.approx(2 / 1020)
+    assert it1["values"][it1["epochs"].index(1000 * 3)] is None  # "NaN" (a string) there: no value
+    for it in (it1, it2):
+        assert all(
+            lo <= v <= hi for lo, v, hi in zip(it["low"], it["values"], it["high"], strict=True) if v is not None
+        )
+    huge = client.get(f"/training/v1/jobs/{job}/series", params={"metric": "huge"})
+    assert huge.status_code == 200, huge.text
+    assert all(v is None or not math.isfinite(v) for it in huge.json()["iterations"] for v in it["values"])
+    assert (
+        client.get(f"/training/v1/jobs/{job}/series", params={"metric": "flag"}).json()["iterations"][0]["values"][0]
+        is None
+    )
+    few = client.get(f"/training/v1/jobs/{job}/series", params={"points": 1}).json()
+    assert [len(it["epochs"]) for it in few["iterations"]] == [1, 1]
+    assert few["iterations"][0]["low"] == [pytest.approx(1 / 15_000)] and few["iterations"][0]["high"] == [1.0]
+
+
+def test_series_holds_the_last_iterations(client: TestClient, world: World) -> None:
+    job = new_job(world.store, "r-iterations")
+    bulk_epochs(world.store, job, {it: 2 for it in range(1, 61)})
+    body = client.get(f"/training/v1/jobs/{job}/series", params={"points": 100}).json()
+    assert [it["iteration"] for it in body["iterations"]] == list(range(11, 61))
+    assert (body["iterations_total"], body["epochs_total"], body["points"]) == (60, 120, 2)
+    assert all(it["epochs"] == [1, 2] for it in body["iterations"])
+
+
+def test_stream_after_a_cursor_sends_only_newer_rows(client: TestClient, world: World) -> None:
+    world.store.finish(world.full, "completed")
+    cursor = client.get(f"/training/v1/jobs/{world.full}/series").json()["cursor"]
+    resp = client.get(f"/training/v1/jobs/{world.full}/stream", params={"after": cursor})
+    kinds = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["status", "status"]
+    epoch_id = int(cursor.split("-")[0])
+    resp = client.get(
+        f"/training/v1/jobs/{world.full}/stream", params={"after": f"{epoch_id - 1}-{cursor.split('-')[1]}"}
+    )
+    kinds = [line.split(": ", 1)[1] for line in resp.text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["status", "epoch", "status"]
+    assert client.get(f"/training/v1/jobs/{world.full}/stream", params={"after": "x"}).status_code == 422
+
+
+def test_a_nul_character_matches_nothing(client: TestClient, world: World) -> None:
+    """PostgreSQL text cannot hold NUL (psycopg2 refused to send it: a 500, found by schemathesis)."""
+    for param in ("project_id", "provider", "dag_id", "run_id", "stage"):
+        resp = client.get("/training/v1/jobs", params={param: "a\x00b"})
+        assert resp.status_code == 200 and resp.json()["total"] == 0, (param, resp.text)
+    world.decide_models()
+    assert client.get("/training/v1/models/digits%00").status_code == 404

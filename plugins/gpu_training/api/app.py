@@ -7,11 +7,14 @@ api-server's auth manager to the security dependencies.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from gpu_training import __version__
 from gpu_training.api.commands import RunFailer
@@ -19,6 +22,18 @@ from gpu_training.api.stream import StreamSettings
 from gpu_training.errors import JobNotFoundError, ResultsDbError, StorageError
 
 TITLE = "GPU training results"
+
+#: The whole body of every 503: where the database is (URL, host, path, driver) and why it failed
+#: are logged on the api-server, never sent to a client, who may be anyone before authentication.
+UNAVAILABLE = "the results database is unavailable"
+
+#: What a results DB that cannot be reached raises: ResultsDbError (not migrated, or unreachable when
+#: first opened), and SQLAlchemy's errors of a connection refused, reset or timed out, at connect or
+#: in the middle of a query (OperationalError and InterfaceError are DBAPIErrors), or of a pool with
+#: no connection left to give.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (ResultsDbError, DBAPIError, DisconnectionError, PoolTimeoutError)
+
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -34,10 +49,9 @@ async def _job_not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
 
 
-async def _results_db_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": f"the results database is unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE
-    )
+async def _results_db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: %s: %s", request.method, request.url.path, UNAVAILABLE, exc, exc_info=exc)
+    return JSONResponse({"detail": UNAVAILABLE}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
 async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
@@ -73,6 +87,7 @@ def create_app(*, stream_settings: StreamSettings | None = None, fail_run: RunFa
     app.include_router(router)
     app.include_router(ui_router)
     app.add_exception_handler(JobNotFoundError, _job_not_found)
-    app.add_exception_handler(ResultsDbError, _results_db_error)
+    for error in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error, _results_db_unavailable)
     app.add_exception_handler(StorageError, _storage_error)
     return app

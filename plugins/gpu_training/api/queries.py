@@ -2,7 +2,13 @@
 
 Jobs are listed newest first (``created_at DESC, id DESC``) by the indexes ``(project_id,
 created_at)``, ``(status, created_at)``, ``(provider, created_at)`` and ``(created_at)``; everything
-of one job is read by ``job_id`` (the unique natural keys start with it). The DAG ids of all jobs
+of one job is read by ``job_id`` (the unique natural keys start with it).
+
+**Bounded answers.** A job's epochs and evaluations (a trainer may report hundreds of thousands)
+are only ever read a page at a time: ``LIMIT``/``OFFSET`` in ``(iteration, epoch)`` order, the order
+of the unique indexes ``(job_id, iteration, epoch)``, at most :data:`MAX_PAGE` rows; a chart gets
+them downsampled in the database (:func:`metric_series`). The details list at most
+:data:`MAX_ITERATIONS` iterations and :data:`MAX_ARTIFACTS` artifacts, with their totals. The DAG ids of all jobs
 come from a loose index scan of ``(dag_id, run_id, stage, map_index)``: one index probe per DAG.
 Promotion decisions (``models``: one row per retraining run, not per epoch) are read by name
 (``(name, decided_at)``, the champion by the partial unique index on ``name``); the list of models
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import uuid as uuidlib
 from collections.abc import Collection, Sequence
@@ -24,7 +31,8 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, Connection, Select, func, select
+from sqlalchemy import ColumnElement, Connection, Float, Integer, Numeric, Select, and_, case, cast, func, select
+from sqlalchemy.sql.selectable import NamedFromClause
 
 from gpu_training.api.schemas import (
     ArtifactInfo,
@@ -52,6 +60,22 @@ from gpu_training.results.models import (
     TrainingStep,
 )
 from gpu_training.results.store import ResultsStore
+
+#: The most epochs or evaluations one answer holds (``limit``'s maximum).
+MAX_PAGE = 5000
+#: The page of epochs and of evaluations of ``/details`` when none is asked for.
+DETAILS_PAGE = 500
+#: ``/details`` holds at most this many iterations (the first by number; each has at most 3 steps)
+#: and artifacts (the first by name).
+MAX_ITERATIONS = 1000
+MAX_ARTIFACTS = 2000
+#: A metric series holds the last this many iterations (by number) that have epochs.
+MAX_SERIES_ITERATIONS = 50
+#: The most buckets a metric series has in all (``points``' maximum).
+MAX_SERIES_POINTS = 5000
+#: What a metric's name may be in a series: no quote, backslash or control character (it is a JSON
+#: path in SQLite). Every name a trainer reports as a JSON key and a chart offers fits.
+METRIC_PATTERN = r'^[^"\\\x00-\x1f]{1,200}$'
 
 _UUID = "[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}"
 #: What the API accepts as a model id (documented as the ``model_id`` parameter's pattern): a job
@@ -87,6 +111,14 @@ class ModelId:
             )
         iteration, epoch = match["iteration"], match["epoch"]
         return cls(job, int(iteration) if iteration else None, int(epoch) if epoch else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """``limit`` rows after ``offset`` of them."""
+
+    limit: int
+    offset: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +181,12 @@ def _filtered(stmt: Select, filters: JobFilters, readable: Collection[str] | Non
     return stmt
 
 
+def _has_nul(*values: Any) -> bool:
+    """Whether a string has a NUL character: stored text never has one (PostgreSQL's cannot, and
+    psycopg2 refuses to send it), so such a filter matches nothing."""
+    return any(isinstance(value, str) and "\x00" in value for value in values)
+
+
 @functools.cache
 def _columns(model: type[BaseModel], table: type[Base]) -> tuple[ColumnElement[Any], ...]:
     """The columns of ``table`` named as fields of the response ``model``, in the model's order (its
@@ -172,11 +210,60 @@ def _dicts(conn: Connection, model: type[BaseModel], stmt: Select) -> list[dict[
 
 
 def _rows_of_job(
-    conn: Connection, job_id: int, model: type[BaseModel], table: type[Base], *order_by: Any, extra: Any = ()
+    conn: Connection,
+    job_id: int,
+    model: type[BaseModel],
+    table: type[Base],
+    *order_by: Any,
+    extra: Any = (),
+    limit: int | None = None,
+    offset: int = 0,
+    where: Any = (),
 ) -> list[dict[str, Any]]:
     """The rows of one job in ``table`` as ``model`` dicts (see :func:`_dicts`), ``extra`` columns too."""
-    stmt = select(*_columns(model, table), *extra).where(table.__table__.c.job_id == job_id)
-    return _dicts(conn, model, stmt.order_by(*order_by))
+    stmt = select(*_columns(model, table), *extra).where(table.__table__.c.job_id == job_id, *where)
+    stmt = stmt.order_by(*order_by)
+    if limit is not None:
+        stmt = stmt.limit(limit).offset(offset)
+    return _dicts(conn, model, stmt)
+
+
+def _count_of_job(conn: Connection, job_id: int, table: type[Base], where: Any = ()) -> int:
+    column = table.__table__.c.job_id
+    return int(conn.scalar(select(func.count()).select_from(table).where(column == job_id, *where)) or 0)
+
+
+def _page_of_job(
+    conn: Connection, job_id: int, model: type[BaseModel], table: type[Base], page: Page, iteration: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of a job's epochs or evaluations (``model`` dicts) in (iteration, epoch) order, and
+    how many there are: two index range scans of ``(job_id, iteration, epoch)``."""
+    columns = table.__table__.c
+    where = () if iteration is None else (columns.iteration == iteration,)
+    rows = (
+        _rows_of_job(
+            conn,
+            job_id,
+            model,
+            table,
+            columns.iteration,
+            columns.epoch,
+            limit=page.limit,
+            offset=page.offset,
+            where=where,
+        )
+        if page.limit
+        else []
+    )
+    if page.limit and len(rows) < page.limit and (rows or not page.offset):
+        return rows, page.offset + len(rows)  # the last page: no need to count
+    return rows, _count_of_job(conn, job_id, table, where)
+
+
+def _evaluation_rows(rows: list[dict[str, Any]], job_uuid: str) -> list[dict[str, Any]]:
+    for row in rows:
+        row.update(model_id=model_id(job_uuid, row["iteration"], row["epoch"]), job_uuid=job_uuid)
+    return rows
 
 
 def list_jobs(
@@ -184,7 +271,7 @@ def list_jobs(
 ) -> tuple[list[dict[str, Any]], int]:
     """Jobs matching ``filters`` (plain :class:`Job` dicts), newest first, and how many match;
     ``readable``: only these DAGs (None: every DAG)."""
-    if readable is not None and not readable:
+    if (readable is not None and not readable) or _has_nul(*dataclasses.astuple(filters)):
         return [], 0
     page = _filtered(select(*_columns(Job, TrainingJob), TrainingJob.params), filters, readable)
     page = page.order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc()).limit(limit).offset(offset)
@@ -197,26 +284,43 @@ def list_jobs(
     return jobs, total
 
 
-def job_details(store: ResultsStore, job: TrainingJob) -> dict[str, Any]:
-    """The job with its iterations (steps, epochs, evals), artifacts and instances: a plain
-    :class:`JobDetails` dict, read without ORM objects (a job has thousands of epochs)."""
+def job_details(
+    store: ResultsStore, job: TrainingJob, *, epochs: Page = Page(DETAILS_PAGE), evals: Page = Page(DETAILS_PAGE)
+) -> dict[str, Any]:
+    """The job with its iterations (steps, one page of its epochs and one of its evaluations),
+    artifacts and instances, and the totals: a plain :class:`JobDetails` dict, read without ORM
+    objects. Every read is bounded, whatever the job's size."""
     with store.engine.connect() as conn:
         of_job = functools.partial(_rows_of_job, conn, job.id)
-        iterations = of_job(Iteration, TrainingIteration, TrainingIteration.iteration)
-        steps = of_job(Step, TrainingStep, TrainingStep.iteration, TrainingStep.id, extra=[TrainingStep.iteration])
-        epochs = of_job(Epoch, EpochTrain, EpochTrain.iteration, EpochTrain.epoch)
-        evals = of_job(Evaluation, Eval, Eval.iteration, Eval.epoch)
-        artifacts = of_job(ArtifactInfo, Artifact, Artifact.name)
+        iterations = of_job(Iteration, TrainingIteration, TrainingIteration.iteration, limit=MAX_ITERATIONS)
+        iterations_total = len(iterations)
+        if iterations_total == MAX_ITERATIONS:
+            iterations_total = _count_of_job(conn, job.id, TrainingIteration)
+        epoch_rows, epochs_total = _page_of_job(conn, job.id, Epoch, EpochTrain, epochs)
+        eval_rows, evals_total = _page_of_job(conn, job.id, Evaluation, Eval, evals)
+        numbers = {it["iteration"] for it in iterations} | {row["iteration"] for row in (*epoch_rows, *eval_rows)}
+        # At most 3 steps an iteration (unique step_type): as bounded as the iterations.
+        steps = of_job(
+            Step,
+            TrainingStep,
+            TrainingStep.iteration,
+            TrainingStep.id,
+            extra=[TrainingStep.iteration],
+            where=[TrainingStep.iteration.in_(sorted(numbers))],
+        )
+        artifacts = of_job(ArtifactInfo, Artifact, Artifact.name, limit=MAX_ARTIFACTS)
+        artifacts_total = len(artifacts)
+        if artifacts_total == MAX_ARTIFACTS:
+            artifacts_total = _count_of_job(conn, job.id, Artifact)
         instances = of_job(InstanceInfo, Instance, Instance.id)
-    numbers = {row["iteration"] for rows in (epochs, evals) for row in rows}
+        latest = of_job(Evaluation, Eval, Eval.iteration.desc(), Eval.epoch.desc(), limit=1)
     by_number = {it["iteration"]: it for it in iterations}
     by_number |= {n: dict.fromkeys(Iteration.model_fields) | {"iteration": n} for n in numbers - by_number.keys()}
     for it in by_number.values():
         it.update(steps=[], epochs=[], evals=[])
-    for row in epochs:
+    for row in epoch_rows:
         by_number[row["iteration"]]["epochs"].append(row)
-    for row in evals:
-        row.update(model_id=model_id(job.uuid, row["iteration"], row["epoch"]), job_uuid=job.uuid)
+    for row in _evaluation_rows(eval_rows, job.uuid):
         by_number[row["iteration"]]["evals"].append(row)
     for row in steps:  # the steps of an iteration with no row, epoch nor evaluation are not shown
         of_step = by_number.get(row.pop("iteration"))
@@ -229,37 +333,76 @@ def job_details(store: ResultsStore, job: TrainingJob) -> dict[str, Any]:
         "params": job.params or {},
         "training_config": job.training_config,
         "outputs_uri": job.outputs_uri,
+        "epochs_total": epochs_total,
+        "epochs_limit": epochs.limit,
+        "epochs_offset": epochs.offset,
+        "evals_total": evals_total,
+        "evals_limit": evals.limit,
+        "evals_offset": evals.offset,
+        "iterations_total": iterations_total,
+        "artifacts_total": artifacts_total,
+        "latest_evaluation": _evaluation_rows(latest, job.uuid)[0] if latest else None,
     }
 
 
-def iteration_epochs(store: ResultsStore, job: TrainingJob, iteration: int) -> list[EpochTrain] | None:
-    """The epochs of one iteration, or None when the job has no such iteration."""
-    with store.session() as s:
-        exists = s.scalar(
+def epochs_page(
+    store: ResultsStore, job: TrainingJob, page: Page, iteration: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the job's epochs (of one iteration) as plain :class:`Epoch` dicts, and the total."""
+    with store.engine.connect() as conn:
+        return _page_of_job(conn, job.id, Epoch, EpochTrain, page, iteration)
+
+
+def evaluations_page(
+    store: ResultsStore, job: TrainingJob, page: Page, iteration: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the job's evaluations (of one iteration) as plain :class:`Evaluation` dicts, and
+    the total."""
+    with store.engine.connect() as conn:
+        rows, total = _page_of_job(conn, job.id, Evaluation, Eval, page, iteration)
+    return _evaluation_rows(rows, job.uuid), total
+
+
+def iteration_epochs(
+    store: ResultsStore, job: TrainingJob, iteration: int, page: Page
+) -> tuple[list[dict[str, Any]], int] | None:
+    """One page of the epochs of one iteration and their total, or None when the job has no such
+    iteration."""
+    with store.engine.connect() as conn:
+        exists = conn.scalar(
             select(TrainingIteration.id).where(
                 TrainingIteration.job_id == job.id, TrainingIteration.iteration == iteration
             )
         )
         if exists is None:
             return None
-        return list(
-            s.scalars(
-                select(EpochTrain)
-                .where(EpochTrain.job_id == job.id, EpochTrain.iteration == iteration)
-                .order_by(EpochTrain.epoch)
-            )
-        )
+        return _page_of_job(conn, job.id, Epoch, EpochTrain, page, iteration)
 
 
-def evaluations_of(store: ResultsStore, job: TrainingJob, model: ModelId) -> list[Evaluation]:
-    """The evaluations of one checkpoint, iteration or job (``model``), in checkpoint order."""
-    stmt = select(Eval).where(Eval.job_id == job.id)
+def evaluations_of(
+    store: ResultsStore, job: TrainingJob, model: ModelId, page: Page
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the evaluations of one checkpoint, iteration or job (``model``), in checkpoint
+    order, as plain :class:`Evaluation` dicts, and how many there are."""
+    where = []
     if model.iteration is not None:
-        stmt = stmt.where(Eval.iteration == model.iteration)
+        where.append(Eval.iteration == model.iteration)
     if model.epoch is not None:
-        stmt = stmt.where(Eval.epoch == model.epoch)
-    with store.session() as s:
-        return [Evaluation.of(r, job.uuid) for r in s.scalars(stmt.order_by(Eval.iteration, Eval.epoch))]
+        where.append(Eval.epoch == model.epoch)
+    with store.engine.connect() as conn:
+        rows = _rows_of_job(
+            conn,
+            job.id,
+            Evaluation,
+            Eval,
+            Eval.iteration,
+            Eval.epoch,
+            limit=page.limit,
+            offset=page.offset,
+            where=where,
+        )
+        total = _count_of_job(conn, job.id, Eval, where)
+    return _evaluation_rows(rows, job.uuid), total
 
 
 def latest_evaluations(
@@ -274,6 +417,179 @@ def latest_evaluations(
     stmt = stmt.order_by(Eval.id.desc()).limit(limit).offset(offset)
     with store.session() as s:
         return [Evaluation.of(row, job_uuid) for row, job_uuid in s.execute(stmt).tuples()]
+
+
+def stream_cursor(conn: Connection, job_id: int) -> str:
+    """The job's stream cursor now (``"{last epoch row id}-{last eval row id}"``, :mod:`.stream`):
+    the rows of one job are stored by one ingestion at a time, so none with a lower id comes later."""
+    last = [
+        int(conn.scalar(select(func.coalesce(func.max(table.id), 0)).where(table.job_id == job_id)) or 0)
+        for table in (EpochTrain, Eval)
+    ]
+    return f"{last[0]}-{last[1]}"
+
+
+def _metric_value(table: NamedFromClause, metric: str, dialect: str) -> ColumnElement[Any]:
+    """The number ``metric`` of an epoch row, NULL where it is not a (finite, float-sized) number:
+    ``avg_loss`` is a column, other metrics are keys of the ``metrics`` JSON."""
+    if metric == "avg_loss":
+        return table.c.avg_loss
+    if dialect == "postgresql":
+        node = table.c.metrics[metric]
+        text = node.as_string()
+        # Nested CASEs, evaluated in order (AND is not): only a JSON number is cast, and only one
+        # that fits a float8 (a JSON number may be any size: CAST would fail on 1e400).
+        fits = case((func.abs(cast(text, Numeric)) < 1e300, cast(text, Float)))
+        return case((func.jsonb_typeof(node) == "number", fits))
+    path = f'$."{metric}"'  # METRIC_PATTERN: no quote nor backslash in it
+    number = func.json_type(table.c.metrics, path).in_(["integer", "real"])
+    return case((number, func.json_extract(table.c.metrics, path)))
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _metric_names(rows: Sequence[tuple[float | None, dict[str, Any] | None]]) -> list[str]:
+    """The numeric per-epoch metrics of these (avg_loss, metrics) rows: avg_loss first, then by name."""
+    names: set[str] = set()
+    loss = False
+    for avg_loss, metrics in rows:
+        loss = loss or avg_loss is not None
+        for key, value in (metrics or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                names.add(key)
+    names.discard("avg_loss")
+    return (["avg_loss"] if loss else []) + sorted(names)
+
+
+def metric_series(store: ResultsStore, job: TrainingJob, metric: str, points: int) -> dict[str, Any]:
+    """A per-epoch metric of the job for a chart (a plain :class:`MetricSeries` dict), computed in
+    the database: the last :data:`MAX_SERIES_ITERATIONS` iterations that have epochs, each cut in at
+    most ``points / iterations`` buckets of consecutive epochs with the value at the bucket's last
+    epoch and the bucket's lowest and highest (an iteration with fewer epochs: every epoch). Two
+    scans of the job's epochs (bounds, buckets), whatever their number; the answer holds at most
+    about ``points`` buckets."""
+    epochs = EpochTrain.__table__
+    dialect = store.engine.dialect.name
+    with store.engine.connect() as conn:
+        cursor = stream_cursor(conn, job.id)  # first: what is stored later comes by the stream
+        per_iteration = (
+            select(
+                epochs.c.iteration,
+                func.min(epochs.c.epoch).label("lo"),
+                func.max(epochs.c.epoch).label("hi"),
+                func.count().label("n"),
+            )
+            .where(epochs.c.job_id == job.id)
+            .group_by(epochs.c.iteration)
+            .order_by(epochs.c.iteration.desc())
+            .limit(MAX_SERIES_ITERATIONS)
+        )
+        bounds = conn.execute(per_iteration).all()[::-1]
+        iterations_total = len(bounds)
+        if iterations_total == MAX_SERIES_ITERATIONS:
+            iterations_total = int(
+                conn.scalar(select(func.count(epochs.c.iteration.distinct())).where(epochs.c.job_id == job.id)) or 0
+            )
+        shown = sum(row.n for row in bounds)
+        epochs_total = shown if iterations_total == len(bounds) else _count_of_job(conn, job.id, EpochTrain)
+        buckets = max(1, points // max(1, len(bounds)))
+        rows = conn.execute(_series_stmt(job.id, metric, dialect, buckets, bounds[0].iteration)).all() if bounds else []
+    by_iteration: dict[int, dict[str, Any]] = {
+        b.iteration: {
+            "iteration": b.iteration,
+            "epochs_total": b.n,
+            "epochs": [],
+            "values": [],
+            "low": [],
+            "high": [],
+            "counts": [],
+        }
+        for b in bounds
+    }
+    for row in rows:
+        series = by_iteration[row.iteration]
+        series["epochs"].append(row.last)
+        series["values"].append(_number(row.value))
+        series["low"].append(_number(row.low))
+        series["high"].append(_number(row.high))
+        series["counts"].append(row.n)
+    return {
+        "job_uuid": job.uuid,
+        "metric": metric,
+        "metrics": _metric_names([(row.avg_loss, row.metrics) for row in rows]),
+        "points": buckets,
+        "epochs_total": epochs_total,
+        "iterations_total": iterations_total,
+        "iterations": list(by_iteration.values()),
+        "cursor": cursor,
+    }
+
+
+def _series_stmt(job_id: int, metric: str, dialect: str, buckets: int, first_iteration: int) -> Select:
+    """Per (iteration, bucket) of the job's epochs from ``first_iteration`` on: the bucket's last
+    epoch, lowest and highest value and size, then that last epoch's row (its value, and its
+    avg_loss and metrics for the names of the metrics)."""
+    epochs = EpochTrain.__table__
+    e, r = epochs.alias("e"), epochs.alias("r")
+    bounds = (
+        select(
+            e.c.iteration,
+            func.min(e.c.epoch).label("lo"),
+            func.max(e.c.epoch).label("hi"),
+            func.count().label("n"),
+        )
+        .where(e.c.job_id == job_id, e.c.iteration >= first_iteration)
+        .group_by(e.c.iteration)
+        .subquery("bounds")
+    )
+    # Floats: epoch numbers are INTEGER, their differences and products may not fit one.
+    span = cast(bounds.c.hi, Float) - cast(bounds.c.lo, Float) + 1
+    position = (cast(e.c.epoch, Float) - cast(bounds.c.lo, Float)) * buckets / span
+    # Every epoch its own bucket when they fit (sparse epoch numbers are not merged).
+    whole = func.floor(position) if dialect == "postgresql" else cast(position, Integer)  # >= 0: truncation floors
+    bucket = case((bounds.c.n <= buckets, cast(e.c.epoch, Float)), else_=cast(whole, Float))
+    values = (
+        select(
+            e.c.iteration,
+            e.c.epoch,
+            bucket.label("bucket"),
+            _metric_value(e, metric, dialect).label("value"),
+        )
+        .select_from(e.join(bounds, bounds.c.iteration == e.c.iteration))
+        .where(e.c.job_id == job_id)
+        .subquery("v")
+    )
+    grouped = (
+        select(
+            values.c.iteration,
+            func.max(values.c.epoch).label("last"),
+            func.min(values.c.value).label("low"),
+            func.max(values.c.value).label("high"),
+            func.count().label("n"),
+        )
+        .group_by(values.c.iteration, values.c.bucket)
+        .subquery("g")
+    )
+    return (
+        select(
+            grouped.c.iteration,
+            grouped.c.last,
+            grouped.c.low,
+            grouped.c.high,
+            grouped.c.n,
+            _metric_value(r, metric, dialect).label("value"),
+            r.c.avg_loss,
+            r.c.metrics,
+        )
+        .select_from(
+            grouped.join(
+                r, and_(r.c.job_id == job_id, r.c.iteration == grouped.c.iteration, r.c.epoch == grouped.c.last)
+            )
+        )
+        .order_by(grouped.c.iteration, grouped.c.last)
+    )
 
 
 def artifact(store: ResultsStore, job: TrainingJob, artifact_id: int) -> Artifact | None:
@@ -333,7 +649,7 @@ def model_details(
     """The champion and the decisions (newest first) of a model name, of ``readable`` DAGs (None:
     every DAG), as a plain :class:`ModelDetails` dict; None when it has no such decision. The
     previous champion's job uuid is left out (null) when that job's DAG is not readable."""
-    if readable is not None and not readable:
+    if (readable is not None and not readable) or _has_nul(name):
         return None
     previous = TrainingJob.__table__.alias("previous")
     page = (

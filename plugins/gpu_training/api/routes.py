@@ -1,42 +1,51 @@
 """The endpoints of the results API (``/training/v1/...`` once mounted).
 
-DB work runs in FastAPI's thread pool (plain ``def`` endpoints, ``run_in_threadpool`` in the
-stream), never on the api-server's event loop.
+Every request is authenticated first (the router's first dependency: 401 before anything else, the
+results DB untouched), a state-changing one made with the session cookie then checked for its
+origin (:func:`gpu_training.api.auth.same_origin_unless_bearer`). DB work runs in FastAPI's thread
+pool (plain ``def`` endpoints, ``run_in_threadpool`` in the stream), never on the api-server's event
+loop, and every answer is bounded: a job's epochs and evaluations come a page at a time.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+from airflow.api_fastapi.core_api.security import get_user
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import BeforeValidator
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
-from gpu_training.api import commands, queries, trainer_log
-from gpu_training.api.auth import DagAccess, DagAccessDep
+from gpu_training.api import commands, output_files, queries, trainer_log
+from gpu_training.api.auth import DagAccess, DagAccessDep, same_origin_unless_bearer
 from gpu_training.api.db import StoreDep
 from gpu_training.api.schemas import (
-    Epoch,
-    Evaluation,
+    EpochPage,
     EvaluationList,
+    EvaluationPage,
     IterationEpochs,
     Job,
     JobDetails,
     JobList,
     JobLog,
+    MetricSeries,
     ModelDetails,
     ModelList,
 )
-from gpu_training.api.stream import StreamSettings, job_events
+from gpu_training.api.stream import CURSOR_PATTERN, StreamSettings, job_events
+from gpu_training.errors import StorageError
 from gpu_training.results.models import JOB_STATUSES, TrainingJob
 from gpu_training.results.store import ResultsStore
 from gpu_training.storage import parse_uri, presigned_get_url
+
+log = logging.getLogger(__name__)
 
 
 def single_valued_query(request: Request) -> None:
@@ -57,7 +66,11 @@ def single_valued_query(request: Request) -> None:
         )
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(single_valued_query)])
+# In this order: who asks (401), whether a cookie's request comes from our pages (403), then the rest.
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(get_user), Depends(same_origin_unless_bearer), Depends(single_valued_query)],
+)
 
 #: Lifetime of a presigned artifact URL.
 PRESIGNED_EXPIRY_SECONDS = 600
@@ -69,7 +82,7 @@ MODEL_NOT_FOUND: Responses = {404: {"description": "no decision of this model na
 FORBIDDEN: Responses = {
     401: {"description": "not authenticated"},
     403: {"description": "no access to the job's DAG"},
-    503: {"description": "the results database is unreachable or not migrated"},
+    503: {"description": "the results database is unreachable or not migrated (the body names no location)"},
 }
 
 #: The widest integer a results DB column holds (SQLite INTEGER, PostgreSQL BIGINT): a larger one
@@ -81,6 +94,8 @@ INT32_MAX = 2**31 - 1
 Limit = Annotated[int, Query(ge=1, le=500, description="page size, 1 to 500")]
 Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]
 DbInt = Annotated[int, PathParam(ge=-INT64_MAX - 1, le=INT64_MAX)]
+RowLimit = Annotated[int, Query(ge=1, le=queries.MAX_PAGE, description=f"page size, 1 to {queries.MAX_PAGE}")]
+IterationFilter = Annotated[int | None, Query(ge=-INT64_MAX - 1, le=INT64_MAX, description="only this iteration's")]
 
 
 def _not_a_number(value: Any) -> Any:
@@ -176,9 +191,104 @@ def get_job(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Job:
 
 
 @router.get("/jobs/{job_uuid}/details", response_model=JobDetails, responses={**NOT_FOUND, **FORBIDDEN})
-def get_job_details(job_uuid: str, store: StoreDep, access: DagAccessDep) -> Response:
-    """The job with its iterations (steps, epochs, evaluations), artifacts and instances."""
-    return json_response(queries.job_details(store, readable_job(store, access, job_uuid)))
+def get_job_details(
+    job_uuid: str,
+    store: StoreDep,
+    access: DagAccessDep,
+    epochs_limit: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=queries.MAX_PAGE,
+            description=f"at most this many epochs, in (iteration, epoch) order (0 to {queries.MAX_PAGE}; 0: none)",
+        ),
+    ] = queries.DETAILS_PAGE,
+    epochs_offset: Annotated[int, Query(ge=0, le=INT64_MAX, description="after this many epochs")] = 0,
+    evals_limit: Annotated[
+        int,
+        Query(ge=0, le=queries.MAX_PAGE, description="at most this many evaluations, in (iteration, epoch) order"),
+    ] = queries.DETAILS_PAGE,
+    evals_offset: Annotated[int, Query(ge=0, le=INT64_MAX, description="after this many evaluations")] = 0,
+) -> Response:
+    """The job with its iterations (steps, and one page of its epochs and of its evaluations: by
+    default the first 500 of each), artifacts and instances, with ``epochs_total``, ``evals_total``
+    and the latest evaluation. The rest of the epochs and evaluations: ``epochs_offset`` /
+    ``evals_offset``, ``/epochs``, ``/evaluations``, or a chart's ``/series``."""
+    job = readable_job(store, access, job_uuid)
+    page = queries.job_details(
+        store,
+        job,
+        epochs=queries.Page(epochs_limit, epochs_offset),
+        evals=queries.Page(evals_limit, evals_offset),
+    )
+    return json_response(page)
+
+
+@router.get("/jobs/{job_uuid}/epochs", response_model=EpochPage, responses={**NOT_FOUND, **FORBIDDEN})
+def get_job_epochs(
+    job_uuid: str,
+    store: StoreDep,
+    access: DagAccessDep,
+    iteration: IterationFilter = None,
+    limit: RowLimit = queries.DETAILS_PAGE,
+    offset: Offset = 0,
+) -> Response:
+    """The job's epochs a page at a time, in (iteration, epoch) order, and how many there are."""
+    job = readable_job(store, access, job_uuid)
+    rows, total = queries.epochs_page(store, job, queries.Page(limit, offset), iteration)
+    return json_response(
+        {"job_uuid": job.uuid, "iteration": iteration, "epochs": rows, "total": total, "limit": limit, "offset": offset}
+    )
+
+
+@router.get("/jobs/{job_uuid}/evaluations", response_model=EvaluationPage, responses={**NOT_FOUND, **FORBIDDEN})
+def get_job_evaluations(
+    job_uuid: str,
+    store: StoreDep,
+    access: DagAccessDep,
+    iteration: IterationFilter = None,
+    limit: RowLimit = queries.DETAILS_PAGE,
+    offset: Offset = 0,
+) -> Response:
+    """The job's evaluations a page at a time, in (iteration, epoch) order, and how many there are."""
+    job = readable_job(store, access, job_uuid)
+    rows, total = queries.evaluations_page(store, job, queries.Page(limit, offset), iteration)
+    return json_response(
+        {
+            "job_uuid": job.uuid,
+            "iteration": iteration,
+            "evaluations": rows,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+    )
+
+
+@router.get("/jobs/{job_uuid}/series", response_model=MetricSeries, responses={**NOT_FOUND, **FORBIDDEN})
+def get_metric_series(
+    job_uuid: str,
+    store: StoreDep,
+    access: DagAccessDep,
+    metric: Annotated[
+        str,
+        Query(pattern=queries.METRIC_PATTERN, description="avg_loss, or a key of the epochs' metrics"),
+    ] = "avg_loss",
+    points: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=queries.MAX_SERIES_POINTS,
+            description="buckets in all, shared by the iterations shown (each gets at least one)",
+        ),
+    ] = 500,
+) -> Response:
+    """A per-epoch metric for a chart, downsampled in the database: the last 50 iterations with
+    epochs, each in buckets of consecutive epochs (the value at the bucket's last epoch, its lowest
+    and highest), every epoch when they fit; with the names of the metrics and the stream cursor to
+    follow the job from."""
+    job = readable_job(store, access, job_uuid)
+    return json_response(queries.metric_series(store, job, metric, points))
 
 
 @router.get("/jobs/{job_uuid}/log", response_model=JobLog, responses={**NOT_FOUND, **FORBIDDEN})
@@ -216,12 +326,18 @@ def get_iteration_epochs(
     iteration: DbInt,
     store: StoreDep,
     access: DagAccessDep,
-) -> IterationEpochs:
+    limit: RowLimit = queries.DETAILS_PAGE,
+    offset: Offset = 0,
+) -> Response:
+    """The epochs of one iteration a page at a time (by default its first 500), and their total."""
     job = readable_job(store, access, job_uuid)
-    epochs = queries.iteration_epochs(store, job, iteration)
-    if epochs is None:
+    found = queries.iteration_epochs(store, job, iteration, queries.Page(limit, offset))
+    if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.uuid} has no iteration {iteration}")
-    return IterationEpochs(job_uuid=job.uuid, iteration=iteration, epochs=[Epoch.of(e) for e in epochs])
+    rows, total = found
+    return json_response(
+        {"job_uuid": job.uuid, "iteration": iteration, "epochs": rows, "total": total, "limit": limit, "offset": offset}
+    )
 
 
 @router.get("/evaluations", response_model=EvaluationList, responses=FORBIDDEN)
@@ -241,8 +357,8 @@ def list_evaluations(
     offset: Offset = 0,
 ) -> EvaluationList:
     if model_id is None:
-        rows = queries.latest_evaluations(store, readable=readable_dags(store, access), limit=limit, offset=offset)
-        return EvaluationList(evaluations=rows, limit=limit, offset=offset)
+        latest = queries.latest_evaluations(store, readable=readable_dags(store, access), limit=limit, offset=offset)
+        return EvaluationList(evaluations=latest, limit=limit, offset=offset, total=None)
     try:
         model = queries.ModelId.parse(model_id)
     except ValueError as err:  # the pattern let it through: still the documented 422 body
@@ -250,11 +366,11 @@ def list_evaluations(
             [{"type": "value_error", "loc": ("query", "model_id"), "msg": str(err), "input": model_id}]
         ) from err
     job = queries.job(store, model.job_uuid)
-    found: list[Evaluation] = []
-    if job is not None:
-        access.require_read(job.dag_id)
-        found = queries.evaluations_of(store, job, model)
-    return EvaluationList(evaluations=found[offset : offset + limit], limit=limit, offset=offset)
+    if job is None:
+        return EvaluationList(evaluations=[], limit=limit, offset=offset, total=0)
+    access.require_read(job.dag_id)
+    found, total = queries.evaluations_of(store, job, model, queries.Page(limit, offset))
+    return EvaluationList.model_validate({"evaluations": found, "limit": limit, "offset": offset, "total": total})
 
 
 @router.get("/models", response_model=ModelList, responses=FORBIDDEN)
@@ -290,20 +406,28 @@ def get_artifact(
     artifact_id: DbInt,
     store: StoreDep,
     access: DagAccessDep,
-) -> RedirectResponse | FileResponse:
-    """Download an artifact: s3:// through a presigned URL (valid 10 minutes), file:// streamed."""
+) -> RedirectResponse | StreamingResponse:
+    """Download an artifact: s3:// through a presigned URL (valid 10 minutes), file:// streamed when
+    it is a regular file inside the job's outputs folder (its path resolved, symlinks included;
+    anything else is 404, not available)."""
     job = readable_job(store, access, job_uuid)
     row = queries.artifact(store, job, artifact_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.uuid} has no artifact {artifact_id}")
-    loc = parse_uri(row.uri)
-    if loc.scheme == "s3":
+    if parse_uri(row.uri).scheme == "s3":
         url = presigned_get_url(row.uri, expires_in=PRESIGNED_EXPIRY_SECONDS)
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    path = Path(loc.path)
-    if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"artifact {row.name} of job {job.uuid} is gone ({row.uri})")
-    return FileResponse(path, filename=Path(row.name).name, media_type="application/octet-stream")
+    try:
+        opened = output_files.open_output_file(job, row)
+    except StorageError as err:
+        # The reason (with its paths) is for the api-server's log, not for the client.
+        log.info("artifact %s of job %s not served: %s", row.id, job.uuid, err)
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"artifact {row.id} of job {job.uuid} is not available: gone, or not a regular file inside "
+            "the job's outputs folder",
+        ) from None
+    return output_files.file_response(opened, filename=Path(row.name).name)
 
 
 @router.post(
@@ -339,12 +463,20 @@ async def stream_job(
     store: StoreDep,
     access: DagAccessDep,
     last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            pattern=CURSOR_PATTERN,
+            description='only rows stored after this cursor ("{epoch row id}-{eval row id}", e.g. a series\' '
+            "`cursor`); a reconnect's Last-Event-ID wins",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """Events of the job as they are stored; the stream ends after the job's terminal status."""
     job = await run_in_threadpool(readable_job, store, access, job_uuid)
     settings: StreamSettings = getattr(request.app.state, "stream_settings", StreamSettings())
     return StreamingResponse(
-        job_events(store, job, settings, last_event_id),
+        job_events(store, job, settings, last_event_id or after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -159,6 +159,20 @@ class EvaluationList(BaseModel):
     evaluations: list[Evaluation]
     limit: int
     offset: int
+    total: int | None = Field(
+        None, description="evaluations of the model id (null without one: the latest of every job are not counted)"
+    )
+
+
+class EvaluationPage(BaseModel):
+    """A page of a job's evaluations in checkpoint order (iteration, then epoch)."""
+
+    job_uuid: str
+    iteration: int | None = Field(description="only this iteration's (null: every iteration's)")
+    evaluations: list[Evaluation]
+    total: int = Field(description="evaluations of the job (of the iteration)")
+    limit: int
+    offset: int
 
 
 class Iteration(BaseModel):
@@ -176,6 +190,52 @@ class IterationEpochs(BaseModel):
     job_uuid: str
     iteration: int
     epochs: list[Epoch]
+    total: int = Field(0, description="epochs of the iteration")
+    limit: int = 0
+    offset: int = 0
+
+
+class EpochPage(BaseModel):
+    """A page of a job's epochs in training order (iteration, then epoch)."""
+
+    job_uuid: str
+    iteration: int | None = Field(description="only this iteration's (null: every iteration's)")
+    epochs: list[Epoch]
+    total: int = Field(description="epochs of the job (of the iteration)")
+    limit: int
+    offset: int
+
+
+class IterationSeries(BaseModel):
+    """One iteration's curve of a metric: every epoch, or when it has more epochs than ``points``
+    buckets of consecutive epochs (each with its last epoch's value and the lowest and highest)."""
+
+    iteration: int
+    epochs_total: int = Field(description="epochs stored in the iteration")
+    epochs: list[int] = Field(description="x: the last epoch of each bucket (each epoch when not downsampled)")
+    values: list[float | None] = Field(description="the metric at that epoch (null: not a number there)")
+    low: list[float | None] = Field(description="the lowest value in the bucket")
+    high: list[float | None] = Field(description="the highest value in the bucket")
+    counts: list[int] = Field(description="epochs in the bucket (1: not downsampled)")
+
+
+class MetricSeries(BaseModel):
+    """A per-epoch metric of a job, downsampled in the database for a chart."""
+
+    job_uuid: str
+    metric: str
+    metrics: list[str] = Field(
+        description="the numeric per-epoch metrics of the epochs sampled here (every epoch when not downsampled): "
+        "avg_loss first, then by name"
+    )
+    points: int = Field(description="at most this many buckets per iteration")
+    epochs_total: int = Field(description="epochs of the job")
+    iterations_total: int = Field(description="iterations with epochs (only the last ones are in `iterations`)")
+    iterations: list[IterationSeries]
+    cursor: str = Field(
+        description="the stream cursor read before the series: GET .../stream?after=<cursor> sends what was stored "
+        "since (epoch rows it also has are in the series already)"
+    )
 
 
 class ArtifactInfo(BaseModel):
@@ -222,7 +282,7 @@ class InstanceInfo(BaseModel):
 
 
 class JobDetails(Job):
-    """The job with everything stored about it."""
+    """The job with what is stored about it: its epochs and evaluations one page at a time."""
 
     iterations: list[Iteration]
     artifacts: list[ArtifactInfo]
@@ -234,6 +294,15 @@ class JobDetails(Job):
         description="the training config the trainer reported (GROUP_ITERATION start); null when none"
     )
     outputs_uri: str | None = Field(description="where the job's outputs are uploaded (`<outputs_uri>/<job uuid>`)")
+    epochs_total: int = Field(0, description="epochs of the job: `iterations` hold one page of them")
+    epochs_limit: int = Field(0, description="the page of epochs: at most this many, in (iteration, epoch) order")
+    epochs_offset: int = Field(0, description="the page of epochs starts after this many")
+    evals_total: int = Field(0, description="evaluations of the job: `iterations` hold one page of them")
+    evals_limit: int = 0
+    evals_offset: int = 0
+    iterations_total: int = Field(0, description="iterations of the job (the first ones are in `iterations`)")
+    artifacts_total: int = Field(0, description="artifacts of the job (the first ones by name are in `artifacts`)")
+    latest_evaluation: Evaluation | None = Field(None, description="the last evaluation (by iteration, then epoch)")
 
 
 class JobLog(BaseModel):

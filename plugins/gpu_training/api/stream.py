@@ -7,7 +7,9 @@ rows stored before it, a last ``status`` event is sent and the stream ends. The 
 about once a second in a worker thread; a comment line keeps idle connections open.
 
 Each event's ``id`` is the cursor ``"{last epoch row id}-{last eval row id}"``: a client that
-reconnects with ``Last-Event-ID`` gets only rows stored after it.
+reconnects with ``Last-Event-ID`` gets only rows stored after it, and one that already read the job's
+rows (a chart's series, which says its cursor) opens the stream with ``?after=<cursor>``. A results
+DB that goes away mid-stream ends the stream (logged): the browser's EventSource reconnects.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from gpu_training.api import queries
@@ -29,7 +33,11 @@ from gpu_training.results.models import TERMINAL_STATUSES, TrainingJob
 from gpu_training.results.store import ResultsStore
 
 BATCH = 500
+#: A cursor: ``"{epoch row id}-{eval row id}"``.
+CURSOR_PATTERN = r"^\d{1,18}-\d{1,18}$"
 _CURSOR = re.compile(r"^(\d{1,18})-(\d{1,18})$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +90,13 @@ async def job_events(
     sent = _outcome(job)
     last_write = time.monotonic()
     while True:
-        found = await run_in_threadpool(
-            queries.rows_after, store, job.id, epoch_id=cursor.epoch_id, eval_id=cursor.eval_id, limit=BATCH
-        )
+        try:
+            found = await run_in_threadpool(
+                queries.rows_after, store, job.id, epoch_id=cursor.epoch_id, eval_id=cursor.eval_id, limit=BATCH
+            )
+        except SQLAlchemyError as err:
+            log.warning("stream of job %s ended: the results database is unavailable: %s", job.uuid, err)
+            return
         if found is None:  # the job was deleted
             return
         for epoch in found.epochs:

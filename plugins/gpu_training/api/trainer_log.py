@@ -2,20 +2,18 @@
 
 While the job has not ended they are the ``training_jobs.log_tail`` the follower keeps (the last
 ~32 KiB, ``[node N] `` prefixed on a multi-node job). Once it ended they are the end of the uploaded
-``logs/trainer.log``: ``file://`` read from the end of that one file (resolved, a regular file inside
-the job's outputs folder: a symlink never leads elsewhere), ``s3://`` by one ranged GET of its last
-bytes. A log that cannot be read falls back to the stored tail, saying why.
+``logs/trainer.log``: ``file://`` read from the end of that one file (only a regular file inside the
+job's outputs folder, as an artifact download: :mod:`gpu_training.api.output_files`), ``s3://`` by
+one ranged GET of its last bytes. A log that cannot be read falls back to the stored tail, saying why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import stat
 from datetime import datetime
-from pathlib import Path
 from typing import Literal
 
+from gpu_training.api.output_files import open_output_file, read_tail
 from gpu_training.errors import StorageError
 from gpu_training.follow import LOG_LINE_CHARS, LOG_TAIL_BYTES
 from gpu_training.hosts.base import LOG_PATH
@@ -62,32 +60,6 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
-def read_file_tail(path: Path, root: Path, max_bytes: int) -> tuple[bytes, int]:
-    """The last ``max_bytes`` of ``path`` and its size. Only a regular file that resolves inside
-    ``root`` (the job's outputs folder) is read: a symlink out of it is refused (StorageError)."""
-    try:
-        resolved = path.resolve(strict=True)
-        inside = resolved.is_relative_to(root.resolve(strict=True))
-    except (OSError, RuntimeError) as err:
-        raise StorageError(f"{path}: {err}") from err
-    if not inside:
-        raise StorageError(f"{path}: resolves to {resolved}, outside the job's outputs folder {root}")
-    try:
-        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as err:
-        raise StorageError(f"{path}: {err}") from err
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise StorageError(f"{path}: not a regular file")
-        start = max(0, info.st_size - max_bytes)
-        return os.pread(fd, info.st_size - start, start), info.st_size
-    except OSError as err:
-        raise StorageError(f"{path}: {err}") from err
-    finally:
-        os.close(fd)
-
-
 def read_s3_tail(uri: str, max_bytes: int) -> tuple[bytes, int]:
     """The last ``max_bytes`` of an ``s3://`` object (one ranged GET) and its size."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -104,19 +76,24 @@ def read_s3_tail(uri: str, max_bytes: int) -> tuple[bytes, int]:
     return data, int(total) if total.isdigit() else len(data)
 
 
-def uploaded_tail(artifact: Artifact) -> tuple[str, bool]:
+def read_file_tail(job: TrainingJob, artifact: Artifact, max_bytes: int) -> tuple[bytes, int]:
+    """The last ``max_bytes`` of a ``file://`` artifact of the job and its size (StorageError when it
+    is not a regular file inside the job's outputs folder)."""
+    opened = open_output_file(job, artifact)
+    try:
+        return read_tail(opened, max_bytes), opened.size
+    finally:
+        opened.close()
+
+
+def uploaded_tail(job: TrainingJob, artifact: Artifact) -> tuple[str, bool]:
     """The end of the uploaded log from the start of a line, and whether the log has more before it."""
     # One byte more than shown: when it is a newline, the first line shown is whole.
     max_bytes = READ_BYTES + 1
-    loc = parse_uri(artifact.uri)
-    if loc.scheme == "s3":
+    if parse_uri(artifact.uri).scheme == "s3":
         data, size = read_s3_tail(artifact.uri, max_bytes)
     else:
-        path = Path(loc.path)
-        # The job's outputs folder: the artifact's path without its name (``logs/trainer.log``).
-        depth = len(Path(artifact.name).parts)
-        root = path.parents[depth - 1] if 0 < depth <= len(path.parents) else path.parent
-        data, size = read_file_tail(path, root, max_bytes)
+        data, size = read_file_tail(job, artifact, max_bytes)
     earlier = size > len(data)
     if earlier and (newline := data.find(b"\n")) >= 0:
         data = data[newline + 1 :]  # the end of a line whose start was not read
@@ -128,7 +105,7 @@ def job_log(job: TrainingJob, uploaded: Artifact | None, count: int) -> LogLines
     detail = None
     if job.status in TERMINAL_STATUSES and uploaded is not None:
         try:
-            text, cut = uploaded_tail(uploaded)
+            text, cut = uploaded_tail(job, uploaded)
         except StorageError as err:
             detail = f"the uploaded log could not be read: {err}"
         else:
