@@ -50,7 +50,7 @@ def cluster(
         "GPU_TRAINING_RETRAINING_DIR": str(retraining_dir),
         # New data arrives as file:// under incoming/ (test_retraining_cluster.py): the deployment's policy.
         "AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS": str(retraining_dir / "incoming"),
-        # A webhook whose URL holds its token and answers nothing (test_secrets_in_logs.py).
+        # A webhook whose URL holds its token and answers nothing (test_airflow_views.py).
         "AIRFLOW_CONN_TOKEN_HOOK": json.dumps({"conn_type": "http", "host": TOKEN_HOOK_URL, "extra": {"timeout": 2}}),
     }
     # The results DB: SQLite in the deployment's home, or with RESULTS_DB=postgresql a PostgreSQL

@@ -3,6 +3,7 @@
 - a dag run's "Training" tab (the plugin's ``dag_run`` external view) shows its job in place;
 - every task of the job has a "Training job" extra link (registered by the plugin, built by the
   api-server from the task's key) that opens the job in the Training jobs page;
+- a webhook whose URL holds its token never shows it in a log (worker or triggerer);
 - a run marked failed in Airflow is a cancel: the run gets a note saying who cancelled which job,
   the API's ``cancelled_by`` names that user, and teardown kept the trainer log, which the job
   page shows as the uploaded log.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import requests
 from gpu_training.results.store import ResultsStore
 from tests.airflow_cluster import AirflowCluster
 
-from . import DAG_ID
+from . import DAG_ID, TOKEN_HOOK_URL
 from .chromium import needs_chromium, sign_in, start_chromium, wait_for
 
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -32,6 +34,7 @@ pytestmark = [pytest.mark.e2e, needs_chromium]
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPTED = REPO / "tests" / "fixtures" / "scripted_trainer.py"
+TOKEN_HOOK_SECRETS = ("cluster-path-token-3c9f1e", "cluster-query-secret-8a2d", TOKEN_HOOK_URL)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +49,13 @@ def browser(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def finished(cluster: AirflowCluster, store: ResultsStore) -> dict[str, str]:
-    """A job that trained 3 epochs and completed: its run id and uuid."""
+    """A job that trained 3 epochs and completed: its run id and uuid. It also notified a webhook
+    whose URL holds its token and where nothing answers (the deployment's ``token_hook``)."""
     conf = {
         "project_id": f"views-{time.time_ns()}",
-        "command": ["{python}", str(SCRIPTED), "ok", "3"],
+        "command": ["{python}", str(SCRIPTED), "ok", "3", "0.5"],
+        "notify": ["webhook://token_hook"],
+        "notify_every_epochs": 1,
         "poll_interval_seconds": 1,
     }
     run_id = cluster.trigger(DAG_ID, conf)
@@ -106,6 +112,28 @@ def test_each_task_of_a_job_links_to_its_job_view(
     assert finished["uuid"] in view.text
     browser.switch_to.default_content()
     browser.save_screenshot(str(tmp_path / "extra-link-job-view.png"))
+
+
+def test_a_webhook_token_in_its_url_is_masked_in_the_logs(
+    cluster: AirflowCluster, store: ResultsStore, finished: dict[str, str]
+) -> None:
+    """The HTTP hook logs the URL it fails to reach; the notifier hands every part of it to
+    Airflow's log maskers first (the Task SDK's in the worker, the core one in the triggerer): the
+    end is told by finalize on a worker (its task log), progress by the follower in the triggerer
+    (in a thread, whose lines land in the triggerer's own log). A failing notifier fails nothing."""
+    rows = store.notifications(finished["uuid"])
+    assert {(n.event, n.status) for n in rows} >= {("completed", "failed"), ("progress", "failed")}, rows
+    run_id = finished["run_id"]
+    finalize = json.dumps(cluster.task_log_entries(DAG_ID, run_id, "finalize"))
+    triggerer = (cluster.logs / "triggerer.log").read_text(errors="replace")
+    for where, text in (("finalize's task log", finalize), ("the triggerer's log", triggerer)):
+        assert "Tenacity will retry" in text, f"{where}: the hook's failure was not logged at all"
+        assert "/***?***" in text, where
+        for secret in TOKEN_HOOK_SECRETS:
+            assert secret not in text, (where, secret)
+    sense = json.dumps(cluster.task_log_entries(DAG_ID, run_id, "sense_progress"))
+    for secret in TOKEN_HOOK_SECRETS:
+        assert secret not in sense and all(secret not in (n.error or "") for n in rows), secret
 
 
 def test_a_run_marked_failed_in_airflow_notes_who_cancelled_and_keeps_the_log(

@@ -93,8 +93,14 @@ def submitted_run(driver: Any, cluster: AirflowCluster, before: set[str]) -> dic
     return dict(cluster.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json())
 
 
-def test_the_form_submits_with_its_defaults_and_the_job_trains(
-    browser: Any, cluster: AirflowCluster, store: ResultsStore, tmp_path: Path
+@pytest.fixture(scope="module")
+def submitted() -> dict[str, dict[str, Any]]:
+    """The runs the form created, checked at the end of the module (they train meanwhile)."""
+    return {}
+
+
+def test_the_form_submits_with_its_defaults(
+    browser: Any, cluster: AirflowCluster, submitted: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     form = open_form(browser, cluster)
     browser.save_screenshot(str(tmp_path / "trigger-form.png"))
@@ -108,21 +114,19 @@ def test_the_form_submits_with_its_defaults_and_the_job_trains(
 
     run = submitted_run(browser, cluster, run_ids(cluster))
     assert run["conf"]["project_id"] == "demo" and run["conf"]["gpu"] is None
-    assert cluster.wait_run(DAG_ID, run["dag_run_id"], timeout=240) == "success"
-    [job_uuid] = store.jobs_for_run(DAG_ID, run["dag_run_id"])
-    job = store.job(job_uuid)
-    assert (job.status, job.project_id, job.provider) == ("completed", "demo", "local")
-    assert job.params["gpu"] == "" and job.params["max_runtime_minutes"] == 120
+    submitted["defaults"] = run
 
 
-def test_the_form_submits_with_only_the_project_typed(browser: Any, cluster: AirflowCluster, tmp_path: Path) -> None:
+def test_the_form_submits_with_only_the_project_typed(
+    browser: Any, cluster: AirflowCluster, submitted: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     open_form(browser, cluster)
     project = f"form-project-{time.time_ns()}"
     type_into(browser.find_element(By.ID, "element_project_id"), project)
     browser.save_screenshot(str(tmp_path / "trigger-form-project.png"))
     run = submitted_run(browser, cluster, run_ids(cluster))
     assert run["conf"]["project_id"] == project
-    assert cluster.wait_task_state(DAG_ID, run["dag_run_id"], "register_job", ("success",), timeout=120) == "success"
+    submitted["project"] = run
 
 
 @pytest.mark.parametrize(
@@ -193,3 +197,17 @@ def test_a_provider_without_its_connection_is_refused_before_provisioning(
     browser.get(f"{cluster.base_url}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/register_job")
     wait_for("the task's log", lambda: "runpod_default" in browser.find_element(By.TAG_NAME, "body").text, 60)
     browser.save_screenshot(str(tmp_path / "register-job-refused.png"))
+
+
+def test_the_runs_submitted_from_the_form_trained(
+    cluster: AirflowCluster, store: ResultsStore, submitted: dict[str, dict[str, Any]]
+) -> None:
+    """Last: the two runs the form created trained the reference trainer to the end."""
+    assert set(submitted) == {"defaults", "project"}
+    for key, run in submitted.items():
+        assert cluster.wait_run(DAG_ID, run["dag_run_id"], timeout=240) == "success", key
+        [job_uuid] = store.jobs_for_run(DAG_ID, run["dag_run_id"])
+        job = store.job(job_uuid)
+        assert (job.status, job.project_id, job.provider) == ("completed", run["conf"]["project_id"], "local")
+        assert job.params["gpu"] == "" and job.params["max_runtime_minutes"] == 120
+        assert store.epoch_count(job_uuid) > 0
