@@ -453,7 +453,11 @@ def test_ssh_stream_broken_falls_back_to_polling(
         trainer.epoch(1)
         await until(lambda: epochs(store) == [1])
         # the remote tail dies (OOM killer, an admin): the host still answers
-        subprocess.run(["pkill", "-f", f"tail -c .* -F -- {host.workdir}/outputs/global.json"], check=True)
+        streams = subprocess.run(
+            ["pgrep", "-f", f"{host.workdir} outputs/global.json"], capture_output=True, text=True, check=True
+        )
+        for stream in streams.stdout.split():
+            subprocess.run(["pkill", "-P", stream, "-x", "tail"], check=False)
         await until(lambda: f.stream_failures >= 1)
         trainer.epoch(2)
         await until(lambda: epochs(store) == [1, 2])

@@ -29,10 +29,11 @@ import logging
 import os
 import random
 import shlex
+import stat
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -54,6 +55,11 @@ LOCAL_TICK_SECONDS = 0.1
 LOG_BURST_LINES = 400
 LOG_LINES_PER_SECOND = 40.0
 LOG_LINE_CHARS = 1000
+#: A trainer log line is cut here (its start kept, the rest counted): a line without a newline
+#: costs a bounded copy, whatever its length.
+LOG_LINE_BYTES = 64 * 1024
+#: The longest the lines of one log hold the triggerer's event loop before it runs other tasks.
+LOG_SLICE_SECONDS = 0.005
 #: How much of an existing trainer log is shown when following starts (e.g. after a restart).
 LOG_REPLAY_BYTES = 64 * 1024
 #: The trainer log's last lines kept on the job row for the job page (``training_jobs.log_tail``),
@@ -77,6 +83,16 @@ class StreamBroken(Exception):
     """A ``tail -F`` stream ended or failed while the host still answers."""
 
 
+class NotRegularFile(Exception):
+    """A followed file is not a regular file (a symlink, a FIFO, a device...) or is reached through
+    a symlink: it is never read. ``global.json`` so refused fails the job; a log is not shown."""
+
+    def __init__(self, relpath: str, what: str) -> None:
+        super().__init__(f"{relpath} is not a regular file ({what or 'unknown'})")
+        self.relpath = relpath
+        self.what = what
+
+
 @dataclasses.dataclass(frozen=True)
 class FollowSpec:
     job_uuid: str
@@ -93,6 +109,8 @@ class FollowSpec:
     #: When the job's instances reach ``max_cost_usd`` (None: no cost limit).
     cost_deadline: datetime | None = None
     max_cost_usd: float = 0
+    #: The most metric rows the job may store; None: the deployment's ``max_metric_rows_per_job``.
+    max_metric_rows: int | None = None
 
 
 @dataclasses.dataclass
@@ -165,16 +183,20 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
         """New bytes of ``relpath`` from ``offset`` as they are written (waiting for the file to
-        appear); raises :class:`StreamBroken` when the stream breaks."""
+        appear); raises :class:`StreamBroken` when the stream breaks, :class:`NotRegularFile` when
+        the file is not a regular file reached without symlinks (then or later: never followed)."""
 
     async def size(self, relpath: str) -> int:
-        """The file's size; 0 when it does not exist."""
-        _, out, _ = await self.script('stat -c %s -- "$1" 2>/dev/null || echo 0', f"{self.workdir}/{relpath}")
+        """The file's size; 0 when it does not exist; :class:`NotRegularFile` when it is not one."""
+        status, out, err = await self.script(_OPEN_REGULAR + _SIZE_SCRIPT, self.workdir, relpath)
+        if status == NOT_REGULAR_STATUS:
+            raise NotRegularFile(relpath, err.strip())
         return int(out.split()[0]) if out.split() and out.split()[0].isdigit() else 0
 
     @abc.abstractmethod
     async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` from ``offset``; empty when there are none or no file."""
+        """Up to ``max_bytes`` from ``offset``; empty when there are none or no file;
+        :class:`NotRegularFile` when it is not a regular file reached without symlinks."""
 
     @abc.abstractmethod
     async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
@@ -207,7 +229,7 @@ class _LocalWatch:
         while self._waiting:
             await asyncio.sleep(LOCAL_TICK_SECONDS)
             for path, size, future in list(self._waiting):
-                if not future.done() and _size(path) > size:
+                if not future.done() and not 0 <= _size(path) <= size:  # grew, or is no file to read
                     future.set_result(None)
 
 
@@ -232,24 +254,34 @@ class LocalSource(Source):
         return os.path.join(self.workdir, relpath)
 
     async def size(self, relpath: str) -> int:
-        return _size(self._path(relpath))
+        fd = open_regular(self.workdir, relpath)
+        if fd is None:
+            return 0
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     async def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
         path = self._path(relpath)
         while True:
-            if _size(path) > offset:
-                data = await self.read(relpath, offset, BATCH_BYTES)
+            size = _size(path)
+            # A name that is not a regular file is read too: the read refuses it and says what it is.
+            data = await self.read(relpath, offset, BATCH_BYTES) if not 0 <= size <= offset else b""
+            if data:
                 offset += len(data)
                 yield data
             else:
                 await _local_watch().grown(path, offset)
 
     async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
-        try:
-            with open(self._path(relpath), "rb") as fh:
-                return os.pread(fh.fileno(), max_bytes, offset)
-        except FileNotFoundError:
+        fd = open_regular(self.workdir, relpath)
+        if fd is None:
             return b""
+        try:
+            return os.pread(fd, max_bytes, offset)
+        finally:
+            os.close(fd)
 
     async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -265,10 +297,141 @@ class LocalSource(Source):
 
 
 def _size(path: str) -> int:
+    """The size of a regular file (symlinks not followed); 0 when there is none; -1 for any other
+    kind of file (a symlink, a FIFO...)."""
     try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
+
+
+_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_regular(workdir: str, relpath: str) -> int | None:
+    """A read-only descriptor of ``workdir/relpath``, opened without following a symlink in any part
+    of ``relpath`` and checked to be a regular file (never a FIFO's blocking open, a device, or a
+    file swapped in between the check and the open); ``None`` when it does not exist. Raises
+    :class:`NotRegularFile` saying what it is instead."""
+    *folders, name = relpath.split("/")
+    try:
+        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        for folder in folders:
+            try:
+                st = os.stat(folder, dir_fd=dir_fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotRegularFile(relpath, f"{folder} is {_file_kind(st.st_mode, folder, dir_fd)}")
+            next_fd = os.open(folder, _NO_FOLLOW | os.O_DIRECTORY, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(relpath, _file_kind(st.st_mode, name, dir_fd))
+        try:
+            fd = os.open(name, _NO_FOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:  # ELOOP: a symlink swapped in since the stat
+            raise NotRegularFile(relpath, f"replaced while it was opened: {err.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
+        os.close(fd)
+        raise NotRegularFile(relpath, "replaced while it was opened")
+    return fd
+
+
+def _file_kind(mode: int, name: str, dir_fd: int) -> str:
+    """What a file that is not a regular file is, in words (a symlink with its target)."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link to {os.readlink(name, dir_fd=dir_fd)[:200]}"
+        except OSError:
+            return "a symbolic link"
+    for test, words in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+#: Exit status of the scripts below for a file that is not a regular file reached without symlinks.
+NOT_REGULAR_STATUS = 86
+
+#: ``open_regular WORKDIR RELPATH``: fd 3 on the file when it is a regular file and no part of its
+#: path is a symlink; else status 85 (there is none) or 86 (what it is on stderr). The open file is
+#: checked to be the one that was checked (a name swapped in between is refused); a FIFO is never
+#: opened. Sets ``id`` (device:inode) and ``real`` (its path).
+_OPEN_REGULAR = r"""
+open_regular() {
+  local path="$1/$2" base
+  if [ -L "$path" ]; then echo "a symbolic link to $(readlink -- "$path" | head -c 200)" >&2; return 86; fi
+  [ -e "$path" ] || return 85
+  base=$(cd -P -- "$1" 2>/dev/null && pwd) || return 85
+  real=$(realpath -e -- "$path" 2>/dev/null) || return 85
+  if [ "$real" != "$base/$2" ]; then echo "reached through a symbolic link (it is $real)" >&2; return 86; fi
+  if [ ! -f "$real" ]; then echo "a $(stat -c %F -- "$real")" >&2; return 86; fi
+  id=$(stat -c %d:%i -- "$real") || return 85
+  exec 3<"$real" || return 85
+  if [ ! -f /dev/fd/3 ] || [ "$(stat -L -c %d:%i /dev/fd/3)" != "$id" ]; then
+    exec 3<&-
+    echo "replaced while it was opened" >&2
+    return 86
+  fi
+}
+"""
+#: $1 workdir, $2 file: its size (0: none).
+_SIZE_SCRIPT = r"""
+open_regular "$1" "$2"
+case $? in 0) stat -L -c %s /dev/fd/3 ;; 85) echo 0 ;; *) exit 86 ;; esac
+"""
+#: $1 workdir, $2 file, $3 offset + 1, $4 most bytes: the bytes (none: no file).
+_READ_SCRIPT = r"""
+open_regular "$1" "$2"
+case $? in 0) ;; 85) exit 0 ;; *) exit 86 ;; esac
+tail -c "+$3" <&3 | head -c "$4"
+"""
+#: $1 workdir, $2 file, $3 offset + 1: ``tail -F`` that never follows a symlink. Waits for the file
+#: to appear, opens it (checked), then follows that open file, not its name. When the name no longer
+#: holds it: 86 if it is now something else than a regular file, else 87 (replaced or removed: the
+#: caller starts again by name). Ends with ``tail``, which ends once our side closed the channel.
+_STREAM_SCRIPT = r"""
+while :; do
+  open_regular "$1" "$2"
+  status=$?
+  [ "$status" = 85 ] || break
+  sleep 0.5
+done
+[ "$status" = 0 ] || exit "$status"
+tail -c "+$3" -f /dev/fd/3 2>/dev/null &
+follower=$!
+exec 3<&-
+trap 'kill "$follower" 2>/dev/null' EXIT
+while kill -0 "$follower" 2>/dev/null; do
+  sleep 1
+  if [ "$(stat -c %d:%i -- "$1/$2" 2>/dev/null)" != "$id" ]; then
+    open_regular "$1" "$2"
+    [ $? = 86 ] && exit 86
+    echo "replaced" >&2
+    exit 87
+  fi
+done
+"""
 
 
 class SshSource(Source):
@@ -356,9 +519,7 @@ class SshSource(Source):
         import asyncssh
 
         conn = await self._connection()
-        command = self._command(
-            'tail -c +"$2" -- "$1" 2>/dev/null | head -c "$3"', self._path(relpath), str(offset + 1), str(max_bytes)
-        )
+        command = self._command(_OPEN_REGULAR + _READ_SCRIPT, self.workdir, relpath, str(offset + 1), str(max_bytes))
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(conn.run(command, check=False, encoding=None), self.timeout)
@@ -366,6 +527,8 @@ class SshSource(Source):
             self._drop(conn, err, started)
             raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
         self._answered()
+        if result.exit_status == NOT_REGULAR_STATUS:
+            raise NotRegularFile(relpath, bytes(result.stderr or b"").decode("utf-8", "replace").strip())
         return bytes(result.stdout or b"")
 
     def _path(self, relpath: str) -> str:
@@ -377,9 +540,8 @@ class SshSource(Source):
         conn = await self._connection()
         try:
             process = await conn.create_process(
-                shlex.join(["tail", "-c", f"+{offset + 1}", "-F", "--", self._path(relpath)]),
+                self._command(_OPEN_REGULAR + _STREAM_SCRIPT, self.workdir, relpath, str(offset + 1)),
                 encoding=None,
-                stderr=asyncssh.DEVNULL,
             )
         except (asyncssh.Error, OSError) as err:
             self._drop(conn, err, time.monotonic())
@@ -391,9 +553,16 @@ class SshSource(Source):
                 except (asyncssh.Error, OSError) as err:
                     raise StreamBroken(str(err) or type(err).__name__) from err
                 if not data:
-                    raise StreamBroken(f"tail ended (exit status {process.exit_status})")
+                    break
                 self._answered()
                 yield data
+            said = b""
+            with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+                said = await asyncio.wait_for(process.stderr.read(1000), 5)
+                await asyncio.wait_for(process.wait_closed(), 5)
+            if process.exit_status == NOT_REGULAR_STATUS:
+                raise NotRegularFile(relpath, bytes(said).decode("utf-8", "replace").strip())
+            raise StreamBroken(f"tail ended (exit status {process.exit_status})")
         finally:
             process.close()
 
@@ -435,13 +604,25 @@ class Batch:
     conflict_offset: int | None = None
     project_end: bool = False
     non_finite_loss: str | None = None
+    #: The job's metric rows when ``max_metric_rows`` stopped this batch (None: it did not).
+    row_limit_at: int | None = None
 
 
-def ingest_batch(store: ResultsStore, job_uuid: str, data: bytes, offset: int, *, final: bool) -> Batch:
+def metric_rows_limit() -> int:
+    """The deployment's ``[gpu_training] max_metric_rows_per_job`` (see :mod:`gpu_training.policy`)."""
+    from gpu_training.policy import Policy
+
+    return Policy.current().max_metric_rows_per_job
+
+
+def ingest_batch(
+    store: ResultsStore, job_uuid: str, data: bytes, offset: int, *, final: bool, max_rows: int | None = None
+) -> Batch:
     """Parse the complete lines of ``data`` (read at ``offset``) and store them with the new offset.
 
     A line longer than :data:`BATCH_BYTES` is recorded as an ingestion error and skipped. Runs on
-    a DB thread (parsing a large backlog would otherwise hold the event loop too).
+    a DB thread (parsing a large backlog would otherwise hold the event loop too). With
+    ``max_rows`` the batch stops at the first line that would take the job past it.
     """
     events, errors, consumed = parse_chunk(data, offset, final=final)
     if consumed == 0:
@@ -449,15 +630,24 @@ def ingest_batch(store: ResultsStore, job_uuid: str, data: bytes, offset: int, *
             return Batch(0, 0, 0)
         consumed = len(data)  # part of one huge line: skip it (the rest ends at its newline)
         errors = [MalformedLine(offset, f"line longer than {BATCH_BYTES} bytes", "")]
-    result = store.ingest(job_uuid, expected_offset=offset, new_offset=offset + consumed, events=events, errors=errors)
+    result = store.ingest(
+        job_uuid,
+        expected_offset=offset,
+        new_offset=offset + consumed,
+        events=events,
+        errors=errors,
+        max_rows=max_rows,
+    )
     if result.conflict:
         return Batch(0, 0, 0, conflict_offset=result.offset)
+    stored_to = result.offset
     return Batch(
-        consumed,
+        stored_to - offset,
         result.events,
         result.errors,
-        project_end=any(ev.kind == ("PROJECT", "end") for ev in events),
-        non_finite_loss=getattr(result, "non_finite_loss", None),
+        project_end=any(ev.kind == ("PROJECT", "end") and ev.offset < stored_to for ev in events),
+        non_finite_loss=result.non_finite_loss,
+        row_limit_at=result.metric_rows if result.row_limit_reached else None,
     )
 
 
@@ -509,6 +699,9 @@ class JobFollower:
         self._progress_task: asyncio.Task[None] | None = None
         self._progress_wanted = False
         self._warned: dict[str, float] = {}
+        self.max_rows: int | None = spec.max_metric_rows
+        #: Why global.json is never read (it is not a regular file), once the pump found it.
+        self._refused: NotRegularFile | None = None
 
     @property
     def received(self) -> int:
@@ -525,6 +718,8 @@ class JobFollower:
 
     async def run(self) -> FollowResult:
         store = await self._get_store()
+        if self.max_rows is None:
+            self.max_rows = metric_rows_limit()
         job = await self._db(store.job, self.spec.job_uuid)
         self.offset = job.ingest_offset
         self.base = job.ingest_base
@@ -570,6 +765,8 @@ class JobFollower:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
                 await self._store_pending(store, final=False)
+                if self._refused is not None:
+                    raise self._refusal(self._refused)
                 await self._save_log_tail(store)
                 if time.monotonic() >= next_check:
                     await self._check(store)
@@ -634,6 +831,16 @@ class JobFollower:
             except SourceUnreachable as err:
                 self._warn("unreachable", f"host not answering: {err}")
                 await asyncio.sleep(min(self.spec.poll_interval, 5.0))
+            except NotRegularFile as err:
+                self._refused = err  # the job ends with it (what was received before is stored)
+                self._wake.set()
+                return
+
+    def _refusal(self, err: NotRegularFile) -> _Finished:
+        """global.json is not a regular file: the job fails, said once in the task log."""
+        reason = f"{err}: it is never read (the trainer must append to a regular file {GLOBAL_JSON_PATH})"
+        self.log.error("%s", reason)
+        return _Finished(Verdict("not_regular_file", False, reason))
 
     async def _feed(self, data: bytes) -> None:
         self.pending += data
@@ -660,22 +867,34 @@ class JobFollower:
                     batch = Batch(0, 0, 0, conflict_offset=result.offset)
                 self._skip_long_line = newline < 0
             else:
-                batch = await self._db(ingest_batch, store, self.spec.job_uuid, data, self.offset, final=final)
+                batch = await self._db(
+                    ingest_batch, store, self.spec.job_uuid, data, self.offset, final=final, max_rows=self.max_rows
+                )
                 self._skip_long_line = batch.consumed == len(data) == BATCH_BYTES and not data.endswith(b"\n")
             if batch.conflict_offset is not None:
                 self._resync(batch.conflict_offset)
                 return
+            if batch.consumed:
+                del self.pending[: batch.consumed]
+                self.offset += batch.consumed
+                self.events += batch.events
+                self.errors += batch.errors
+                if batch.events:
+                    self._progress_due(store)
+                self._room.set()
+                if batch.non_finite_loss:
+                    self._non_finite(batch.non_finite_loss)
+            if batch.row_limit_at is not None:  # also when its first line did not fit
+                raise _Finished(
+                    Verdict(
+                        "max_metric_rows",
+                        False,
+                        f"stopped at byte {self.offset} of {GLOBAL_JSON_PATH}: the job stored {batch.row_limit_at} "
+                        f"metric rows, the limit is {self.max_rows} (max_metric_rows_per_job)",
+                    )
+                )
             if batch.consumed == 0:
                 break
-            del self.pending[: batch.consumed]
-            self.offset += batch.consumed
-            self.events += batch.events
-            self.errors += batch.errors
-            if batch.events:
-                self._progress_due(store)
-            self._room.set()
-            if batch.non_finite_loss:
-                self._non_finite(batch.non_finite_loss)
             if batch.project_end:
                 raise _Finished(Verdict("project_end", True, "PROJECT end"))
         self._room.set()
@@ -793,6 +1012,9 @@ class JobFollower:
             await self._store_pending(store, final=False)
         except (SourceUnreachable, HostError, TimeoutError, OSError) as err:
             self._warn("catch-up", f"could not read global.json to its end: {err}")
+        except NotRegularFile as err:
+            await self._store_pending(store, final=False)
+            raise self._refusal(err) from None
         finally:
             self._start_pump()
 
@@ -800,7 +1022,11 @@ class JobFollower:
         """The trainer exited: read to the end of the file (an unterminated last line counts)."""
         await self._stop_pump()  # from here on only this reads, so no byte arrives twice
         while True:
-            data = await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES)
+            try:
+                data = await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES)
+            except NotRegularFile as err:
+                await self._store_pending(store, final=False)
+                raise self._refusal(err) from None
             if not data:
                 break
             self.pending += data
@@ -861,13 +1087,19 @@ async def _ended_at(source: Source) -> float:
 
 
 async def _log_tail(source: Source, lines: int = 20) -> str:
+    """The log's last lines for a failure reason (none when it is not a regular file)."""
     try:
-        _, out, _ = await source.script(
-            'tail -n "$2" -- "$1" 2>/dev/null || true', f"{source.workdir}/{LOG_PATH}", str(lines)
-        )
+        _, out, _ = await source.script(_OPEN_REGULAR + _LOG_TAIL_SCRIPT, source.workdir, LOG_PATH, str(lines))
     except (SourceUnreachable, TimeoutError, OSError):
         return ""
     return out.rstrip("\n")
+
+
+#: $1 workdir, $2 the log, $3 lines: its last lines, from its last 64 KiB at most.
+_LOG_TAIL_SCRIPT = r"""
+open_regular "$1" "$2" 2>/dev/null || exit 0
+tail -c 65536 <&3 | tail -n "$3"
+"""
 
 
 class LogTail:
@@ -880,9 +1112,9 @@ class LogTail:
         self.size = 0
         self.changed = False
 
-    def add(self, text: str) -> None:
-        if len(text) > LOG_LINE_CHARS:
-            text = text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
+    def add(self, text: str, cut: int = 0) -> None:
+        """One line; ``cut``: bytes of it that never arrived here (see :class:`LineCutter`)."""
+        text = shortened(text, cut)
         self.lines.append(text)
         self.size += len(text) + 1
         while self.size > self.max_bytes and len(self.lines) > 1:
@@ -893,9 +1125,67 @@ class LogTail:
         return without_nul("\n".join(self.lines))
 
 
+def shortened(text: str, cut: int = 0) -> str:
+    """A log line as shown: at most :data:`LOG_LINE_CHARS` characters, then how much more it had
+    (``... [N more characters]``; ``... [N more bytes]`` when :class:`LineCutter` already cut it)."""
+    if len(text) <= LOG_LINE_CHARS and not cut:
+        return text
+    if not cut:
+        return text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
+    rest = len(text[LOG_LINE_CHARS:].encode("utf-8", "replace")) + cut
+    return text[:LOG_LINE_CHARS] + f"... [{rest} more bytes]"
+
+
+class LineCutter:
+    """Splits a byte stream into lines of at most ``max_bytes``: a longer line keeps its start and
+    only counts the rest. Linear in what it is fed: each byte is searched once and copied at most
+    once, so a log without a newline costs no more per MiB than any other."""
+
+    def __init__(self, max_bytes: int = LOG_LINE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.partial = bytearray()  # the start of the unterminated last line
+        self.cut = 0  # bytes of that line beyond ``max_bytes``, dropped
+
+    def lines(self, data: bytes, start: int = 0, stop: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+        """``(line, bytes cut from it, end)`` for each line ``data[start:stop]`` completes, ``end``
+        being where in ``data`` that line's newline ends; what follows the last newline is kept."""
+        stop = len(data) if stop is None else stop
+        while (newline := data.find(b"\n", start, stop)) >= 0:
+            if self.partial or self.cut:
+                self._keep(data, start, newline)
+                line, cut = bytes(self.partial), self.cut
+                self.partial.clear()
+                self.cut = 0
+            elif newline - start > self.max_bytes:
+                line, cut = data[start : start + self.max_bytes], newline - start - self.max_bytes
+            else:
+                line, cut = data[start:newline], 0
+            start = newline + 1
+            yield line, cut, start
+        self._keep(data, start, stop)
+
+    def _keep(self, data: bytes, start: int, end: int) -> None:
+        take = max(0, min(self.max_bytes - len(self.partial), end - start))
+        if take:
+            self.partial += memoryview(data)[start : start + take]
+        self.cut += end - start - take
+
+    def rest(self) -> tuple[bytes, int] | None:
+        """The unterminated last line and what was cut from it, once the stream ended."""
+        if not self.partial and not self.cut:
+            return None
+        line, cut = bytes(self.partial), self.cut
+        self.partial.clear()
+        self.cut = 0
+        return line, cut
+
+
 class _TrainerLog:
     """One node's trainer log shown in the task log and kept in the job's :class:`LogTail`
-    (display only: after a restart the last :data:`LOG_REPLAY_BYTES` are shown again)."""
+    (display only: after a restart the last :data:`LOG_REPLAY_BYTES` are shown again).
+
+    Lines are handled in slices that hold the event loop :data:`LOG_SLICE_SECONDS` at most, and
+    each is cut at :data:`LOG_LINE_BYTES`: every job's follower shares the triggerer's loop."""
 
     def __init__(self, source: Source, gate: _LogGate, tail: LogTail | None = None) -> None:
         self.source = source
@@ -904,7 +1194,8 @@ class _TrainerLog:
         # Several nodes share one tail: their lines are told apart as in the task log.
         self.prefix = "" if gate.label == "trainer" else f"[{gate.label}] "
         self.offset: int | None = None  # shown up to here
-        self.partial = b""  # its unterminated last line
+        self.cutter = LineCutter()
+        self.refused: NotRegularFile | None = None
 
     async def follow(self) -> None:
         backoff = Backoff()
@@ -913,36 +1204,83 @@ class _TrainerLog:
                 if self.offset is None:
                     self.offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
                 async for data in self.source.stream(LOG_PATH, self.offset):
-                    self.lines(data)
+                    await self.feed(data)
                     backoff.reset()
             except (StreamBroken, SourceUnreachable):
                 await asyncio.sleep(backoff.next())
+            except NotRegularFile as err:
+                self._refuse(err)
+                await asyncio.sleep(BACKOFF_MAX_SECONDS)  # looked at again: it may become one
 
-    def lines(self, data: bytes) -> None:
+    def _refuse(self, err: NotRegularFile) -> None:
+        """Say once that the log is not shown, and why (it is not uploaded either)."""
+        if self.refused is None:
+            self.gate.log.warning(
+                "[%s] %s: it is not shown (a trainer log must be a regular file)", self.gate.label, err
+            )
+        self.refused = err
+
+    async def feed(self, data: bytes) -> None:
+        """Show the lines ``data`` completes, yielding to the loop between slices.
+
+        Of a large read only the lines the gate can show now and those in its last
+        :data:`LOG_TAIL_BYTES` (what the tail keeps) are handled one by one; the lines between are
+        counted as not shown, in C: a flood of short lines costs little more than a read."""
         assert self.offset is not None
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            self._line(line.decode("utf-8", "replace"))
+        base, start = self.offset, 0
+        if len(data) > 2 * LOG_TAIL_BYTES:
+            head_end = _after_newlines(data, self.gate.showable() + 1)
+            skip_to = data.rfind(b"\n", 0, len(data) - LOG_TAIL_BYTES) + 1
+            if 0 < head_end < skip_to:
+                await self._feed(data, base, 0, head_end)
+                self.gate.drop(data.count(b"\n", head_end, skip_to), skip_to - head_end)
+                start = skip_to
+        await self._feed(data, base, start, len(data))
+        self.offset = base + len(data)
 
-    def _line(self, text: str) -> None:
-        self.gate.line(text)
+    async def _feed(self, data: bytes, base: int, start: int, stop: int) -> None:
+        slice_started = time.perf_counter()
+        for count, (line, cut, end) in enumerate(self.cutter.lines(data, start, stop), 1):
+            self._line(line.decode("utf-8", "replace"), cut)
+            self.offset = base + end
+            if count % 64 == 0 and time.perf_counter() - slice_started > LOG_SLICE_SECONDS:
+                await asyncio.sleep(0)
+                slice_started = time.perf_counter()
+
+    def _line(self, text: str, cut: int = 0) -> None:
+        self.gate.line(text, cut)
         if self.tail is not None:
-            self.tail.add(self.prefix + text)
+            self.tail.add(self.prefix + text, cut)
 
     async def drain(self, task: asyncio.Task[None]) -> None:
         """The job ended: the log's last lines, which the stream may not have brought yet (a
-        loaded host or triggerer), are read once more before following stops."""
+        loaded host or triggerer), are read once more before following stops (the last
+        :data:`LOG_REPLAY_BYTES`, when the stream was further behind)."""
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if self.offset is None:
             return
-        with contextlib.suppress(SourceUnreachable, StreamBroken, HostError, TimeoutError, OSError):
-            self.lines(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
-        if self.partial:
-            self._line(self.partial.decode("utf-8", "replace"))
-            self.partial = b""
+        with contextlib.suppress(SourceUnreachable, StreamBroken, NotRegularFile, HostError, TimeoutError, OSError):
+            size = await asyncio.wait_for(self.source.size(LOG_PATH), 10)
+            if size - self.offset > LOG_REPLAY_BYTES:
+                skipped = size - LOG_REPLAY_BYTES - self.offset
+                self.gate.log.info("[%s] ... %d bytes of the log not shown", self.gate.label, skipped)
+                self.cutter = LineCutter()
+                self.offset = size - LOG_REPLAY_BYTES
+            await self.feed(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
+        if (rest := self.cutter.rest()) is not None:
+            self._line(rest[0].decode("utf-8", "replace"), rest[1])
+
+
+def _after_newlines(data: bytes, count: int) -> int:
+    """Where the ``count``-th newline of ``data`` ends (0 for none; -1 when it has fewer)."""
+    end = 0
+    for _ in range(count):
+        newline = data.find(b"\n", end)
+        if newline < 0:
+            return -1
+        end = newline + 1
+    return end
 
 
 class _Restart(Exception):
@@ -961,7 +1299,17 @@ class _LogGate:
         self.dropped_bytes = 0
         self.reported = time.monotonic()
 
-    def line(self, text: str) -> None:
+    def showable(self) -> int:
+        """How many lines it would show now."""
+        now = time.monotonic()
+        return int(min(float(LOG_BURST_LINES), self.tokens + (now - self.stamp) * LOG_LINES_PER_SECOND))
+
+    def drop(self, lines: int, size: int) -> None:
+        """Count lines that are not shown (nor looked at one by one)."""
+        self.dropped += lines
+        self.dropped_bytes += size
+
+    def line(self, text: str, cut: int = 0) -> None:
         now = time.monotonic()
         self.tokens = min(float(LOG_BURST_LINES), self.tokens + (now - self.stamp) * LOG_LINES_PER_SECOND)
         self.stamp = now
@@ -969,12 +1317,10 @@ class _LogGate:
             self.tokens -= 1
             if self.dropped and now - self.reported > 10:
                 self.flush()
-            if len(text) > LOG_LINE_CHARS:
-                text = text[:LOG_LINE_CHARS] + f"... [{len(text) - LOG_LINE_CHARS} more characters]"
-            self.log.info("[%s] %s", self.label, text)
+            self.log.info("[%s] %s", self.label, shortened(text, cut))
         else:
             self.dropped += 1
-            self.dropped_bytes += len(text) + 1
+            self.dropped_bytes += len(text) + cut + 1
 
     def flush(self) -> None:
         if self.dropped:
