@@ -71,6 +71,16 @@ class HostError(TrainingError):
     """A command or file operation on the instance failed."""
 
 
+class NotRegularFileError(TrainingError):
+    """A file the trainer writes (``global.json``, its log) is not a regular file (a symlink, a FIFO,
+    a device...) or is reached through a symlink: it is never read, whatever it points to."""
+
+    def __init__(self, relpath: str, what: str) -> None:
+        super().__init__(f"{relpath} is not a regular file ({what or 'unknown'})")
+        self.relpath = relpath
+        self.what = what
+
+
 class TransferError(HostError):
     """A file did not arrive intact (size or SHA256 mismatch) or could not be copied."""
 

@@ -38,9 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from gpu_training.errors import HostError
+from gpu_training.errors import HostError, NotRegularFileError
 from gpu_training.events import MalformedLine, parse_chunk, without_nul
-from gpu_training.hosts.base import LOG_PATH, TrainerStatus
+from gpu_training.hosts.base import LOG_PATH, LOG_TAIL_SCRIPT, NOT_REGULAR_STATUS, OPEN_REGULAR_SCRIPT, TrainerStatus
+from gpu_training.hosts.local import open_regular
 from gpu_training.progress import GLOBAL_JSON_PATH, Verdict, exit_description, judge, with_log_tail
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
@@ -81,16 +82,6 @@ class SourceUnreachable(Exception):
 
 class StreamBroken(Exception):
     """A ``tail -F`` stream ended or failed while the host still answers."""
-
-
-class NotRegularFile(Exception):
-    """A followed file is not a regular file (a symlink, a FIFO, a device...) or is reached through
-    a symlink: it is never read. ``global.json`` so refused fails the job; a log is not shown."""
-
-    def __init__(self, relpath: str, what: str) -> None:
-        super().__init__(f"{relpath} is not a regular file ({what or 'unknown'})")
-        self.relpath = relpath
-        self.what = what
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,20 +174,20 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def stream(self, relpath: str, offset: int) -> AsyncIterator[bytes]:
         """New bytes of ``relpath`` from ``offset`` as they are written (waiting for the file to
-        appear); raises :class:`StreamBroken` when the stream breaks, :class:`NotRegularFile` when
-        the file is not a regular file reached without symlinks (then or later: never followed)."""
+        appear); raises :class:`StreamBroken` when the stream breaks, ``NotRegularFileError`` when the
+        file is not a regular file reached without symlinks (then or later: never followed)."""
 
     async def size(self, relpath: str) -> int:
-        """The file's size; 0 when it does not exist; :class:`NotRegularFile` when it is not one."""
-        status, out, err = await self.script(_OPEN_REGULAR + _SIZE_SCRIPT, self.workdir, relpath)
+        """The file's size; 0 when it does not exist; ``NotRegularFileError`` when it is not one."""
+        status, out, err = await self.script(OPEN_REGULAR_SCRIPT + _SIZE_SCRIPT, self.workdir, relpath)
         if status == NOT_REGULAR_STATUS:
-            raise NotRegularFile(relpath, err.strip())
+            raise NotRegularFileError(relpath, err.strip())
         return int(out.split()[0]) if out.split() and out.split()[0].isdigit() else 0
 
     @abc.abstractmethod
     async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` from ``offset``; empty when there are none or no file;
-        :class:`NotRegularFile` when it is not a regular file reached without symlinks."""
+        ``NotRegularFileError`` when it is not a regular file reached without symlinks."""
 
     @abc.abstractmethod
     async def script(self, body: str, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> tuple[int, str, str]:
@@ -306,95 +297,6 @@ def _size(path: str) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
-_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def open_regular(workdir: str, relpath: str) -> int | None:
-    """A read-only descriptor of ``workdir/relpath``, opened without following a symlink in any part
-    of ``relpath`` and checked to be a regular file (never a FIFO's blocking open, a device, or a
-    file swapped in between the check and the open); ``None`` when it does not exist. Raises
-    :class:`NotRegularFile` saying what it is instead."""
-    *folders, name = relpath.split("/")
-    try:
-        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        for folder in folders:
-            try:
-                st = os.stat(folder, dir_fd=dir_fd, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotRegularFile(relpath, f"{folder} is {_file_kind(st.st_mode, folder, dir_fd)}")
-            next_fd = os.open(folder, _NO_FOLLOW | os.O_DIRECTORY, dir_fd=dir_fd)
-            os.close(dir_fd)
-            dir_fd = next_fd
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(relpath, _file_kind(st.st_mode, name, dir_fd))
-        try:
-            fd = os.open(name, _NO_FOLLOW, dir_fd=dir_fd)
-        except FileNotFoundError:
-            return None
-        except OSError as err:  # ELOOP: a symlink swapped in since the stat
-            raise NotRegularFile(relpath, f"replaced while it was opened: {err.strerror}") from None
-    finally:
-        os.close(dir_fd)
-    opened = os.fstat(fd)
-    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
-        os.close(fd)
-        raise NotRegularFile(relpath, "replaced while it was opened")
-    return fd
-
-
-def _file_kind(mode: int, name: str, dir_fd: int) -> str:
-    """What a file that is not a regular file is, in words (a symlink with its target)."""
-    if stat.S_ISLNK(mode):
-        try:
-            return f"a symbolic link to {os.readlink(name, dir_fd=dir_fd)[:200]}"
-        except OSError:
-            return "a symbolic link"
-    for test, words in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return "not a regular file"
-
-
-#: Exit status of the scripts below for a file that is not a regular file reached without symlinks.
-NOT_REGULAR_STATUS = 86
-
-#: ``open_regular WORKDIR RELPATH``: fd 3 on the file when it is a regular file and no part of its
-#: path is a symlink; else status 85 (there is none) or 86 (what it is on stderr). The open file is
-#: checked to be the one that was checked (a name swapped in between is refused); a FIFO is never
-#: opened. Sets ``id`` (device:inode) and ``real`` (its path).
-_OPEN_REGULAR = r"""
-open_regular() {
-  local path="$1/$2" base
-  if [ -L "$path" ]; then echo "a symbolic link to $(readlink -- "$path" | head -c 200)" >&2; return 86; fi
-  [ -e "$path" ] || return 85
-  base=$(cd -P -- "$1" 2>/dev/null && pwd) || return 85
-  real=$(realpath -e -- "$path" 2>/dev/null) || return 85
-  if [ "$real" != "$base/$2" ]; then echo "reached through a symbolic link (it is $real)" >&2; return 86; fi
-  if [ ! -f "$real" ]; then echo "a $(stat -c %F -- "$real")" >&2; return 86; fi
-  id=$(stat -c %d:%i -- "$real") || return 85
-  exec 3<"$real" || return 85
-  if [ ! -f /dev/fd/3 ] || [ "$(stat -L -c %d:%i /dev/fd/3)" != "$id" ]; then
-    exec 3<&-
-    echo "replaced while it was opened" >&2
-    return 86
-  fi
-}
-"""
 #: $1 workdir, $2 file: its size (0: none).
 _SIZE_SCRIPT = r"""
 open_regular "$1" "$2"
@@ -519,7 +421,9 @@ class SshSource(Source):
         import asyncssh
 
         conn = await self._connection()
-        command = self._command(_OPEN_REGULAR + _READ_SCRIPT, self.workdir, relpath, str(offset + 1), str(max_bytes))
+        command = self._command(
+            OPEN_REGULAR_SCRIPT + _READ_SCRIPT, self.workdir, relpath, str(offset + 1), str(max_bytes)
+        )
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(conn.run(command, check=False, encoding=None), self.timeout)
@@ -528,7 +432,7 @@ class SshSource(Source):
             raise SourceUnreachable(f"{self.where}: {err or type(err).__name__}") from err
         self._answered()
         if result.exit_status == NOT_REGULAR_STATUS:
-            raise NotRegularFile(relpath, bytes(result.stderr or b"").decode("utf-8", "replace").strip())
+            raise NotRegularFileError(relpath, bytes(result.stderr or b"").decode("utf-8", "replace").strip())
         return bytes(result.stdout or b"")
 
     def _path(self, relpath: str) -> str:
@@ -540,7 +444,7 @@ class SshSource(Source):
         conn = await self._connection()
         try:
             process = await conn.create_process(
-                self._command(_OPEN_REGULAR + _STREAM_SCRIPT, self.workdir, relpath, str(offset + 1)),
+                self._command(OPEN_REGULAR_SCRIPT + _STREAM_SCRIPT, self.workdir, relpath, str(offset + 1)),
                 encoding=None,
             )
         except (asyncssh.Error, OSError) as err:
@@ -561,7 +465,7 @@ class SshSource(Source):
                 said = await asyncio.wait_for(process.stderr.read(1000), 5)
                 await asyncio.wait_for(process.wait_closed(), 5)
             if process.exit_status == NOT_REGULAR_STATUS:
-                raise NotRegularFile(relpath, bytes(said).decode("utf-8", "replace").strip())
+                raise NotRegularFileError(relpath, bytes(said).decode("utf-8", "replace").strip())
             raise StreamBroken(f"tail ended (exit status {process.exit_status})")
         finally:
             process.close()
@@ -701,7 +605,7 @@ class JobFollower:
         self._warned: dict[str, float] = {}
         self.max_rows: int | None = spec.max_metric_rows
         #: Why global.json is never read (it is not a regular file), once the pump found it.
-        self._refused: NotRegularFile | None = None
+        self._refused: NotRegularFileError | None = None
 
     @property
     def received(self) -> int:
@@ -831,12 +735,12 @@ class JobFollower:
             except SourceUnreachable as err:
                 self._warn("unreachable", f"host not answering: {err}")
                 await asyncio.sleep(min(self.spec.poll_interval, 5.0))
-            except NotRegularFile as err:
+            except NotRegularFileError as err:
                 self._refused = err  # the job ends with it (what was received before is stored)
                 self._wake.set()
                 return
 
-    def _refusal(self, err: NotRegularFile) -> _Finished:
+    def _refusal(self, err: NotRegularFileError) -> _Finished:
         """global.json is not a regular file: the job fails, said once in the task log."""
         reason = f"{err}: it is never read (the trainer must append to a regular file {GLOBAL_JSON_PATH})"
         self.log.error("%s", reason)
@@ -1012,7 +916,7 @@ class JobFollower:
             await self._store_pending(store, final=False)
         except (SourceUnreachable, HostError, TimeoutError, OSError) as err:
             self._warn("catch-up", f"could not read global.json to its end: {err}")
-        except NotRegularFile as err:
+        except NotRegularFileError as err:
             await self._store_pending(store, final=False)
             raise self._refusal(err) from None
         finally:
@@ -1024,7 +928,7 @@ class JobFollower:
         while True:
             try:
                 data = await self.source.read(GLOBAL_JSON_PATH, self.received - self.base, BATCH_BYTES)
-            except NotRegularFile as err:
+            except NotRegularFileError as err:
                 await self._store_pending(store, final=False)
                 raise self._refusal(err) from None
             if not data:
@@ -1089,17 +993,10 @@ async def _ended_at(source: Source) -> float:
 async def _log_tail(source: Source, lines: int = 20) -> str:
     """The log's last lines for a failure reason (none when it is not a regular file)."""
     try:
-        _, out, _ = await source.script(_OPEN_REGULAR + _LOG_TAIL_SCRIPT, source.workdir, LOG_PATH, str(lines))
+        _, out, _ = await source.script(LOG_TAIL_SCRIPT, source.workdir, LOG_PATH, str(lines))
     except (SourceUnreachable, TimeoutError, OSError):
         return ""
     return out.rstrip("\n")
-
-
-#: $1 workdir, $2 the log, $3 lines: its last lines, from its last 64 KiB at most.
-_LOG_TAIL_SCRIPT = r"""
-open_regular "$1" "$2" 2>/dev/null || exit 0
-tail -c 65536 <&3 | tail -n "$3"
-"""
 
 
 class LogTail:
@@ -1195,7 +1092,7 @@ class _TrainerLog:
         self.prefix = "" if gate.label == "trainer" else f"[{gate.label}] "
         self.offset: int | None = None  # shown up to here
         self.cutter = LineCutter()
-        self.refused: NotRegularFile | None = None
+        self.refused: NotRegularFileError | None = None
 
     async def follow(self) -> None:
         backoff = Backoff()
@@ -1208,11 +1105,11 @@ class _TrainerLog:
                     backoff.reset()
             except (StreamBroken, SourceUnreachable):
                 await asyncio.sleep(backoff.next())
-            except NotRegularFile as err:
+            except NotRegularFileError as err:
                 self._refuse(err)
                 await asyncio.sleep(BACKOFF_MAX_SECONDS)  # looked at again: it may become one
 
-    def _refuse(self, err: NotRegularFile) -> None:
+    def _refuse(self, err: NotRegularFileError) -> None:
         """Say once that the log is not shown, and why (it is not uploaded either)."""
         if self.refused is None:
             self.gate.log.warning(
@@ -1260,7 +1157,9 @@ class _TrainerLog:
         await asyncio.gather(task, return_exceptions=True)
         if self.offset is None:
             return
-        with contextlib.suppress(SourceUnreachable, StreamBroken, NotRegularFile, HostError, TimeoutError, OSError):
+        with contextlib.suppress(
+            SourceUnreachable, StreamBroken, NotRegularFileError, HostError, TimeoutError, OSError
+        ):
             size = await asyncio.wait_for(self.source.size(LOG_PATH), 10)
             if size - self.offset > LOG_REPLAY_BYTES:
                 skipped = size - LOG_REPLAY_BYTES - self.offset

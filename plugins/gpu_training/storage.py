@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from gpu_training.errors import HostError, StorageError, TransferError
+from gpu_training.errors import HostError, NotRegularFileError, StorageError, TransferError
 from gpu_training.hosts.base import (
     CHECKPOINT_POINTER,
     CHECKPOINT_SYNC_LOG,
@@ -30,13 +30,14 @@ from gpu_training.hosts.base import (
     DATA_DIR,
     FETCH_URLS_SCRIPT,
     LOG_PATH,
+    OPEN_REGULAR_SCRIPT,
     OUTPUT_DIR,
     PUSH_URLS_SCRIPT,
     SYNC_CHECKPOINTS_SCRIPT,
     Host,
     sha256_file,
 )
-from gpu_training.results.store import ArtifactRecord
+from gpu_training.results.store import ArtifactRecord, SkippedOutput
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,68 @@ def _put(local: Path, dest: Location, sha256: str) -> None:
         raise TransferError(f"{dest.uri}: uploaded size does not match the local {size} bytes")
 
 
-def _output_sources(host: Host) -> list[tuple[str, str]]:
-    """(path on the host, artifact name) of everything a job uploads; the manifest is ours."""
-    sources = [(f"{OUTPUT_DIR}/{f.path}", _safe_relpath(f.path)) for f in host.list_files(OUTPUT_DIR)]
-    if any(f.path == "trainer.log" for f in host.list_files("logs")):
-        sources.append((LOG_PATH, "logs/trainer.log"))
-    return [(remote, name) for remote, name in sources if name != MANIFEST_NAME]
+#: The longest artifact name (``artifacts.name``) and S3 key.
+MAX_NAME_CHARS = 1024
+MAX_S3_KEY_BYTES = 1024
+#: Skipped outputs said one by one (in the task log, to ``on_skipped``); the rest are counted.
+MAX_SKIPPED_SAID = 100
+
+
+def shown_name(name: str) -> str:
+    """A file name as it can be shown and stored: control characters and bytes that are not UTF-8
+    written as escapes (``\\n``, ``\\x01``, ``\\xff``)."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def output_name_problem(name: str, dest: Location | None = None) -> str | None:
+    """Why an output named ``name`` (relative to ``outputs/``) cannot be uploaded as itself, or None.
+
+    A newline or control character breaks every line-based list it passes through (the manifest,
+    the instance's upload list) and S3's XML listings; a name that is not UTF-8 has no S3 key."""
+    if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in name):
+        return "its name holds a newline or another control character"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    try:
+        _safe_relpath(name)
+    except StorageError:
+        return "its name escapes outputs/"
+    if len(name) > MAX_NAME_CHARS:
+        return f"its name is longer than {MAX_NAME_CHARS} characters"
+    if dest is not None and dest.scheme == "s3" and len(dest.child(name).path.encode()) > MAX_S3_KEY_BYTES:
+        return f"its S3 key would be longer than {MAX_S3_KEY_BYTES} bytes"
+    return None
+
+
+_KIND_REASONS = {
+    "symlink": "a symbolic link: links are never followed (what it points to is not uploaded through it)",
+    "other": "not a regular file (a FIFO, device or socket)",
+}
+
+
+def _output_sources(host: Host, dest: Location | None = None) -> tuple[list[tuple[str, str]], list[SkippedOutput]]:
+    """(path on the host, artifact name) of everything a job uploads, and what is skipped and why:
+    only regular files with plain names, never through a symlink; the manifest is ours."""
+    sources: list[tuple[str, str]] = []
+    skipped: list[SkippedOutput] = []
+    log_folder, log_name = LOG_PATH.split("/", 1)
+    entries = [(OUTPUT_DIR, entry) for entry in host.list_entries(OUTPUT_DIR)]
+    entries += [(log_folder, entry) for entry in host.list_entries(log_folder) if entry.path in ("", log_name)]
+    for folder, entry in entries:
+        remote = f"{folder}/{entry.path}" if entry.path else folder
+        name = entry.path if folder == OUTPUT_DIR else remote
+        if not entry.path:
+            reason = f"{folder}/ is a symbolic link: nothing in it is uploaded"
+        else:
+            reason = _KIND_REASONS.get(entry.kind) or output_name_problem(name, dest) or ""
+        if reason:
+            skipped.append(SkippedOutput(shown_name(remote), reason))
+        elif name != MANIFEST_NAME:
+            sources.append((remote, _safe_relpath(name)))
+    return sources, skipped
 
 
 # A single presigned PUT takes at most 5 GiB; bigger files go through the worker (multipart).
@@ -287,7 +344,7 @@ def latest_checkpoint_sources(host: Host) -> set[str]:
     What a cancelled job keeps; an unreadable pointer keeps the log alone."""
     wanted = {LOG_PATH}
     pointer_path = f"{OUTPUT_DIR}/{CHECKPOINT_POINTER}"
-    rc, out, _ = host.script('cat -- "$1" 2>/dev/null', host.path(pointer_path), check=False)
+    rc, out, _ = host.script(_READ_POINTER, host.workdir, pointer_path, check=False)
     if rc == 0 and out.strip():
         try:
             pointer = json.loads(out)
@@ -302,6 +359,16 @@ def latest_checkpoint_sources(host: Host) -> set[str]:
     return wanted
 
 
+#: $1 workdir, $2 the checkpoint pointer: its first MiB, if it is a regular file reached without symlinks.
+_READ_POINTER = (
+    OPEN_REGULAR_SCRIPT
+    + r"""
+open_regular "$1" "$2" 2>/dev/null || exit 1
+head -c 1048576 <&3
+"""
+)
+
+
 def upload_outputs(
     host: Host,
     outputs_uri: str,
@@ -310,24 +377,37 @@ def upload_outputs(
     direct: bool = False,
     expiry_seconds: int = 3600,
     only: set[str] | None = None,
+    on_skipped: Callable[[list[SkippedOutput]], None] | None = None,
 ) -> list[ArtifactRecord]:
     """Upload the trainer's outputs and log; every file hashed, manifest last.
 
     ``direct`` (an ``s3://`` target and a remote instance): the instance PUTs each file to a
     presigned URL and this worker only checks size and ETag (MD5) of what arrived. ``only``: just
     these host paths (e.g. :func:`latest_checkpoint_sources`), the manifest listing them.
+
+    Only regular files with plain names are uploaded, never through a symlink: a symlink (to
+    anywhere), a FIFO or device, a name with a newline or control character, or one that is not
+    UTF-8 is skipped and everything else uploaded. What was skipped, and why, is logged and handed
+    to ``on_skipped`` (at most :data:`MAX_SKIPPED_SAID` one by one, then a count), e.g.
+    :meth:`~gpu_training.results.store.ResultsStore.record_skipped_outputs`.
     """
     root = parse_uri(job_outputs_uri(outputs_uri, job_uuid))
-    sources = _output_sources(host)
+    sources, skipped = _output_sources(host, root)
     if only is not None:
         sources = [(remote, name) for remote, name in sources if remote in only]
+        skipped = []  # a partial upload (a cancelled job's salvage) says nothing about the rest
     records: list[ArtifactRecord] = []
     if direct and root.scheme == "s3":
-        records, sources = _push_direct(host, root, sources, expiry_seconds)
+        records, sources, refused = _push_direct(host, root, sources, expiry_seconds)
+        skipped += refused
     with tempfile.TemporaryDirectory(prefix="gpu-outputs-") as tmp:
         for remote_rel, name in sources:
             local = Path(tmp) / name
-            digest = host.fetch_file(remote_rel, local)
+            try:
+                digest = host.fetch_file(remote_rel, local)
+            except NotRegularFileError as err:  # swapped for a symlink since it was listed
+                skipped.append(SkippedOutput(shown_name(remote_rel), f"{err.what}: not a regular file when fetched"))
+                continue
             dest = root.child(name)
             _put(local, dest, digest)
             records.append(ArtifactRecord(name=name, uri=dest.uri, size_bytes=local.stat().st_size, sha256=digest))
@@ -344,25 +424,48 @@ def upload_outputs(
                 sha256=digest,
             )
         )
+    _say_skipped(skipped, on_skipped)
     return records
+
+
+def _say_skipped(skipped: list[SkippedOutput], on_skipped: Callable[[list[SkippedOutput]], None] | None) -> None:
+    if not skipped:
+        return
+    said = skipped[:MAX_SKIPPED_SAID]
+    if len(skipped) > len(said):
+        said.append(SkippedOutput("...", f"{len(skipped) - len(said)} more outputs skipped"))
+    for output in said:
+        log.warning("output %s is not uploaded: %s", output.name, output.reason)
+    if on_skipped is not None:
+        on_skipped(said)
 
 
 def _push_direct(
     host: Host, root: Location, sources: list[tuple[str, str]], expiry_seconds: int
-) -> tuple[list[ArtifactRecord], list[tuple[str, str]]]:
-    """PUT files from the instance to presigned URLs; returns (records, files left to relay)."""
-    wanted = dict(sources)
+) -> tuple[list[ArtifactRecord], list[tuple[str, str]], list[SkippedOutput]]:
+    """PUT files from the instance to presigned URLs; returns (records, files left to relay, files
+    that were no longer regular files inside the work directory when the instance looked)."""
     facts: dict[str, tuple[int, str, str]] = {}
-    for directory in sorted({remote.split("/", 1)[0] for remote in wanted}):
+    if sources:
+        # Only the files listed, NUL-separated (names never hold a control character here): the
+        # instance hashes nothing else, however many files the trainer left.
         _, out, _ = host.script(
-            'exec bash "$1" hash "$2" "$3"', host.remote_script(PUSH_URLS_SCRIPT), host.workdir, directory
+            'exec bash "$1" hash-list "$2"',
+            host.remote_script(PUSH_URLS_SCRIPT),
+            host.workdir,
+            stdin=b"".join(remote.encode() + b"\0" for remote, _ in sources),
         )
         for line in out.splitlines():
             size_text, sha_hex, md5_hex, rel = line.split("\t", 3)
-            if rel in wanted:
-                facts[rel] = (int(size_text), sha_hex, md5_hex)
+            facts[rel] = (int(size_text), sha_hex, md5_hex)
+    refused = [
+        SkippedOutput(shown_name(remote), "not a regular file inside the work directory when it was hashed")
+        for remote, _ in sources
+        if remote not in facts
+    ]
+    sources = [(remote, name) for remote, name in sources if remote in facts]
     client = _s3_hook().get_conn()
-    direct = [(remote, name) for remote, name in sources if remote in facts and facts[remote][0] <= MAX_SINGLE_PUT]
+    direct = [(remote, name) for remote, name in sources if facts[remote][0] <= MAX_SINGLE_PUT]
     relay = [(remote, name) for remote, name in sources if (remote, name) not in direct]
     records: list[ArtifactRecord] = []
     pending = direct
@@ -375,7 +478,7 @@ def _push_direct(
                 "put_object", Params={"Bucket": root.bucket, "Key": root.child(name).path}, ExpiresIn=expiry_seconds
             )
             lines.append(f"{remote}\t{url}")
-        rc, _, err = host.script(
+        rc, out, err = host.script(
             'exec bash "$1" put "$2"',
             host.remote_script(PUSH_URLS_SCRIPT),
             host.workdir,
@@ -385,6 +488,9 @@ def _push_direct(
         )
         if rc != 0:
             raise TransferError(f"the instance could not upload outputs to {root.uri}: {err.strip()[-1500:]}")
+        gone = {line.split("\t", 1)[1] for line in out.splitlines() if line.startswith("skipped\t")}
+        refused += [SkippedOutput(shown_name(remote), "not a regular file when it was sent") for remote in sorted(gone)]
+        pending = [(remote, name) for remote, name in pending if remote not in gone]
         failed = []
         for remote, name in pending:
             size, sha, md5 = facts[remote]
@@ -397,7 +503,7 @@ def _push_direct(
         pending = failed
     if pending:
         raise TransferError(f"{', '.join(n for _, n in pending)}: size or MD5 mismatch in S3 after a re-send")
-    return records, relay
+    return records, relay, refused
 
 
 # --- checkpoints (spot recovery) -----------------------------------------------------------------

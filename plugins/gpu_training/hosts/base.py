@@ -92,6 +92,45 @@ echo "${code:--} $pid $alive"
 """
 
 
+#: Exit status of scripts using :data:`OPEN_REGULAR_SCRIPT` for a file that is not a regular file
+#: reached without symlinks.
+NOT_REGULAR_STATUS = 86
+
+#: ``open_regular WORKDIR RELPATH``: fd 3 on the file when it is a regular file and no part of its
+#: path is a symlink; else status 85 (there is none) or 86 (what it is on stderr). The open file is
+#: checked to be the one that was checked (a name swapped in between is refused); a FIFO is never
+#: opened. Sets ``id`` (device:inode) and ``real`` (its path).
+OPEN_REGULAR_SCRIPT = r"""
+open_regular() {
+  local path="$1/$2" base
+  if [ -L "$path" ]; then echo "a symbolic link to $(readlink -- "$path" | head -c 200)" >&2; return 86; fi
+  [ -e "$path" ] || return 85
+  base=$(cd -P -- "$1" 2>/dev/null && pwd) || return 85
+  real=$(realpath -e -- "$path" 2>/dev/null) || return 85
+  if [ "$real" != "$base/$2" ]; then echo "reached through a symbolic link (it is $real)" >&2; return 86; fi
+  if [ ! -f "$real" ]; then echo "a $(stat -c %F -- "$real")" >&2; return 86; fi
+  id=$(stat -c %d:%i -- "$real") || return 85
+  exec 3<"$real" || return 85
+  if [ ! -f /dev/fd/3 ] || [ "$(stat -L -c %d:%i /dev/fd/3)" != "$id" ]; then
+    exec 3<&-
+    echo "replaced while it was opened" >&2
+    return 86
+  fi
+}
+"""
+
+
+#: $1 workdir, $2 the log, $3 lines: its last lines, from its last 64 KiB at most (none when it is
+#: not a regular file: ``tail`` on a symlink to /dev/zero would never end).
+LOG_TAIL_SCRIPT = (
+    OPEN_REGULAR_SCRIPT
+    + r"""
+open_regular "$1" "$2" 2>/dev/null || exit 0
+tail -c 65536 <&3 | tail -n "$3"
+"""
+)
+
+
 def parse_trainer_status(out: str) -> TrainerStatus:
     """Parse what :data:`TRAINER_STATUS_SCRIPT` printed (``HostError`` if it printed nothing:
     a cut connection must not read as a trainer that was never started)."""
@@ -113,6 +152,8 @@ def parse_trainer_status(out: str) -> TrainerStatus:
 class RemoteFile:
     path: str  # relative to the directory that was listed
     size: int
+    #: ``file`` (a regular file), ``symlink`` (never followed) or ``other`` (a FIFO, device, socket).
+    kind: str = "file"
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -216,8 +257,15 @@ class Host(abc.ABC):
         """Files under ``relpath``, recursively; empty if it does not exist."""
 
     @abc.abstractmethod
+    def list_entries(self, relpath: str) -> list[RemoteFile]:
+        """Everything under ``relpath`` but folders, recursively, each with its ``kind``, without
+        following a symlink (``relpath`` itself a symlink: one entry, path ``""``). Names are as the
+        filesystem has them: bytes that are not UTF-8 are kept as surrogate escapes."""
+
+    @abc.abstractmethod
     def fetch_file(self, relpath: str, local_path: Path) -> str:
-        """Copy a file to the orchestrator's machine; returns its SHA256."""
+        """Copy a regular file (never through a symlink) to the orchestrator's machine; returns its
+        SHA256."""
 
     @abc.abstractmethod
     def destroy(self) -> None:

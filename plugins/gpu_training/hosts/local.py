@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu_training.errors import HostError, TransferError
+from gpu_training.errors import HostError, NotRegularFileError, TransferError
 from gpu_training.hosts.base import (
     CONFIG_PATH,
     DATA_DIR,
@@ -165,12 +166,15 @@ class LocalHost(Host):
         raise TransferError(f"{local_path} -> {relpath}: size or SHA256 mismatch after two copies")
 
     def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
-        try:
-            with self._abs(relpath).open("rb") as fh:
-                fh.seek(offset)
-                return fh.read(max_bytes)
-        except FileNotFoundError:
+        """Regular files only (``NotRegularFileError`` otherwise): never a symlink's target, a
+        FIFO (whose open would block) or a device."""
+        fd = open_regular(self.workdir, relpath)
+        if fd is None:
             return None
+        try:
+            return os.pread(fd, max_bytes, offset)
+        finally:
+            os.close(fd)
 
     def start_trainer(self, argv: Sequence[str], env: Mapping[str, str]) -> TrainerStatus:
         status = self.trainer_status()
@@ -280,14 +284,19 @@ class LocalHost(Host):
         return pgid is not None and bool(_group_members(pgid))
 
     def log_tail(self, max_lines: int = 40) -> str:
+        """The last lines of its last 64 KiB (none when the log is not a regular file)."""
         try:
-            with (self.root / LOG_PATH).open("rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 64 * 1024))
-                tail = deque(fh.read().decode("utf-8", errors="replace").splitlines(), maxlen=max_lines)
-        except FileNotFoundError:
+            fd = open_regular(self.workdir, LOG_PATH)
+        except NotRegularFileError:
             return ""
-        return "\n".join(tail)
+        if fd is None:
+            return ""
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, 64 * 1024, max(0, size - 64 * 1024))
+        finally:
+            os.close(fd)
+        return "\n".join(deque(data.decode("utf-8", errors="replace").splitlines(), maxlen=max_lines))
 
     def list_files(self, relpath: str) -> list[RemoteFile]:
         base = self._abs(relpath)
@@ -299,13 +308,105 @@ class LocalHost(Host):
             if p.is_file() and not p.is_symlink()
         ]
 
+    def list_entries(self, relpath: str) -> list[RemoteFile]:
+        base = self.root / relpath
+        if base.is_symlink():
+            return [RemoteFile("", 0, "symlink")]
+        if not base.is_dir():
+            return []
+        entries: list[RemoteFile] = []
+        folders = [(str(base), "")]
+        while folders:
+            folder, prefix = folders.pop()
+            with os.scandir(folder) as found:
+                for entry in found:
+                    rel = prefix + entry.name
+                    if entry.is_symlink():
+                        entries.append(RemoteFile(rel, 0, "symlink"))
+                    elif entry.is_dir(follow_symlinks=False):
+                        folders.append((entry.path, rel + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        entries.append(RemoteFile(rel, entry.stat(follow_symlinks=False).st_size))
+                    else:
+                        entries.append(RemoteFile(rel, 0, "other"))
+        return sorted(entries, key=lambda e: e.path)
+
     def fetch_file(self, relpath: str, local_path: Path) -> str:
-        src = self._abs(relpath)
+        fd = open_regular(self.workdir, relpath)
+        if fd is None:
+            raise HostError(f"{relpath} does not exist in {self.workdir}")
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, local_path)
+        with os.fdopen(fd, "rb") as src, local_path.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
         return sha256_file(local_path)
 
     def destroy(self) -> None:
         self.remove_container()
         self.stop_trainer(grace_seconds=5.0)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_regular(workdir: str, relpath: str) -> int | None:
+    """A read-only descriptor of ``workdir/relpath``, opened without following a symlink in any part
+    of ``relpath`` and checked to be a regular file (never a FIFO's blocking open, a device, or a
+    file swapped in between the check and the open); ``None`` when it does not exist. Raises
+    :class:`~gpu_training.errors.NotRegularFileError` saying what it is instead."""
+    *folders, name = relpath.split("/")
+    if any(part in ("", ".", "..") for part in (*folders, name)):
+        raise HostError(f"path {relpath!r} is not a plain path inside the work directory {workdir}")
+    try:
+        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        for folder in folders:
+            try:
+                st = os.stat(folder, dir_fd=dir_fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotRegularFileError(relpath, f"{folder} is {_file_kind(st.st_mode, folder, dir_fd)}")
+            next_fd = os.open(folder, _NO_FOLLOW | os.O_DIRECTORY, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(relpath, _file_kind(st.st_mode, name, dir_fd))
+        try:
+            fd = os.open(name, _NO_FOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:  # ELOOP: a symlink swapped in since the stat
+            raise NotRegularFileError(relpath, f"replaced while it was opened: {err.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
+        os.close(fd)
+        raise NotRegularFileError(relpath, "replaced while it was opened")
+    return fd
+
+
+def _file_kind(mode: int, name: str, dir_fd: int) -> str:
+    """What a file that is not a regular file is, in words (a symlink with its target)."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link to {os.readlink(name, dir_fd=dir_fd)[:200]}"
+        except OSError:
+            return "a symbolic link"
+    for test, words in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"

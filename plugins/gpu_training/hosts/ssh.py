@@ -18,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gpu_training.errors import HostError, TransferError
+from gpu_training.errors import HostError, NotRegularFileError, TransferError
 from gpu_training.hosts.base import (
     LOG_PATH,
+    LOG_TAIL_SCRIPT,
     REMOTE_SCRIPTS,
     RUN_DIR,
     TRAINER_STATUS_SCRIPT,
@@ -65,6 +66,15 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 signal KILL
 exit 0
+"""
+
+
+#: $1 a folder: "<type> TAB <size> TAB <path below it> NUL" for everything in it but folders (and
+#: our own ``*.partial`` uploads), symlinks not followed; the folder itself a symlink: one "l" entry.
+_LIST_ENTRIES_SCRIPT = r"""
+if [ -L "$1" ]; then printf 'l\t0\t\0'; exit 0; fi
+[ -d "$1" ] || exit 0
+find "$1" -mindepth 1 ! -type d ! \( -type f -name '*.partial' \) -printf '%y\t%s\t%P\0'
 """
 
 
@@ -114,6 +124,18 @@ class SshHost(Host):
         self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float = 300, check: bool = True
     ) -> tuple[int, str, str]:
         """Run an argument vector on the host; returns (exit status, stdout, stderr)."""
+        status, out, err = self._run_bytes(argv, stdin=stdin, timeout=timeout)
+        text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        if check and status != 0:
+            raise HostError(
+                f"{self.hook.remote_host}: {argv[0]!r} exited {status}: {text_err.strip()[-2000:] or text_out[-2000:]}"
+            )
+        return status, text_out, text_err
+
+    def _run_bytes(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float = 300
+    ) -> tuple[int, bytes, bytes]:
+        """(exit status, stdout, stderr) as bytes: for output that must not be decoded (file names)."""
         command = shlex.join(argv)
         try:
             chan_in, chan_out, chan_err = self.client().exec_command(command, timeout=timeout)
@@ -125,12 +147,7 @@ class SshHost(Host):
             status = chan_out.channel.recv_exit_status()
         except (TimeoutError, OSError) as exc:
             raise HostError(f"{self.hook.remote_host}: running {argv[0]!r} failed: {exc}") from exc
-        text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-        if check and status != 0:
-            raise HostError(
-                f"{self.hook.remote_host}: {argv[0]!r} exited {status}: {text_err.strip()[-2000:] or text_out[-2000:]}"
-            )
-        return status, text_out, text_err
+        return status, bytes(out), bytes(err)
 
     def script(
         self, body: str, *args: str, stdin: bytes | None = None, timeout: float = 300, check: bool = True
@@ -293,6 +310,18 @@ class SshHost(Host):
             self.bytes_sent += sent
 
     def read_chunk(self, relpath: str, offset: int, max_bytes: int) -> bytes | None:
+        """Regular files only (``NotRegularFileError`` otherwise, looked at before it is opened:
+        SFTP has no no-follow open)."""
+        try:
+            mode = self.sftp().lstat(self._check_rel(relpath)).st_mode or 0
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if getattr(exc, "errno", None) == 2:
+                return None
+            raise HostError(f"{self.hook.remote_host}: reading {relpath} failed: {exc}") from exc
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(relpath, "a symbolic link" if stat.S_ISLNK(mode) else f"file mode {mode:o}")
         try:
             with self.sftp().open(self._check_rel(relpath), "rb") as fh:
                 fh.seek(offset)
@@ -318,8 +347,28 @@ class SshHost(Host):
                 files.append(RemoteFile(name, int(size)))
         return sorted(files, key=lambda f: f.path)
 
+    def list_entries(self, relpath: str) -> list[RemoteFile]:
+        base = self._check_rel(relpath)
+        _, out, _ = self._run_bytes(["bash", "-c", _LIST_ENTRIES_SCRIPT, "bash", base])
+        entries = []
+        for record in out.split(b"\0"):
+            kind, _, rest = record.partition(b"\t")
+            size, _, name = rest.partition(b"\t")
+            if kind and size.isdigit():
+                entries.append(
+                    RemoteFile(
+                        name.decode("utf-8", "surrogateescape"),
+                        int(size),
+                        {b"f": "file", b"l": "symlink"}.get(kind, "other"),
+                    )
+                )
+        return sorted(entries, key=lambda e: e.path)
+
     def fetch_file(self, relpath: str, local_path: Path) -> str:
         remote = self._check_rel(relpath)
+        mode = self.sftp().lstat(remote).st_mode or 0
+        if not stat.S_ISREG(mode):  # SFTP has no no-follow open: looked at first
+            raise NotRegularFileError(relpath, "a symbolic link" if stat.S_ISLNK(mode) else f"file mode {mode:o}")
         local_path.parent.mkdir(parents=True, exist_ok=True)
         size, expected = self.remote_sha256(remote)
         for _attempt in (1, 2):
@@ -373,7 +422,7 @@ class SshHost(Host):
         self.script(_STOP_SCRIPT, self.workdir, str(int(max(1, grace_seconds))), timeout=grace_seconds + 30)
 
     def log_tail(self, max_lines: int = 40) -> str:
-        _, out, _ = self.script('tail -n "$2" -- "$1" 2>/dev/null || true', self.path(LOG_PATH), str(max_lines))
+        _, out, _ = self.script(LOG_TAIL_SCRIPT, self.workdir, LOG_PATH, str(max_lines))
         return out.rstrip("\n")
 
     def destroy(self) -> None:

@@ -7,6 +7,7 @@ lives here rather than in XCom. Each method is one short transaction.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid as uuidlib
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gpu_training.errors import JobNotFoundError
 from gpu_training.events import MalformedLine, TrainingEvent, without_nul
+from gpu_training.results.ingest import EVENTS as JOB_EVENTS
 from gpu_training.results.ingest import INSTANCES, JOBS, MetricsWriter, insert_ignore, store_lines
 from gpu_training.results.models import (
     JOB_STATUSES,
@@ -26,6 +28,7 @@ from gpu_training.results.models import (
     EpochTrain,
     Eval,
     Instance,
+    JobEvent,
     Notification,
     TrainingJob,
     utcnow,
@@ -40,6 +43,18 @@ class ArtifactRecord:
     uri: str
     size_bytes: int
     sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedOutput:
+    """An output the upload skipped, and why; ``name`` is printable (control characters escaped)."""
+
+    name: str
+    reason: str
+
+
+#: ``job_events`` of skipped outputs: no line of global.json, so a negative ``byte_offset``.
+SKIPPED_OUTPUT_EVENT = ("OUTPUTS", "skipped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +420,42 @@ class ResultsStore:
                 else:
                     row.uri, row.size_bytes, row.sha256 = rec.uri, rec.size_bytes, rec.sha256
 
+    def record_skipped_outputs(self, job_uuid: str, skipped: Sequence[SkippedOutput]) -> None:
+        """Outputs the upload skipped, where the job page can show them: ``job_events`` rows (phase
+        ``OUTPUTS``, event ``skipped``, ``data`` its name and the reason). Their ``byte_offset`` is
+        negative, as no line of ``global.json`` has one: a key made from the name, so an upload
+        tried again records each output once. They do not count as metric rows."""
+        if not skipped:
+            return
+        job = self.job(job_uuid)
+        now = utcnow()
+        phase, event = SKIPPED_OUTPUT_EVENT
+        rows = {
+            _skipped_key(output.name): {
+                "job_id": job.id,
+                "byte_offset": _skipped_key(output.name),
+                "ts": now,
+                "phase": phase,
+                "event": event,
+                "iteration": None,
+                "epoch": None,
+                "data": {"name": without_nul(output.name), "reason": without_nul(output.reason)},
+            }
+            for output in skipped
+        }
+        with self.engine.begin() as conn:
+            insert_ignore(conn, JOB_EVENTS, list(rows.values()))
+
+    def skipped_outputs(self, job_uuid: str) -> list[SkippedOutput]:
+        """What :meth:`record_skipped_outputs` recorded, by name."""
+        job = self.job(job_uuid)
+        phase, event = SKIPPED_OUTPUT_EVENT
+        with self.session() as s:
+            rows = s.scalars(
+                select(JobEvent.data).where(JobEvent.job_id == job.id, JobEvent.phase == phase, JobEvent.event == event)
+            )
+            return sorted((SkippedOutput(str(d["name"]), str(d["reason"])) for d in rows if d), key=lambda o: o.name)
+
     def artifacts(self, job_uuid: str) -> list[Artifact]:
         job = self.job(job_uuid)
         with self.session() as s:
@@ -479,6 +530,11 @@ class ResultsStore:
             ).first()
             evaluation = s.scalars(select(Eval).where(Eval.job_id == job.id).order_by(Eval.id.desc()).limit(1)).first()
         return epoch, evaluation
+
+
+def _skipped_key(name: str) -> int:
+    """A negative ``byte_offset`` made from an output's name: never a line's, stable across tries."""
+    return -1 - int.from_bytes(hashlib.sha256(name.encode("utf-8", "backslashreplace")).digest()[:7], "big")
 
 
 def is_terminal(status: str) -> bool:
