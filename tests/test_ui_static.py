@@ -129,14 +129,15 @@ def test_chart_data_every_stored_metric_and_evaluations_by_epoch() -> None:
           },
           { iteration: 2, epochs: [e(2, 1, null, { lr: 0.05 })] },
         ];
+        const rowsOf = (iterations) => iterations.flatMap((it) => it.epochs);  // as the stream brings them
         const one = [{ id: 1, iteration: 1, epoch: 5 }];
         const two = [
           { id: 2, iteration: 2, epoch: 5 }, { id: 1, iteration: 1, epoch: 5 }, { id: 3, iteration: 2, epoch: 0 },
         ];
         print([
           metrics.epochMetricNames(its),
-          metrics.epochSeries([{ prefix: "", iterations: its }], "val_loss"),
-          metrics.epochSeries([{ prefix: "j1", iterations: its, color: "#f00" }], "lr")
+          metrics.seriesChart([{ prefix: "", series: null, live: rowsOf(its) }], "val_loss"),
+          metrics.seriesChart([{ prefix: "j1", series: null, live: rowsOf(its), color: "#f00" }], "lr")
             .series.map((s) => [s.label, s.dash ?? null]),
           metrics.evalPoints(one).labels,
           metrics.evalPoints(two).labels,
@@ -150,3 +151,51 @@ def test_chart_data_every_stored_metric_and_evaluations_by_epoch() -> None:
     assert got[3] == ["ep 5"]
     assert got[4] == ["1/5", "it 2", "2/5"]
     assert got[5] == 2
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node (the page's build tool)")
+def test_chart_of_a_downsampled_series_and_the_epochs_streamed_after_it() -> None:
+    """The chart of a long job: the API's series (buckets: last epoch, value, low, high), a band
+    where a point stands for several epochs, then the stream's epochs after the series' last one."""
+    got = run_node(
+        """
+        const series = {
+          metric: "avg_loss", metrics: ["avg_loss", "lr"], cursor: "10-0",
+          iterations: [
+            { iteration: 1, epochs: [60, 120], values: [0.5, 0.25], low: [0.4, 0.2], high: [9, 0.3], counts: [60, 60] },
+            { iteration: 2, epochs: [1, 2], values: [0.9, 0.8], low: [0.9, 0.8], high: [0.9, 0.8], counts: [1, 1] },
+          ],
+        };
+        const live = [
+          { id: 11, iteration: 2, epoch: 2, avg_loss: 0.7, metrics: {} },  // already in the series
+          { id: 12, iteration: 2, epoch: 3, avg_loss: 0.6, metrics: { lr: 0.1, note: "x" } },
+          { id: 13, iteration: 3, epoch: 1, avg_loss: 1.5, metrics: {} },
+        ];
+        const chart = metrics.seriesChart([{ prefix: "", series, live }], "avg_loss");
+        const rows = [{ id: 1, iteration: 1, epoch: 2 }, { id: 2, iteration: 1, epoch: 1 }];
+        print([
+          chart.x,
+          chart.series.map((s) => [s.label, s.role ?? null, s.values]),
+          metrics.seriesChart([{ prefix: "", series, live }], "lr").series.map((s) => [s.label, s.values]),
+          metrics.metricNames(series, live),
+          metrics.chosenMetric(["avg_loss", "lr"], "lr"),
+          metrics.chosenMetric(["avg_loss", "lr"], "nope"),
+          metrics.chosenMetric(["lr"], undefined),
+          metrics.mergeRows(rows, [{ id: 3, iteration: 0, epoch: 9 }, rows[0]], 2).map((r) => r.id),
+          metrics.mergeRows(rows, [rows[0]], 5) === rows,
+        ]);
+        """
+    )
+    assert got[0] == [1, 2, 3, 60, 120]
+    n = None
+    assert got[1] == [
+        ["iteration 1", None, [n, n, n, 0.5, 0.25]],
+        ["iteration 1 high", "high", [n, n, n, 9, 0.3]],
+        ["iteration 1 low", "low", [n, n, n, 0.4, 0.2]],
+        ["iteration 2", None, [0.9, 0.8, 0.6, n, n]],  # epoch 2 from the series, 3 from the stream
+        ["iteration 3", None, [1.5, n, n, n, n]],
+    ]
+    assert got[2] == [["iteration 2", [n, n, 0.1]]]  # the series is of avg_loss: only the stream's lr
+    assert got[3] == ["avg_loss", "lr"]
+    assert got[4:7] == ["lr", "avg_loss", "lr"]
+    assert got[7] == [2, 1] and got[8] is True

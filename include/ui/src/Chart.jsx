@@ -31,11 +31,33 @@ function xRange(xs, ordinal) {
   return [min - pad, max + pad];
 }
 
+/** A colour with some transparency (#rrggbb -> rgba). */
+function faded(hex, alpha) {
+  const n = parseInt(hex.slice(1), 16);
+  return `rgba(${(n >> 16) & 255}, ${(n >> 8) & 255}, ${n & 255}, ${alpha})`;
+}
+
+/** Each series' colour: its own, else the palette's by its place among the curves; a band's edges
+ * (`role` high/low) take the colour of the curve before them. */
+function colours(series) {
+  let curve = -1;
+  let last = PALETTE[0];
+  return series.map((s) => {
+    if (!s.role) {
+      curve += 1;
+      last = s.color || PALETTE[curve % PALETTE.length];
+    }
+    return s.role ? s.color || last : last;
+  });
+}
+
 /**
- * A uPlot line chart. `x`: the x values; `series`: [{label, values, color?}] aligned with `x` (null:
- * no point). `xLabels` (aligned with `x` = 0, 1, 2, ...): an ordinal axis with these tick labels
- * (evaluations by iteration/epoch); else `integerX` for whole-number ticks (epochs).
- * `data-points` on the wrapper counts the finite points drawn (the e2e test reads it).
+ * A uPlot line chart. `x`: the x values; `series`: [{label, values, color?, role?}] aligned with `x`
+ * (null: no point). A curve may be followed by the two edges of its band (`role` "high" then "low":
+ * a downsampled curve's lowest and highest), drawn faint with the band filled between them and left
+ * out of the legend. `xLabels` (aligned with `x` = 0, 1, 2, ...): an ordinal axis with these tick
+ * labels (evaluations by iteration/epoch); else `integerX` for whole-number ticks (epochs).
+ * `data-points` on the wrapper counts the finite points drawn on the curves (the e2e test reads it).
  */
 export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels = null, height = 260, testId }) {
   const box = useRef(null);
@@ -43,11 +65,12 @@ export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels
   const labels = useRef(xLabels);
   labels.current = xLabels;
   const ordinal = xLabels !== null;
-  const shape = series.map((s) => `${s.label}\u0001${s.color || ""}\u0001${s.dash || ""}`).join("\u0000");
+  const shape = series.map((s) => `${s.label}\u0001${s.color || ""}\u0001${s.dash || ""}\u0001${s.role || ""}`).join("\u0000");
   const few = x.length <= 3;
 
   useEffect(() => {
     const el = box.current;
+    const colors = colours(series);
     const css = getComputedStyle(document.documentElement);
     const ink = css.getPropertyValue("--muted").trim() || "#6b7280";
     const rule = css.getPropertyValue("--line").trim() || "#e5e7eb";
@@ -66,6 +89,7 @@ export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels
       xAxis.values = (_u, splits) => splits.map((v) => labels.current[v] ?? "");
     } else if (integerX) {
       xAxis.incrs = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];
+      xAxis.incrs.push(1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 1e8, 1e9);
       xAxis.values = (_u, splits) => splits.map((v) => String(v));
     }
     const xValue = (_u, v) => {
@@ -80,7 +104,18 @@ export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels
       series: [
         { label: xLabel, value: xValue },
         ...series.map((s, i) => {
-          const color = s.color || PALETTE[i % PALETTE.length];
+          const color = colors[i];
+          if (s.role) {
+            return {
+              label: s.label,
+              class: "band-edge",
+              stroke: faded(color, 0.35),
+              width: 1,
+              spanGaps: true,
+              points: { show: false },
+              value: (_u, v) => fmtValue(v),
+            };
+          }
           return {
             label: s.label,
             stroke: color,
@@ -93,6 +128,10 @@ export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels
           };
         }),
       ],
+      // uPlot's series 0 is x: a band between a "high" edge (i) and its "low" (i + 1) is [i + 1, i + 2].
+      bands: series.flatMap((s, i) =>
+        s.role === "high" && series[i + 1]?.role === "low" ? [{ series: [i + 1, i + 2], fill: faded(colors[i], 0.15) }] : [],
+      ),
       legend: { show: true },
       hooks: { ready: [showLatest], setLegend: [showLatest] },
     };
@@ -112,6 +151,8 @@ export function LineChart({ x, series, xLabel, yLabel, integerX = false, xLabels
     plot.current?.setData([x, ...series.map((s) => s.values)]);
   }, [x, series]);
 
-  const points = series.reduce((n, s) => n + s.values.filter((v) => v !== null && Number.isFinite(v)).length, 0);
-  return <div class="chart" ref={box} data-testid={testId} data-points={points} />;
+  const curves = series.filter((s) => !s.role);
+  const points = curves.reduce((n, s) => n + s.values.filter((v) => v !== null && Number.isFinite(v)).length, 0);
+  const banded = series.some((s) => s.role);
+  return <div class="chart" ref={box} data-testid={testId} data-points={points} data-banded={String(banded)} />;
 }

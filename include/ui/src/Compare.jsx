@@ -1,10 +1,10 @@
 import { useMemo, useState } from "preact/hooks";
 import { LineChart, PALETTE } from "./Chart.jsx";
-import { useDetailsOf } from "./data.js";
-import { MetricSelect, chosenMetric } from "./JobView.jsx";
+import { useCompared } from "./data.js";
+import { MetricSelect } from "./JobView.jsx";
 import { StatusBadge } from "./JobsTable.jsx";
 import { flatten, fmtCost, fmtDuration, fmtValue, trainingSeconds, wallSeconds } from "./format.js";
-import { EVAL_METRICS, epochMetricNames, epochSeries, latestEval } from "./metrics.js";
+import { EVAL_METRICS, seriesChart } from "./metrics.js";
 import { compareHref, jobHref, navigate } from "./router.js";
 
 const short = (uuid) => uuid.slice(0, 8);
@@ -67,20 +67,22 @@ function SideBySide({ list, sections, onlyDiffs }) {
  * results, hyperparameters and params with what differs highlighted. */
 export function Compare({ query = {} }) {
   const uuids = (query.jobs || "").split(",").map((u) => u.trim()).filter(Boolean);
-  const [list, error] = useDetailsOf(uuids);
+  const { list, series, names, metric, error } = useCompared(uuids, query.metric);
   const [onlyDiffs, setOnlyDiffs] = useState(false);
-  const iterationsOf = useMemo(() => (list || []).flatMap((d) => d.iterations), [list]);
-  const names = useMemo(() => epochMetricNames(iterationsOf), [iterationsOf]);
-  const metric = chosenMetric(names, query.metric);
   const curves = useMemo(
     () =>
-      list
-        ? epochSeries(
-            list.map((d, i) => ({ prefix: short(d.uuid), iterations: d.iterations, color: PALETTE[i % PALETTE.length] })),
+      list && series
+        ? seriesChart(
+            list.map((d, i) => ({
+              prefix: short(d.uuid),
+              series: series[i],
+              live: [],
+              color: PALETTE[i % PALETTE.length],
+            })),
             metric,
           )
         : null,
-    [list, metric],
+    [list, series, metric],
   );
   const back = (
     <p>
@@ -105,7 +107,7 @@ export function Compare({ query = {} }) {
   }
   const now = Date.now() / 1000;
   const results = rowsOf(list, (d) => {
-    const last = latestEval(d.iterations.flatMap((it) => it.evals));
+    const last = d.latest_evaluation;
     const out = {};
     for (const m of [...EVAL_METRICS, "loss"]) if (last && typeof last[m] === "number") out[`last evaluation.${m}`] = last[m];
     return out;
@@ -170,7 +172,9 @@ export function Compare({ query = {} }) {
       </div>
 
       <h2>Per-epoch metrics</h2>
-      {curves && curves.series.length ? (
+      {!series || series.some((s) => s.metric !== metric) ? (
+        <p class="muted">Loading {metric}…</p>
+      ) : curves && curves.series.length ? (
         <>
           <div class="chart-head">
             <MetricSelect

@@ -1,7 +1,7 @@
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { TERMINAL, api, artifactUrl, explain } from "./api.js";
 import { LineChart } from "./Chart.jsx";
-import { useJobDetails, useLog } from "./data.js";
+import { EVALS_SHOWN, useJobData, useLog } from "./data.js";
 import { StatusBadge } from "./JobsTable.jsx";
 import {
   flatten,
@@ -14,7 +14,7 @@ import {
   ts,
   wallSeconds,
 } from "./format.js";
-import { DEFAULT_METRIC, EVAL_METRICS, epochMetricNames, epochSeries, evalPoints, latestEval } from "./metrics.js";
+import { EVAL_METRICS, evalPoints, latestEval, seriesChart } from "./metrics.js";
 import { STEP_TASK_IDS, dagRunUrl, href, navigate, runHref, taskId, taskUrl } from "./router.js";
 
 const UPLOADED_LOG = "logs/trainer.log";
@@ -162,26 +162,36 @@ export function MetricSelect({ names, value, onChange }) {
   );
 }
 
-/** The chosen metric: the route's `metric` when the jobs stored it, else avg_loss (or the first). */
-export function chosenMetric(names, wanted) {
-  if (wanted && names.includes(wanted)) return wanted;
-  return names.includes(DEFAULT_METRIC) ? DEFAULT_METRIC : names[0];
-}
-
-function EpochMetrics({ iterations, metric, onMetric }) {
-  const names = useMemo(() => epochMetricNames(iterations), [iterations]);
-  const chosen = chosenMetric(names, metric);
-  const { x, series } = useMemo(() => epochSeries([{ prefix: "", iterations }], chosen), [iterations, chosen]);
-  if (!names.length || !series.length) return <p class="muted">No epoch reported yet.</p>;
+/** The per-epoch metric chart: the series the API downsampled, then the epochs the stream brought. */
+function EpochMetrics({ series, live, names, metric, onMetric }) {
+  const { x, series: curves } = useMemo(() => seriesChart([{ prefix: "", series, live }], metric), [series, live, metric]);
+  if (series === null) return <p class="muted">Loading…</p>;
+  if (!names.length) return <p class="muted">No epoch reported yet.</p>;
+  const loading = series.metric !== metric;
+  const drawn = series.iterations.length;
+  const downsampled = series.iterations.some((it) => it.counts.some((c) => c > 1));
   return (
     <>
       <div class="chart-head">
-        <MetricSelect names={names} value={chosen} onChange={onMetric} />
+        <MetricSelect names={names} value={metric} onChange={onMetric} />
         <span class="small muted">
           {names.length} per-epoch metric{names.length > 1 ? "s" : ""} stored
         </span>
+        {(downsampled || series.iterations_total > drawn) && (
+          <span class="small muted" data-testid="chart-note">
+            {series.epochs_total.toLocaleString("en-US")} epochs
+            {series.iterations_total > drawn ? `, the last ${drawn} of ${series.iterations_total} iterations` : ""}
+            {downsampled ? `; each point the last epoch of up to ${Math.max(...series.iterations.flatMap((it) => it.counts))}, shaded from their lowest to highest` : ""}
+          </span>
+        )}
       </div>
-      <LineChart x={x} series={series} integerX xLabel="epoch" yLabel={chosen} testId="loss-chart" />
+      {loading ? (
+        <p class="muted">Loading {metric}…</p>
+      ) : curves.length ? (
+        <LineChart x={x} series={curves} integerX xLabel="epoch" yLabel={metric} testId="loss-chart" />
+      ) : (
+        <p class="muted">No epoch reported {metric} yet.</p>
+      )}
     </>
   );
 }
@@ -210,8 +220,11 @@ function EvalChart({ evals }) {
   );
 }
 
+/** The table shows the latest this many evaluations. */
+const EVAL_TABLE_ROWS = 200;
+
 function EvalTable({ evals }) {
-  const { rows } = evalPoints(evals);
+  const rows = evalPoints(evals).rows.slice(-EVAL_TABLE_ROWS);
   const extra = [
     ...new Set(rows.flatMap((e) => Object.keys(e.metrics || {}).filter((k) => typeof e.metrics[k] !== "object"))),
   ]
@@ -595,7 +608,7 @@ function useNow(on) {
 
 /** One job (#/jobs/<uuid>; also shown in place by the run view, ``back`` then says where to). */
 export function JobView({ uuid, query = {}, back = null, routeFor = null }) {
-  const { details, setDetails, error, live } = useJobDetails(uuid);
+  const { details, setDetails, error, live, series, liveEpochs, evals, names, metric } = useJobData(uuid, query.metric);
   const running = details ? !TERMINAL.has(details.status) : false;
   const now = useNow(running || !details);
   // The metric is part of the URL (shareable); in the run view, of the run view's URL.
@@ -614,7 +627,7 @@ export function JobView({ uuid, query = {}, back = null, routeFor = null }) {
       </section>
     );
   }
-  const evals = details.iterations.flatMap((it) => it.evals);
+  const evalsTotal = Math.max(details.evals_total ?? 0, evals.length);
   return (
     <section data-testid="job-view" data-status={details.status} data-uuid={details.uuid}>
       {backLink}
@@ -625,14 +638,20 @@ export function JobView({ uuid, query = {}, back = null, routeFor = null }) {
       {error && <p class="error">{error}</p>}
 
       <h2>Per-epoch metrics</h2>
-      <EpochMetrics iterations={details.iterations} metric={query.metric} onMetric={onMetric} />
+      <EpochMetrics series={series} live={liveEpochs} names={names} metric={metric} onMetric={onMetric} />
 
       <h2>Evaluations</h2>
+      {evalsTotal > evals.length && (
+        <p class="small muted" data-testid="evals-note">
+          The latest {evals.length.toLocaleString("en-US")} of {evalsTotal.toLocaleString("en-US")} evaluations
+          {evals.length > EVAL_TABLE_ROWS ? ` (the table: the latest ${EVAL_TABLE_ROWS})` : ""}.
+        </p>
+      )}
       <EvalChart evals={evals} />
       {evals.length > 0 && <EvalTable evals={evals} />}
 
       <h2>Confusion matrix</h2>
-      <ConfusionMatrix evaluation={latestEval(evals)} />
+      <ConfusionMatrix evaluation={latestEval(evals) ?? details.latest_evaluation} />
 
       <h2>Trainer log</h2>
       <LogPanel details={details} />

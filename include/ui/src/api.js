@@ -51,4 +51,4 @@ export function explain(err) {
 }
 
 export const artifactUrl = (uuid, id) => apiUrl(`jobs/${encodeURIComponent(uuid)}/artifacts/${id}`);
-export const streamUrl = (uuid) => apiUrl(`jobs/${encodeURIComponent(uuid)}/stream`);
+export const streamUrl = (uuid, params) => apiUrl(`jobs/${encodeURIComponent(uuid)}/stream`, params);

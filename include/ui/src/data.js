@@ -1,18 +1,45 @@
-// Every read of a job's data, in one place: the job view, the comparison and the run view load
-// details through these functions, so paging them later (epochs and evaluations in pages) changes
-// this file only.
-import { useEffect, useState } from "preact/hooks";
+// Every read of a job's data, in one place: the job view, the comparison and the run view load a
+// job through these functions. Nothing here holds a job's every epoch or evaluation: the details
+// come without them (their totals only), the chart plots a series the API downsampled in the
+// database (at most SERIES_POINTS buckets), the evaluations are the latest EVALS_SHOWN, read a page
+// at a time, and the stream of a running job is opened after them (?after=<the series' cursor>) so
+// it brings only what is stored later, kept to a bounded number too.
+import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { TERMINAL, api, explain, streamUrl } from "./api.js";
 import { jobEnd } from "./format.js";
+import { DEFAULT_METRIC, chosenMetric, mergeRows, metricNames } from "./metrics.js";
 import { airflowBase } from "./router.js";
 
 const RUNNING_REFRESH_MS = 10000;
 const ENDED_REFRESH_MS = 3000;
 const LOG_REFRESH_MS = 3000;
+/** Buckets of a chart's series, shared by the iterations drawn (a chart is ~1000 px wide). */
+export const SERIES_POINTS = 1000;
+/** The evaluations a job view holds: the latest ones, read EVAL_PAGE at a time. */
+export const EVALS_SHOWN = 2000;
+const EVAL_PAGE = 500;
+/** Epochs from the stream kept beside the series; beyond, the series is read again. */
+export const LIVE_EPOCHS_MAX = 2000;
 const enc = encodeURIComponent;
 
-/** GET /v1/jobs/<uuid>/details: the job, its iterations (epochs, evaluations), artifacts, instances. */
-export const fetchDetails = (uuid) => api(`jobs/${enc(uuid)}/details`);
+/** GET /v1/jobs/<uuid>/details without epochs or evaluations: the job, its iterations, artifacts,
+ * instances, `epochs_total`, `evals_total` and `latest_evaluation`. */
+export const fetchDetails = (uuid) => api(`jobs/${enc(uuid)}/details`, { params: { epochs_limit: 0, evals_limit: 0 } });
+
+/** GET /v1/jobs/<uuid>/series: one per-epoch metric, downsampled by the API, and the stream cursor. */
+export const fetchSeries = (uuid, metric, points = SERIES_POINTS) =>
+  api(`jobs/${enc(uuid)}/series`, { params: { metric, points } });
+
+/** The latest `max` of a job's `total` evaluations (GET /v1/jobs/<uuid>/evaluations, a page at a
+ * time), in checkpoint order. */
+export async function fetchLatestEvaluations(uuid, total, max = EVALS_SHOWN) {
+  const offsets = [];
+  for (let offset = Math.max(0, total - max); offset < total; offset += EVAL_PAGE) offsets.push(offset);
+  const pages = await Promise.all(
+    offsets.map((offset) => api(`jobs/${enc(uuid)}/evaluations`, { params: { limit: EVAL_PAGE, offset } })),
+  );
+  return pages.flatMap((page) => page.evaluations);
+}
 
 /** GET /v1/jobs with filters (status, project_id, provider, dag_id, run_id, stage, map_index, ...). */
 export const fetchJobs = (params) => api("jobs", { params });
@@ -29,100 +56,164 @@ export function settled(details) {
   return details.instances.every((i) => i.terminated_at || i.state === "terminated" || i.state === "failed");
 }
 
-/** Adds an epoch or evaluation row (from the stream) to the details, once (rows have ids). */
-function mergeRow(details, kind, row) {
-  const iterations = details.iterations.slice();
-  let i = iterations.findIndex((it) => it.iteration === row.iteration);
-  if (i < 0) {
-    iterations.push({ iteration: row.iteration, config: null, steps: [], epochs: [], evals: [] });
-    iterations.sort((a, b) => a.iteration - b.iteration);
-    i = iterations.findIndex((it) => it.iteration === row.iteration);
-  }
-  const it = { ...iterations[i] };
-  if (it[kind].some((r) => r.id === row.id)) return details;
-  it[kind] = [...it[kind], row];
-  iterations[i] = it;
-  return { ...details, iterations };
-}
+const cursorEpoch = (cursor) => Number(String(cursor || "0-0").split("-")[0]);
 
-/** One job's details, live while it has not ended: the SSE stream adds epochs and evaluations as
- * they are stored, and the details are re-read now and then (instances, costs) until the job is
- * settled, more often once it ended (its upload and teardown are still to come). */
-export function useJobDetails(uuid) {
+/** One job for its view, live while it has not ended: the details (re-read now and then until the
+ * job is settled, more often once it ended: its upload and teardown are still to come), the
+ * series of the metric shown (`wanted` when the job has it), the latest evaluations, and the
+ * stream's epochs and evaluations as they are stored. */
+export function useJobData(uuid, wanted) {
   const [details, setDetails] = useState(null);
   const [error, setError] = useState(null);
   const [live, setLive] = useState(false);
+  const [series, setSeries] = useState(null);
+  const [liveEpochs, setLiveEpochs] = useState([]);
+  const [evals, setEvals] = useState(null);
+  // Bumped when the job ends (read everything once more); `refills` when the stream brought many
+  // epochs (the series again, which has them: fewer rows held).
+  const [version, setVersion] = useState(0);
+  const [refills, setRefills] = useState(0);
+  const cursor = useRef(null);
+
+  const names = useMemo(() => metricNames(series, liveEpochs), [series, liveEpochs]);
+  const metric = chosenMetric(names, wanted) ?? wanted ?? DEFAULT_METRIC;
 
   useEffect(() => {
-    let alive = true;
-    let source = null;
-    let timer = null;
-    const refresh = () =>
-      fetchDetails(uuid)
-        .then((body) => {
-          if (alive) {
-            // A job the page saw end (its cancel) is not shown running again by a read that raced it.
-            setDetails((d) => (d && TERMINAL.has(d.status) && !TERMINAL.has(body.status) ? { ...body, ...ended(d) } : body));
-            setError(null);
-          }
-          return body;
-        })
-        .catch((err) => {
-          if (alive) setError(explain(err));
-          return null;
-        });
-    const tick = () => {
-      clearTimeout(timer);
-      return refresh().then((body) => {
-        if (!alive || (body && settled(body))) return body;
-        timer = setTimeout(tick, body && TERMINAL.has(body.status) ? ENDED_REFRESH_MS : RUNNING_REFRESH_MS);
-        return body;
-      });
-    };
-    tick().then((body) => {
-      if (!alive || !body || TERMINAL.has(body.status)) return;
-      source = new EventSource(streamUrl(uuid));
-      source.onopen = () => setLive(true);
-      source.onerror = () => setLive(source.readyState === EventSource.OPEN);
-      source.addEventListener("epoch", (ev) => setDetails((d) => d && mergeRow(d, "epochs", JSON.parse(ev.data))));
-      source.addEventListener("eval", (ev) => setDetails((d) => d && mergeRow(d, "evals", JSON.parse(ev.data))));
-      source.addEventListener("status", (ev) => {
-        const job = JSON.parse(ev.data);
-        setDetails((d) => d && { ...d, ...job });
-        if (TERMINAL.has(job.status)) {
-          source.close();
-          setLive(false);
-          tick(); // artifacts, instances and costs as they are now, then until settled
-        }
-      });
-    });
-    return () => {
-      alive = false;
-      source?.close();
-      clearTimeout(timer);
-    };
+    setDetails(null);
+    setSeries(null);
+    setLiveEpochs([]);
+    setEvals(null);
+    setError(null);
+    cursor.current = null;
   }, [uuid]);
 
-  return { details, setDetails, error, live };
+  // The details, until settled.
+  useEffect(() => {
+    let alive = true;
+    let timer = null;
+    const tick = () => {
+      clearTimeout(timer);
+      fetchDetails(uuid)
+        .then((body) => {
+          if (!alive) return;
+          // A job the page saw end (its cancel) is not shown running again by a read that raced it.
+          setDetails((d) => (d && TERMINAL.has(d.status) && !TERMINAL.has(body.status) ? { ...body, ...ended(d) } : body));
+          setError(null);
+          if (!settled(body)) timer = setTimeout(tick, TERMINAL.has(body.status) ? ENDED_REFRESH_MS : RUNNING_REFRESH_MS);
+        })
+        .catch((err) => {
+          if (!alive) return;
+          setError(explain(err));
+          timer = setTimeout(tick, RUNNING_REFRESH_MS);
+        });
+    };
+    tick();
+    return () => {
+      alive = false;
+      clearTimeout(timer);
+    };
+  }, [uuid, version]);
+
+  // The series of the metric shown: its cursor is where the stream starts.
+  useEffect(() => {
+    let alive = true;
+    fetchSeries(uuid, metric)
+      .then((body) => {
+        if (!alive) return;
+        cursor.current = cursor.current ?? body.cursor;
+        setSeries(body);
+        // The series has every epoch stored before its cursor: the stream's older ones go.
+        setLiveEpochs((rows) => rows.filter((r) => r.id > cursorEpoch(body.cursor)));
+      })
+      .catch((err) => alive && setError(explain(err)));
+    return () => {
+      alive = false;
+    };
+  }, [uuid, metric, version, refills]);
+  const tooManyLive = liveEpochs.length >= LIVE_EPOCHS_MAX;
+  useEffect(() => {
+    if (tooManyLive) setRefills((n) => n + 1);
+  }, [tooManyLive]);
+
+  // The latest evaluations, once the details say how many (again when the job ended).
+  const evalsTotal = details ? details.evals_total : null;
+  useEffect(() => {
+    if (evalsTotal === null) return undefined;
+    let alive = true;
+    fetchLatestEvaluations(uuid, evalsTotal)
+      .then((rows) => alive && setEvals((had) => mergeRows(had ?? [], rows, EVALS_SHOWN)))
+      .catch((err) => alive && setError(explain(err)));
+    return () => {
+      alive = false;
+    };
+  }, [uuid, evalsTotal === null, version]);
+
+  // The stream of a running job, from the first series' cursor on.
+  const running = details !== null && !TERMINAL.has(details.status);
+  const ready = running && series !== null && evals !== null;
+  useEffect(() => {
+    if (!ready) return undefined;
+    const source = new EventSource(streamUrl(uuid, { after: cursor.current || "0-0" }));
+    source.onopen = () => setLive(true);
+    source.onerror = () => setLive(source.readyState === EventSource.OPEN);
+    source.addEventListener("epoch", (ev) => {
+      const row = JSON.parse(ev.data);
+      setLiveEpochs((rows) => (rows.some((r) => r.id === row.id) ? rows : [...rows, row].slice(-LIVE_EPOCHS_MAX)));
+    });
+    source.addEventListener("eval", (ev) => setEvals((rows) => mergeRows(rows ?? [], [JSON.parse(ev.data)], EVALS_SHOWN)));
+    source.addEventListener("status", (ev) => {
+      const job = JSON.parse(ev.data);
+      setDetails((d) => d && { ...d, ...job });
+      if (TERMINAL.has(job.status)) {
+        source.close();
+        setLive(false);
+        setVersion((v) => v + 1); // artifacts, instances, costs, the whole series, until settled
+      }
+    });
+    return () => {
+      source.close();
+      setLive(false);
+    };
+  }, [uuid, ready]);
+
+  return { details, setDetails, error, live, series, liveEpochs, evals: evals ?? [], names, metric };
 }
 
 const ended = (d) => ({ status: d.status, cancelled_by: d.cancelled_by, cancel_requested_at: d.cancel_requested_at });
 
-/** The details of several jobs (the comparison), read once: [list in the order asked, error]. */
-export function useDetailsOf(uuids) {
-  const [state, setState] = useState({ list: null, error: null });
+/** Several jobs side by side (the comparison): their details and the series of one metric (`wanted`
+ * when one of them has it), read once: {list, series, names, metric, error}. */
+export function useCompared(uuids, wanted) {
+  const [list, setList] = useState(null);
+  const [series, setSeries] = useState(null);
+  const [error, setError] = useState(null);
   const key = uuids.join(",");
+  const names = useMemo(() => {
+    const all = new Set((series || []).flatMap((s) => s.metrics));
+    return metricNames({ metrics: [...all] }, []);
+  }, [series]);
+  const metric = chosenMetric(names, wanted) ?? wanted ?? DEFAULT_METRIC;
   useEffect(() => {
     let alive = true;
-    setState({ list: null, error: null });
+    setList(null);
+    setError(null);
     Promise.all(uuids.map((u) => fetchDetails(u)))
-      .then((list) => alive && setState({ list, error: null }))
-      .catch((err) => alive && setState({ list: null, error: explain(err) }));
+      .then((found) => alive && setList(found))
+      .catch((err) => alive && setError(explain(err)));
     return () => {
       alive = false;
     };
   }, [key]);
-  return [state.list, state.error];
+  useEffect(() => {
+    let alive = true;
+    Promise.all(uuids.map((u) => fetchSeries(u, metric)))
+      .then((found) => alive && setSeries(found))
+      .catch((err) => alive && setError(explain(err)));
+    return () => {
+      alive = false;
+    };
+  }, [key, metric]);
+  return { list, series, names, metric, error };
 }
 
 /** The trainer log's last ``lines``: re-read every few seconds while the job runs, and again when

@@ -3,7 +3,9 @@
 SimpleAuthManager users: ``admin`` (ADMIN), ``viewer`` (VIEWER: reads every DAG, edits none) and
 ``nobody`` (no role: SimpleAuthManager grants a role-less user nothing; it has no per-DAG rules, so
 "no access to this DAG" is "no access to any DAG"). Tokens come from ``POST /auth/token``; the job
-is triggered through Airflow's own REST API and read back through ``/training/v1``.
+is triggered through Airflow's own REST API and read back through ``/training/v1``, a page at a
+time; a cancel authenticated by the ``_token`` cookie (as the Airflow UI's page sends it) needs the
+api-server's own ``Origin``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import delete
 
+from gpu_training.results.models import TrainingJob
+from gpu_training.results.store import ResultsStore
 from tests.airflow_cluster import AirflowCluster
 
 from . import DAG_ID, USERS
@@ -145,3 +150,87 @@ def test_user_without_dag_access(cluster: AirflowCluster, tokens: dict[str, str]
     listed = get(cluster, "/v1/jobs", tokens["nobody"]).json()
     assert (listed["jobs"], listed["total"]) == ([], 0)
     assert get(cluster, "/v1/evaluations", tokens["nobody"]).json()["evaluations"] == []
+
+
+def test_results_db_touched_only_after_authentication(cluster: AirflowCluster, run: dict[str, Any]) -> None:
+    """On the real api-server: every operation, anonymous, is Airflow's 401 (the results DB is opened
+    only for a known user: tests/test_api.py proves it with an unreachable one)."""
+    uuid = run["job"]["uuid"]
+    for path in (
+        f"/v1/jobs/{uuid}/details",
+        f"/v1/jobs/{uuid}/epochs",
+        f"/v1/jobs/{uuid}/evaluations",
+        f"/v1/jobs/{uuid}/series",
+        f"/v1/jobs/{uuid}/artifacts/1",
+    ):
+        resp = get(cluster, path, None)
+        assert (resp.status_code, resp.json()) == (401, {"detail": "Not authenticated"}), path
+
+
+def test_epochs_and_evaluations_in_pages(cluster: AirflowCluster, tokens: dict[str, str], run: dict[str, Any]) -> None:
+    uuid = run["job"]["uuid"]
+    page = get(cluster, f"/v1/jobs/{uuid}/details", tokens["viewer"], params={"epochs_limit": 2, "epochs_offset": 3})
+    body = page.json()
+    assert [e["epoch"] for it in body["iterations"] for e in it["epochs"]] == [4, 5]
+    assert (body["epochs_total"], body["epochs_limit"], body["epochs_offset"]) == (5, 2, 3)
+    epochs = get(cluster, f"/v1/jobs/{uuid}/epochs", tokens["viewer"], params={"limit": 3}).json()
+    assert [e["epoch"] for e in epochs["epochs"]] == [1, 2, 3] and epochs["total"] == 5
+    series = get(cluster, f"/v1/jobs/{uuid}/series", tokens["viewer"]).json()
+    assert [it["epochs"] for it in series["iterations"]] == [[1, 2, 3, 4, 5]] and "avg_loss" in series["metrics"]
+
+
+def cookie_cancel(cluster: AirflowCluster, token: str, uuid: str, headers: dict[str, str]) -> requests.Response:
+    """A cancel as the Airflow UI's page sends it: the JWT in the ``_token`` cookie, no Authorization."""
+    return requests.post(
+        f"{cluster.base_url}/training/v1/jobs/{uuid}/cancel", cookies={"_token": token}, headers=headers, timeout=30
+    )
+
+
+def test_a_cookie_cancel_needs_the_api_servers_own_origin(
+    cluster: AirflowCluster, store: ResultsStore, tokens: dict[str, str]
+) -> None:
+    """CSRF: the session cookie is sent with a cross-site form or fetch too; a cancel it authenticates
+    must come from the api-server's own origin (Origin, else Referer). A Bearer token is not ambient:
+    a script's cancel needs no Origin. Jobs of dag runs that do not exist: the cancel is recorded
+    (202) and Airflow has no run to mark failed."""
+    jobs = [
+        store.create_job(
+            project_id="csrf",
+            provider="local",
+            runtime="process",
+            params={},
+            dag_id=DAG_ID,
+            run_id=f"csrf__{i}_{time.time_ns()}",
+        )
+        for i in range(3)
+    ]
+    for uuid in jobs:
+        store.update_job(uuid, status="running")
+    own = cluster.base_url.rstrip("/")
+    try:
+        for headers in (
+            {},
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+            {"Referer": "http://evil.example/x"},
+        ):
+            resp = cookie_cancel(cluster, tokens["admin"], jobs[0], headers)
+            assert resp.status_code == 403, (headers, resp.text)
+            assert "session cookie" in resp.json()["detail"]
+        assert store.job(jobs[0]).status == "running"
+        ok = cookie_cancel(cluster, tokens["admin"], jobs[0], {"Origin": own})
+        assert ok.status_code == 202 and ok.json()["cancelled_by"] == "admin", ok.text
+        by_referer = cookie_cancel(cluster, tokens["admin"], jobs[1], {"Referer": f"{own}/training/ui/"})
+        assert by_referer.status_code == 202, by_referer.text
+        bearer = requests.post(
+            f"{cluster.base_url}/training/v1/jobs/{jobs[2]}/cancel",
+            headers={"Authorization": f"Bearer {tokens['admin']}", "Origin": "http://evil.example"},
+            timeout=30,
+        )
+        assert bearer.status_code == 202, bearer.text
+        # The viewer's cookie from the right origin: its own 403 (no edit access), not the origin's.
+        viewer = cookie_cancel(cluster, tokens["viewer"], jobs[0], {"Origin": own})
+        assert viewer.status_code in (400, 403) and "session cookie" not in viewer.text
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(delete(TrainingJob).where(TrainingJob.project_id == "csrf"))

@@ -7,9 +7,10 @@ the ``_token`` cookie), opens "Training jobs" (``/plugin/training-jobs``: the pl
 table, a finished job's header (labelled durations, links into Airflow), its per-epoch metrics (any
 stored one selectable), evaluations by epoch (one and two points), confusion matrix, params, the
 uploaded trainer log, artifacts by folder and instances; deep links (the Airflow URL follows the
-page's view and reloads into it); two jobs compared; a dag run's jobs; a running job's live updates
-and log, and the Cancel button (confirmed in the page's own dialog; a job that ended meanwhile gets
-the API's 400 message).
+page's view and reloads into it); two jobs compared; a dag run's jobs; a job of 200,000 epochs,
+whose chart is a series the API downsampled (the page never reads the epochs themselves); a running
+job's live updates and log, and the Cancel button (confirmed in the page's own dialog; a job that
+ended meanwhile gets the API's 400 message).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/system-deps``), ``selenium`` (pip) and
 the built page (``make ui``); skipped without them. Screenshots go to the test's tmp dir, and the
@@ -27,9 +28,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
 
-from gpu_training.results.models import TrainingJob
+from gpu_training.results.models import EpochTrain, Eval, TrainingIteration, TrainingJob
 from gpu_training.results.store import ResultsStore
 from gpu_training.retraining.promotion import promote
 from gpu_training.retraining.spec import Promotion
@@ -459,6 +460,90 @@ def test_two_jobs_compared(
     assert rows["project_id"].get_attribute("data-differs") == "true"
     assert rows["last evaluation.f1"].get_attribute("data-differs") == "true"
     screenshot(browser, tmp_path / "ui-compare.png")
+
+
+#: The long job's size: two iterations of 100,000 epochs, more evaluations than the page holds.
+LONG_EPOCHS = 100_000
+LONG_EVALS = 3_000
+
+
+def test_a_long_jobs_chart_is_paged_in(
+    browser: WebDriver, cluster: AirflowCluster, store: ResultsStore, tmp_path: Path
+) -> None:
+    """200,000 epochs: the page reads the job's details without epochs, a series of ~1000 buckets
+    (each iteration's curve with its lowest-to-highest band, a one-epoch spike kept) and the latest
+    2,000 evaluations in pages, a few hundred kB in all, where /details once sent every epoch."""
+    run_id = f"ui_long__{time.time_ns()}"
+    job = store.create_job(
+        project_id="ui-long", provider="local", runtime="process", params={"config": {}}, dag_id=DAG_ID, run_id=run_id
+    )
+    store.update_job(job, status="completed")
+    job_id = store.job(job).id
+    stamp = store.job(job).created_at
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(insert(TrainingIteration.__table__), [{"job_id": job_id, "iteration": it} for it in (1, 2)])
+            conn.execute(
+                insert(EpochTrain.__table__),
+                [
+                    {
+                        "job_id": job_id,
+                        "iteration": it,
+                        "epoch": ep,
+                        "avg_loss": 9.0 if (it, ep) == (1, 50_001) else it * (0.5 + 1 / ep),
+                        "metrics": {"val_loss": it * (0.25 + 1 / ep)},
+                        "completed_at": stamp,
+                    }
+                    for it in (1, 2)
+                    for ep in range(1, LONG_EPOCHS + 1)
+                ],
+            )
+            conn.execute(
+                insert(Eval.__table__),
+                [
+                    {"job_id": job_id, "iteration": 2, "epoch": ep, "accuracy": ep / LONG_EVALS, "evaluated_at": stamp}
+                    for ep in range(1, LONG_EVALS + 1)
+                ],
+            )
+        open_page(browser, cluster, f"#/jobs/{job}")
+        job_view_of(browser, job)
+        chart = wait_for(
+            "the banded chart",
+            lambda: browser.find_element(By.CSS_SELECTOR, "[data-testid=loss-chart][data-banded=true]"),
+            60,
+        )
+        assert 0 < points(browser, "loss-chart") <= 1000  # 500 buckets an iteration
+        assert chart.get_attribute("data-points") == "1000"
+        assert wait_for("the curves drawn", lambda: inked_pixels(browser, "loss-chart") > 200)
+        note = by_testid(browser, "chart-note").text
+        assert "200,000 epochs" in note and "shaded from their lowest to highest" in note, note
+        text = legend(browser, "loss-chart")
+        assert "iteration 1" in text.lower() and "high" not in text.lower(), text  # band edges not listed
+        assert "0.5" in text, text  # iteration 1's last epoch (0.50001; iteration 2's is 1)
+        evals_note = by_testid(browser, "evals-note").text
+        assert "The latest 2,000 of 3,000 evaluations" in evals_note, evals_note
+        assert points(browser, "eval-chart") == 2000
+
+        # What the page read: no epoch row, the series, the evaluations in pages: little.
+        reads = browser.execute_script(
+            "return performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/training/v1/jobs/' + arguments[0]))"
+            ".map(e => [e.name, e.encodedBodySize]);",
+            job,
+        )
+        details = [url for url, _ in reads if "/details" in url]
+        assert details and all("epochs_limit=0" in url and "evals_limit=0" in url for url in details), reads
+        assert [url for url, _ in reads if "/series" in url], reads
+        assert not [url for url, _ in reads if "/epochs" in url], reads
+        total = sum(size for _, size in reads)
+        assert total < 2_000_000, reads  # /details alone was ~35 MB for this job
+        choose(by_testid(browser, "metric-select"), "val_loss")
+        wait_for("the val_loss series", lambda: "0.25" in legend(browser, "loss-chart"))
+        assert inked_pixels(browser, "loss-chart") > 200
+        screenshot(browser, tmp_path / "ui-long-job.png")
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(delete(TrainingJob).where(TrainingJob.run_id == run_id))
 
 
 def test_the_jobs_of_a_dag_run(
