@@ -33,6 +33,19 @@ What the proxy adds to moto:
 - Spot prices: moto's DescribeSpotPriceHistory answers a fixed price from 2006; a test may set
   :attr:`spot_prices` (answered instead, filtered by ``InstanceType.N``) or
   :attr:`spot_history_error` (answered as that error code, 403).
+- On-demand prices, which moto does not serve at all (it has no ``pricing`` service): the proxy
+  answers the AWS Price List Query API's ``GetProducts`` (JSON 1.1, ``X-Amz-Target:
+  AWSPriceListService.GetProducts``; the ``aws`` connection's ``endpoint_url`` sends the pricing
+  client here too) from a price list of :func:`ec2_price_item` products, each in the shape of a
+  real one ("Reading the service price list file"; the AWS CLI's ``get-products`` example): the
+  Linux/shared/on-demand product of every (region, type) asked for, at :attr:`on_demand`'s price
+  (default: the provider's built-in table; None: not in the price list), beside the products the
+  filters must keep out (Windows, unused capacity reservations, Capacity Blocks). Only
+  ``TERM_MATCH`` filters, and ``instanceType`` and ``regionCode`` among them, are served; pages of
+  ``MaxResults`` (default 100) with an opaque ``NextToken``. :attr:`pricing_error` answers every
+  GetProducts with that error code (400, as the Price List API's errors are). The connection the
+  proxy hands out keeps its price cache (``price_cache``) in a file of the proxy's, emptied by
+  :meth:`reset`, so a test never sees prices another test cached.
 - Spot requests, which moto does not create for ``RunInstances`` with ``InstanceMarketOptions``:
   EC2 does ("Spot request status", EC2 User Guide), so the proxy gives each spot launch a request
   ``sir-...``, sends it as the instance's ``spotInstanceRequestId`` and answers
@@ -56,15 +69,19 @@ which asks moto directly that every instance launched through the proxy is termi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import http.client
 import json
 import re
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -114,6 +131,117 @@ class SpotPrice:
     product_description: str = "Linux/UNIX"
 
 
+#: Price list locations of a few regions (the ``location`` attribute; ``regionCode`` is the code).
+LOCATIONS = {
+    "us-east-1": "US East (N. Virginia)",
+    "us-east-2": "US East (Ohio)",
+    "us-west-2": "US West (Oregon)",
+    "eu-west-1": "EU (Ireland)",
+    "eu-central-1": "EU (Frankfurt)",
+}
+#: The region prefixes of ``usagetype`` (none for us-east-1).
+USAGE_PREFIXES = {
+    "us-east-1": "",
+    "us-east-2": "USE2-",
+    "us-west-2": "USW2-",
+    "eu-west-1": "EU-",
+    "eu-central-1": "EUC1-",
+}
+#: The offer term code of on-demand prices, and the rate code of their one price dimension.
+ON_DEMAND_TERM = "JRTCKXETXF"
+ON_DEMAND_RATE = "6YS6EN2CT7"
+PRICING_JSON = "application/x-amz-json-1.1"
+#: The messages of the Price List API's refusals (AccessDenied as IAM words it).
+PRICING_MESSAGES = {
+    "AccessDeniedException": "User: arn:aws:iam::123456789012:user/gpu-training is not authorized to perform: "
+    "pricing:GetProducts because no identity-based policy allows the pricing:GetProducts action",
+    "ThrottlingException": "Rate exceeded",
+    "InternalErrorException": "An internal error occurred.",
+}
+
+
+def ec2_price_item(region: str, instance_type: str, usd: float, **attributes: str) -> dict[str, Any]:
+    """One EC2 product of the price list (``GetProducts``' ``PriceList`` entries, decoded), as AWS
+    publishes it: the product's attributes, its on-demand term (USD per ``Hrs``) and a reserved term.
+    ``attributes`` replace the defaults (a Windows product: ``operatingSystem="Windows"``)."""
+    attrs = {
+        "instanceType": instance_type,
+        "regionCode": region,
+        "location": LOCATIONS.get(region, region),
+        "locationType": "AWS Region",
+        "servicecode": "AmazonEC2",
+        "servicename": "Amazon Elastic Compute Cloud",
+        "instanceFamily": "GPU instance",
+        "operatingSystem": "Linux",
+        "tenancy": "Shared",
+        "preInstalledSw": "NA",
+        "licenseModel": "No License required",
+        "capacitystatus": "Used",
+        "marketoption": "OnDemand",
+        "operation": "RunInstances",
+        "usagetype": USAGE_PREFIXES.get(region, region.upper() + "-") + f"BoxUsage:{instance_type}",
+        "currentGeneration": "Yes",
+        "processorArchitecture": "64-bit",
+        "vpcnetworkingsupport": "true",
+        "availabilityzone": "NA",
+        **attributes,
+    }
+    sku = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:16].upper()
+    os_name = attrs["operatingSystem"]
+    on_demand = f"{sku}.{ON_DEMAND_TERM}"
+    reserved = f"{sku}.4NA7Y494T4"
+    return {
+        "product": {"productFamily": "Compute Instance", "attributes": attrs, "sku": sku},
+        "serviceCode": "AmazonEC2",
+        "terms": {
+            "OnDemand": {
+                on_demand: {
+                    "priceDimensions": {
+                        f"{on_demand}.{ON_DEMAND_RATE}": {
+                            "unit": "Hrs",
+                            "endRange": "Inf",
+                            "description": f"${usd:g} per On Demand {os_name} {instance_type} Instance Hour",
+                            "appliesTo": [],
+                            "rateCode": f"{on_demand}.{ON_DEMAND_RATE}",
+                            "beginRange": "0",
+                            "pricePerUnit": {"USD": f"{usd:.10f}"},
+                        }
+                    },
+                    "sku": sku,
+                    "effectiveDate": "2026-11-01T00:00:00Z",
+                    "offerTermCode": ON_DEMAND_TERM,
+                    "termAttributes": {},
+                }
+            },
+            "Reserved": {
+                reserved: {
+                    "priceDimensions": {
+                        f"{reserved}.6YS6EN2CT7": {
+                            "unit": "Hrs",
+                            "endRange": "Inf",
+                            "description": f"{os_name} ({instance_type}), 1 year no upfront",
+                            "appliesTo": [],
+                            "rateCode": f"{reserved}.6YS6EN2CT7",
+                            "beginRange": "0",
+                            "pricePerUnit": {"USD": f"{usd * 0.7:.10f}"},
+                        }
+                    },
+                    "sku": sku,
+                    "effectiveDate": "2026-11-01T00:00:00Z",
+                    "offerTermCode": "4NA7Y494T4",
+                    "termAttributes": {
+                        "LeaseContractLength": "1yr",
+                        "OfferingClass": "standard",
+                        "PurchaseOption": "No Upfront",
+                    },
+                }
+            },
+        },
+        "version": "20261101000000",
+        "publicationDate": "2026-11-01T00:00:00Z",
+    }
+
+
 def error_xml(code: str, message: str) -> bytes:
     """EC2's Query API error body."""
     return (
@@ -153,11 +281,20 @@ class Ec2FaultProxy(FakeCloud):
         self.spot_history_error: str | None = None
         self._tokens: dict[tuple[str, str], tuple[tuple[str, ...], bytes]] = {}
         self._moto_clients: dict[str, Any] = {}
+        #: (region, instance type) -> the Linux on-demand USD/hour GetProducts answers (None: the
+        #: price list has no such product); a pair not set answers the provider's built-in table.
+        self.on_demand: dict[tuple[str, str], float | None] = {}
+        self.pricing_error: str | None = None
+        self._price_dir = Path(tempfile.mkdtemp(prefix="ec2-price-cache-"))
+        #: The ``price_cache`` of the connections this proxy hands out.
+        self.price_cache = self._price_dir / "ec2_prices.json"
 
     # --- what tests use --------------------------------------------------------------------------
 
     def connection(self, **settings: Any) -> str:
-        """The Airflow ``aws`` connection (JSON) through this proxy; ``settings`` go to extra ``gpu_training``."""
+        """The Airflow ``aws`` connection (JSON) through this proxy; ``settings`` go to extra ``gpu_training``
+        (with ``price_cache`` in the proxy's own file unless they name one)."""
+        settings = {"price_cache": str(self.price_cache), **settings}
         extra = {"endpoint_url": self.url, "region_name": self.region, "gpu_training": settings}
         return json.dumps(
             {"conn_type": "aws", "login": self.access_key_id, "password": self.secret_access_key, "extra": extra}
@@ -222,6 +359,10 @@ class Ec2FaultProxy(FakeCloud):
             self._tokens.clear()
             self.spot_prices = None
             self.spot_history_error = None
+            self.on_demand.clear()
+            self.pricing_error = None
+            for cached in self._price_dir.iterdir():
+                cached.unlink()
 
     def assert_all_terminated(self) -> None:
         """moto's own answer: every instance launched through the proxy is terminated."""
@@ -240,6 +381,7 @@ class Ec2FaultProxy(FakeCloud):
 
     def stop(self) -> None:
         super().stop()
+        shutil.rmtree(self._price_dir, ignore_errors=True)
         if self._own_moto is not None:
             self._own_moto.stop()
 
@@ -249,9 +391,13 @@ class Ec2FaultProxy(FakeCloud):
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         action = params.get("Action", "")
         lower = {k.lower(): v for k, v in headers.items()}
+        target = lower.get("x-amz-target", "")
         with self.lock:
             region = self._authenticated_region(method, raw_path, lower, raw)
-            if region is None:
+            if target.startswith("AWSPriceListService."):
+                action = target.rpartition(".")[2]
+                reply = self._pricing(action, raw) if region is not None else self._pricing_auth_failure()
+            elif region is None:
                 reply = self._error(401, "AuthFailure", "AWS was not able to validate the provided access credentials")
             elif self.faults.rate_limit > 0:
                 self.faults.rate_limit -= 1
@@ -352,6 +498,66 @@ class Ec2FaultProxy(FakeCloud):
                             inst.extra["spot_request"], "instance-terminated-by-user", "closed", time.time()
                         )
         return self._xml(status, body)
+
+    # --- the Price List Query API ----------------------------------------------------------------
+
+    @staticmethod
+    def _json_error(status: int, code: str, message: str) -> Reply:
+        return Reply(status, {"__type": code, "message": message}, {"Content-Type": PRICING_JSON})
+
+    def _pricing_auth_failure(self) -> Reply:
+        return self._json_error(
+            400, "UnrecognizedClientException", "The security token included in the request is invalid."
+        )
+
+    def _pricing(self, action: str, raw: bytes) -> Reply:
+        if action != "GetProducts":
+            return self._json_error(400, "UnknownOperationException", f"{action} is not served by this fake")
+        if self.pricing_error:
+            return self._json_error(400, self.pricing_error, PRICING_MESSAGES.get(self.pricing_error, "Error"))
+        request = json.loads(raw or b"{}")
+        filters = request.get("Filters") or []
+        if any(f.get("Type") != "TERM_MATCH" for f in filters):
+            return self._json_error(400, "InvalidParameterException", "this fake serves TERM_MATCH filters only")
+        wanted = {str(f.get("Field")): str(f.get("Value")) for f in filters}
+        if "instanceType" not in wanted or "regionCode" not in wanted or request.get("ServiceCode") != "AmazonEC2":
+            return self._json_error(
+                400, "InvalidParameterException", "this fake serves AmazonEC2 by instanceType and regionCode only"
+            )
+        items = [
+            item
+            for item in self._products(wanted["regionCode"], wanted["instanceType"])
+            if all(item["product"]["attributes"].get(field) == value for field, value in wanted.items())
+        ]
+        size = min(int(request.get("MaxResults") or 100), 100)
+        start = int(request.get("NextToken") or "0", 16) if request.get("NextToken") else 0
+        page: dict[str, Any] = {
+            "FormatVersion": "aws_v1",
+            "PriceList": [json.dumps(item) for item in items[start : start + size]],
+        }
+        if start + size < len(items):
+            page["NextToken"] = f"{start + size:x}"
+        return Reply(200, page, {"Content-Type": PRICING_JSON})
+
+    def _products(self, region: str, instance_type: str) -> list[dict[str, Any]]:
+        """The price list's products of one type in one region: the Linux on-demand one, and its neighbours."""
+        if (region, instance_type) in self.on_demand:
+            usd = self.on_demand[region, instance_type]
+        else:
+            from gpu_training.providers.ec2 import INSTANCE_TYPES
+
+            known = INSTANCE_TYPES.get(instance_type)
+            usd = known.price if known else None
+        if usd is None:
+            return []
+        return [
+            ec2_price_item(region, instance_type, usd),
+            ec2_price_item(
+                region, instance_type, round(usd * 1.4, 4), operatingSystem="Windows", operation="RunInstances:0002"
+            ),
+            ec2_price_item(region, instance_type, usd, capacitystatus="UnusedCapacityReservation"),
+            ec2_price_item(region, instance_type, round(usd * 0.6, 4), marketoption="CapacityBlock"),
+        ]
 
     # --- RunInstances ----------------------------------------------------------------------------
 

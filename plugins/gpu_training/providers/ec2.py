@@ -17,8 +17,12 @@ settings live under the extra key ``gpu_training`` (a dict), so boto's extras st
   listed and instances looked for.
 - ``use_private_ip`` (default false): SSH to ``PrivateIpAddress`` instead of ``PublicIpAddress``
   (Airflow inside the VPC, or a VPN).
-- ``prices``: ``{instance_type: USD per hour}`` overriding :data:`INSTANCE_TYPES`, or
-  ``{instance_type: {"price": ..., "gpu": ..., "gpu_count": ...}}`` adding a type.
+- ``prices``: ``{instance_type: USD per hour}`` overriding the on-demand price (the price list's and
+  the table's), or ``{instance_type: {"price": ..., "gpu": ..., "gpu_count": ...}}`` adding a type.
+- ``pricing_region`` (default ``us-east-1``; or ``eu-central-1``, ``ap-south-1``): where the AWS
+  Price List Query API is asked (it answers for every region).
+- ``price_cache`` (default ``$AIRFLOW_HOME/cache/ec2_prices.json``): the file of price list answers
+  (:mod:`gpu_training.providers.ec2_prices`); a path on a volume every worker mounts shares it.
 - ``spot_max_price``: the spot ``MaxPrice`` (USD/hour; default: EC2's, the on-demand price).
 - ``retry_attempts`` (default 5): botocore's attempts per API call, the first included (``standard``
   retry mode, ``total_max_attempts``), unless the connection's ``config_kwargs`` sets ``retries`` itself.
@@ -27,11 +31,16 @@ settings live under the extra key ``gpu_training`` (a dict), so boto's extras st
 API calls follow the Amazon EC2 API Reference (Query API, version 2016-11-15), one boto3 client per
 region (``EC2Hook(api_type="client_type")``):
 
-- Offers: the GPU instance types of :data:`INSTANCE_TYPES` (on-demand Linux prices in us-east-1, a
-  snapshot, used for every region) in each configured region; ``DescribeInstanceTypeOfferings``
-  (``LocationType=region``, filter ``instance-type``) says which types the region offers (the
-  others are listed without capacity). EC2 publishes no on-demand capacity, so a listed type may
-  still be refused at launch. With ``request.spot``, ``DescribeSpotPriceHistory``
+- Offers: the GPU instance types of :data:`INSTANCE_TYPES` in each configured region;
+  ``DescribeInstanceTypeOfferings`` (``LocationType=region``, filter ``instance-type``) says which
+  types the region offers (the others are listed without capacity, at the table's price, and never
+  launched). EC2 publishes no on-demand capacity, so a listed type may still be refused at launch.
+  On-demand prices: the ``prices`` setting, else the AWS Price List (``GetProducts``, Linux,
+  shared tenancy, per region; cached for a day; :class:`~gpu_training.hooks.ec2_pricing.Ec2PricingHook`,
+  :class:`~gpu_training.providers.ec2_prices.Ec2OnDemandPrices`); a type the price list does not
+  have in a region is not offered there. When the Price List API cannot be used, the table's prices
+  (dated :data:`PRICE_TABLE_DATE`, us-east-1, for every region), with a warning saying why.
+  With ``request.spot``, ``DescribeSpotPriceHistory``
   (``ProductDescriptions=["Linux/UNIX"]``, ``StartTime`` = now) adds one spot offer per type and
   region at the cheapest Availability Zone's latest price; launch then places it in that zone when
   no ``subnet_id`` is set. If that call fails (e.g. not allowed by IAM), spot offers are skipped.
@@ -93,6 +102,7 @@ from gpu_training.errors import (
 from gpu_training.offers import fits
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
 from gpu_training.providers.cloud import CloudProvider
+from gpu_training.providers.ec2_prices import Ec2OnDemandPrices, PriceCache
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +120,17 @@ class GpuType:
     price: float  # USD per hour, on demand
 
 
-#: GPU instance types with their on-demand Linux price in us-east-1 (USD/hour): a snapshot of the
-#: AWS price list (aws.amazon.com/ec2/pricing/on-demand, 2024), used for every region. Prices change
-#: (AWS cut P4 and P5 prices in June 2025) and differ by region: override them with the ``prices``
-#: setting.
+#: When the prices of :data:`INSTANCE_TYPES` were last checked.
+PRICE_TABLE_DATE = "2026-12-07"
+
+#: GPU instance types with their on-demand Linux price in us-east-1 (USD/hour), the fallback when the
+#: AWS Price List API cannot be asked (and then used for every region). Checked on
+#: :data:`PRICE_TABLE_DATE` against SkyPilot's AWS catalog (github.com/skypilot-org/skypilot-catalog,
+#: catalogs/v8/aws/vms.csv at commit 00148f2a, generated from the AWS price list): p3.16xlarge,
+#: p4d.24xlarge, p4de.24xlarge and p5.48xlarge as it lists them for us-east-1, i.e. after AWS's June
+#: 2025 cut of P4 and P5 on-demand prices (p5.48xlarge was 98.32, p4d.24xlarge 32.7726, p4de.24xlarge
+#: 40.9657). The G types and the other P3 sizes are the 2024 snapshot's, not checked again (the June
+#: 2025 cut was of P4 and P5 prices only).
 INSTANCE_TYPES: dict[str, GpuType] = {
     "g4dn.xlarge": GpuType("NVIDIA T4", 1, 0.526),
     "g4dn.2xlarge": GpuType("NVIDIA T4", 1, 0.752),
@@ -131,9 +148,9 @@ INSTANCE_TYPES: dict[str, GpuType] = {
     "p3.2xlarge": GpuType("NVIDIA V100", 1, 3.06),
     "p3.8xlarge": GpuType("NVIDIA V100", 4, 12.24),
     "p3.16xlarge": GpuType("NVIDIA V100", 8, 24.48),
-    "p4d.24xlarge": GpuType("NVIDIA A100 40GB", 8, 32.7726),
-    "p4de.24xlarge": GpuType("NVIDIA A100 80GB", 8, 40.9657),
-    "p5.48xlarge": GpuType("NVIDIA H100", 8, 98.32),
+    "p4d.24xlarge": GpuType("NVIDIA A100 40GB", 8, 21.957642),
+    "p4de.24xlarge": GpuType("NVIDIA A100 80GB", 8, 27.44705),
+    "p5.48xlarge": GpuType("NVIDIA H100", 8, 55.04),
 }
 
 STATES = {
@@ -337,6 +354,35 @@ class Ec2Provider(CloudProvider):
             types[itype] = GpuType(str(gpu), count, price)
         return types
 
+    @cached_property
+    def price_overrides(self) -> frozenset[str]:
+        """The types whose on-demand price the ``prices`` setting gives (the price list is not asked)."""
+        return frozenset(self.settings.get("prices") or {})
+
+    @cached_property
+    def on_demand_prices(self) -> Ec2OnDemandPrices:
+        """On-demand prices from the AWS Price List, cached; the dated table when it cannot be asked."""
+        from gpu_training.hooks.results import airflow_home
+
+        path = self.settings.get("price_cache") or airflow_home() / "cache" / "ec2_prices.json"
+        table = {itype: gpu.price for itype, gpu in INSTANCE_TYPES.items()}
+        return Ec2OnDemandPrices(self._pricing_hook, PriceCache(path), table, PRICE_TABLE_DATE, conn_id=self.conn_id)
+
+    def _pricing_hook(self) -> Any:
+        """The Price List hook (made on the first lookup the cache cannot answer), its requests counted."""
+        from gpu_training.hooks.ec2_pricing import PRICING_REGIONS, Ec2PricingHook
+
+        region = str(self.settings.get("pricing_region") or PRICING_REGIONS[0])
+        if region not in PRICING_REGIONS:
+            raise BadRequestError(
+                self.name,
+                f"{SETTINGS_KEY}.pricing_region of connection {self.conn_id!r} is {region!r}; the AWS Price List "
+                f"Query API answers in {', '.join(PRICING_REGIONS)}",
+            )
+        hook = Ec2PricingHook(self.conn_id, region_name=region, config=self._botocore_config())
+        hook.client.meta.events.register("before-send.pricing", self._count_call)
+        return hook
+
     # --- clients and errors ----------------------------------------------------------------------
 
     def _botocore_config(self) -> Any:
@@ -453,11 +499,16 @@ class Ec2Provider(CloudProvider):
             if request.regions and region not in request.regions:
                 continue
             offered = self._offered_types(region, wanted)
+            on_sale = [t for t in wanted if offered is None or t in offered]
+            prices = self.on_demand_prices.prices(region, [t for t in on_sale if t not in self.price_overrides])
             for itype, gpu in wanted.items():
-                available = offered is None or itype in offered
-                offers.append(Offer(self.name, itype, gpu.price, region, gpu.gpu_name, gpu.gpu_count, False, available))
+                if itype not in on_sale:  # listed without capacity (never launched): the table's price will do
+                    offers.append(Offer(self.name, itype, gpu.price, region, gpu.gpu_name, gpu.gpu_count, False, False))
+                    continue
+                price = gpu.price if itype in self.price_overrides else prices.get(itype)
+                if price is not None:
+                    offers.append(Offer(self.name, itype, price, region, gpu.gpu_name, gpu.gpu_count))
             if request.spot:
-                on_sale = [t for t in wanted if offered is None or t in offered]
                 for itype, (price, zone) in self._spot_prices(region, on_sale).items():
                     self._spot_zone[(region, itype)] = zone
                     gpu = wanted[itype]
