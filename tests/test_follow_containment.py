@@ -304,6 +304,41 @@ def test_ssh_stream_waits_for_the_file_then_refuses_a_symlink_swapped_in(
     assert time.monotonic() - started < 10
 
 
+def test_a_long_line_streamed_over_ssh_is_cut_once_it_ends(ssh_source: SshSource, host: LocalHost) -> None:
+    log_path = host.path(LOG_PATH)
+    Path(log_path).write_bytes(b"starting\n")
+    shown, log, _ = trainer_log(ssh_source)
+    shown.offset = None
+
+    async def scenario() -> float:
+        task = asyncio.create_task(shown.follow())
+        while shown.offset != len(b"starting\n"):
+            await asyncio.sleep(0.05)
+
+        async def write_and_wait() -> None:
+            with open(log_path, "ab") as fh:
+                for _ in range(32):
+                    fh.write(b"x" * MiB)
+                    fh.flush()
+                    await asyncio.sleep(0.01)
+                fh.write(b"\nafter\n")
+            while shown.offset != os.path.getsize(log_path):
+                await asyncio.sleep(0.05)
+
+        longest = await longest_block_while(lambda: asyncio.wait_for(write_and_wait(), 60))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return longest
+
+    longest = asyncio.run(closing(ssh_source, scenario()))
+    assert log.lines == [
+        "[trainer] starting",
+        f"[trainer] {'x' * follow.LOG_LINE_CHARS}... [{32 * MiB - follow.LOG_LINE_CHARS} more bytes]",
+        "[trainer] after",
+    ]
+    assert longest < 0.1, f"the loop was held {longest * 1000:.0f} ms"
+
+
 # --- the follower: global.json refused, the log refused, the row limit --------------------------------
 
 

@@ -1038,15 +1038,23 @@ class LineCutter:
     only counts the rest. Linear in what it is fed: each byte is searched once and copied at most
     once, so a log without a newline costs no more per MiB than any other."""
 
-    def __init__(self, max_bytes: int = LOG_LINE_BYTES) -> None:
+    def __init__(self, max_bytes: int = LOG_LINE_BYTES, *, in_line: bool = False) -> None:
         self.max_bytes = max_bytes
         self.partial = bytearray()  # the start of the unterminated last line
         self.cut = 0  # bytes of that line beyond ``max_bytes``, dropped
+        #: Fed from the middle of a line (a replay of the log's end): drop it, start at the next.
+        self.in_line = in_line
 
     def lines(self, data: bytes, start: int = 0, stop: int | None = None) -> Iterator[tuple[bytes, int, int]]:
         """``(line, bytes cut from it, end)`` for each line ``data[start:stop]`` completes, ``end``
         being where in ``data`` that line's newline ends; what follows the last newline is kept."""
         stop = len(data) if stop is None else stop
+        if self.in_line:
+            newline = data.find(b"\n", start, stop)
+            if newline < 0:
+                return
+            self.in_line = False
+            start = newline + 1
         while (newline := data.find(b"\n", start, stop)) >= 0:
             if self.partial or self.cut:
                 self._keep(data, start, newline)
@@ -1100,6 +1108,7 @@ class _TrainerLog:
             try:
                 if self.offset is None:
                     self.offset = max(0, await self.source.size(LOG_PATH) - LOG_REPLAY_BYTES)
+                    self.cutter = LineCutter(in_line=self.offset > 0)
                 async for data in self.source.stream(LOG_PATH, self.offset):
                     await self.feed(data)
                     backoff.reset()
@@ -1164,7 +1173,7 @@ class _TrainerLog:
             if size - self.offset > LOG_REPLAY_BYTES:
                 skipped = size - LOG_REPLAY_BYTES - self.offset
                 self.gate.log.info("[%s] ... %d bytes of the log not shown", self.gate.label, skipped)
-                self.cutter = LineCutter()
+                self.cutter = LineCutter(in_line=True)
                 self.offset = size - LOG_REPLAY_BYTES
             await self.feed(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
         if (rest := self.cutter.rest()) is not None:
