@@ -1482,3 +1482,81 @@ def test_a_nul_character_matches_nothing(client: TestClient, world: World) -> No
         assert resp.status_code == 200 and resp.json()["total"] == 0, (param, resp.text)
     world.decide_models()
     assert client.get("/training/v1/models/digits%00").status_code == 404
+
+
+# --- a trainer's oversized values: left out, and pages bounded in bytes ---------------------------
+
+
+def test_oversized_values_are_left_out(client: TestClient, world: World) -> None:
+    """One event may be 4 MiB: a metrics object, a path or a config past its CELL_BYTES is null in
+    every answer (the rest of the row is there), and is not looked into for metric names."""
+    job = new_job(world.store, "r-huge")
+    job_id = world.store.job(job).id
+    junk = {f"k{i}": i for i in range(4000)}  # ~40 KiB of numbers
+    with world.store.engine.begin() as conn:
+        conn.execute(insert(TrainingIteration.__table__), [{"job_id": job_id, "iteration": 1, "config": junk}])
+        conn.execute(
+            insert(EpochTrain.__table__),
+            [
+                {"job_id": job_id, "iteration": 1, "epoch": 1, "avg_loss": 0.5, "metrics": junk, "completed_at": T0},
+                {
+                    "job_id": job_id, "iteration": 1, "epoch": 2, "avg_loss": 0.4, "metrics": {"lr": 0.1},
+                    "model_path": "x" * 5000, "completed_at": T0,
+                },
+            ],
+        )  # fmt: skip
+        conn.execute(
+            insert(Eval.__table__),
+            [
+                {
+                    "job_id": job_id,
+                    "iteration": 1,
+                    "epoch": 1,
+                    "f1": 0.9,
+                    "confusion_matrix": [[1] * 100_000],
+                    "evaluated_at": T0,
+                }
+            ],
+        )
+    world.store.update_job(job, training_config={"blob": "y" * 70_000})
+    details = client.get(f"/training/v1/jobs/{job}/details").json()
+    [it] = details["iterations"]
+    assert it["config"] is None and details["training_config"] is None
+    first, second = it["epochs"]
+    assert (first["metrics"], first["avg_loss"]) == (None, 0.5)
+    assert (second["metrics"], second["model_path"], second["avg_loss"]) == ({"lr": 0.1}, None, 0.4)
+    [evaluation] = it["evals"]
+    assert evaluation["confusion_matrix"] is None and evaluation["f1"] == 0.9
+    assert details["latest_evaluation"]["confusion_matrix"] is None
+    assert client.get(f"/training/v1/jobs/{job}/epochs").json()["epochs"][0]["metrics"] is None
+    assert client.get("/training/v1/evaluations").json()["evaluations"][0]["confusion_matrix"] is None
+    series = client.get(f"/training/v1/jobs/{job}/series").json()
+    assert series["metrics"] == ["avg_loss", "lr"]  # no k0..k3999: that object is too large to list
+    world.store.finish(job, "completed")
+    stream = client.get(f"/training/v1/jobs/{job}/stream").text
+    assert '"metrics":null' in stream.replace(" ", "") and "k3999" not in stream
+
+
+def test_pages_are_cut_short_past_their_bytes(
+    client: TestClient, world: World, big: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page holds fewer rows than its limit when they would pass PAGE_BYTES; the total is still
+    counted, and the next page starts where it ended. The stream sends every row, batch by batch."""
+    monkeypatch.setattr(queries, "PAGE_BYTES", 10 * queries.ROW_BYTES)
+    body = client.get(f"/training/v1/jobs/{big}/epochs", params={"limit": 100, "offset": 14_995}).json()
+    assert [(e["iteration"], e["epoch"]) for e in body["epochs"]] == [(1, n) for n in range(14_996, 15_001)] + [
+        (2, n) for n in range(1, 6)
+    ]
+    assert (body["total"], body["limit"]) == (20_000, 100)
+    details = client.get(f"/training/v1/jobs/{big}/details").json()
+    assert sum(len(it["epochs"]) for it in details["iterations"]) == 10 and details["epochs_total"] == 20_000
+    assert sum(len(it["evals"]) for it in details["iterations"]) == 10 and details["evals_total"] == 1_200
+    few = client.get(f"/training/v1/jobs/{world.full}/epochs").json()  # 3 rows fit: not cut, not counted
+    assert len(few["epochs"]) == few["total"] == 3
+    world.store.finish(world.full, "completed")
+    kinds = [
+        line
+        for line in client.get(f"/training/v1/jobs/{world.full}/stream").text.splitlines()
+        if line.startswith("event: ")
+    ]
+    assert len(kinds) == 2 + 3 + 2  # status, 3 epochs, 2 evaluations, status

@@ -31,14 +31,18 @@ export const fetchSeries = (uuid, metric, points = SERIES_POINTS) =>
   api(`jobs/${enc(uuid)}/series`, { params: { metric, points } });
 
 /** The latest `max` of a job's `total` evaluations (GET /v1/jobs/<uuid>/evaluations, a page at a
- * time), in checkpoint order. */
+ * time: the next from where the last ended, as a page is shorter when its rows are large), in
+ * checkpoint order. */
 export async function fetchLatestEvaluations(uuid, total, max = EVALS_SHOWN) {
-  const offsets = [];
-  for (let offset = Math.max(0, total - max); offset < total; offset += EVAL_PAGE) offsets.push(offset);
-  const pages = await Promise.all(
-    offsets.map((offset) => api(`jobs/${enc(uuid)}/evaluations`, { params: { limit: EVAL_PAGE, offset } })),
-  );
-  return pages.flatMap((page) => page.evaluations);
+  const rows = [];
+  let offset = Math.max(0, total - max);
+  while (offset < total && rows.length < max) {
+    const page = await api(`jobs/${enc(uuid)}/evaluations`, { params: { limit: EVAL_PAGE, offset } });
+    if (!page.evaluations.length) break;
+    rows.push(...page.evaluations);
+    offset += page.evaluations.length;
+  }
+  return rows;
 }
 
 /** GET /v1/jobs with filters (status, project_id, provider, dag_id, run_id, stage, map_index, ...). */

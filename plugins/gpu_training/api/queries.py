@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import json
 import re
 import uuid as uuidlib
 from collections.abc import Collection, Sequence
@@ -31,7 +31,24 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, Connection, Float, Integer, Numeric, Select, and_, case, cast, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Float,
+    Integer,
+    Numeric,
+    Select,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import NamedFromClause
 
 from gpu_training.api.schemas import (
@@ -69,6 +86,22 @@ DETAILS_PAGE = 500
 #: and artifacts (the first by name).
 MAX_ITERATIONS = 1000
 MAX_ARTIFACTS = 2000
+#: A value larger than this (bytes of its text or JSON) is left out of an answer (null): one event of
+#: a trainer may be 4 MiB (the follower's longest line), and a page of such rows gigabytes. A real
+#: trainer's metrics, paths and configs are far smaller.
+CELL_BYTES: dict[str, dict[str, int]] = {
+    "epoch_train": {"metrics": 16 << 10, "model_path": 4 << 10, "optimizer_path": 4 << 10},
+    "evals": {"metrics": 16 << 10, "confusion_matrix": 256 << 10, "model_path": 4 << 10},
+    "training_iterations": {"config": 16 << 10},
+    "training_steps": {"config": 16 << 10},
+}
+#: The training config a trainer reported is left out of ``/details`` (null) past this many bytes.
+CONFIG_BYTES = 64 << 10
+#: A list of rows in an answer holds fewer than its ``limit`` when they would pass this many bytes:
+#: a page of 5000 ordinary epochs (~300 bytes each) fits; one of 4 MiB rows is cut short.
+PAGE_BYTES = 4 << 20
+#: What a row takes in JSON besides its capped columns, about (keys, numbers, dates).
+ROW_BYTES = 320
 #: A metric series holds the last this many iterations (by number) that have epochs.
 MAX_SERIES_ITERATIONS = 50
 #: The most buckets a metric series has in all (``points``' maximum).
@@ -187,12 +220,49 @@ def _has_nul(*values: Any) -> bool:
     return any(isinstance(value, str) and "\x00" in value for value in values)
 
 
+class text_bytes(FunctionElement[int]):
+    """The size in bytes of a value's text (a JSON column's serialization)."""
+
+    type = Integer()
+    name = "text_bytes"
+    inherit_cache = True
+
+
+@compiles(text_bytes)
+def _text_bytes_sqlite(element: text_bytes, compiler: Any, **kw: Any) -> str:
+    return f"length(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
+
+
+@compiles(text_bytes, "postgresql")
+def _text_bytes_postgresql(element: text_bytes, compiler: Any, **kw: Any) -> str:
+    return f"octet_length(CAST({compiler.process(element.clauses, **kw)} AS TEXT))"
+
+
 @functools.cache
 def _columns(model: type[BaseModel], table: type[Base]) -> tuple[ColumnElement[Any], ...]:
     """The columns of ``table`` named as fields of the response ``model``, in the model's order (its
-    other fields are derived from them or from other rows)."""
+    other fields are derived from them or from other rows); one over its :data:`CELL_BYTES` is NULL."""
     columns = table.__table__.c
-    return tuple(columns[name] for name in model.model_fields if name in columns)
+    caps = CELL_BYTES.get(table.__tablename__, {})
+    return tuple(
+        case((text_bytes(columns[name]) <= caps[name], columns[name])).label(name) if name in caps else columns[name]
+        for name in model.model_fields
+        if name in columns
+    )
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, default=str).encode())
+
+
+def _row_bytes(table: type[Base], selected: Sequence[ColumnElement[Any]]) -> ColumnElement[int]:
+    """About the JSON size of a row of ``selected`` columns: :data:`ROW_BYTES` and its capped ones."""
+    caps = CELL_BYTES.get(table.__tablename__, {})
+    total: ColumnElement[int] = literal(ROW_BYTES, Integer)
+    for column in selected:
+        if column.key in caps:
+            total = total + func.coalesce(text_bytes(column), 0)
+    return total
 
 
 def _dicts(conn: Connection, model: type[BaseModel], stmt: Select) -> list[dict[str, Any]]:
@@ -228,6 +298,71 @@ def _rows_of_job(
     return _dicts(conn, model, stmt)
 
 
+def _sized_rows(
+    conn: Connection,
+    job_id: int,
+    model: type[BaseModel],
+    table: type[Base],
+    order: Sequence[str],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    where: Any = (),
+    extra: Sequence[ColumnElement[Any]] = (),
+    budget: int | None = None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of one job in ``table`` (``model`` dicts, ``extra`` columns too) in ``order`` (column
+    names), ``limit`` of them after ``offset``, fewer when their bytes would pass ``budget``
+    (default :data:`PAGE_BYTES`); and whether they were cut so (:func:`_within_budget`)."""
+    columns = table.__table__.c
+    selected = (*_columns(model, table), *extra)
+    keys = [f"_order_{i}" for i in range(len(order))]  # the order's columns, whether selected or not
+    inner = (
+        select(*selected, *(columns[name].label(key) for name, key in zip(order, keys, strict=True)))
+        .add_columns(_row_bytes(table, selected).label("_bytes"))
+        .where(columns.job_id == job_id, *where)
+        .order_by(*(columns[name] for name in order))
+        .offset(offset)
+    )
+    page = inner if limit is None else inner.limit(limit)
+    names = [str(c.key) for c in selected]
+    return _within_budget(conn, model, page, names, [(key, False) for key in keys], budget or PAGE_BYTES)
+
+
+def _within_budget(
+    conn: Connection,
+    model: type[BaseModel],
+    page: Select,
+    names: Sequence[str],
+    order: Sequence[tuple[str, bool]],
+    budget: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of ``page`` (columns ``names``, then the ``order`` keys (name, descending) it is
+    ordered and limited by, and ``_bytes``) from its first on while their bytes stay under ``budget``
+    (the first row always), as ``model`` dicts; and whether rows were left out so. The sizes are
+    added up in SQL, a running sum over the page only: no row past the budget leaves the database."""
+    sub = page.subquery("page")
+    window = [sub.c[key].desc() if descending else sub.c[key] for key, descending in order]
+    running = func.sum(sub.c._bytes).over(order_by=window).label("_running")
+    ranked = select(*(sub.c[name] for name in names), *(sub.c[key] for key, _ in order), sub.c._bytes, running)
+    ranked_rows = ranked.subquery("ranked")
+    stmt = (
+        select(*(ranked_rows.c[name] for name in names), ranked_rows.c._running)
+        .where(ranked_rows.c._running - ranked_rows.c._bytes < budget)
+        .order_by(*(ranked_rows.c[key].desc() if d else ranked_rows.c[key] for key, d in order))
+    )
+    rows = _dicts(conn, model, stmt)
+    # Cut short: the next row would have started at the last one's running total, past the budget.
+    cut = bool(rows) and rows[-1]["_running"] >= budget
+    for row in rows:
+        del row["_running"]
+    return rows, cut
+
+
+#: Epochs and evaluations in training order: the unique index (job_id, iteration, epoch).
+_TRAINING_ORDER = ("iteration", "epoch")
+
+
 def _count_of_job(conn: Connection, job_id: int, table: type[Base], where: Any = ()) -> int:
     column = table.__table__.c.job_id
     return int(conn.scalar(select(func.count()).select_from(table).where(column == job_id, *where)) or 0)
@@ -236,26 +371,19 @@ def _count_of_job(conn: Connection, job_id: int, table: type[Base], where: Any =
 def _page_of_job(
     conn: Connection, job_id: int, model: type[BaseModel], table: type[Base], page: Page, iteration: int | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """One page of a job's epochs or evaluations (``model`` dicts) in (iteration, epoch) order, and
-    how many there are: two index range scans of ``(job_id, iteration, epoch)``."""
+    """One page of a job's epochs or evaluations (``model`` dicts) in (iteration, epoch) order (fewer
+    rows than ``page.limit`` when they would pass :data:`PAGE_BYTES`), and how many there are: two
+    index range scans of ``(job_id, iteration, epoch)``."""
     columns = table.__table__.c
     where = () if iteration is None else (columns.iteration == iteration,)
-    rows = (
-        _rows_of_job(
-            conn,
-            job_id,
-            model,
-            table,
-            columns.iteration,
-            columns.epoch,
-            limit=page.limit,
-            offset=page.offset,
-            where=where,
+    rows, cut = (
+        _sized_rows(
+            conn, job_id, model, table, ("iteration", "epoch"), limit=page.limit, offset=page.offset, where=where
         )
         if page.limit
-        else []
+        else ([], False)
     )
-    if page.limit and len(rows) < page.limit and (rows or not page.offset):
+    if page.limit and not cut and len(rows) < page.limit and (rows or not page.offset):
         return rows, page.offset + len(rows)  # the last page: no need to count
     return rows, _count_of_job(conn, job_id, table, where)
 
@@ -292,20 +420,21 @@ def job_details(
     objects. Every read is bounded, whatever the job's size."""
     with store.engine.connect() as conn:
         of_job = functools.partial(_rows_of_job, conn, job.id)
-        iterations = of_job(Iteration, TrainingIteration, TrainingIteration.iteration, limit=MAX_ITERATIONS)
+        iterations, cut = _sized_rows(conn, job.id, Iteration, TrainingIteration, ("iteration",), limit=MAX_ITERATIONS)
         iterations_total = len(iterations)
-        if iterations_total == MAX_ITERATIONS:
+        if cut or iterations_total == MAX_ITERATIONS:
             iterations_total = _count_of_job(conn, job.id, TrainingIteration)
         epoch_rows, epochs_total = _page_of_job(conn, job.id, Epoch, EpochTrain, epochs)
         eval_rows, evals_total = _page_of_job(conn, job.id, Evaluation, Eval, evals)
         numbers = {it["iteration"] for it in iterations} | {row["iteration"] for row in (*epoch_rows, *eval_rows)}
         # At most 3 steps an iteration (unique step_type): as bounded as the iterations.
-        steps = of_job(
+        steps, _ = _sized_rows(
+            conn,
+            job.id,
             Step,
             TrainingStep,
-            TrainingStep.iteration,
-            TrainingStep.id,
-            extra=[TrainingStep.iteration],
+            ("iteration", "id"),
+            extra=[TrainingStep.__table__.c.iteration],
             where=[TrainingStep.iteration.in_(sorted(numbers))],
         )
         artifacts = of_job(ArtifactInfo, Artifact, Artifact.name, limit=MAX_ARTIFACTS)
@@ -331,7 +460,7 @@ def job_details(
         "artifacts": artifacts,
         "instances": instances,
         "params": job.params or {},
-        "training_config": job.training_config,
+        "training_config": job.training_config if _json_bytes(job.training_config) <= CONFIG_BYTES else None,
         "outputs_uri": job.outputs_uri,
         "epochs_total": epochs_total,
         "epochs_limit": epochs.limit,
@@ -390,16 +519,8 @@ def evaluations_of(
     if model.epoch is not None:
         where.append(Eval.epoch == model.epoch)
     with store.engine.connect() as conn:
-        rows = _rows_of_job(
-            conn,
-            job.id,
-            Evaluation,
-            Eval,
-            Eval.iteration,
-            Eval.epoch,
-            limit=page.limit,
-            offset=page.offset,
-            where=where,
+        rows, _ = _sized_rows(
+            conn, job.id, Evaluation, Eval, _TRAINING_ORDER, limit=page.limit, offset=page.offset, where=where
         )
         total = _count_of_job(conn, job.id, Eval, where)
     return _evaluation_rows(rows, job.uuid), total
@@ -407,16 +528,24 @@ def evaluations_of(
 
 def latest_evaluations(
     store: ResultsStore, *, readable: Collection[str] | None, limit: int, offset: int
-) -> list[Evaluation]:
-    """The most recently stored evaluations of every job (of ``readable`` DAGs), newest first."""
+) -> list[dict[str, Any]]:
+    """The most recently stored evaluations of every job (of ``readable`` DAGs), newest first, as
+    plain :class:`Evaluation` dicts (fewer than ``limit`` past :data:`PAGE_BYTES`)."""
     if readable is not None and not readable:
         return []
-    stmt = select(Eval, TrainingJob.uuid).join(TrainingJob, TrainingJob.id == Eval.job_id)
+    selected = (*_columns(Evaluation, Eval), TrainingJob.uuid.label("job_uuid"))
+    page = select(*selected, Eval.id.label("_order_0"), _row_bytes(Eval, selected).label("_bytes"))
+    page = page.join(TrainingJob, TrainingJob.id == Eval.job_id)
     if readable is not None:
-        stmt = stmt.where(TrainingJob.dag_id.in_(sorted(readable)))
-    stmt = stmt.order_by(Eval.id.desc()).limit(limit).offset(offset)
-    with store.session() as s:
-        return [Evaluation.of(row, job_uuid) for row, job_uuid in s.execute(stmt).tuples()]
+        page = page.where(TrainingJob.dag_id.in_(sorted(readable)))
+    page = page.order_by(Eval.id.desc()).limit(limit).offset(offset)
+    with store.engine.connect() as conn:
+        rows, _ = _within_budget(
+            conn, Evaluation, page, [str(c.key) for c in selected], [("_order_0", True)], PAGE_BYTES
+        )
+    for row in rows:
+        row["model_id"] = model_id(row["job_uuid"], row["iteration"], row["epoch"])
+    return rows
 
 
 def stream_cursor(conn: Connection, job_id: int) -> str:
@@ -450,17 +579,44 @@ def _number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _metric_names(rows: Sequence[tuple[float | None, dict[str, Any] | None]]) -> list[str]:
-    """The numeric per-epoch metrics of these (avg_loss, metrics) rows: avg_loss first, then by name."""
-    names: set[str] = set()
-    loss = False
-    for avg_loss, metrics in rows:
-        loss = loss or avg_loss is not None
-        for key, value in (metrics or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                names.add(key)
-    names.discard("avg_loss")
-    return (["avg_loss"] if loss else []) + sorted(names)
+#: A series names at most this many metrics (the first by name).
+MAX_METRIC_NAMES = 200
+
+
+def _metric_names(conn: Connection, dialect: str, job_id: int, epochs: Sequence[tuple[int, int]]) -> list[str]:
+    """The numeric per-epoch metrics of these epochs of the job ((iteration, epoch) pairs): avg_loss
+    first, then by name. Listed in SQL, keys only: the rows' metrics never leave the database, and
+    one larger than its :data:`CELL_BYTES` is not even looked into."""
+    if not epochs:
+        return []
+    table = EpochTrain.__table__
+    sampled = select(table.c.avg_loss, table.c.metrics).where(
+        table.c.job_id == job_id, tuple_(table.c.iteration, table.c.epoch).in_(list(epochs))
+    )
+    rows = sampled.subquery("sampled")
+    cap = CELL_BYTES["epoch_train"]["metrics"]
+    small = text_bytes(rows.c.metrics) <= cap
+    if dialect == "postgresql":
+        obj = case(
+            (and_(func.jsonb_typeof(rows.c.metrics) == "object", small), rows.c.metrics), else_=text("'{}'::jsonb")
+        )
+        each = func.jsonb_each(obj).table_valued("key", "value").render_derived()
+        number = func.jsonb_typeof(each.c.value) == "number"
+    else:
+        obj = case((and_(func.json_type(rows.c.metrics) == "object", small), rows.c.metrics), else_="{}")
+        each = func.json_each(obj).table_valued("key", "type")
+        number = each.c.type.in_(["integer", "real"])
+    names = (
+        select(each.c.key)
+        .select_from(rows.join(each, literal(True)))
+        .where(number, func.length(each.c.key) <= 200, each.c.key != "avg_loss")
+        .distinct()
+        .order_by(each.c.key)
+        .limit(MAX_METRIC_NAMES)
+    )
+    found = [str(name) for name in conn.scalars(names)]
+    loss = conn.scalar(select(func.count()).select_from(rows).where(rows.c.avg_loss.is_not(None)))
+    return (["avg_loss"] if loss else []) + found
 
 
 def metric_series(store: ResultsStore, job: TrainingJob, metric: str, points: int) -> dict[str, Any]:
@@ -496,6 +652,8 @@ def metric_series(store: ResultsStore, job: TrainingJob, metric: str, points: in
         epochs_total = shown if iterations_total == len(bounds) else _count_of_job(conn, job.id, EpochTrain)
         buckets = max(1, points // max(1, len(bounds)))
         rows = conn.execute(_series_stmt(job.id, metric, dialect, buckets, bounds[0].iteration)).all() if bounds else []
+        # The metrics of the epochs sampled (each bucket's last), listed by the database.
+        names = _metric_names(conn, dialect, job.id, [(row.iteration, row.last) for row in rows])
     by_iteration: dict[int, dict[str, Any]] = {
         b.iteration: {
             "iteration": b.iteration,
@@ -518,7 +676,7 @@ def metric_series(store: ResultsStore, job: TrainingJob, metric: str, points: in
     return {
         "job_uuid": job.uuid,
         "metric": metric,
-        "metrics": _metric_names([(row.avg_loss, row.metrics) for row in rows]),
+        "metrics": names,
         "points": buckets,
         "epochs_total": epochs_total,
         "iterations_total": iterations_total,
@@ -529,8 +687,7 @@ def metric_series(store: ResultsStore, job: TrainingJob, metric: str, points: in
 
 def _series_stmt(job_id: int, metric: str, dialect: str, buckets: int, first_iteration: int) -> Select:
     """Per (iteration, bucket) of the job's epochs from ``first_iteration`` on: the bucket's last
-    epoch, lowest and highest value and size, then that last epoch's row (its value, and its
-    avg_loss and metrics for the names of the metrics)."""
+    epoch, lowest and highest value and size, then that last epoch's value."""
     epochs = EpochTrain.__table__
     e, r = epochs.alias("e"), epochs.alias("r")
     bounds = (
@@ -580,8 +737,6 @@ def _series_stmt(job_id: int, metric: str, dialect: str, buckets: int, first_ite
             grouped.c.high,
             grouped.c.n,
             _metric_value(r, metric, dialect).label("value"),
-            r.c.avg_loss,
-            r.c.metrics,
         )
         .select_from(
             grouped.join(
@@ -689,28 +844,28 @@ def model_details(
 
 @dataclasses.dataclass(frozen=True)
 class NewRows:
-    """What a stream poll found: the job as it is now, and rows stored after the cursor."""
+    """What a stream poll found: the job as it is now, and rows stored after the cursor (plain
+    :class:`Epoch` and :class:`Evaluation` dicts); ``more``: rows were left for the next poll."""
 
     job: TrainingJob
-    epochs: Sequence[EpochTrain]
-    evals: Sequence[Eval]
+    epochs: Sequence[dict[str, Any]]
+    evals: Sequence[dict[str, Any]]
+    more: bool
 
 
 def rows_after(store: ResultsStore, job_id: int, *, epoch_id: int, eval_id: int, limit: int) -> NewRows | None:
     """The job, then its epochs and evals with ids above the cursor (ids grow in commit order:
-    one job's rows are written by one ingestion transaction at a time). The job is read first, so a
-    terminal status seen here comes with every row stored before it."""
+    one job's rows are written by one ingestion transaction at a time), ``limit`` of each at most,
+    fewer past :data:`PAGE_BYTES`. The job is read first, so a terminal status seen here comes with
+    every row stored before it."""
     with store.session() as s:
         job_row = s.get(TrainingJob, job_id)
         if job_row is None:
             return None
-        epochs = s.scalars(
-            select(EpochTrain)
-            .where(EpochTrain.job_id == job_id, EpochTrain.id > epoch_id)
-            .order_by(EpochTrain.id)
-            .limit(limit)
-        ).all()
-        evals = s.scalars(
-            select(Eval).where(Eval.job_id == job_id, Eval.id > eval_id).order_by(Eval.id).limit(limit)
-        ).all()
-    return NewRows(job_row, epochs, evals)
+        conn = s.connection()
+        epochs, epochs_cut = _sized_rows(
+            conn, job_id, Epoch, EpochTrain, ("id",), limit=limit, where=[EpochTrain.id > epoch_id]
+        )
+        evals, evals_cut = _sized_rows(conn, job_id, Evaluation, Eval, ("id",), limit=limit, where=[Eval.id > eval_id])
+    more = epochs_cut or evals_cut or len(epochs) == limit or len(evals) == limit
+    return NewRows(job_row, epochs, _evaluation_rows(evals, job_row.uuid), more)

@@ -358,7 +358,7 @@ def list_evaluations(
 ) -> EvaluationList:
     if model_id is None:
         latest = queries.latest_evaluations(store, readable=readable_dags(store, access), limit=limit, offset=offset)
-        return EvaluationList(evaluations=latest, limit=limit, offset=offset, total=None)
+        return EvaluationList.model_validate({"evaluations": latest, "limit": limit, "offset": offset, "total": None})
     try:
         model = queries.ModelId.parse(model_id)
     except ValueError as err:  # the pattern let it through: still the documented 422 body

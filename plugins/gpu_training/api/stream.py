@@ -100,12 +100,12 @@ async def job_events(
         if found is None:  # the job was deleted
             return
         for epoch in found.epochs:
-            cursor.epoch_id = epoch.id
-            yield sse("epoch", Epoch.of(epoch), str(cursor))
+            cursor.epoch_id = epoch["id"]
+            yield sse("epoch", Epoch.model_validate(epoch), str(cursor))
         for row in found.evals:
-            cursor.eval_id = row.id
-            yield sse("eval", Evaluation.of(row, job.uuid), str(cursor))
-        more = len(found.epochs) == BATCH or len(found.evals) == BATCH
+            cursor.eval_id = row["id"]
+            yield sse("eval", Evaluation.model_validate(row), str(cursor))
+        more = found.more
         if found.epochs or found.evals:
             last_write = time.monotonic()
         ended = found.job.status in TERMINAL_STATUSES and not more
