@@ -4,6 +4,8 @@ plain-text 429 bursts, 5xx after create, failing destroy, unhealthy, vanished, b
 
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import json
 import time
@@ -19,7 +21,7 @@ from gpu_training.errors import (
     NoCapacityError,
     ProviderUnavailableError,
 )
-from gpu_training.hooks.cloud_api import RateLimitedError, ServerError
+from gpu_training.hooks.cloud_api import AuthorizationError, RateLimitedError, ServerError
 from gpu_training.offers import gpu_matches, rank_offers
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.vast import DEFAULT_IMAGE, VastProvider, ask_id_of, interruption_of, state_of
@@ -135,7 +137,7 @@ def test_offers_follow_the_request_and_settings(fake: FakeVast, monkeypatch: pyt
     everyone = configured(fake, monkeypatch, verified_only=False, disk_gb=500)
     offers = everyone.list_offers(GpuRequest())
     assert [o.instance_type for o in offers] == ["8x H100 SXM (ask 4308)"]  # the only ask with 500 GB free
-    assert "verified" not in fake.queries[-1] and fake.queries[-1]["allocated_storage"] == 500
+    assert fake.queries[-1]["verified"] == {"in": [True, False]} and fake.queries[-1]["allocated_storage"] == 500
     cheap = configured(fake, monkeypatch, verified_only="false").list_offers(GpuRequest(gpu="RTX 3090"))
     assert [(o.instance_type, o.price_per_hour) for o in cheap] == [("1x RTX 3090 (ask 4050)", 0.15)]
 
@@ -181,7 +183,6 @@ def test_launch_is_idempotent_by_label_and_boots(fake: FakeVast, provider: VastP
         "disk": 40.0,
         "runtype": "ssh",
         "onstart": "touch ~/.no_auto_tmux",
-        "env": {},
     }  # no price: on demand
 
     running = wait_state(provider, info.instance_id, InstanceState.RUNNING)
@@ -214,7 +215,7 @@ def test_a_rented_ask_is_taken_until_destroyed(fake: FakeVast, provider: VastPro
     offer = offer_for(provider, 4102)
     first = provider.launch(offer, NAME_PREFIX + "vast-taken-1")
     listed = {ask_id_of(o.instance_type): o.available for o in provider.list_offers(GpuRequest(gpu="RTX 4090"))}
-    assert listed == {4101: True, 4102: False}
+    assert listed == {4101: True}  # the search asks for rentable asks only, as Vast's client does
     with pytest.raises(NoCapacityError) as caught:
         provider.launch(offer, NAME_PREFIX + "vast-taken-2")
     assert "no_such_ask" in str(caught.value) and "Instance type 4102 is no longer available" in str(caught.value)
@@ -270,11 +271,14 @@ def test_destroying_then_gone(fake: FakeVast, provider: VastProvider) -> None:
 
 
 def test_destroyed_instance_answered_as_null_is_not_found(fake: FakeVast, provider: VastProvider) -> None:
+    """``{"instances": null}`` contradicts showInstance's schema, but the official client reads it as
+    gone, so the hook does too (the contract check says the fake went outside the spec)."""
     fake.destroyed_as_null = True
     info = provider.launch(offer_for(provider, 4101), NAME_PREFIX + "vast-null-1")
     provider.terminate(info.instance_id)
-    with pytest.raises(InstanceNotFoundError, match="destroyed or never rented"):
-        provider.get_instance(info.instance_id)
+    with fake.expect_violations("showInstance -> 200", "None is not of type 'object'"):
+        with pytest.raises(InstanceNotFoundError, match="destroyed or never rented"):
+            provider.get_instance(info.instance_id)
     fake.assert_all_terminated()
 
 
@@ -284,8 +288,7 @@ def test_destroyed_instance_answered_as_null_is_not_found(fake: FakeVast, provid
 def test_launch_without_capacity_raises_no_capacity(fake: FakeVast, provider: VastProvider) -> None:
     offer = offer_for(provider, 4101)
     fake.faults.no_capacity = True
-    offers = provider.list_offers(GpuRequest())
-    assert offers and not any(o.available for o in offers)
+    assert provider.list_offers(GpuRequest()) == []  # rentable asks only: none is listed
     with pytest.raises(NoCapacityError) as caught:
         provider.launch(offer, NAME_PREFIX + "vast-nocap-1")
     message = str(caught.value)
@@ -325,13 +328,15 @@ def test_plain_text_429_burst_is_retried_after_retry_after(fake: FakeVast, provi
     assert provider.api_calls == 3
 
 
-def test_429_body_is_plain_text_and_reaches_the_error(fake: FakeVast, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_429_body_is_the_documented_detail_and_reaches_the_error(
+    fake: FakeVast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake.faults.rate_limit = 1
     answer = requests.get(
-        f"{fake.url}/api/v0/instances/", headers={"Authorization": f"Bearer {fake.api_key}"}, timeout=5
+        f"{fake.url}/api/v1/instances/", headers={"Authorization": f"Bearer {fake.api_key}"}, timeout=5
     )
-    assert answer.status_code == 429 and answer.headers["Content-Type"].startswith("text/plain")
-    assert answer.text.startswith("API requests too frequent")
+    assert answer.status_code == 429 and answer.headers["Content-Type"].startswith("application/json")
+    assert answer.json()["detail"].startswith("API requests too frequent")
 
     fake.calls.clear()
     fake.faults.rate_limit = 10
@@ -339,9 +344,9 @@ def test_429_body_is_plain_text_and_reaches_the_error(fake: FakeVast, monkeypatc
     provider = configured(fake, monkeypatch, retry_attempts=2)
     with pytest.raises(RateLimitedError) as caught:
         provider.list_instances()
-    assert "HTTP 429: API requests too frequent: endpoint threshold" in str(caught.value)
+    assert "HTTP 429: API requests too frequent endpoint threshold" in str(caught.value)
     assert caught.value.retry_after is None
-    assert [s for _, p, s in fake.calls if p == "/api/v0/instances/"] == [429, 429]
+    assert [s for _, p, s in fake.calls if p == "/api/v1/instances/"] == [429, 429]
 
 
 def test_rate_limited_create_is_retried(fake: FakeVast, provider: VastProvider) -> None:
@@ -488,28 +493,30 @@ def test_wrong_api_key_is_a_bad_request_without_the_key(fake: FakeVast, monkeypa
     conn = json.loads(fake.connection(**SETTINGS))
     conn["password"] = wrong
     monkeypatch.setenv(CONN_VAR, json.dumps(conn))
-    with pytest.raises(BadRequestError) as caught:
+    with pytest.raises(AuthorizationError) as caught:
         VastProvider().list_offers(GpuRequest())
     message = str(caught.value)
-    assert "vast_default" in message and "Invalid user key" in message and "HTTP 401" in message
+    # searchOffers declares a refused key as its 404 ("Unauthorized - invalid or missing API key").
+    assert "vast_default" in message and "Invalid user key" in message and "HTTP 404" in message
     assert wrong not in message and fake.api_key not in message
-    assert fake.calls == [("POST", "/api/v0/bundles/", 401)]  # not retried
+    assert fake.calls == [("POST", "/api/v0/bundles/", 404)]  # not retried
+    with pytest.raises(AuthorizationError, match="HTTP 401"):
+        VastProvider().get_instance("123")
 
 
-def test_the_documented_request_forms_are_served(fake: FakeVast) -> None:
-    """``?api_key=`` auth, ``GET /bundles/?q=``, ``PUT /search/asks/`` all speak the same search."""
-    q = json.dumps({"gpu_name": {"eq": "H100 SXM"}, "num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]]})
-    answer = requests.get(f"{fake.url}/api/v0/bundles/", params={"q": q, "api_key": fake.api_key}, timeout=5)
-    assert answer.status_code == 200 and [o["id"] for o in answer.json()["offers"]] == [4301]
+def test_the_fake_serves_only_what_the_spec_lists(fake: FakeVast) -> None:
+    """The v0 listing answers 410 ``deprecated_endpoint`` (and the check says it is outside the spec);
+    an unknown search field is a 400 ``invalid_request``."""
     auth = {"Authorization": f"Bearer {fake.api_key}"}
-    body: dict[str, Any] = {
-        "select_cols": ["*"],
-        "q": {"gpu_name": {"in": ["RTX 4090", "RTX 3090"]}, "order": [["dph_total", "desc"]]},
-    }
-    answer = requests.put(f"{fake.url}/api/v0/search/asks/", json=body, headers=auth, timeout=5)
-    assert [o["id"] for o in answer.json()["offers"]] == [4102, 4101, 4050]
-    answer = requests.post(f"{fake.url}/api/v0/bundles/", json={"colour": {"eq": "red"}}, headers=auth, timeout=5)
-    assert answer.status_code == 400 and answer.json()["error"] == "invalid_args"
+    with fake.expect_violations("GET /api/v0/instances/: no such operation"):
+        answer = requests.get(f"{fake.url}/api/v0/instances/", params={"owner": "me"}, headers=auth, timeout=5)
+    assert answer.status_code == 410 and answer.json()["error"] == "deprecated_endpoint"
+    assert any("deprecated_endpoint" in a or "deprecated" in a for a in fake.contract_assumptions)
+    with fake.expect_violations("body field 'colour' is not in the spec"):
+        answer = requests.post(f"{fake.url}/api/v0/bundles/", json={"colour": {"eq": "red"}}, headers=auth, timeout=5)
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+    with fake.expect_violations("no such operation"):
+        requests.put(f"{fake.url}/api/v0/search/asks/", json={"q": {}}, headers=auth, timeout=5)
 
 
 @pytest.mark.parametrize(
@@ -519,15 +526,18 @@ def test_the_documented_request_forms_are_served(fake: FakeVast) -> None:
         ({"client_id": "me", "image": "i", "runtype": "telnet"}, "Unknown runtype"),
         ({"client_id": "me", "image": "i", "disk": -1}, "disk must be"),
         ({"client_id": "me", "image": "i", "price": 0.01}, "below the minimum bid"),
-        ({"client_id": "me", "image": "i", "env": "-e A=1"}, "env must be a JSON object"),
+        ({"client_id": "me", "image": "i", "env": {"A": "1"}}, "env must be a string"),
     ],
 )
 def test_fake_validates_create_body(fake: FakeVast, body: dict[str, Any], words: str) -> None:
-    answer = requests.put(
-        f"{fake.url}/api/v0/asks/4101/", json=body, headers={"Authorization": f"Bearer {fake.api_key}"}, timeout=5
-    )
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+    outside = "image" not in body or body.get("runtype") == "telnet" or isinstance(body.get("env"), dict)
+    with contextlib.ExitStack() as stack:
+        if outside:  # bodies the spec itself refuses: the contract check objects too
+            stack.enter_context(fake.expect_violations("createInstance"))
+        answer = requests.put(f"{fake.url}/api/v0/asks/4101/", json=body, headers=auth, timeout=5)
     assert answer.status_code == 400
-    assert answer.json()["error"] == "invalid_args" and words in answer.json()["msg"]
+    assert answer.json()["error"] in ("invalid_args", "invalid_price") and words in answer.json()["msg"]
     assert fake.launched() == []
 
 
@@ -541,3 +551,40 @@ def test_ssh_box_uses_the_proxy_host_and_port(
     box = provider.ssh_box(info)
     assert (box.hook.remote_host, box.hook.port, box.hook.username) == (fake.ssh_host, fake.ssh_port, "root")
     terminate_all(provider, fake)
+
+
+# --- the v1 listing: pages of 25 ---------------------------------------------------------------------
+
+
+def test_launch_finds_its_instance_on_a_later_page(fake: FakeVast, provider: VastProvider) -> None:
+    """An account with 60 instances: the lookup by label before renting pages through the v1 listing,
+    and a relaunch finds the instance it made (past the first 25) instead of renting twice."""
+    fake.add_foreign_instances(60)
+    name = NAME_PREFIX + "vast-page-1"
+    info = provider.launch(offer_for(provider, 4101), name)
+    assert provider.launch(offer_for(provider, 4102), name).instance_id == info.instance_id
+    assert len([i for i in fake.launched() if i.name == name]) == 1
+    everything = provider.hook.list_instances()
+    assert len(everything) == 61 and everything[-1]["label"] == name  # page 3 of 25s, by id
+    pages = [path for _, method, path, _ in fake.timed_calls if path == "/api/v1/instances/" and method == "GET"]
+    assert len(pages) >= 3
+    assert [i.name for i in provider.list_instances()] == [name]  # only ours (the prefix), from every page
+    provider.terminate(info.instance_id)
+    for inst in fake.launched():
+        fake.instances[inst.id].terminate_requested_at = fake.instances[inst.id].terminated_at = time.time()
+    fake.assert_all_terminated()
+
+
+def test_the_listing_follows_next_token_until_null(fake: FakeVast) -> None:
+    fake.add_foreign_instances(51, label=NAME_PREFIX + "stray")
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+    first = requests.get(f"{fake.url}/api/v1/instances/", headers=auth, timeout=5).json()
+    assert (first["instances_found"], first["total_instances"]) == (25, 51) and first["next_token"]
+    hook = VastProvider().hook
+    seen = [len(page) for page in hook.instance_pages()]
+    assert seen == [25, 25, 1]
+    with fake.expect_violations("showInstances", "query limit"):
+        bad = requests.get(f"{fake.url}/api/v1/instances/", params={"limit": 26}, headers=auth, timeout=5)
+    assert bad.status_code == 200 and bad.json()["instances_found"] == 25  # the spec's maximum
+    for inst in fake.launched():
+        fake.instances[inst.id].terminated_at = time.time()

@@ -6,6 +6,7 @@ down; and the ``gpu_instance_reaper`` DAG run by ``airflow dags test``."""
 from __future__ import annotations
 
 import json
+import time
 import os
 import sqlite3
 import subprocess
@@ -185,6 +186,26 @@ def test_an_unclaimed_instance_of_ours_is_terminated_once_older_than_the_grace(
     assert "first seen 16.0 min ago" in old.providers["vast"].terminated[0].reason
     vast_server.assert_all_terminated()
     assert run_reap(store, clouds, first_seen=old.first_seen).first_seen == {}  # gone: forgotten
+
+
+def test_the_reaper_sees_vast_instances_on_every_page(
+    store: ResultsStore, clouds: dict[str, ComputeProvider], vast_server: FakeVast
+) -> None:
+    """Vast lists 25 instances a page (GET /api/v1/instances/): strays of ours on pages 1 and 3 of an
+    account with 55 others are both seen and, once older than the grace, terminated."""
+    early = launch(clouds["vast"], NAME_PREFIX + "paged-stray-1")
+    others = vast_server.add_foreign_instances(55)
+    late = launch(clouds["vast"], NAME_PREFIX + "paged-stray-2")
+    start = utcnow()
+    first = run_reap(store, clouds, now=start)
+    assert first.providers["vast"].listed == 57
+    assert names(first.providers["vast"].left_alone) == [early.name, late.name]
+    old = run_reap(store, clouds, now=start + timedelta(minutes=16), first_seen=first.first_seen)
+    assert names(old.providers["vast"].terminated) == [early.name, late.name]
+    assert set(others) <= live_ids(vast_server)  # not ours (no gpujob- label): never touched
+    for instance_id in others:
+        vast_server.instances[instance_id].terminated_at = time.time()
+    vast_server.assert_all_terminated()
 
 
 @pytest.mark.parametrize("run_state", [None, "failed"], ids=["run-deleted", "run-finished"])

@@ -10,12 +10,13 @@ ends with :meth:`FakeCloud.assert_all_terminated`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,26 @@ class Reply:
     status: int
     body: Any = None  # dict/list -> JSON; str -> text/plain; bytes -> as is
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Why the fake answers this although the vendor's spec does not declare it (the spec is silent
+    #: there, so the fake had to assume): the contract check records it instead of failing.
+    assumed: str | None = None
+
+    @property
+    def content_type(self) -> str | None:
+        if "Content-Type" in self.headers:
+            return self.headers["Content-Type"]
+        if isinstance(self.body, (dict, list)):
+            return "application/json"
+        return "text/plain; charset=utf-8" if isinstance(self.body, str) else None
 
 
 class FakeCloud:
     """Base of the fake clouds. Subclasses implement :meth:`route` (and :meth:`authorized`)."""
 
     name = "fake"
+    #: The vendor OpenAPI document under ``tests/contracts/`` every request and answer is checked
+    #: against (None: no published spec to check, as for moto's EC2).
+    contract_name: str | None = None
 
     def __init__(self, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
         self.ssh_host = ssh_host
@@ -103,6 +118,13 @@ class FakeCloud:
         self.lock = threading.RLock()
         self._seq = 0
         self.launch_calls = 0
+        #: What the contract check found: requests outside the vendor's spec, answers it does not
+        #: declare. Tests fail on them (:meth:`assert_contract`, also run by reset and teardown).
+        self.contract_violations: list[str] = []
+        #: Undeclared answers the fake gave, marked ``assumed`` (where the spec is silent).
+        self.contract_assumptions: set[str] = set()
+        #: Requests checked against the spec (a test can assert the check really ran).
+        self.contract_checked = 0
         #: Where the instances' boxes are (``<box_root>/<instance name>`` on the test sshd), set by
         #: the rigs; terminating an instance kills what runs in its box (:meth:`power_off`).
         self.box_root: Path | None = None
@@ -153,7 +175,28 @@ class FakeCloud:
         """The cloud's Airflow connection (JSON form, for ``AIRFLOW_CONN_*``) pointing at this fake."""
         return json.dumps({"conn_type": "http", "host": self.url, "password": self.api_key, "extra": extra})
 
+    def assert_contract(self) -> None:
+        """No request the fake received and no answer it gave was outside the vendor's spec."""
+        with self.lock:
+            found, self.contract_violations = self.contract_violations, []
+        assert not found, f"{self.name}: outside the vendor's OpenAPI document:\n" + "\n".join(found[:20])
+
+    @contextlib.contextmanager
+    def expect_violations(self, *words: str) -> Iterator[list[str]]:
+        """A test that sends (or makes the fake answer) something outside the spec on purpose: the
+        block must produce violations containing ``words``; they are consumed, not reported."""
+        self.assert_contract()
+        found: list[str] = []
+        yield found
+        with self.lock:
+            found += self.contract_violations
+            self.contract_violations = []
+        assert found, f"{self.name}: expected the contract check to object, it did not"
+        text = "\n".join(found)
+        assert all(w in text for w in words), f"{words} not in {text}"
+
     def reset(self) -> None:
+        self.assert_contract()  # what the previous test left must not pass unseen
         with self.lock:
             self.faults = Faults()
             self.instances.clear()
@@ -174,6 +217,7 @@ class FakeCloud:
             phases = {i.id: i.phase(self.faults) for i in self.instances.values()}  # settles due terminations
             left = [(i.id, i.name, phases[i.id]) for i in self.instances.values() if not i.gone]
         assert not left, f"{self.name}: instances not terminated: {left}"
+        self.assert_contract()
 
     def interrupt(self, instance_id: str) -> None:
         """Take a spot / interruptible instance back the way the cloud does (test control).
@@ -191,6 +235,7 @@ class FakeCloud:
         finally:
             self.server.shutdown()
             self.server.server_close()
+        self.assert_contract()
 
     # --- for subclasses --------------------------------------------------------------------------
 
@@ -246,10 +291,11 @@ class FakeCloud:
 
     def _dispatch(self, method: str, raw_path: str, headers: Mapping[str, str], raw: bytes) -> Reply:
         parts = urlsplit(raw_path)
-        query = parse_qs(parts.query)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        body: Any = None
         with self.lock:
             if not self.authorized(headers, query):
-                reply = self.unauthorized()
+                reply = self.unauthorized_for(method, parts.path)
             elif self.faults.rate_limit > 0:
                 self.faults.rate_limit -= 1
                 reply = self.rate_limited()
@@ -261,7 +307,35 @@ class FakeCloud:
                 else:
                     reply = self.route(method, parts.path, query, body)
             self.calls.append((method, parts.path, reply.status))
+        self.check_contract(method, parts.path, query, raw, reply)
         return reply
+
+    def check_contract(self, method: str, path: str, query: Mapping[str, list[str]], raw: bytes, reply: Reply) -> None:
+        """Check the request and the answer against the vendor's OpenAPI document (if it has one)."""
+        if self.contract_name is None:
+            return
+        from tests.contracts.openapi import contract
+
+        spec = contract(self.contract_name)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        op, violations = spec.check_request(method, path, query, body)
+        assumptions: list[str] = []
+        if op is not None:
+            more, assumptions = spec.check_response(op, reply.status, reply.content_type, reply.body, reply.assumed)
+            violations += more
+        elif reply.assumed:  # an endpoint the spec no longer lists: still a request outside it
+            assumptions = [f"{method} {path} -> {reply.status}: assumed: {reply.assumed}"]
+        with self.lock:
+            self.contract_checked += 1
+            self.contract_violations += violations
+            self.contract_assumptions.update(assumptions)
+
+    def unauthorized_for(self, method: str, path: str) -> Reply:
+        """The answer to a bad key (some operations answer it differently)."""
+        return self.unauthorized()
 
 
 def wait_state(provider: Any, instance_id: str, *states: Any, timeout: float = 5) -> Any:

@@ -1,52 +1,59 @@
-"""``FakeVast``: a local stand-in for the Vast.ai REST API v0, speaking it as documented.
+"""``FakeVast``: a local stand-in for the Vast.ai REST API, speaking it as Vast publishes it today.
 
-Shapes follow Vast.ai's API reference (https://docs.vast.ai/api-reference: create instance,
-show instance(s), destroy instance, "Rate limits and errors") and the official CLI
-(vast-ai/vast-python ``vast.py``):
+Checked against Vast's OpenAPI document (``tests/contracts/vast.openapi.json``, from ``vast-ai/docs``
+``api-reference/openapi.yaml``) on every request and answer, and shaped after the calls the official
+client makes (``vast-ai/vast-cli`` ``vastai/api``: ``search_offers``, ``create_instance``,
+``show_instance``, ``show_instances``, ``destroy_instance``):
 
-- every path under ``/api/v0``; auth ``Authorization: Bearer <key>`` or ``?api_key=<key>``; a bad
-  key answers 401 ``{"success": false, "msg": "Invalid user key"}``.
-- search: ``POST /bundles/`` with the query object as body (the CLI), ``GET /bundles/?q=<json>``
-  (the REST quick example) and ``PUT /search/asks/`` ``{"select_cols": ["*"], "q": query}`` (the
-  CLI's ``--new``) -> ``{"offers": [Ask]}``. Query: ``{field: {op: value}}`` with ops ``eq, neq,
-  gt, gte, lt, lte, in, notin`` on ask fields (an unknown field answers 400 ``invalid_args``),
-  ``type`` (``on-demand``, ``bid``, ``reserved``; ``interruptible`` is the CLI's alias of
-  ``bid``), ``order`` ``[[field, "asc"|"desc"]]``, ``limit``; ``allocated_storage`` is accepted
-  (prices here do not depend on it). Not rentable asks are listed with ``rentable: false`` unless
-  the query filters on ``rentable``.
-- ``PUT /asks/{id}/`` ``{client_id, image, label, disk, runtype, onstart, env, price?}`` ->
-  ``{"success": true, "new_contract": <id>}``; an ask that is rented, not rentable, or refused by
-  the ``refuse_launch`` switch answers 410 ``{"success": false, "error": "no_such_ask", "msg":
-  "error 410/3907: no_such_ask Instance type N is no longer available.", "ask_id": N}``; an id that
-  was never an ask answers 404 ``invalid_args`` ``... no_such_ask Instance type by id N is not
-  available.``; a malformed body or a bid under ``min_bid`` answers 400 ``invalid_args``.
-- ``GET /instances/`` -> ``{"instances_found": n, "instances": [Instance]}``;
-  ``GET /instances/{id}/`` -> ``{"instances": Instance}``; destroyed or vanished instances are not
-  listed and answer 404 ``no_such_instance`` (or ``{"instances": null}`` with
-  ``destroyed_as_null``, which Vast has also been seen to answer).
-- ``DELETE /instances/{id}/`` -> ``{"success": true, "msg": ...}``; again while it is being
-  destroyed: the same; unknown or gone: 404 ``no_such_instance``.
+- auth ``Authorization: Bearer <key>``; a bad key answers 401 ``{"success": false, "error":
+  "auth_error", "msg": "Invalid user key"}``, except ``POST /api/v0/bundles/``, whose spec declares
+  that answer as a 404 ("Unauthorized - invalid or missing API key").
+- ``POST /api/v0/bundles/`` (``searchOffers``): ``{field: {op: value}}`` with ops ``eq, neq, gt, gte,
+  lt, lte, in, notin`` on ask fields (an unknown field answers 400 ``invalid_request``), ``type``
+  (``on-demand``/``ondemand``, ``bid``, ``reserved``), ``order`` ``[[field, "asc"|"desc"]]``,
+  ``limit``, ``allocated_storage``. ``verified``, ``rentable`` and ``rented`` default to the spec's
+  ``{"eq": true}``, ``{"eq": true}``, ``{"eq": false}``: an ask that cannot be rented is not listed
+  unless the query asks for it.
+- ``PUT /api/v0/asks/{id}/`` (``createInstance``) -> ``{"success": true, "new_contract": <id>}``;
+  an ask rented meanwhile (or refused by ``refuse_launch``) answers the spec's 410 ``no_such_ask``;
+  an id that was never an ask the spec's 404 ``invalid_args`` ``no_such_ask ... is not available``;
+  a bad body or a bid under ``min_bid`` 400 ``invalid_args`` (``invalid_price``).
+- ``GET /api/v1/instances/`` (``showInstances``): keyset pages of at most 25 (``limit`` default 25,
+  ``<= 0`` means 5), ``order_by`` (JSON, ``id`` always appended), ``select_filters`` (JSON; ``label``,
+  ``actual_status``, ``gpu_name``, ``verification``, ``id``; computed columns such as ``dph_total``
+  answer 400 ``invalid_request``), ``after_token`` (a bad one: 400 ``invalid_token``) ->
+  ``{success, instances_found, total_instances, label_counts, next_token, instances}``.
+- ``GET /api/v0/instances/`` (the old listing, ``?owner=me``): gone from the spec; answers 410
+  ``deprecated_endpoint`` as issue 22 reports the live API does (an assumption the contract check
+  records: the spec documents no answer at all).
+- ``GET /api/v0/instances/{id}/`` (``showInstance``) -> ``{"instances": Instance}``; for a destroyed
+  or vanished instance the spec declares nothing: the fake answers 404 ``no_such_instance``, or
+  ``{"instances": null}`` with ``destroyed_as_null`` (the official client reads that shape as
+  "gone"), both marked assumed.
+- ``DELETE /api/v0/instances/{id}/`` -> ``{"success": true, "msg": ...}``; again while it is being
+  destroyed: the same; unknown or gone: the spec's 404 ``not_found``.
 
-Rate limiting answers 429 with a plain-text body ("API requests too frequent: endpoint
-threshold=...") as Vast does; Vast sends no ``Retry-After``, the fake adds one only when the test
-switch ``faults.retry_after`` is set. Instance phases map to Vast fields: booting -> ``actual_status``
-null then ``loading`` (no ``ssh_host`` yet), running -> ``running`` with ``ssh_host``/``ssh_port`` =
-the fake's SSH endpoint, unhealthy -> ``exited``, terminating -> ``cur_state`` ``unloaded`` (released
-on destroy). A rented ask is not rentable until its instance is destroyed.
+Rate limiting answers 429 ``{"detail": "API requests too frequent endpoint threshold=..."}``, the
+shape the spec declares; operations that declare no 429 (``searchOffers``) get the same, marked
+assumed. Vast sends no ``Retry-After``; the fake adds one only when ``faults.retry_after`` is set.
+Fields whose spec type is not nullable (``ssh_host``, ``ssh_port``, ``public_ipaddr``) are left out
+until the instance has them, never sent as null. Instance phases map to Vast fields: booting ->
+``actual_status`` null then ``loading``, running -> ``running`` with ``ssh_host``/``ssh_port`` = the
+fake's SSH endpoint, unhealthy -> ``exited``, terminating -> ``cur_state`` ``unloaded``. A rented
+ask is not rentable until its instance is destroyed.
 
 Outbidding, the test control :meth:`FakeVast.interrupt`: an interruptible (bid) instance loses its
 machine to a higher-priority rental and is stopped, not destroyed ("When outbid, the instance moves
 to ``stopped``", vast-ai/vast-cli ``vastai/SKILL.md``; "Your interruptible instance was outbid and
 paused", the ``client:outbid`` notification in docs.vast.ai): ``actual_status`` ``stopped`` while
-``intended_status`` stays ``running`` (the renter did not stop it; ``intended_status`` is "the
-user's desired target state", show-instance reference) and ``cur_state`` ``stopped`` (inferred:
-the contract no longer holds the GPUs). Vast documents no ``status_msg`` for it: the control takes
-one, else none is sent. The machine stays with whoever outbid us, so destroying the instance does not
-free the ask. On-demand instances cannot be outbid.
+``intended_status`` stays ``running`` and ``cur_state`` ``stopped`` (inferred: the contract no
+longer holds the GPUs). The machine stays with whoever outbid us, so destroying the instance does
+not free the ask. On-demand instances cannot be outbid.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import time
@@ -56,6 +63,15 @@ from typing import Any
 from tests.fakeclouds.base import FakeCloud, FakeInstance, Reply
 
 API = "/api/v0"
+API_V1 = "/api/v1"
+#: The most instances one ``GET /api/v1/instances/`` page holds (the spec's ``limit`` maximum).
+PAGE_SIZE = 25
+#: Columns ``select_filters`` may filter on (stored on the contract; computed ones answer 400).
+FILTERABLE = frozenset({"actual_status", "gpu_name", "verification", "id", "label", "machine_id", "is_bid"})
+DEPRECATED_LISTING = (
+    "the v0 instance listing is no longer in Vast's OpenAPI (deprecated 2026-03-25); issue 22 reports "
+    "the live API answering it 410 deprecated_endpoint"
+)
 
 _ASK_DEFAULTS: dict[str, Any] = {
     "cpu_cores": 16,
@@ -114,7 +130,12 @@ DEFAULT_ASKS: list[dict[str, Any]] = [
     _ask(4050, "RTX 3090", 1, 0.15, 0.08, "Ontario, CA", verified=False),
 ]
 
-_QUERY_KEYS = {"order", "type", "limit", "allocated_storage", "disable_bundling", "select_cols"}
+_QUERY_KEYS = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
+#: The spec's defaults of the search filters a query leaves out.
+_NOT_NULLABLE = frozenset(
+    {"ssh_host", "ssh_port", "ssh_idx", "public_ipaddr", "local_ipaddrs", "min_bid", "onstart", "image_uuid"}
+)
+_SEARCH_DEFAULTS = {"verified": {"eq": True}, "rentable": {"eq": True}, "rented": {"eq": False}}
 _RUNTYPES = {
     "ssh",
     "jupyter",
@@ -140,12 +161,32 @@ def invalid(msg: str) -> Reply:
     return fail(400, "invalid_args", msg)
 
 
+def invalid_request(msg: str) -> Reply:
+    return Reply(400, {"error": "invalid_request", "msg": msg})
+
+
 def no_such_instance(instance_id: str) -> Reply:
-    return fail(404, "no_such_instance", f"Instance {instance_id} not found.")
+    reply = fail(404, "no_such_instance", f"Instance {instance_id} not found.")
+    reply.assumed = "showInstance declares no answer for a destroyed instance"
+    return reply
 
 
 def server_error() -> Reply:
-    return fail(500, "server_error", "Internal server error, please try again later.")
+    reply = fail(500, "server_error", "Internal server error, please try again later.")
+    reply.assumed = "Vast's spec declares no 5xx answers (a fault switch)"
+    return reply
+
+
+def _token(instance_id: int) -> str:
+    return base64.b64encode(json.dumps({"values": {"id": instance_id}}).encode()).decode()
+
+
+def _untoken(token: str) -> int | None:
+    try:
+        value = json.loads(base64.b64decode(token.encode(), validate=True))["values"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _matches(value: Any, op: str, operand: Any) -> bool:
@@ -182,6 +223,7 @@ class FakeVast(FakeCloud):
     """The Vast.ai API v0 on 127.0.0.1, with the shared fault switches."""
 
     name = "vast"
+    contract_name = "vast"
 
     def __init__(self, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
         super().__init__(ssh_host=ssh_host, ssh_port=ssh_port)
@@ -201,6 +243,27 @@ class FakeVast(FakeCloud):
             self.destroyed_as_null = False
             self.timed_calls.clear()
             self.queries.clear()
+
+    def add_foreign_instances(self, count: int, label: str | None = "someone-elses-notebook") -> list[str]:
+        """Rent ``count`` instances in the account that are not ours (test control: a busy account
+        whose listing runs over several pages). They stay running until destroyed."""
+        ids = []
+        with self.lock:
+            ask = self.asks[0]
+            for n in range(count):
+                self._contract += 1
+                inst = FakeInstance(
+                    id=str(self._contract),
+                    name=f"{label}-{n}" if label else "",
+                    instance_type=f"{ask['num_gpus']}x {ask['gpu_name']}",
+                    region=ask["geolocation"],
+                    price_per_hour=float(ask["dph_total"]),
+                    launched_at=time.time() - 3600,
+                    extra={"ask": copy.deepcopy(ask), "request": {"image": "vastai/base-image", "runtype": "ssh"}},
+                )
+                self.instances[inst.id] = inst
+                ids.append(inst.id)
+        return ids
 
     def ask(self, ask_id: int) -> dict[str, Any]:
         return next(a for a in self.asks if a["id"] == ask_id)
@@ -223,11 +286,21 @@ class FakeVast(FakeCloud):
         return query.get("api_key", [""])[0] == self.api_key
 
     def unauthorized(self) -> Reply:
-        return fail(401, None, "Invalid user key")
+        return fail(401, "auth_error", "Invalid user key")
+
+    def unauthorized_for(self, method: str, path: str) -> Reply:
+        if method == "POST" and path.rstrip("/") == API + "/bundles":
+            return Reply(404, {"error": "auth_error", "msg": "Invalid user key"})  # as searchOffers declares it
+        return self.unauthorized()
 
     def rate_limited(self) -> Reply:
         headers = {} if self.faults.retry_after is None else {"Retry-After": f"{self.faults.retry_after:g}"}
-        return Reply(429, "API requests too frequent: endpoint threshold=1.0s", headers)
+        return Reply(
+            429,
+            {"detail": "API requests too frequent endpoint threshold=1.0"},
+            headers,
+            assumed="some operations (searchOffers) declare no 429; answered as the others declare it",
+        )
 
     def _dispatch(self, method: str, raw_path: str, headers: Mapping[str, str], raw: bytes) -> Reply:
         reply = super()._dispatch(method, raw_path, headers, raw)
@@ -236,30 +309,87 @@ class FakeVast(FakeCloud):
         return reply
 
     def route(self, method: str, path: str, query: Mapping[str, list[str]], body: Any) -> Reply:
+        if path.rstrip("/") == API_V1 + "/instances" and method == "GET":
+            return self._list(query)
         if not path.startswith(API + "/"):
             return fail(404, "not_found", f"No API endpoint {path}.")
         path = path[len(API) :]
-        if path == "/bundles/" and method == "POST":
+        if path.rstrip("/") == "/bundles" and method == "POST":
             return self._search(body)
-        if path == "/bundles/" and method == "GET":
-            try:
-                q = json.loads(query.get("q", ["{}"])[0])
-            except ValueError:
-                return invalid("q is not valid JSON.")
-            return self._search(q)
-        if path == "/search/asks/" and method == "PUT":
-            return self._search(body.get("q") if isinstance(body, dict) else None)
         if path.startswith("/asks/") and method == "PUT":
             return self._create(path[len("/asks/") :].strip("/"), body)
-        if path == "/instances/" and method == "GET":
-            shown = [self._render(i) for i in self.instances.values() if self._listed(i)]
-            return Reply(200, {"instances_found": len(shown), "instances": shown})
+        if path.rstrip("/") == "/instances" and method == "GET":
+            return Reply(
+                410,
+                {
+                    "success": False,
+                    "error": "deprecated_endpoint",
+                    "msg": "This endpoint is deprecated: use /api/v1/instances/.",
+                },
+                assumed=DEPRECATED_LISTING,
+            )
         if path.startswith("/instances/") and method in ("GET", "DELETE"):
             instance_id = path[len("/instances/") :].strip("/")
             if method == "GET":
                 return self._show(instance_id)
             return self._destroy(instance_id)
         return fail(404, "not_found", f"No API endpoint {method} {API}{path}.")
+
+    # --- listing (v1) --------------------------------------------------------------------------------
+
+    def _list(self, query: Mapping[str, list[str]]) -> Reply:
+        def arg(name: str, default: str) -> str:
+            return (query.get(name) or [default])[0]
+
+        try:
+            filters = json.loads(arg("select_filters", "{}"))
+            order = json.loads(arg("order_by", '[{"col": "id", "dir": "asc"}]'))
+            limit = int(arg("limit", str(PAGE_SIZE)))
+        except ValueError:
+            return invalid_request("Error in query parameters: select_filters, order_by and limit must be JSON.")
+        if not isinstance(filters, dict) or not isinstance(order, list):
+            return invalid_request("Error in query parameters: select_filters is an object, order_by a list.")
+        limit = 5 if limit <= 0 else min(limit, PAGE_SIZE)
+        rows = [self._render(i) for i in self.instances.values() if self._listed(i)]
+        for field, condition in filters.items():
+            if field not in FILTERABLE:
+                return invalid_request(f"Error in query parameters: {field} is not a valid search key")
+            if not isinstance(condition, dict):
+                return invalid_request(f"Error in query parameters: {field} needs an operator object")
+            try:
+                rows = [r for r in rows if all(_matches(r.get(field), op, v) for op, v in condition.items())]
+            except (ValueError, TypeError) as err:
+                return invalid_request(f"Error in query parameters: {field}: {err}")
+        keys = [(str(o.get("col")), o.get("dir") == "desc") for o in order if isinstance(o, dict)]
+        if not any(col == "id" for col, _ in keys):
+            keys.append(("id", False))
+        if [col for col, _ in keys] != ["id"]:
+            return invalid_request("Error in query parameters: the fake pages by id only")
+        descending = keys[0][1]
+        rows.sort(key=lambda r: int(r["id"]), reverse=descending)
+        total = len(rows)
+        labels: dict[str, int] = {}
+        for row in rows:
+            labels[row.get("label") or ""] = labels.get(row.get("label") or "", 0) + 1
+        after = query.get("after_token")
+        if after:
+            last = _untoken(after[0])
+            if last is None:
+                return Reply(400, {"error": "invalid_token", "msg": "after_token could not be decoded"})
+            rows = [r for r in rows if (r["id"] < last if descending else r["id"] > last)]
+        page = rows[:limit]
+        more = len(rows) > limit
+        return Reply(
+            200,
+            {
+                "success": True,
+                "instances_found": len(page),
+                "total_instances": total,
+                "label_counts": labels,
+                "next_token": _token(page[-1]["id"]) if more else None,
+                "instances": page,
+            },
+        )
 
     # --- offers ----------------------------------------------------------------------------------
 
@@ -279,22 +409,22 @@ class FakeVast(FakeCloud):
             return invalid("The search query must be a JSON object.")
         self.queries.append(copy.deepcopy(query))
         kind = query.get("type") or "on-demand"
-        if kind == "interruptible":
-            kind = "bid"
+        if kind == "ondemand":
+            kind = "on-demand"
         if kind not in ("on-demand", "bid", "reserved"):
-            return invalid(f"Unknown offer type {kind!r}.")
+            return invalid_request(f"Unknown offer type {kind!r}.")
         rows = [self._render_ask(a, kind) for a in self.asks if kind != "bid" or a.get("min_bid") is not None]
-        for field, condition in query.items():
+        for field, condition in {**_SEARCH_DEFAULTS, **query}.items():
             if field in _QUERY_KEYS:
                 continue
             if field not in _ASK_DEFAULTS and not any(field in a for a in self.asks):
-                return invalid(f"Unknown search field {field!r}.")
+                return invalid_request(f"Unknown search field {field!r}.")
             if not isinstance(condition, dict):
                 condition = {"eq": condition}
             try:
                 rows = [r for r in rows if all(_matches(r.get(field), op, v) for op, v in condition.items())]
             except ValueError as err:
-                return invalid(f"{field}: {err}.")
+                return invalid_request(f"{field}: {err}.")
         for order in reversed(query.get("order") or []):
             field, direction = [*order, "asc"][:2] if isinstance(order, list) else (order, "asc")
             rows.sort(key=lambda row: _sort_key(row, str(field)), reverse=direction == "desc")
@@ -316,7 +446,7 @@ class FakeVast(FakeCloud):
         disk = body.get("disk", 8)
         runtype = body.get("runtype", "ssh")
         price = body.get("price")
-        env = body.get("env", {})
+        env = body.get("env", "")
         if body.get("client_id", "me") != "me":
             return invalid("client_id must be 'me'.")
         if not (isinstance(image, str) and image) and not body.get("template_hash_id"):
@@ -327,8 +457,8 @@ class FakeVast(FakeCloud):
             return invalid("disk must be a positive number of GB.")
         if runtype not in _RUNTYPES:
             return invalid(f"Unknown runtype {runtype!r}.")
-        if not isinstance(env, dict):
-            return invalid("env must be a JSON object.")
+        if not isinstance(env, str):
+            return invalid("env must be a string of docker flags (-e KEY=value -p 8000:8000).")
         if price is not None and (not isinstance(price, (int, float)) or isinstance(price, bool) or price <= 0):
             return invalid("price must be a positive number ($/hour).")
         ask = next((a for a in self.asks if a["id"] == ask_id), None)
@@ -348,7 +478,11 @@ class FakeVast(FakeCloud):
                 ask_id=ask_id,
             )
         if price is not None and (ask.get("min_bid") is None or price < ask["min_bid"]):
-            return invalid(f"Bid price {price} is below the minimum bid {ask.get('min_bid')} for ask {ask_id}.")
+            return fail(
+                400,
+                "invalid_price",
+                f"Bid price {price} is below the minimum bid {ask.get('min_bid')} for ask {ask_id}.",
+            )
         if disk > ask["disk_space"]:
             return invalid(f"Requested disk {disk} GB exceeds the {ask['disk_space']} GB available on ask {ask_id}.")
         self._contract += 1
@@ -379,7 +513,12 @@ class FakeVast(FakeCloud):
         inst = self.instances.get(instance_id)
         if inst is None or not self._listed(inst):
             if inst is not None and self.destroyed_as_null:
-                return Reply(200, {"instances": None})
+                return Reply(
+                    200,
+                    {"instances": None},
+                    assumed="showInstance declares no answer for a destroyed instance; vast-cli show_instance reads "
+                    "instances null as gone",
+                )
             return no_such_instance(instance_id)
         return Reply(200, {"instances": self._render(inst)})
 
@@ -389,7 +528,7 @@ class FakeVast(FakeCloud):
             return server_error()
         inst = self.instances.get(instance_id)
         if inst is None or not self._listed(inst):
-            return no_such_instance(instance_id)
+            return fail(404, "not_found", "Instance not found")
         if inst.terminate_requested_at is None:
             inst.terminate_requested_at = time.time()
             self.power_off(inst)
@@ -420,8 +559,8 @@ class FakeVast(FakeCloud):
         else:  # terminating: the contract is being released
             actual, status_msg = "stopped", "destroying"
             cur_state, intended = "unloaded", "stopped"
-        env = request.get("env") or {}
-        return {
+        env = [flag.split("=", 1) for flag in str(request.get("env") or "").split() if "=" in flag]
+        data = {
             "id": int(inst.id),
             "label": inst.name or None,
             "actual_status": actual,
@@ -432,7 +571,7 @@ class FakeVast(FakeCloud):
             "image_uuid": image,
             "image_runtype": request.get("runtype", "ssh"),
             "image_args": [],
-            "extra_env": [[k, str(v)] for k, v in env.items()],
+            "extra_env": [[k, v] for k, v in env],
             "onstart": request.get("onstart") or "",
             "ssh_host": self.ssh_host if booted else None,
             "ssh_port": self.ssh_port if booted else None,
@@ -456,7 +595,8 @@ class FakeVast(FakeCloud):
             "min_bid": ask["min_bid"],
             "geolocation": inst.region,
             "verification": ask["verification"],
-            "ports": {},
             "template_hash_id": request.get("template_hash_id"),
             "jupyter_token": f"tok{inst.id}",
         }
+        # The spec types these as plain strings/integers: absent until the instance has them, not null.
+        return {k: v for k, v in data.items() if v is not None or k not in _NOT_NULLABLE}

@@ -47,6 +47,11 @@ class ServerError(ProviderUnavailableError):
     """HTTP 5xx or no answer: the cloud may or may not have acted on the request."""
 
 
+class AuthorizationError(BadRequestError):
+    """The cloud does not accept the API key (HTTP 401), or the key may not do what was asked: no
+    retry and no other offer of this cloud helps; the message names the connection and what to do."""
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
     if not value:
@@ -198,8 +203,18 @@ class CloudApiHook(BaseHook):
             return NoCapacityError(self.provider, where)
         if status >= 500:
             return ServerError(self.provider, where)
-        if status in (401, 403):
-            return BadRequestError(self.provider, f"{where} (check the API key in Airflow connection {self.conn_id!r})")
+        if status == 401:
+            return AuthorizationError(
+                self.provider,
+                f"{where}: the API key was not accepted; set a valid key as the password of Airflow "
+                f"connection {self.conn_id!r}",
+            )
+        if status == 403:
+            return AuthorizationError(
+                self.provider,
+                f"{where}: the API key in Airflow connection {self.conn_id!r} (or its account) may not do this; "
+                "give the key the access it needs or use another key",
+            )
         if status == 404:
             return InstanceNotFoundError(self.provider, where)
         return BadRequestError(self.provider, where)

@@ -1,54 +1,77 @@
-"""``VastHook``: the Vast.ai REST API (``https://console.vast.ai/api/v0``), and nothing else.
+"""``VastHook``: the Vast.ai REST API (``https://console.vast.ai``), and nothing else.
 
-Follows Vast.ai's API reference (https://docs.vast.ai/api-reference: "Creating instances with the
-API", the ``create instance`` / ``show instances`` / ``destroy instance`` endpoint pages, "Rate
-limits and errors") and the calls the official CLI (vast-ai/vast-python ``vast.py``:
-``search__offers``, ``create__instance``, ``show__instance(s)``, ``destroy_instance``) and
-SkyPilot's ``sky/provision/vast`` make:
+Follows Vast's OpenAPI document as published today (``vast-ai/docs`` ``api-reference/openapi.yaml``,
+"Vast.ai API" 1.0.0; the operations used are kept in ``tests/contracts/vast.openapi.json``, against
+which the tests check every request) and the calls of the official client (``vast-ai/vast-cli``
+``vastai/api``: ``offers.search_offers``, ``instances.create_instance``, ``show_instance``,
+``show_instances``, ``destroy_instance``):
 
-- ``POST /bundles/`` with a query object ``{field: {op: value}, "type": "on-demand"|"bid",
-  "order": [[field, "asc"|"desc"]], "limit": n, "allocated_storage": GB}`` (ops ``eq, neq, gt,
-  gte, lt, lte, in, notin``) -> ``{"offers": [Ask]}``; an ask has ``id`` (= ``ask_contract_id``),
-  ``machine_id``, ``gpu_name`` (``RTX 4090``, ``A100 SXM4``, ``H100 SXM``), ``num_gpus``,
-  ``dph_total`` ($/h on demand, storage included), ``min_bid`` ($/h, the lowest interruptible bid),
-  ``geolocation`` (``Sweden, SE``), ``disk_space``, ``verified``, ``rentable``, ``rented``.
-  Each ask is ONE machine: once rented it is no longer rentable.
-- ``PUT /asks/{ask_id}/`` ``{client_id: "me", image, label, disk, runtype, onstart, env, price?}``
-  (``price`` = the bid, for interruptible instances only) -> ``{"success": true, "new_contract":
-  <instance id>}``. An ask taken in the meantime answers 410 ``{"success": false, "error":
-  "no_such_ask", "msg": "error 410/3907: no_such_ask Instance type N is no longer available."}``
-  (or 404 ``invalid_args`` with ``no_such_ask ... is not available`` for an id that never was).
-- ``GET /instances/?owner=me`` -> ``{"instances_found": n, "instances": [Instance]}``;
-  ``GET /instances/{id}/?owner=me`` -> ``{"instances": Instance}`` (``{"instances": null}`` or a
-  404 once it is gone). An instance has ``id, label, actual_status`` (null, created, loading,
-  running, stopped, frozen, exited, rebooting, unknown, offline), ``intended_status``,
-  ``cur_state`` (running, stopped, unloaded = released on destroy), ``status_msg``, ``ssh_host``,
-  ``ssh_port`` (Vast's SSH proxy), ``public_ipaddr``, ``machine_id``, ``gpu_name``, ``num_gpus``,
-  ``dph_total``, ``is_bid``, ``geolocation``.
-- ``DELETE /instances/{id}/`` -> ``{"success": true, ...}``; idempotent, so retried on 5xx.
+- ``POST /api/v0/bundles/`` (``searchOffers``) with a query object ``{field: {op: value}, "type":
+  "on-demand"|"bid", "order": [[field, "asc"|"desc"]], "limit": n, "allocated_storage": GB}`` (ops
+  ``eq, neq, gt, gte, lt, lte, in, notin``) -> ``{"offers": [Ask]}``. Like the client, every search
+  names ``verified``, ``external``, ``rentable: {eq: true}`` and ``rented: {eq: false}`` (the spec's
+  defaults for the last two): only asks that can be rented now come back. An ask has ``id``,
+  ``machine_id``, ``gpu_name``, ``num_gpus``, ``dph_total`` ($/h on demand, storage included),
+  ``min_bid``, ``geolocation``, ``disk_space``. Each ask is ONE machine. A bad key answers this
+  operation 404 (the spec: "Unauthorized - invalid or missing API key"), not 401.
+- ``PUT /api/v0/asks/{id}/`` (``createInstance``) ``{client_id: "me", image, label, disk, runtype,
+  onstart, price?}`` (``price`` = the bid, interruptible only; ``client_id`` is not in the spec but
+  the official client sends it) -> ``{"success": true, "new_contract": <instance id>}``. An ask
+  taken meanwhile answers 410 ``no_such_ask`` (the spec: "Offer no longer available"); an id that
+  never was one 404 ``invalid_args`` ``no_such_ask ... is not available``. Both are "this offer
+  cannot be had": the provider tries the next one.
+- ``GET /api/v1/instances/`` (``showInstances``): keyset pages of at most 25, ``select_filters``
+  (JSON; ``label`` is filterable), ``order_by`` (JSON), ``limit``, ``after_token`` = the previous
+  page's ``next_token`` (``null`` on the last page) -> ``{instances, next_token, total_instances,
+  ...}``. The v0 listing ``GET /api/v0/instances/?owner=me`` was deprecated on 2026-03-25 and is
+  gone from the spec (the live API answers it 410 ``deprecated_endpoint``): it is not used.
+- ``GET /api/v0/instances/{id}/?owner=me`` (``showInstance``; ``owner`` as the client sends it) ->
+  ``{"instances": Instance}``; the spec declares no answer for a destroyed instance: a 404 or
+  ``{"instances": null}`` (what the client reads as gone) both mean not found.
+- ``DELETE /api/v0/instances/{id}/`` (``destroyInstance``) -> ``{"success": true, ...}``; 404
+  ``not_found`` once gone; idempotent, so retried on 5xx. Sent with ``{}`` as the client does.
 
-Auth: ``Authorization: Bearer <API key>`` (the API also takes ``?api_key=``; the header keeps the
-key out of URLs and logs). Errors are mostly ``{"success": false, "error": "invalid_args", "msg":
-"..."}``; some bodies omit ``success`` or ``error`` or say ``message``. Rate limits are per endpoint
-and identity: HTTP 429 with a PLAIN TEXT body ("API requests too frequent" or "API requests too
-frequent: endpoint threshold=...") and, per the docs, no ``Retry-After``, so the base hook's
-exponential backoff with jitter does the waiting (a ``Retry-After`` is honoured if one comes).
+An instance has ``id, label, actual_status`` (null, created, loading, running, stopped, frozen,
+exited, rebooting, unknown, offline), ``intended_status``, ``cur_state`` (running, stopped,
+unloaded = released on destroy), ``status_msg``, ``ssh_host``, ``ssh_port`` (Vast's SSH proxy),
+``public_ipaddr``, ``machine_id``, ``gpu_name``, ``num_gpus``, ``dph_total``, ``is_bid``,
+``geolocation``; fields the instance does not have yet may be absent.
+
+Auth: ``Authorization: Bearer <API key>``. Errors are ``{"success": false, "error": code, "msg":
+"..."}`` (``Error`` in the spec); rate limits answer 429 ``{"detail": "API requests too frequent
+endpoint threshold=..."}`` with no ``Retry-After``, so the base hook's exponential backoff with
+jitter does the waiting (a ``Retry-After`` is honoured if one comes).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from functools import cached_property
 from typing import Any, ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, NoCapacityError, ProviderError
-from gpu_training.hooks.cloud_api import CloudApiHook
+from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
 
 #: The error code of an ask that is gone (rented by someone else, or withdrawn by its host).
 NO_SUCH_ASK = "no_such_ask"
 #: Phrases of the same refusal where the code is only in the message.
 _GONE_PHRASES = ("no_such_ask", "no longer available", "already rented")
+#: The most instances one ``GET /api/v1/instances/`` page holds (the spec's ``limit`` maximum).
+PAGE_SIZE = 25
+#: Pages read at most in one listing (25 000 instances): a server that kept answering a
+#: ``next_token`` would otherwise keep us paging forever.
+MAX_PAGES = 1000
+#: What the official client puts in every offer search (vast-cli ``search_offers`` defaults): only
+#: asks that can be rented now, on Vast's own (not external) machines.
+SEARCH_DEFAULTS: dict[str, Any] = {
+    "external": {"eq": False},
+    "rentable": {"eq": True},
+    "rented": {"eq": False},
+}
 
 
 def error_body(response: requests.Response) -> dict[str, Any]:
@@ -79,13 +102,23 @@ def is_gone_ask(body: dict[str, Any]) -> bool:
 
 
 class VastHook(CloudApiHook):
-    """Vast.ai API v0 over the ``vast_default`` connection (API key in the password)."""
+    """Vast.ai API (v0 and v1 operations) over the ``vast_default`` connection (API key in the password)."""
 
     default_conn_name = "vast_default"
     hook_name = "Vast.ai"
     provider: ClassVar[str] = "vast"
     default_url: ClassVar[str] = "https://console.vast.ai"
-    api_path: ClassVar[str] = "/api/v0"
+    api_path: ClassVar[str] = ""
+
+    @cached_property
+    def base_url(self) -> str:
+        """The API's root: each operation names its version (``/api/v0/...``, ``/api/v1/...``). A
+        connection host ending in a version path (as older setups wrote it) is cut back to it."""
+        base = str(CloudApiHook.base_url.func(self)).rstrip("/")
+        for suffix in ("/api/v0", "/api/v1"):
+            if urlsplit(base).path.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
 
     # --- errors ----------------------------------------------------------------------------------
 
@@ -97,51 +130,83 @@ class VastHook(CloudApiHook):
             return text
         return super().error_message(response)
 
-    def is_capacity_error(self, response: requests.Response, message: str) -> bool:
-        """The ask is gone (``no_such_ask``, 404 or 410). Never for a 429 or a 5xx: a 5xx may hide
-        a rented instance, which the provider looks up by label instead."""
-        if response.status_code == 429 or response.status_code >= 500:
-            return False
-        return is_gone_ask(error_body(response))
+    def error_for(self, method: str, path: str, response: requests.Response) -> ProviderError:
+        status = response.status_code
+        if method == "PUT" and path.startswith("/api/v0/asks/") and status in (404, 410):
+            body = error_body(response)
+            if is_gone_ask(body):  # createInstance: 410 "Offer no longer available", 404 "not available"
+                return NoCapacityError(self.provider, f"{method} {path} -> HTTP {status}: {describe_error(body)}")
+        if method == "POST" and path.startswith("/api/v0/bundles") and status == 404:
+            # searchOffers declares its 404 as "Unauthorized - invalid or missing API key".
+            return AuthorizationError(
+                self.provider,
+                f"{method} {path} -> HTTP 404: {self.scrub(self.error_message(response))}: Vast refused the API "
+                f"key; set a valid key as the password of Airflow connection {self.conn_id!r} "
+                "(keys: https://cloud.vast.ai/manage-keys/)",
+            )
+        return super().error_for(method, path, response)
 
     # --- API calls -------------------------------------------------------------------------------
 
     def search_offers(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        """``POST /bundles/``: the asks matching ``query`` (the CLI's ``search offers``)."""
-        body = self.request("POST", "/bundles/", json_body=query)
+        """``POST /api/v0/bundles/``: the asks matching ``query`` (with :data:`SEARCH_DEFAULTS`
+        added where ``query`` does not say otherwise, as the official client does)."""
+        body = self.request("POST", "/api/v0/bundles/", json_body={**SEARCH_DEFAULTS, **query})
         offers = body.get("offers") if isinstance(body, dict) else None
         if not isinstance(offers, list):
-            raise ProviderError(self.provider, f"unexpected answer to POST /bundles/: {str(body)[:300]}")
+            raise ProviderError(self.provider, f"unexpected answer to POST /api/v0/bundles/: {str(body)[:300]}")
         return [o for o in offers if isinstance(o, dict)]
 
     def create_instance(self, ask_id: int, body: dict[str, Any]) -> str | None:
-        """``PUT /asks/{ask_id}/``: rent the ask; the new instance id (``new_contract``).
+        """``PUT /api/v0/asks/{ask_id}/``: rent the ask; the new instance id (``new_contract``).
 
         Not idempotent: retried only on 429. After a 5xx the caller looks the label up. ``None``
         when a 2xx carried no id (the caller looks the label up as well).
         """
-        answer = self.request("PUT", f"/asks/{int(ask_id)}/", json_body=body, idempotent=False)
+        path = f"/api/v0/asks/{int(ask_id)}/"
+        answer = self.request("PUT", path, json_body=body, idempotent=False)
         if not isinstance(answer, dict):
             return None
         if answer.get("success") is False:
-            where = f"PUT /asks/{int(ask_id)}/ -> {describe_error(answer) or answer}"
+            where = f"PUT {path} -> {describe_error(answer) or answer}"
             if is_gone_ask(answer):
                 raise NoCapacityError(self.provider, where)
             raise BadRequestError(self.provider, where)
         contract = answer.get("new_contract")
         return None if contract in (None, "", 0) else str(contract)
 
+    def instance_pages(self, select_filters: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """``GET /api/v1/instances/``, page after page (25 each, by id) until ``next_token`` is null."""
+        params: dict[str, Any] = {
+            "select_filters": json.dumps(select_filters or {}),
+            "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+            "limit": PAGE_SIZE,
+        }
+        for _ in range(MAX_PAGES):
+            body = self.request("GET", "/api/v1/instances/", params=params)
+            instances = body.get("instances") if isinstance(body, dict) else None
+            if not isinstance(instances, list):
+                raise ProviderError(self.provider, f"unexpected answer to GET /api/v1/instances/: {str(body)[:300]}")
+            yield [i for i in instances if isinstance(i, dict)]
+            token = body.get("next_token")
+            if not token or not instances:
+                return
+            params["after_token"] = str(token)
+        raise ProviderError(self.provider, f"GET /api/v1/instances/ still had more after {MAX_PAGES} pages")
+
     def list_instances(self) -> list[dict[str, Any]]:
-        """``GET /instances/?owner=me``: the account's instances (destroyed ones are not listed)."""
-        body = self.request("GET", "/instances/", params={"owner": "me"})
-        instances = body.get("instances") if isinstance(body, dict) else None
-        if not isinstance(instances, list):
-            raise ProviderError(self.provider, f"unexpected answer to GET /instances/: {str(body)[:300]}")
-        return [i for i in instances if isinstance(i, dict)]
+        """Every instance of the account, all pages (destroyed ones are not listed)."""
+        return [instance for page in self.instance_pages() for instance in page]
+
+    def instances_labelled(self, label: str) -> list[dict[str, Any]]:
+        """The account's instances with exactly this ``label`` (the server filters, as ``vastai show
+        instances --label`` does; still paged, should there be more than 25)."""
+        found = [i for page in self.instance_pages({"label": {"eq": label}}) for i in page]
+        return [i for i in found if i.get("label") == label]  # the filter is the server's: check it
 
     def get_instance(self, instance_id: str) -> dict[str, Any]:
-        """``GET /instances/{id}/?owner=me``; InstanceNotFoundError on a 404 or ``{"instances": null}``."""
-        path = f"/instances/{quote(str(instance_id), safe='')}/"
+        """``GET /api/v0/instances/{id}/?owner=me``; InstanceNotFoundError on a 404 or ``{"instances": null}``."""
+        path = f"/api/v0/instances/{quote(str(instance_id), safe='')}/"
         body = self.request("GET", path, params={"owner": "me"})
         instance = body.get("instances") if isinstance(body, dict) else None
         if isinstance(instance, list):  # older answers wrap the one instance in a list
@@ -155,12 +220,12 @@ class VastHook(CloudApiHook):
         return instance
 
     def destroy_instance(self, instance_id: str) -> None:
-        """``DELETE /instances/{id}/``: destroy the instance (irreversible). Idempotent, so a 5xx is
-        retried; InstanceNotFoundError when Vast no longer knows it."""
-        path = f"/instances/{quote(str(instance_id), safe='')}/"
+        """``DELETE /api/v0/instances/{id}/``: destroy the instance (irreversible). Idempotent, so a
+        5xx is retried; InstanceNotFoundError when Vast no longer knows it."""
+        path = f"/api/v0/instances/{quote(str(instance_id), safe='')}/"
         answer = self.request("DELETE", path, json_body={})
         if isinstance(answer, dict) and answer.get("success") is False:
             text = describe_error(answer) or str(answer)
-            if "no_such_instance" in text or "not found" in text.lower():
+            if answer.get("error") in ("not_found", "no_such_instance") or "not found" in text.lower():
                 raise InstanceNotFoundError(self.provider, f"DELETE {path} -> {text}")
             raise ProviderError(self.provider, f"DELETE {path} -> {text}")

@@ -18,9 +18,11 @@ password; its extras are the provider's settings:
 
 Offers: one per ask, ``instance_type`` ``"{num_gpus}x {gpu_name} (ask {id})"`` (the ask id is what
 launch rents), region = the ask's ``geolocation``, price = ``dph_total`` on demand; with spot
-allowed, a second search (``type: bid``) adds interruptible offers priced at the bid. An ask that is
-not rentable (or rented) is listed without capacity. Launch rents the ask with ``label`` = our
-instance name, by which instances are found again.
+allowed, a second search (``type: bid``) adds interruptible offers priced at the bid. The search
+asks only for rentable asks (``rentable``/``rented``, as Vast's client does), so no Vast offer is
+listed without capacity; one that says otherwise anyway is kept unavailable. Launch rents the ask
+with ``label`` = our instance name, by which instances are found again (the v1 listing filtered by
+``label``, every page read).
 
 States (``actual_status``; ``cur_state`` ``unloaded`` means released on destroy): null/created/
 loading/scheduling/rebooting -> BOOTING, running -> RUNNING, exited/stopped/frozen/offline/unknown
@@ -193,19 +195,19 @@ class VastProvider(HttpCloudProvider[VastHook]):
 
     def _query(self, kind: str, request: GpuRequest) -> dict[str, Any]:
         """The search for ``kind`` (``on-demand`` or ``bid``): enough disk, verified hosts if so
-        configured, at least the GPUs asked for, cheapest first. Capacity is not filtered: asks
-        that cannot be rented now come back with ``rentable`` false and are offered unavailable."""
+        configured, at least the GPUs asked for, cheapest first; the hook adds the client's
+        rentable-now filters."""
         disk = self.disk_gb
         query: dict[str, Any] = {
-            "external": {"eq": False},
             "disk_space": {"gte": disk},
             "type": kind,
             "order": [["dph_total", "asc"]],
             "limit": SEARCH_LIMIT,
             "allocated_storage": disk,
         }
-        if self.verified_only:
-            query["verified"] = {"eq": True}
+        # Vast's spec defaults an omitted `verified` to {"eq": true}: leaving it out does not widen
+        # the search, so "any host" has to be said (with the spec's `in` operator).
+        query["verified"] = {"eq": True} if self.verified_only else {"in": [True, False]}
         if request.gpu is not None:
             query["num_gpus"] = {"gte": request.gpu_count}
         return query
@@ -270,9 +272,8 @@ class VastProvider(HttpCloudProvider[VastHook]):
         )
 
     def find_instance(self, name: str) -> InstanceInfo | None:
-        for data in self.hook.list_instances():
-            if data.get("label") == name:
-                return self._info(data)
+        for data in self.hook.instances_labelled(name):
+            return self._info(data)
         return None
 
     def list_instances(self, name_prefix: str = NAME_PREFIX) -> list[InstanceInfo]:
@@ -295,7 +296,6 @@ class VastProvider(HttpCloudProvider[VastHook]):
             "disk": self.disk_gb,
             "runtype": "ssh",
             "onstart": onstart,
-            "env": {},
         }
         if offer.spot:
             body["price"] = offer.price_per_hour
