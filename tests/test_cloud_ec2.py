@@ -1,12 +1,14 @@
-"""Ec2Provider against moto's EC2 behind Ec2FaultProxy: offers (on-demand table, instance type
-offerings, spot prices), idempotent launch (by name and by ClientToken), spot launch, states,
-terminate, spot interruptions, and every fault switch (capacity, throttling, 5xx after create,
-failing terminate, impaired, vanished, wrong credentials)."""
+"""Ec2Provider against moto's EC2 behind Ec2FaultProxy: offers (on-demand prices from the price
+list the proxy serves, or the dated table; instance type offerings, spot prices), idempotent launch
+(by name and by ClientToken), spot launch, states, terminate, spot interruptions, and every fault
+switch (capacity, throttling, 5xx after create, failing terminate, impaired, vanished, wrong
+credentials)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,10 +22,11 @@ from gpu_training.errors import (
     NoCapacityError,
     ProviderUnavailableError,
 )
-from gpu_training.offers import gpu_matches
+from gpu_training.offers import NoOfferError, gpu_matches, rank_offers
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.ec2 import (
     INSTANCE_TYPES,
+    PRICE_TABLE_DATE,
     TAG_MANAGED,
     TAG_PRICE,
     Ec2Provider,
@@ -102,7 +105,9 @@ def offered_by_moto(fake: Ec2FaultProxy, region: str) -> set[str]:
 # --- offers ----------------------------------------------------------------------------------------
 
 
-def test_on_demand_offers_from_the_table_and_the_region_offerings(fake: Ec2FaultProxy, provider: Ec2Provider) -> None:
+def test_on_demand_offers_from_the_price_list_and_the_region_offerings(
+    fake: Ec2FaultProxy, provider: Ec2Provider
+) -> None:
     offers = provider.list_offers(GpuRequest())
     table = {o.instance_type: o for o in offers}
     assert set(table) == set(INSTANCE_TYPES) and len(offers) == len(INSTANCE_TYPES)
@@ -119,6 +124,8 @@ def test_on_demand_offers_from_the_table_and_the_region_offerings(fake: Ec2Fault
     assert "g5.xlarge" in offered and offered != set(INSTANCE_TYPES)  # moto's data lacks some types here
     assert actions(fake, "DescribeInstanceTypeOfferings") == [200]
     assert actions(fake, "DescribeSpotPriceHistory") == []  # no spot asked for, no spot lookup
+    # One GetProducts per type the region offers (the others are never launched, so not priced).
+    assert sorted(fake.pricing_requests) == sorted((REGION, t) for t in offered)
 
 
 def test_offers_follow_the_gpu_request(fake: Ec2FaultProxy, provider: Ec2Provider) -> None:
@@ -179,6 +186,83 @@ def test_spot_offers_skipped_when_the_price_history_is_refused(fake: Ec2FaultPro
 def test_spot_prices_from_moto_itself(fake: Ec2FaultProxy, provider: Ec2Provider) -> None:
     spot = [o for o in provider.list_offers(GpuRequest(gpu="A10G", spot=True)) if o.spot]
     assert {o.instance_type for o in spot} >= {"g5.xlarge"} and all(o.price_per_hour > 0 for o in spot)
+
+
+# --- on-demand prices -----------------------------------------------------------------------------
+
+
+def fallback_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "built-in table" in r.getMessage()
+    ]
+
+
+def test_on_demand_prices_follow_the_price_list_and_are_cached(
+    fake: Ec2FaultProxy, provider: Ec2Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.on_demand[(REGION, "p5.48xlarge")] = 41.5  # the table says 55.04
+    fake.on_demand[(REGION, "g5.xlarge")] = 0.95  # the table says 1.006
+    offers = {o.instance_type: o for o in provider.list_offers(GpuRequest())}
+    assert (offers["p5.48xlarge"].price_per_hour, offers["g5.xlarge"].price_per_hour) == (41.5, 0.95)
+    assert offers["g4dn.xlarge"].price_per_hour == 0.526  # the fake's price list has the table's price for it
+    asked = len(fake.pricing_requests)
+    assert asked == len(set(fake.pricing_requests)) and actions(fake, "GetProducts") == [200] * asked
+    assert not fallback_warnings(caplog)
+
+    fake.on_demand[(REGION, "p5.48xlarge")] = 60.0  # AWS changes it: seen tomorrow, not today
+    again = Ec2Provider()  # another task: only the cache file is shared
+    assert {o.instance_type: o.price_per_hour for o in again.list_offers(GpuRequest(gpu="H100"))} == {
+        "p5.48xlarge": 41.5
+    }
+    assert len(fake.pricing_requests) == asked  # no GetProducts: the cache answered
+
+    info = provider.launch(offers["g5.xlarge"], NAME_PREFIX + "ec2-listprice-1")
+    assert info.price_per_hour == 0.95
+    assert {t["Key"]: t["Value"] for t in fake.moto_instance(info.instance_id)["Tags"]}[TAG_PRICE] == "0.95"
+    terminate_all(provider, fake)
+
+
+def test_a_type_the_price_list_lacks_in_a_region_is_not_offered_there(
+    fake: Ec2FaultProxy, ami: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = configure(fake, monkeypatch, ami_id=ami, regions=[REGION, "us-west-2"])
+    fake.on_demand[("us-west-2", "p5.48xlarge")] = None
+    offers = provider.list_offers(GpuRequest(gpu="H100"))
+    assert [(o.region, o.price_per_hour) for o in offers] == [(REGION, 55.04)]  # no made-up us-west-2 price
+    assert fake.pricing_requests == [(REGION, "p5.48xlarge"), ("us-west-2", "p5.48xlarge")]
+    with pytest.raises(NoOfferError, match="no offer matches"):
+        rank_offers(offers, GpuRequest(gpu="H100", regions=("us-west-2",)))
+
+
+def test_the_prices_setting_overrides_the_price_list(
+    fake: Ec2FaultProxy, ami: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = configure(fake, monkeypatch, ami_id=ami, prices={"g5.xlarge": 0.9})
+    fake.on_demand[(REGION, "g5.xlarge")] = 1.5
+    offers = {o.instance_type: o.price_per_hour for o in provider.list_offers(GpuRequest(gpu="A10G")) if o.available}
+    assert offers["g5.xlarge"] == 0.9 and offers["g5.48xlarge"] == 16.288
+    # The others are asked for; the overridden type is not.
+    assert sorted(fake.pricing_requests) == sorted((REGION, t) for t in offers if t != "g5.xlarge")
+
+
+@pytest.mark.parametrize("error", ["AccessDeniedException", "ThrottlingException"])
+def test_a_refused_price_list_means_the_dated_table_said_once(
+    fake: Ec2FaultProxy,
+    ami: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: str,
+) -> None:
+    provider = configure(fake, monkeypatch, ami_id=ami, retry_attempts=2)
+    fake.pricing_error = error
+    fake.on_demand[(REGION, "p4d.24xlarge")] = 1.0  # what the API would have said
+    offers = provider.list_offers(GpuRequest(gpu="A100"))
+    assert {o.instance_type: o.price_per_hour for o in offers} == {"p4d.24xlarge": 21.957642, "p4de.24xlarge": 27.44705}
+    provider.list_offers(GpuRequest(gpu="A10G"))
+    # Refused once (throttling: botocore's two attempts), then the table for every type, said once.
+    assert actions(fake, "GetProducts") == [400] * (2 if error == "ThrottlingException" else 1)
+    [warning] = fallback_warnings(caplog)
+    assert PRICE_TABLE_DATE in warning and error in warning
 
 
 # --- launch ----------------------------------------------------------------------------------------

@@ -42,10 +42,11 @@ What the proxy adds to moto:
   (default: the provider's built-in table; None: not in the price list), beside the products the
   filters must keep out (Windows, unused capacity reservations, Capacity Blocks). Only
   ``TERM_MATCH`` filters, and ``instanceType`` and ``regionCode`` among them, are served; pages of
-  ``MaxResults`` (default 100) with an opaque ``NextToken``. :attr:`pricing_error` answers every
-  GetProducts with that error code (400, as the Price List API's errors are). The connection the
-  proxy hands out keeps its price cache (``price_cache``) in a file of the proxy's, emptied by
-  :meth:`reset`, so a test never sees prices another test cached.
+  ``MaxResults`` (default 100) with an opaque ``NextToken``; :attr:`pricing_requests` records what
+  each asked for. :attr:`pricing_error` answers every GetProducts with that error code (400, as the
+  Price List API's errors are). The connection the proxy hands out keeps its price cache
+  (``price_cache``) in a file of the proxy's, emptied by :meth:`reset`, so a test never sees prices
+  another test cached.
 - Spot requests, which moto does not create for ``RunInstances`` with ``InstanceMarketOptions``:
   EC2 does ("Spot request status", EC2 User Guide), so the proxy gives each spot launch a request
   ``sir-...``, sends it as the instance's ``spotInstanceRequestId`` and answers
@@ -285,6 +286,8 @@ class Ec2FaultProxy(FakeCloud):
         #: price list has no such product); a pair not set answers the provider's built-in table.
         self.on_demand: dict[tuple[str, str], float | None] = {}
         self.pricing_error: str | None = None
+        #: (regionCode, instanceType) of each GetProducts served, in order.
+        self.pricing_requests: list[tuple[str, str]] = []
         self._price_dir = Path(tempfile.mkdtemp(prefix="ec2-price-cache-"))
         #: The ``price_cache`` of the connections this proxy hands out.
         self.price_cache = self._price_dir / "ec2_prices.json"
@@ -361,6 +364,7 @@ class Ec2FaultProxy(FakeCloud):
             self.spot_history_error = None
             self.on_demand.clear()
             self.pricing_error = None
+            self.pricing_requests.clear()
             for cached in self._price_dir.iterdir():
                 cached.unlink()
 
@@ -524,6 +528,7 @@ class Ec2FaultProxy(FakeCloud):
             return self._json_error(
                 400, "InvalidParameterException", "this fake serves AmazonEC2 by instanceType and regionCode only"
             )
+        self.pricing_requests.append((wanted["regionCode"], wanted["instanceType"]))
         items = [
             item
             for item in self._products(wanted["regionCode"], wanted["instanceType"])
