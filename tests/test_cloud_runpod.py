@@ -19,6 +19,8 @@ from gpu_training.errors import (
     NoCapacityError,
     ProviderUnavailableError,
 )
+from gpu_training.hooks.cloud_api import AuthorizationError
+from gpu_training.hooks.runpod import CreateRefusedError, PoolNotOpenError
 from gpu_training.offers import gpu_matches, rank_offers
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceState, Offer
 from gpu_training.providers.runpod import DEFAULT_IMAGE, RunPodProvider, parse_instance_type, state_of
@@ -133,7 +135,8 @@ def test_no_spot_offers_and_a_spot_offer_is_refused(fake: FakeRunPod, provider: 
     # And the API itself refuses the v1/GraphQL spot fields (the create body is closed).
     body = provider.pod_body(offer_for(provider, A100, "US-KS-2"), "x-spot") | {"interruptible": True, "bidPerGpu": 0.8}
     auth = {"Authorization": f"Bearer {fake.api_key}"}
-    answer = requests.post(f"{fake.url}/v2/pods", json=body, headers=auth, timeout=5)
+    with fake.expect_violations("Unevaluated properties are not allowed", "interruptible"):
+        answer = requests.post(f"{fake.url}/v2/pods", json=body, headers=auth, timeout=5)
     assert answer.status_code == 422
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert "$: additional properties 'interruptible' not allowed" in answer.json()["errors"]
@@ -327,19 +330,53 @@ def test_refused_launch_although_listed(fake: FakeRunPod, provider: RunPodProvid
     terminate_all(provider, fake)
 
 
-def test_closed_gpu_pool_is_skipped_like_no_capacity(fake: FakeRunPod, provider: RunPodProvider) -> None:
+def test_closed_gpu_pool_is_skipped_as_not_open_never_as_capacity(fake: FakeRunPod, provider: RunPodProvider) -> None:
+    """A 403 on create: "your account cannot access the requested pool, skip this candidate". The key
+    itself may create pods (the probe answers 422), so the offer is skipped, named for what it is."""
     fake.forbidden_gpus.add(H100)
     fake.stock[H100]["SECURE"] = {"US-TX-3": "HIGH"}
-    with pytest.raises(NoCapacityError, match="HTTP 403: Forbidden: access denied"):
+    with pytest.raises(PoolNotOpenError) as caught:
         provider.launch(offer_for(provider, H100), NAME_PREFIX + "runpod-403-1")
-    assert fake.launched() == []
+    message = str(caught.value)
+    assert "HTTP 403: Forbidden: access denied" in message and "not open to the account" in message
+    assert "not a capacity refusal" in message
+    assert fake.launched() == [] and [s for _, m, p, _, s in fake.requests if m == "POST"] == [403, 422]
+    with pytest.raises(PoolNotOpenError):  # the key was cleared once: no second probe
+        provider.launch(offer_for(provider, H100), NAME_PREFIX + "runpod-403-2")
+    assert [s for _, m, p, _, s in fake.requests if m == "POST"] == [403, 422, 403]
 
 
-def test_other_bad_request_is_not_capacity(fake: FakeRunPod, provider: RunPodProvider) -> None:
+def test_a_key_that_may_not_create_pods_fails_at_once_naming_the_connection(
+    fake: FakeRunPod, provider: RunPodProvider
+) -> None:
+    """A read-only key: the first 403 on create leads to the permission probe, which is refused too, so
+    the launch fails on the key (an AuthorizationError, not capacity) instead of trying every offer."""
+    fake.read_only = True
+    with pytest.raises(AuthorizationError) as caught:
+        provider.launch(offer_for(provider, A100, "US-KS-2"), NAME_PREFIX + "runpod-ro-1")
+    message = str(caught.value)
+    assert "'runpod_default' may not create pods" in message and "Pods" in message and "API Keys" in message
+    assert not isinstance(caught.value, NoCapacityError) and fake.launched() == []
+    assert fake.api_key not in message
+
+
+def test_the_permission_probe_creates_nothing(fake: FakeRunPod, provider: RunPodProvider) -> None:
+    provider.hook.check_create_permission()  # 422: through authorization, refused as a body
+    assert [s for _, m, _, _, s in fake.requests if m == "POST"] == [422] and fake.launched() == []
+    fake.read_only = True
+    with pytest.raises(AuthorizationError, match="may not create pods"):
+        provider.hook.check_create_permission()
+
+
+def test_a_400_on_create_tries_the_next_offer_without_calling_it_capacity(
+    fake: FakeRunPod, provider: RunPodProvider
+) -> None:
+    """The spec gives capacity no code: any 400 on create ("a rule, or could not be placed") skips the
+    offer, and the message says a 400 everywhere points at the request."""
     bogus = Offer("runpod", "1x NVIDIA Imaginary 9000 (SECURE)", 1.0, "US-KS-2", "NVIDIA Imaginary 9000", 1)
-    with pytest.raises(BadRequestError, match="unknown GPU type") as caught:
+    with pytest.raises(CreateRefusedError, match="unknown GPU type") as caught:
         provider.launch(bogus, NAME_PREFIX + "runpod-bogus-1")
-    assert not isinstance(caught.value, NoCapacityError)
+    assert "no code to tell 'no capacity' from a rule" in str(caught.value)
 
 
 def test_rate_limit_burst_is_retried_after_retry_after(fake: FakeRunPod, provider: RunPodProvider) -> None:
@@ -427,7 +464,7 @@ def test_wrong_api_key_is_a_bad_request_without_the_key(fake: FakeRunPod, monkey
     conn = json.loads(fake.connection(**SETTINGS))
     conn["password"] = wrong
     monkeypatch.setenv("AIRFLOW_CONN_RUNPOD_DEFAULT", json.dumps(conn))
-    with pytest.raises(BadRequestError) as caught:
+    with pytest.raises(AuthorizationError) as caught:
         RunPodProvider().list_offers(GpuRequest())
     message = str(caught.value)
     assert "runpod_default" in message and "HTTP 401" in message and "invalid bearer token" in message
@@ -440,20 +477,25 @@ def test_fake_speaks_the_documented_errors(fake: FakeRunPod) -> None:
     missing = requests.get(f"{fake.url}/v2/pods", timeout=5)
     assert missing.status_code == 401 and missing.json()["detail"] == "missing bearer token"
     v1_body: dict[str, Any] = {"name": "x", "imageName": "img", "gpuTypeIds": [A100], "gpuCount": 1}
-    answer = requests.post(f"{fake.url}/v2/pods", json=v1_body, headers=auth, timeout=5)
+    with fake.expect_violations("'image' is a required property"):
+        answer = requests.post(f"{fake.url}/v2/pods", json=v1_body, headers=auth, timeout=5)
     assert answer.status_code == 422 and answer.json()["detail"] == "Request validation failed."
     assert "$: missing property 'image'" in answer.json()["errors"]
-    both = requests.post(
-        f"{fake.url}/v2/pods", json={"name": "x", "image": "i", "gpu": {"id": A100}, "cpu": {}}, headers=auth, timeout=5
-    )
+    with fake.expect_violations("createPod"):
+        both = requests.post(
+            f"{fake.url}/v2/pods",
+            json={"name": "x", "image": "i", "gpu": {"id": A100}, "cpu": {}},
+            headers=auth,
+            timeout=5,
+        )
     assert both.status_code == 400 and both.json()["title"] == "Bad Request"
     product = requests.get(f"{fake.url}/v2/catalog/gpus", params={"include": "AVAILABILITY"}, headers=auth, timeout=5)
     assert product.status_code == 400
     plain = requests.get(f"{fake.url}/v2/catalog/gpus", headers=auth, timeout=5).json()["gpus"]
     assert plain and "availability" not in plain[0] and plain[0]["price"]["secure"] > 0
-    assert requests.get(f"{fake.url}/v2/pods", params={"name": "ignored"}, headers=auth, timeout=5).json() == {
-        "pods": []
-    }
+    with fake.expect_violations("query parameter 'name' is not in the spec"):
+        listed = requests.get(f"{fake.url}/v2/pods", params={"name": "ignored"}, headers=auth, timeout=5)
+    assert listed.json() == {"pods": []}
     assert fake.launched() == []
 
 

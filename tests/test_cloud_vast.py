@@ -5,7 +5,6 @@ plain-text 429 bursts, 5xx after create, failing destroy, unhealthy, vanished, b
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import json
 import time
@@ -276,9 +275,11 @@ def test_destroyed_instance_answered_as_null_is_not_found(fake: FakeVast, provid
     fake.destroyed_as_null = True
     info = provider.launch(offer_for(provider, 4101), NAME_PREFIX + "vast-null-1")
     provider.terminate(info.instance_id)
-    with fake.expect_violations("showInstance -> 200", "None is not of type 'object'"):
-        with pytest.raises(InstanceNotFoundError, match="destroyed or never rented"):
-            provider.get_instance(info.instance_id)
+    with (
+        fake.expect_violations("showInstance -> 200", "None is not of type 'object'"),
+        pytest.raises(InstanceNotFoundError, match="destroyed or never rented"),
+    ):
+        provider.get_instance(info.instance_id)
     fake.assert_all_terminated()
 
 

@@ -6,11 +6,11 @@ down; and the ``gpu_instance_reaper`` DAG run by ``airflow dags test``."""
 from __future__ import annotations
 
 import json
-import time
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path

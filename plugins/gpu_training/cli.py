@@ -405,12 +405,26 @@ def _check_clouds() -> list[tuple[str, str, str]]:
             checks.append(("skipped", f"cloud {name}", f"no connection {conn_id}"))
             continue
         try:
-            offers = cloud_class(name)().list_offers(GpuRequest())
+            provider = cloud_class(name)()
+            offers = provider.list_offers(GpuRequest())
         except Exception as err:
             checks.append(("FAIL", f"cloud {name}", f"{conn_id}: {type(err).__name__}: {err}"))
             continue
         checks.append(("ok", f"cloud {name}", f"{conn_id}: credentials accepted, {len(offers)} offers listed"))
+        if name == "runpod":
+            checks.append(_check_runpod_create(provider, conn_id))
     return checks
+
+
+def _check_runpod_create(provider: Any, conn_id: str) -> tuple[str, str, str]:
+    """Whether RunPod's key may create pods: listing offers only needs read access, and a read-only
+    key would otherwise show up as every launch refused (see ``RunPodHook.check_create_permission``:
+    a create the spec must refuse, so no pod is made)."""
+    try:
+        provider.hook.check_create_permission()
+    except Exception as err:
+        return ("FAIL", "cloud runpod: create pods", f"{conn_id}: {type(err).__name__}: {err}")
+    return ("ok", "cloud runpod: create pods", f"{conn_id}: the key may create pods (probe refused as a body, 422)")
 
 
 def _check_image(image: str) -> tuple[str, str, str]:

@@ -34,7 +34,15 @@ METHODS = ("get", "put", "post", "delete", "patch")
 
 #: Body probe of ``make validate`` (``RunPodHook.PERMISSION_PROBE``) is deliberately outside the
 #: ``createPod`` schema so that no pod can come of it; see the hook. Only that exact body is let by.
-DELIBERATELY_INVALID: dict[tuple[str, str], Callable[[Any], bool]] = {}
+DELIBERATELY_INVALID: dict[tuple[str, str], Callable[[Any], bool]] = {
+    ("runpod", "createPod"): lambda body: body == _runpod_probe(),
+}
+
+
+def _runpod_probe() -> Any:
+    from gpu_training.hooks.runpod import PERMISSION_PROBE
+
+    return PERMISSION_PROBE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +193,11 @@ class Contract:
         ):
             for index, param in enumerate(params):
                 base = op.pointer.rsplit("/", 1)[0] if where == "path-item" else op.pointer
-                out.append((f"{base}/parameters/{index}", self.resolve(param)))
+                pointer = f"{base}/parameters/{index}"
+                while isinstance(param, dict) and str(param.get("$ref", "")).startswith("#/"):
+                    pointer = param["$ref"][1:]
+                    param = self.resolve({"$ref": param["$ref"]})
+                out.append((pointer, param))
         return out
 
     def _declared_keys(self, schema: Any) -> set[str] | None:

@@ -321,13 +321,16 @@ class FakeCloud:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw
-        op, violations = spec.check_request(method, path, query, body)
         assumptions: list[str] = []
-        if op is not None:
-            more, assumptions = spec.check_response(op, reply.status, reply.content_type, reply.body, reply.assumed)
-            violations += more
-        elif reply.assumed:  # an endpoint the spec no longer lists: still a request outside it
-            assumptions = [f"{method} {path} -> {reply.status}: assumed: {reply.assumed}"]
+        try:
+            op, violations = spec.check_request(method, path, query, body)
+            if op is not None:
+                more, assumptions = spec.check_response(op, reply.status, reply.content_type, reply.body, reply.assumed)
+                violations += more
+            elif reply.assumed:  # an endpoint the spec no longer lists: still a request outside it
+                assumptions = [f"{method} {path} -> {reply.status}: assumed: {reply.assumed}"]
+        except Exception as err:  # a broken check must fail the test, not the fake's answer
+            violations = [f"{method} {path}: the contract check itself failed: {type(err).__name__}: {err}"[:500]]
         with self.lock:
             self.contract_checked += 1
             self.contract_violations += violations

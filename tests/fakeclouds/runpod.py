@@ -16,8 +16,12 @@ REST API" 2.0.0, server ``https://api.runpod.io``) and payloads recorded from li
 - ``POST /v2/pods`` (closed ``CreatePodRequest``: ``name``, ``image``, ``gpu {id, count}``,
   ``cloud``, ``dataCenterIds``, ``disk``, ``ports``, ``env``, ``mounts``, ``startSsh``, ...) ->
   ``201`` Pod in ``PROVISIONING``; ``400`` "There are no longer any instances available with the
-  requested specifications. Please refresh and try again." when nothing can be placed; ``403``
-  for a GPU pool closed to the account (``forbidden_gpus``).
+  requested specifications. Please refresh and try again." when nothing can be placed (the detail
+  recorded live; the spec gives capacity no code, so neither does the fake); ``403`` for a GPU pool
+  closed to the account (``forbidden_gpus``), and for every write of a key without write access
+  (``read_only``: answered before the body is validated, the order a key check comes in; the spec
+  does not state it, an assumption the permission probe of ``make validate`` rests on too).
+- Every request and answer is checked against RunPod's OpenAPI (``tests/contracts/runpod.openapi.json``).
 - ``GET /v2/pods`` -> ``{"pods": [Pod]}`` (unknown query parameters ignored, deleted pods not
   listed); ``GET /v2/pods/{id}`` -> Pod or 404; ``DELETE /v2/pods/{id}`` -> ``204`` or 404.
 
@@ -167,12 +171,15 @@ class FakeRunPod(FakeCloud):
     """The RunPod REST API v2 on 127.0.0.1, with the shared fault switches."""
 
     name = "runpod"
+    contract_name = "runpod"
 
     def __init__(self, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
         super().__init__(ssh_host=ssh_host, ssh_port=ssh_port)
         self.stock: dict[str, dict[str, dict[str, str]]] = copy.deepcopy(DEFAULT_STOCK)
         #: GPU type ids whose pool the account may not use (create answers 403).
         self.forbidden_gpus: set[str] = set()
+        #: The key may read but not write (a Read Only key): creates and deletes answer 403.
+        self.read_only = False
         #: The account's registered SSH keys, injected as PUBLIC_KEY into pods created with startSsh.
         self.account_ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeAccountKey account@runpod"]
         #: Every accepted create body, in order (what the client really sent).
@@ -190,6 +197,7 @@ class FakeRunPod(FakeCloud):
             super().reset()
             self.stock = copy.deepcopy(DEFAULT_STOCK)
             self.forbidden_gpus = set()
+            self.read_only = False
             self.created.clear()
             self.requests.clear()
 
@@ -227,6 +235,8 @@ class FakeRunPod(FakeCloud):
         return super().visible(inst) and lingering
 
     def route(self, method: str, path: str, query: Mapping[str, list[str]], body: Any) -> Reply:
+        if self.read_only and method in ("POST", "PATCH", "DELETE"):
+            return problem(403, "Forbidden", "access denied")
         if path == API + "/catalog/gpus":
             return self._gpu_types(query) if method == "GET" else self._not_allowed("GET")
         if path == API + "/pods":

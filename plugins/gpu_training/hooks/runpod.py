@@ -32,16 +32,21 @@ and ``ssh {proxy, direct}`` (``direct`` = ``{host, port, username, command}`` of
 ``22/tcp`` mapping, null until it exists).
 
 Auth: ``Authorization: Bearer <API key>``. Errors are RFC 9457 problem objects
-(``application/problem+json``) ``{title, status, detail, errors?}``: ``401`` bad or missing key,
-``403`` key without access (on a create: the account cannot use that GPU pool, "skip this
-candidate"), ``404``, ``422`` contract violations listed in ``errors``, ``402`` insufficient
-balance, ``429`` rate limited with ``Retry-After`` (integer seconds) and ``RateLimit`` /
-``RateLimit-Policy`` headers (per-user windows; the documented example policy is 60 a minute,
-3000 an hour, 50000 a day). A create refused for capacity is a ``400`` whose only mark is the
-human ``detail`` ("There are no longer any instances available with the requested
-specifications. Please refresh and try again.", as recorded from live v2 calls): such a ``400``,
-and a ``403`` on a create, raise :class:`~gpu_training.errors.NoCapacityError` (try the next
-offer); any other ``400`` is a :class:`~gpu_training.errors.BadRequestError`.
+(``application/problem+json``) ``{title, status, detail, errors?}`` and nothing more: no code field.
+What they mean on ``createPod`` is the spec's own table: ``401`` the key is missing or invalid (an
+:class:`~gpu_training.hooks.cloud_api.AuthorizationError`, no retry, no next offer); ``403`` "your
+account cannot access the requested pool: skip this candidate" (:class:`PoolNotOpenError`, which
+skips the offer and is never called capacity; the provider then checks whether the key may create
+pods at all, see :meth:`RunPodHook.check_create_permission`); ``422`` the body breaks the contract
+(fix the request, never retry); ``402`` insufficient balance (stop: no candidate will succeed);
+``429`` rate limited with ``Retry-After`` (integer seconds) and ``RateLimit``/``RateLimit-Policy``
+headers; ``5xx`` transient. Capacity has no code: the spec says "``400`` covers both 'your request
+breaks a rule' and 'no capacity', because capacity exhaustion currently carries no machine-readable
+code of its own — only a human-readable ``detail``", and that a ``400`` on every candidate means the
+request, not capacity. So a ``400`` on create is :class:`CreateRefusedError` (try the next offer, the
+message says what the spec says of it), never matched against English phrases; neither of RunPod's
+official clients has better evidence (``runpodctl`` matches "no longer any instances available" in
+GraphQL errors; ``runpod-python`` speaks only GraphQL).
 
 Not in v2: interruptible (spot) pods and bids. REST v1 had them (``POST /v1/pods`` took
 ``interruptible: true``, ``Pod.gpu`` carried ``communitySpotPrice``/``secureSpotPrice``; the v1
@@ -61,20 +66,25 @@ from urllib.parse import quote
 
 import requests
 
-from gpu_training.errors import NoCapacityError, ProviderError
-from gpu_training.hooks.cloud_api import CloudApiHook
+from gpu_training.errors import BadRequestError, NoCapacityError, ProviderError
+from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
 
-#: Phrases of RunPod's capacity refusals (the ``detail`` of a ``400`` on ``POST /v2/pods``).
-CAPACITY_PHRASES = (
-    "no longer any instances available",
-    "no instances available",
-    "not enough capacity",
-    "insufficient capacity",
-    "out of stock",
-    "no gpus available",
-    "no available machines",
-)
 CLOUDS = ("SECURE", "COMMUNITY")
+#: The name of ``make validate``'s create that must fail (see :meth:`RunPodHook.check_create_permission`).
+PERMISSION_PROBE_NAME = "gpujob-permission-probe"
+#: A ``createPod`` body the spec must refuse with 422 (no ``image``, which ``CreatePodRequest``
+#: requires without a ``templateId``; no ``gpu`` or ``cpu``): no pod can come of it.
+PERMISSION_PROBE: dict[str, Any] = {"name": PERMISSION_PROBE_NAME}
+
+
+class CreateRefusedError(NoCapacityError):
+    """``createPod`` answered 400: the spec's "rule violation, or this GPU and data center could not
+    be placed", which it gives no code to tell apart. The next offer is tried; capacity is not claimed."""
+
+
+class PoolNotOpenError(NoCapacityError):
+    """``createPod`` answered 403: this GPU pool is not open to the account (the spec: skip this
+    candidate, keep going). Not a capacity refusal."""
 
 
 def problem(response: requests.Response) -> dict[str, Any]:
@@ -107,23 +117,56 @@ class RunPodHook(CloudApiHook):
         errors = [str(e) for e in body.get("errors") or [] if e]
         return text + (f" ({'; '.join(errors)})" if errors else "")
 
-    def is_capacity_error(self, response: requests.Response, message: str) -> bool:
-        """A ``400`` whose ``detail`` says no machine is free (v2 has no code for it)."""
-        if response.status_code != 400:
-            return False
-        detail = str(problem(response).get("detail") or message).lower()
-        return any(phrase in detail for phrase in CAPACITY_PHRASES)
-
     def error_for(self, method: str, path: str, response: requests.Response) -> ProviderError:
-        error = super().error_for(method, path, response)
-        if method == "POST" and path == "/pods" and response.status_code == 403:
-            # The reference: a 403 on create means this pool is closed to the account; try the next.
-            return NoCapacityError(
+        if not (method == "POST" and path == "/pods"):
+            return super().error_for(method, path, response)
+        status = response.status_code
+        message = self.scrub(self.error_message(response))
+        where = f"POST /v2/pods -> HTTP {status}: {message}"
+        if status == 400:
+            return CreateRefusedError(
                 self.provider,
-                f"{method} {path} -> HTTP 403: {self.error_message(response)} (this GPU pool is "
-                "not open to the account; trying the next offer)",
+                f"{where} (RunPod refused this GPU and data center; its API gives no code to tell 'no capacity' "
+                "from a rule the request breaks: if every offer answers 400, the request is at fault)",
             )
-        return error
+        if status == 403:
+            return PoolNotOpenError(
+                self.provider, f"{where} (this GPU pool is not open to the account: not a capacity refusal)"
+            )
+        if status == 402:
+            return BadRequestError(
+                self.provider, f"{where}: the RunPod account's balance is too low to create a pod; add funds"
+            )
+        return super().error_for(method, path, response)
+
+    def check_create_permission(self) -> None:
+        """Whether the key may create pods, without creating one; AuthorizationError if not.
+
+        RunPod defines no dry run. This sends a create the spec must refuse (:data:`PERMISSION_PROBE`
+        has no ``image``, which ``CreatePodRequest`` requires, so no pod can come of it): a key
+        without the right is answered 401/403 ("requests may return 403 when a valid key lacks access
+        to the requested resource or action", the spec's security scheme), a key with it 422 (the
+        request got through authentication and authorization to body validation). The spec does not
+        state that order; should RunPod ever validate first, a 422 would prove the key only, and the
+        launch's own 403 is still caught (the provider asks again, then fails on the key).
+        """
+        try:
+            answer = self.request("POST", "/pods", json_body=PERMISSION_PROBE, idempotent=False)
+        except PoolNotOpenError as err:
+            raise AuthorizationError(
+                self.provider,
+                f"the API key in Airflow connection {self.conn_id!r} may not create pods ({err}); give it "
+                "read/write access to Pods (RunPod console > Settings > API Keys: All, or Restricted with Pods "
+                "read/write) or use a key that has it",
+            ) from None
+        except BadRequestError as err:
+            if "HTTP 422" in str(err):
+                return
+            raise
+        # A 2xx cannot happen for this body; if it ever did, do not leave a pod behind.
+        if isinstance(answer, dict) and answer.get("id"):
+            self.delete_pod(str(answer["id"]))
+        raise ProviderError(self.provider, f"POST /v2/pods accepted the permission probe: {str(answer)[:300]}")
 
     # --- catalog ---------------------------------------------------------------------------------
 

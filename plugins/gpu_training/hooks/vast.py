@@ -114,7 +114,7 @@ class VastHook(CloudApiHook):
     def base_url(self) -> str:
         """The API's root: each operation names its version (``/api/v0/...``, ``/api/v1/...``). A
         connection host ending in a version path (as older setups wrote it) is cut back to it."""
-        base = str(CloudApiHook.base_url.func(self)).rstrip("/")
+        base = str(CloudApiHook.base_url.func(self)).rstrip("/")  # type: ignore[attr-defined]
         for suffix in ("/api/v0", "/api/v1"):
             if urlsplit(base).path.endswith(suffix):
                 return base[: -len(suffix)]

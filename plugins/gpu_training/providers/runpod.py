@@ -29,6 +29,10 @@ had them (``interruptible: true``), was retired on 2026-11-15 (see the hook). A 
 spot gets the on-demand offers, a spot offer is refused at launch, and no pod reports
 ``interrupted``: an EXITED pod is FAILED like any other.
 
+Refusals of a create: 400 and 403 skip the offer (the spec: "try your next candidate" / "skip this
+candidate"); after the first 403 the key's right to create pods is checked once, and a key without
+it fails the job at once, naming the connection, with nothing launched. 401 fails at once.
+
 States (``status``): PROVISIONING/STARTING -> BOOTING; RUNNING -> RUNNING once the pod publishes a
 public port for container port 22 (until then BOOTING: v2 says RUNNING before the container's ports
 are mapped); EXITED/ERROR -> FAILED; TERMINATED -> TERMINATED. A deleted pod is no longer listed
@@ -44,7 +48,7 @@ from typing import Any
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, NoCapacityError, ProviderError
 from gpu_training.hooks.cloud_api import ServerError
-from gpu_training.hooks.runpod import CLOUDS, RunPodHook
+from gpu_training.hooks.runpod import CLOUDS, PoolNotOpenError, RunPodHook
 from gpu_training.offers import fits, gpu_matches
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
 from gpu_training.providers.cloud import HttpCloudProvider
@@ -113,6 +117,8 @@ class RunPodProvider(HttpCloudProvider[RunPodHook]):
     provision_timeout = timedelta(minutes=20)
     default_ssh_user = "root"
     hook_class = RunPodHook
+    #: The key was shown to be allowed to create pods (after a 403, once per provider object).
+    _may_create = False
 
     # --- settings --------------------------------------------------------------------------------
 
@@ -253,6 +259,13 @@ class RunPodProvider(HttpCloudProvider[RunPodHook]):
         body = self.pod_body(offer, name)
         try:
             pod = self.hook.create_pod(body)
+        except PoolNotOpenError:
+            # A 403 is "skip this candidate", unless the key may not create pods at all: then every
+            # offer would answer 403 and burn the job's launch attempts. Ask once.
+            if not self._may_create:
+                self.hook.check_create_permission()  # AuthorizationError: the job stops here
+                self._may_create = True
+            raise
         except ServerError:
             found = self.find_instance(name)  # the pod may have been created before the error
             if found is not None:
