@@ -112,13 +112,16 @@ def invalid(message: str) -> Reply:
 
 
 def unknown() -> Reply:
-    return error(500, "global/unknown", "An unknown error occurred.")
+    reply = error(500, "global/unknown", "An unknown error occurred.")
+    reply.assumed = "Lambda's spec declares no 5xx answers (a fault switch)"
+    return reply
 
 
 class FakeLambda(FakeCloud):
     """The Lambda Cloud API v1 on 127.0.0.1, with the shared fault switches."""
 
     name = "lambda"
+    contract_name = "lambda"
 
     def __init__(self, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
         super().__init__(ssh_host=ssh_host, ssh_port=ssh_port)
@@ -162,6 +165,7 @@ class FakeLambda(FakeCloud):
 
     def rate_limited(self) -> Reply:
         reply = error(429, "global/too-many-requests", "Too many requests.", "Slow down and try again.")
+        reply.assumed = "Lambda documents its rate limits but its spec declares no 429"
         if self.faults.retry_after is not None:
             reply.headers["Retry-After"] = f"{self.faults.retry_after:g}"
         return reply

@@ -9,7 +9,8 @@ alias), the same calls SkyPilot's ``sky/provision/lambda_cloud/lambda_utils.py``
   gpu_description, price_cents_per_hour, specs: {vcpus, memory_gib, storage_gib, gpus}},
   "regions_with_capacity_available": [{name, description}]}}}``
 - ``POST /instance-operations/launch`` ``{region_name, instance_type_name, ssh_key_names (exactly
-  one), name, file_system_names, quantity}`` -> ``{"data": {"instance_ids": [...]}}``
+  one), name, file_system_names}`` -> ``{"data": {"instance_ids": [...]}}`` (one instance: the
+  spec's ``InstanceLaunchRequest`` 1.6.0 has no ``quantity``, which older versions took)
 - ``GET /instances`` -> ``{"data": [Instance]}``; ``GET /instances/{id}`` -> ``{"data": Instance}``
   with ``id, name, ip, private_ip, status (booting|active|unhealthy|terminating|terminated|
   preempted), ssh_key_names, file_system_names, region {name, description}, instance_type {...},
@@ -92,7 +93,6 @@ class LambdaCloudHook(CloudApiHook):
         ssh_key_names: list[str],
         name: str,
         file_system_names: list[str] | None = None,
-        quantity: int = 1,
     ) -> list[str]:
         """``POST /instance-operations/launch``: the new instance ids.
 
@@ -103,7 +103,6 @@ class LambdaCloudHook(CloudApiHook):
             "instance_type_name": instance_type_name,
             "ssh_key_names": ssh_key_names,
             "file_system_names": list(file_system_names or []),
-            "quantity": quantity,
             "name": name,
         }
         data = self._data(self.request("POST", "/instance-operations/launch", json_body=body, idempotent=False))
