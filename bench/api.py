@@ -15,6 +15,18 @@ authorization is the real ``DagAccess`` over Airflow's SimpleAuthManager. Prints
 row counts and p50/p95/max per endpoint (goal: p95 <= 50 ms with 10^5 epoch rows).
 
     python bench/api.py [--requests 300] [--jobs 200] [--light-jobs 4800] [--url sqlite:///...]
+
+``--sizes``: instead, what ONE long job costs (``--long-epochs``, default 200,000 epochs in 2
+iterations, an evaluation every 100 epochs), on SQLite and a throwaway PostgreSQL (``--db``): for
+each answer the time, the server's peak memory (its RSS high-water mark over the request, above its
+RSS before it: ``/proc/<pid>/clear_refs``) and the bytes sent, with the ratio to the baseline
+measured in the same run: ``/details`` as it was before issue 21 (every epoch and evaluation: the
+old code, kept here as ``unbounded_details``, served by the same server). The Training jobs page's
+initial load was that one ``/details``; now it is ``/details?epochs_limit=0&evals_limit=0``, one
+``/series`` (1000 buckets) and the latest 2,000 evaluations in 4 pages; its refresh every 10 s of a
+running job was that ``/details`` again, now the one without epochs.
+
+    python bench/api.py --sizes [--long-epochs 200000] [--db sqlite|postgresql|both] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -47,6 +59,17 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bench-api-"))
 
 from sqlalchemy import Engine, func, insert, select  # noqa: E402
 
+from gpu_training.api import queries  # noqa: E402
+from gpu_training.api.schemas import (  # noqa: E402
+    ArtifactInfo,
+    Epoch,
+    Evaluation,
+    InstanceInfo,
+    Iteration,
+    Job,
+    Step,
+    model_id,
+)
 from gpu_training.events import parse_chunk  # noqa: E402
 from gpu_training.hooks.results import create_results_engine  # noqa: E402
 from gpu_training.results.migrate import upgrade  # noqa: E402
@@ -354,6 +377,254 @@ def measure(port: int, endpoint: Endpoint, requests: int, warmup: int) -> list[f
     return times
 
 
+# --- one long job: answer sizes against the unbounded /details (--sizes) ---------------------------
+
+
+def unbounded_details(store: ResultsStore, job: TrainingJob) -> dict[str, Any]:
+    """``/details`` before issue 21 (``queries.job_details`` at 19decc4, verbatim but for its name):
+    every epoch and evaluation of the job. The baseline of ``--sizes``."""
+    import functools
+
+    with store.engine.connect() as conn:
+        of_job = functools.partial(queries._rows_of_job, conn, job.id)
+        iterations = of_job(Iteration, TrainingIteration, TrainingIteration.iteration)
+        steps = of_job(Step, TrainingStep, TrainingStep.iteration, TrainingStep.id, extra=[TrainingStep.iteration])
+        epochs = of_job(Epoch, EpochTrain, EpochTrain.iteration, EpochTrain.epoch)
+        evals = of_job(Evaluation, Eval, Eval.iteration, Eval.epoch)
+        artifacts = of_job(ArtifactInfo, Artifact, Artifact.name)
+        instances = of_job(InstanceInfo, Instance, Instance.id)
+    numbers = {row["iteration"] for rows in (epochs, evals) for row in rows}
+    by_number = {it["iteration"]: it for it in iterations}
+    by_number |= {n: dict.fromkeys(Iteration.model_fields) | {"iteration": n} for n in numbers - by_number.keys()}
+    for it in by_number.values():
+        it.update(steps=[], epochs=[], evals=[])
+    for row in epochs:
+        by_number[row["iteration"]]["epochs"].append(row)
+    for row in evals:
+        row.update(model_id=model_id(job.uuid, row["iteration"], row["epoch"]), job_uuid=job.uuid)
+        by_number[row["iteration"]]["evals"].append(row)
+    for row in steps:  # the steps of an iteration with no row, epoch nor evaluation are not shown
+        of_step = by_number.get(row.pop("iteration"))
+        if of_step is not None:
+            of_step["steps"].append(row)
+    return Job.of(job).model_dump() | {
+        "iterations": [by_number[n] for n in sorted(by_number)],
+        "artifacts": artifacts,
+        "instances": instances,
+        "params": job.params or {},
+        "training_config": job.training_config,
+        "outputs_uri": job.outputs_uri,
+    }
+
+
+def build_long_job(engine: Engine, epochs: int, eval_every: int) -> str:
+    """One completed job of ``epochs`` epochs in 2 iterations (avg_loss and 4 more metrics each, as a
+    trainer reports them), an evaluation every ``eval_every`` epochs; bulk inserted."""
+    rng = random.Random(42)
+    row = job_row(0, rng, T0, "completed")
+    per_iteration = epochs // 2
+    with engine.begin() as conn:
+        job_id = conn.execute(insert(TrainingJob.__table__).returning(TrainingJob.id), [row]).scalar_one()
+        conn.execute(insert(TrainingIteration.__table__), [{"job_id": job_id, "iteration": it} for it in (1, 2)])
+        for it in (1, 2):
+            for start in range(1, per_iteration + 1, 20_000):
+                batch = range(start, min(per_iteration, start + 19_999) + 1)
+                conn.execute(
+                    insert(EpochTrain.__table__),
+                    [
+                        {
+                            "job_id": job_id,
+                            "iteration": it,
+                            "epoch": ep,
+                            "avg_loss": 1.0 / (ep + it),
+                            "model_path": f"checkpoints/iter{it:03d}_epoch{ep:06d}_model.npz",
+                            "metrics": {
+                                "val_loss": 1.1 / (ep + it),
+                                "val_accuracy": 1 - 0.5 / (ep + it),
+                                "learning_rate": 0.01,
+                                "samples": 60_000,
+                            },
+                            "completed_at": T0 + timedelta(seconds=ep),
+                        }
+                        for ep in batch
+                    ],
+                )
+            conn.execute(
+                insert(Eval.__table__),
+                [
+                    {
+                        "job_id": job_id,
+                        "iteration": it,
+                        "epoch": ep,
+                        "accuracy": 1 - 0.3 / (ep + it),
+                        "f1": 1 - 0.35 / (ep + it),
+                        "loss": 1.0 / (ep + it),
+                        "confusion_matrix": [[90, 10], [8, 92]],
+                        "evaluated_at": T0 + timedelta(seconds=ep),
+                    }
+                    for ep in range(eval_every, per_iteration + 1, eval_every)
+                ],
+            )
+    return str(row["uuid"])
+
+
+def serve_with_baseline(url: str, port: int) -> None:
+    """:func:`serve`, plus the baseline: the unbounded ``/details`` at ``/baseline/jobs/{uuid}/details``."""
+    import uvicorn
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.api_fastapi.core_api.security import get_user
+    from fastapi import FastAPI
+
+    from gpu_training.api.app import create_app
+    from gpu_training.api.db import get_store
+    from gpu_training.api.routes import json_response
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    store = ResultsStore(create_results_engine(url))
+    store.check_schema()
+    api = create_app()
+    api.state.auth_manager = SimpleAuthManager()
+    api.dependency_overrides[get_store] = lambda: store
+    api.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="bench", role="VIEWER")
+    root = FastAPI()
+
+    @root.get("/baseline/jobs/{job_uuid}/details")
+    def baseline(job_uuid: str) -> Any:
+        job = queries.job(store, job_uuid)
+        assert job is not None
+        return json_response(unbounded_details(store, job))
+
+    root.mount("/training", api)
+    uvicorn.run(root, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False)
+
+
+def _kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+@dataclass
+class Cost:
+    seconds: float
+    peak_mib: float  # the server's RSS high-water mark over the request, above its RSS before it
+    bytes: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.seconds + other.seconds, max(self.peak_mib, other.peak_mib), self.bytes + other.bytes)
+
+
+def request_cost(conn: http.client.HTTPConnection, pid: int, path: str) -> Cost:
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")  # resets the high-water mark (VmHWM) to the RSS now
+    before = _kib(pid, "VmRSS")
+    started = time.perf_counter()
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    elapsed = time.perf_counter() - started
+    if resp.status != 200:
+        raise RuntimeError(f"{path}: {resp.status} {body[:300]!r}")
+    return Cost(elapsed, (_kib(pid, "VmHWM") - before) / 1024, len(body))
+
+
+def measure_sizes(url: str, job: str, epochs_total: int, evals_total: int, repeat: int) -> list[tuple[str, Cost]]:
+    """Each answer (and the page's loads) in a server of its own: its memory on the first run (the
+    server warmed by one small read of the job: imports, a connection), then its time, the median
+    of ``repeat`` more runs. A server of its own, since memory a process freed stays in its RSS and
+    would hide the next request's."""
+    v1 = f"/training/v1/jobs/{job}"
+    shown = min(evals_total, 2000)
+    page_loads = [
+        f"{v1}/details?epochs_limit=0&evals_limit=0",
+        f"{v1}/series?metric=avg_loss&points=1000",
+        *(f"{v1}/evaluations?limit=500&offset={o}" for o in range(evals_total - shown, evals_total, 500)),
+    ]
+    baseline = f"/baseline/jobs/{job}/details"
+    cases: list[tuple[str, list[str]]] = [
+        (f"baseline: /details, every row ({epochs_total:,} epochs, {evals_total:,} evals)", [baseline]),
+        ("/details (default: the first 500 epochs and evals)", [f"{v1}/details"]),
+        ("/details?epochs_limit=0&evals_limit=0", [page_loads[0]]),
+        ("/epochs?limit=5000&offset=<last page>", [f"{v1}/epochs?limit=5000&offset={epochs_total - 5000}"]),
+        ("/series?metric=avg_loss&points=1000", [page_loads[1]]),
+        ("/series?metric=val_loss&points=1000 (a JSON metric)", [f"{v1}/series?metric=val_loss&points=1000"]),
+        ("page, initial load before: the baseline /details", [baseline]),
+        (f"page, initial load now: details, series, {len(page_loads) - 2} pages of evals", page_loads),
+        ("page, refresh every 10 s now: details without rows", [page_loads[0]]),
+    ]
+    results = []
+    for label, paths in cases:
+        port = free_port()
+        server = multiprocessing.get_context("spawn").Process(target=serve_with_baseline, args=(url, port), daemon=True)
+        server.start()
+        try:
+            wait_ready(port, timeout=120)
+            assert server.pid is not None
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            request_cost(conn, server.pid, v1)
+            first = Cost(0.0, 0.0, 0)
+            for path in paths:
+                first = first + request_cost(conn, server.pid, path)
+            runs = []
+            for _ in range(repeat):
+                total = Cost(0.0, 0.0, 0)
+                for path in paths:
+                    total = total + request_cost(conn, server.pid, path)
+                runs.append(total.seconds)
+            conn.close()
+        finally:
+            server.terminate()
+            server.join(10)
+        results.append((label, Cost(statistics.median(runs), first.peak_mib, first.bytes)))
+        print(f"  measured: {label}", file=sys.stderr, flush=True)
+    return results
+
+
+def sizes(args: argparse.Namespace) -> None:
+    """``--sizes``: one long job's answers on each backend, against the unbounded baseline."""
+    print(machine(), flush=True)
+    backends = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
+    for backend in backends:
+        with tempfile.TemporaryDirectory(prefix="bench-api-sizes-") as tmp:
+            postgres = None
+            if backend == "postgresql":
+                from tests.servers import start_postgres
+
+                root = Path(tempfile.mkdtemp(prefix="bench-api-postgres-"))  # the server runs as postgres
+                postgres = start_postgres(root, user="results", database="results")
+                url = postgres.url()
+            else:
+                url = f"sqlite:///{tmp}/results.db"
+            try:
+                engine = create_results_engine(url)
+                upgrade(engine)
+                started = time.perf_counter()
+                job = build_long_job(engine, args.long_epochs, eval_every=100)
+                counts = row_counts(engine)
+                engine.dispose()
+                print(
+                    f"\n{backend}: one job, {counts['epoch_train']:,} epochs and {counts['evals']:,} evaluations "
+                    f"stored in {time.perf_counter() - started:.1f} s",
+                    flush=True,
+                )
+                results = measure_sizes(url, job, counts["epoch_train"], counts["evals"], args.repeat)
+            finally:
+                if postgres is not None:
+                    postgres.stop()
+                    import shutil
+
+                    shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
+        base = results[0][1]
+        width = max(len(label) for label, _ in results)
+        print(f"{'answer (' + backend + ')':<{width}} {'time ms':>9} {'peak MiB':>9} {'bytes':>12}  vs baseline")
+        for label, cost in results:
+            ratio = (
+                f"time x{cost.seconds / base.seconds:.4f}, memory x{cost.peak_mib / max(base.peak_mib, 1e-9):.4f}, "
+                f"bytes x{cost.bytes / base.bytes:.5f}"
+            )
+            print(f"{label:<{width}} {cost.seconds * 1000:9.1f} {cost.peak_mib:9.1f} {cost.bytes:12,}  {ratio}")
+
+
 def machine() -> str:
     model = "unknown CPU"
     mem = "? GiB"
@@ -392,8 +663,15 @@ def main() -> None:
     parser.add_argument("--light-jobs", type=int, default=4800, help="jobs without metrics")
     parser.add_argument("--requests", type=int, default=300, help="timed requests per endpoint")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests per endpoint first")
+    parser.add_argument("--sizes", action="store_true", help="one long job's answer sizes instead (see above)")
+    parser.add_argument("--long-epochs", type=int, default=200_000, help="--sizes: epochs of the long job")
+    parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both", help="--sizes: backends")
+    parser.add_argument("--repeat", type=int, default=3, help="--sizes: runs of each answer (the median time)")
     args = parser.parse_args()
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if args.sizes:
+        sizes(args)
+        return
     print(machine(), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
