@@ -213,7 +213,9 @@ def get_job_details(
     """The job with its iterations (steps, and one page of its epochs and of its evaluations: by
     default the first 500 of each), artifacts and instances, with ``epochs_total``, ``evals_total``
     and the latest evaluation. The rest of the epochs and evaluations: ``epochs_offset`` /
-    ``evals_offset``, ``/epochs``, ``/evaluations``, or a chart's ``/series``."""
+    ``evals_offset``, ``/epochs``, ``/evaluations``, or a chart's ``/series``. A page holds fewer
+    rows than its limit when they would pass 4 MiB (continue from its offset plus the rows it
+    has); a value a trainer made larger than its cap (e.g. metrics over 16 KiB) is null."""
     job = readable_job(store, access, job_uuid)
     page = queries.job_details(
         store,
@@ -233,7 +235,8 @@ def get_job_epochs(
     limit: RowLimit = queries.DETAILS_PAGE,
     offset: Offset = 0,
 ) -> Response:
-    """The job's epochs a page at a time, in (iteration, epoch) order, and how many there are."""
+    """The job's epochs a page at a time, in (iteration, epoch) order, and how many there are (fewer
+    than ``limit`` when they would pass 4 MiB: the next page starts at ``offset`` + those received)."""
     job = readable_job(store, access, job_uuid)
     rows, total = queries.epochs_page(store, job, queries.Page(limit, offset), iteration)
     return json_response(
@@ -250,7 +253,9 @@ def get_job_evaluations(
     limit: RowLimit = queries.DETAILS_PAGE,
     offset: Offset = 0,
 ) -> Response:
-    """The job's evaluations a page at a time, in (iteration, epoch) order, and how many there are."""
+    """The job's evaluations a page at a time, in (iteration, epoch) order, and how many there are
+    (fewer than ``limit`` when they would pass 4 MiB: the next page starts at ``offset`` + those
+    received)."""
     job = readable_job(store, access, job_uuid)
     rows, total = queries.evaluations_page(store, job, queries.Page(limit, offset), iteration)
     return json_response(
