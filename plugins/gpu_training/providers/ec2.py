@@ -38,8 +38,9 @@ region (``EC2Hook(api_type="client_type")``):
   On-demand prices: the ``prices`` setting, else the AWS Price List (``GetProducts``, Linux,
   shared tenancy, per region; cached for a day; :class:`~gpu_training.hooks.ec2_pricing.Ec2PricingHook`,
   :class:`~gpu_training.providers.ec2_prices.Ec2OnDemandPrices`); a type the price list does not
-  have in a region is not offered there. When the Price List API cannot be used, the table's prices
-  (dated :data:`PRICE_TABLE_DATE`, us-east-1, for every region), with a warning saying why.
+  have in a region is not offered there. When the Price List API cannot be used (the connection's
+  IAM principal needs ``pricing:GetProducts``), the table's prices (dated :data:`PRICE_TABLE_DATE`,
+  us-east-1, for every region), with a warning saying why.
   With ``request.spot``, ``DescribeSpotPriceHistory``
   (``ProductDescriptions=["Linux/UNIX"]``, ``StartTime`` = now) adds one spot offer per type and
   region at the cheapest Availability Zone's latest price; launch then places it in that zone when

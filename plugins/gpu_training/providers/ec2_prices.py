@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -193,9 +193,11 @@ class Ec2OnDemandPrices:
         self._said: set[tuple[str, str]] = set()
         self._cache_unwritable = False
 
-    def prices(self, region: str, instance_types: Iterable[str]) -> dict[str, float]:
+    def prices(self, region: str, instance_types: Collection[str]) -> dict[str, float]:
         """``{type: USD per hour}``. A type the price list has no Linux on-demand product for in
         ``region`` is left out: it is not offered there."""
+        if not instance_types:
+            return {}
         now = self.now()
         contents = self.cache.read()
         prices: dict[str, float] = {}
