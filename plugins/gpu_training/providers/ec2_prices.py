@@ -190,7 +190,8 @@ class Ec2OnDemandPrices:
         self.now = now
         #: Why the API is not used by this provider (set on the first failure); None while it works.
         self.unavailable: str | None = None
-        self._said: set[tuple[str, str]] = set()
+        self._said_unlisted: set[tuple[str, str]] = set()
+        self._said_fallback = False
         self._cache_unwritable = False
 
     def prices(self, region: str, instance_types: Collection[str]) -> dict[str, float]:
@@ -244,8 +245,8 @@ class Ec2OnDemandPrices:
     def _take(self, prices: dict[str, float], region: str, itype: str, price: float | None) -> None:
         if price is not None:
             prices[itype] = price
-        elif (region, itype) not in self._said:
-            self._said.add((region, itype))
+        elif (region, itype) not in self._said_unlisted:
+            self._said_unlisted.add((region, itype))
             log.info(
                 "the AWS price list has no Linux on-demand price for %s in %s: not offered there "
                 "(a price in the gpu_training.prices setting of connection %r would offer it)",
@@ -255,9 +256,9 @@ class Ec2OnDemandPrices:
             )
 
     def _say_fallback(self, why: str) -> None:
-        if ("", "fallback") in self._said:
+        if self._said_fallback:
             return
-        self._said.add(("", "fallback"))
+        self._said_fallback = True
         log.warning(
             "EC2 on-demand prices come from the built-in table dated %s (us-east-1 prices, used for every "
             "region) because the AWS Price List API was not used: %s",
