@@ -135,6 +135,7 @@ GOOD = {
     "dataset_uri": "s3://data/digits.csv",
     "init_checkpoint_uri": "file:///models/m.npz",
     "outputs_uri": "s3://runs/",
+    "aws_conn_id": "team_aws",
     "notify": ["slack://team"],
 }
 

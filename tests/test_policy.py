@@ -157,6 +157,7 @@ def test_a_symlink_planted_after_registration_is_refused_when_read(
         ({"provider": "ssh", "ssh_conn_id": "prod_db_box"}, "ssh_conn_id", "prod_db_box"),
         ({"runtime": "docker", "registry_conn_id": "aws_default"}, "registry_conn_id", "aws_default"),
         ({"notify": ["webhook://payments_api"]}, "notify", "payments_api"),
+        ({"aws_conn_id": "prod_aws"}, "aws_conn_id", "prod_aws"),
     ],
 )
 def test_a_connection_outside_allowed_connections_is_refused(
@@ -169,6 +170,13 @@ def test_a_connection_outside_allowed_connections_is_refused(
         f"connection {conn_id!r} is not allowed here ([gpu_training] allowed_connections = gpu_box_*, team_*)"
         in str(err)
     )
+
+
+def test_the_deployments_own_aws_default_is_not_the_jobs_choice(
+    store: ResultsStore, policy_env: pytest.MonkeyPatch
+) -> None:
+    set_policy(policy_env, allowed_connections="gpu_box_*")
+    assert register(store)  # aws_conn_id left at aws_default: nothing the trigger named
 
 
 def test_an_image_outside_allowed_images_is_refused(store: ResultsStore, policy_env: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,8 @@ def test_a_clouds_ssh_key_connection_is_checked_too(store: ResultsStore, monkeyp
         ({"notify": ["slack://ml_alerts"]}, "notify", "ml_alerts"),
         ({"notify": ["smtp://mail/a@example.com"]}, "notify", "mail"),
         ({"provider": "cloud", "providers": ["lambda", "vast"]}, "providers", "lambda_default"),
+        ({"provider": "ec2", "aws_conn_id": "team_aws"}, "aws_conn_id", "team_aws"),
+        ({"dataset_uri": "s3://data/train.csv", "aws_conn_id": "team_s3"}, "aws_conn_id", "team_s3"),
     ],
 )
 def test_every_connection_a_param_names_must_exist(

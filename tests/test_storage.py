@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpu_training.errors import StorageError
 from gpu_training.hosts.local import LocalHost
+from gpu_training.results.store import ResultsStore
 from gpu_training.storage import MANIFEST_NAME, fetch_dataset, job_outputs_uri, parse_uri, upload_outputs
 
 
@@ -116,3 +119,40 @@ def test_output_names_cannot_escape(host: LocalHost, tmp_path: Path) -> None:
         _safe_relpath("../../etc/passwd")
     with pytest.raises(StorageError, match="escapes"):
         _safe_relpath("/etc/passwd")
+
+
+def test_a_job_moves_its_s3_data_through_its_own_aws_connection(
+    store: ResultsStore, moto_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aws_conn_id`` names the job's AWS connection: every s3:// read and write of a job goes
+    through it (here aws_default points at a port where nothing listens)."""
+    from gpu_training import lifecycle
+    from tests.servers import free_port
+
+    broken = json.loads(moto_server.aws_connection())
+    broken["extra"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    broken["extra"]["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 1}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(broken))
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM_S3", moto_server.aws_connection())
+    client = moto_server.client()
+    bucket = f"team{time.monotonic_ns()}"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="data/train.csv", Body=b"x,y\n1,2\n")
+    params = {
+        "project_id": "s3conn",
+        "aws_conn_id": "team_s3",
+        "dataset_uri": f"s3://{bucket}/data/train.csv",
+        "outputs_uri": f"s3://{bucket}/runs/",
+    }
+    job = lifecycle.register_job(store, params, dag_id="gpu_training", run_id=f"manual__{time.time_ns()}")
+    lifecycle.build_config(store, job)
+    lifecycle.provision(store, job)
+    assert lifecycle.check_ready(store, job)
+    assert lifecycle.transfer_inputs(store, job)["files"] >= 1
+    host = lifecycle.host_for(store, job)
+    assert Path(host.path("data/train.csv")).read_bytes() == b"x,y\n1,2\n"
+    host.put_bytes(b"epoch 1 done\n", "logs/trainer.log")
+    assert lifecycle.upload(store, job) >= 2
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{job}/")["Contents"]}
+    assert f"runs/{job}/logs/trainer.log" in keys and f"runs/{job}/MANIFEST.sha256" in keys
+    lifecycle.teardown(store, job)

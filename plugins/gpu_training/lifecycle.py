@@ -625,9 +625,15 @@ def transfer_inputs(store: ResultsStore, job_uuid: str) -> dict[str, int]:
         if spec.dataset_uri:
             if _direct_s3(spec, host, spec.dataset_uri):
                 expiry = int(spec.presigned_url_expiry_minutes * 60)
-                files += len(fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry))
+                files += len(
+                    fetch_dataset_direct(spec.dataset_uri, host, expiry_seconds=expiry, aws_conn_id=spec.aws_conn_id)
+                )
             else:
-                files += len(fetch_dataset(spec.dataset_uri, host, check_path=_allowed_path("dataset_uri")))
+                files += len(
+                    fetch_dataset(
+                        spec.dataset_uri, host, check_path=_allowed_path("dataset_uri"), aws_conn_id=spec.aws_conn_id
+                    )
+                )
         if spec.init_checkpoint_uri:
             files += _fetch_init_checkpoint(spec, host)
         reference_trainer = list(spec.command) == DEFAULT_COMMAND and spec.runtime == "process"
@@ -646,8 +652,11 @@ def _fetch_init_checkpoint(spec: JobSpec, host: Host) -> int:
     try:
         if _direct_s3(spec, host, uri):
             expiry = int(spec.presigned_url_expiry_minutes * 60)
-            return len(fetch_dataset_direct(uri, host, expiry_seconds=expiry, dest_dir=INIT_DIR))
-        return len(fetch_dataset(uri, host, dest_dir=INIT_DIR, check_path=_allowed_path("init_checkpoint_uri")))
+            return len(
+                fetch_dataset_direct(uri, host, expiry_seconds=expiry, dest_dir=INIT_DIR, aws_conn_id=spec.aws_conn_id)
+            )
+        checked = _allowed_path("init_checkpoint_uri")
+        return len(fetch_dataset(uri, host, dest_dir=INIT_DIR, check_path=checked, aws_conn_id=spec.aws_conn_id))
     except StorageError as err:
         raise StorageError(f"init_checkpoint_uri: {err}".replace("dataset ", "")) from err
 
@@ -691,7 +700,7 @@ def start_trainer(store: ResultsStore, job_uuid: str) -> int | None:
     host, trainer = host_and_trainer(store, job_uuid)
     if current_instance(store, job_uuid).spot and (outputs := store.job(job_uuid).outputs_uri):
         expiry = int(min(7 * 24 * 3600, spec.max_runtime_minutes * 60 + 3600))
-        storage.start_checkpoint_sync(host, outputs, expiry_seconds=expiry)
+        storage.start_checkpoint_sync(host, outputs, expiry_seconds=expiry, aws_conn_id=spec.aws_conn_id)
     if isinstance(trainer, ContainerTrainer):
         report = trainer.start(ContainerSpec.for_job(spec, host), registry_login(spec.registry_conn_id))
         log.info("%s", report)
@@ -886,7 +895,7 @@ def restart_trainer(store: ResultsStore, job_uuid: str) -> dict[str, Any] | None
     pointer = None
     if job.outputs_uri:
         expiry = int(spec.presigned_url_expiry_minutes * 60)
-        pointer = storage.restore_checkpoint(host, job.outputs_uri, expiry_seconds=expiry)
+        pointer = storage.restore_checkpoint(host, job.outputs_uri, expiry_seconds=expiry, aws_conn_id=spec.aws_conn_id)
     log.info("job %s resumes from %s", job_uuid, pointer or "the start (no checkpoint was synced)")
     store.update_job(job_uuid, last_progress_at=utcnow())  # the stall timeout counts from the restart
     start_trainer(store, job_uuid)
@@ -956,6 +965,8 @@ def upload(store: ResultsStore, job_uuid: str) -> int:
         job_uuid,
         direct=_direct_s3(spec, host, job.outputs_uri or ""),
         expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
+        on_skipped=lambda skipped: store.record_skipped_outputs(job_uuid, skipped),
+        aws_conn_id=spec.aws_conn_id,
     )
     store.record_artifacts(job_uuid, records)
     return len(records)
@@ -1003,6 +1014,7 @@ def salvage_cancelled(store: ResultsStore, job_uuid: str, *, budget: timedelta |
                 direct=_direct_s3(spec, host, job.outputs_uri or ""),
                 expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
                 only=storage.latest_checkpoint_sources(host),
+                aws_conn_id=spec.aws_conn_id,
             )
             store.record_artifacts(job_uuid, records)
             uploaded.extend(r.name for r in records)

@@ -306,6 +306,15 @@ PARAM_SPECS: dict[str, ParamSpec] = {
         DATA,
         allowed=_URI_WORDS,
     ),
+    "aws_conn_id": ParamSpec(
+        "aws_default",
+        {"type": "string", "pattern": whole(r"[A-Za-z0-9_.-]{1,250}")},
+        "AWS connection",
+        "Airflow AWS connection for every s3:// URI of the job and for provider 'ec2' (credentials, region, "
+        "endpoint_url).",
+        DATA,
+        allowed="an Airflow connection id: 1 to 250 letters, digits, '_', '.' or '-'",
+    ),
     "s3_transfer": ParamSpec(
         "direct",
         {"type": "string", "enum": ["direct", "relay"]},
@@ -489,6 +498,7 @@ class JobSpec:
     init_checkpoint_uri: str = ""
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outputs_uri: str = ""
+    aws_conn_id: str = "aws_default"
     s3_transfer: str = "direct"
     presigned_url_expiry_minutes: float = 60
     max_cost_usd: float = 0

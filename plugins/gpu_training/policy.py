@@ -55,9 +55,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
     ),
     "allowed_connections": (
         ANY,
-        "Glob patterns of the Airflow connection ids a job may name (ssh_conn_id, registry_conn_id, notify "
-        "targets), comma-separated, e.g. 'gpu_box_*, team_slack'. The clouds' own connections are the "
-        "deployment's, not named by a job.",
+        "Glob patterns of the Airflow connection ids a job may name (ssh_conn_id, registry_conn_id, "
+        "aws_conn_id other than aws_default, notify targets), comma-separated, e.g. 'gpu_box_*, team_slack'. "
+        "The clouds' own connections are the deployment's, not named by a job.",
     ),
     "allowed_images": (
         ANY,
@@ -212,6 +212,8 @@ def enforce(spec: Any, policy: Policy | None = None) -> None:
     for param in ("dataset_uri", "init_checkpoint_uri", "outputs_uri"):
         policy.check_file_uri(param, getattr(spec, param))
     named = [("ssh_conn_id", spec.ssh_conn_id), ("registry_conn_id", spec.registry_conn_id)]
+    if spec.aws_conn_id != "aws_default":  # the default is the deployment's own, not the job's choice
+        named.append(("aws_conn_id", spec.aws_conn_id))
     named += [("notify", parse_target(raw).conn_id) for raw in spec.notify]
     for param, conn_id in named:
         if conn_id and not policy.allows_connection(conn_id):

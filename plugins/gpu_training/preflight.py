@@ -56,7 +56,6 @@ def needed_connections(spec: JobSpec, exists: Callable[[str], bool] = _exists) -
     """The connections ``spec`` names or needs, in the order they are checked. A cloud's SSH key
     connection (its extra ``ssh_conn_id``) is only known once the cloud's connection exists."""
     from gpu_training.notify import parse_target
-    from gpu_training.providers.cloud import CloudProvider
     from gpu_training.providers.registry import CLOUD_CONNECTIONS, cloud_class, provider_names
 
     needed: list[Needed] = []
@@ -64,12 +63,10 @@ def needed_connections(spec: JobSpec, exists: Callable[[str], bool] = _exists) -
     param = "providers" if spec.providers else "provider"
     for cloud in clouds:
         what, add = _CLOUD_KEYS[cloud]
-        conn_id = CLOUD_CONNECTIONS[cloud]
-        needed.append(Needed(conn_id, param, f"provider {cloud!r} ({what})", add))
+        conn_id = spec.aws_conn_id if cloud == "ec2" else CLOUD_CONNECTIONS[cloud]
+        needed.append(Needed(conn_id, "aws_conn_id" if cloud == "ec2" else param, f"provider {cloud!r} ({what})", add))
         if exists(conn_id):
-            provider = cloud_class(cloud)()
-            assert isinstance(provider, CloudProvider)
-            ssh_conn_id = provider.ssh_conn_id
+            ssh_conn_id = cloud_class(cloud)(conn_id).ssh_conn_id
             needed.append(
                 Needed(
                     ssh_conn_id,
@@ -78,6 +75,11 @@ def needed_connections(spec: JobSpec, exists: Callable[[str], bool] = _exists) -
                     _SSH_ADD,
                 )
             )
+    s3 = [uri for uri in (spec.dataset_uri, spec.init_checkpoint_uri, spec.outputs_uri) if uri.startswith("s3://")]
+    if s3 and spec.aws_conn_id != CLOUD_CONNECTIONS["ec2"] and "ec2" not in clouds:
+        # A connection the job names for its s3:// URIs must exist (without one, aws_default falls
+        # back to the machine's own AWS credentials, as boto3 does).
+        needed.append(Needed(spec.aws_conn_id, "aws_conn_id", f"the s3:// URIs ({s3[0]})", _CLOUD_KEYS["ec2"][1]))
     if spec.ssh_conn_id:
         needed.append(Needed(spec.ssh_conn_id, "ssh_conn_id", "your SSH host (ssh_conn_id)", _SSH_ADD))
     if spec.registry_conn_id:

@@ -1,6 +1,6 @@
 """Datasets in and outputs out: ``file://`` and ``s3://`` storage, every file checksummed.
 
-S3 goes through the amazon provider's ``S3Hook`` (connection ``aws_default``; its extra
+S3 goes through the amazon provider's ``S3Hook`` (the job's ``aws_conn_id``, default ``aws_default``; its extra
 ``endpoint_url`` points it at MinIO or a test server). Outputs of a job go to
 ``<outputs_uri>/<job uuid>/`` with a ``MANIFEST.sha256`` (``sha256sum -c`` format) written last.
 While a job trains, its latest checkpoint is kept at ``<job outputs>/checkpoints/latest.tar``
@@ -89,18 +89,18 @@ def parse_uri(uri: str) -> Location:
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
 
 
-def _s3_hook() -> Any:
+def _s3_hook(aws_conn_id: str = AWS_CONN_ID) -> Any:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    return S3Hook(aws_conn_id=AWS_CONN_ID)
+    return S3Hook(aws_conn_id=aws_conn_id or AWS_CONN_ID)
 
 
-def presigned_get_url(uri: str, *, expires_in: int = 3600) -> str:
-    """A presigned GET URL of an ``s3://`` object (connection ``aws_default``), valid ``expires_in`` s."""
+def presigned_get_url(uri: str, *, expires_in: int = 3600, aws_conn_id: str = AWS_CONN_ID) -> str:
+    """A presigned GET URL of an ``s3://`` object (through the job's AWS connection), valid ``expires_in`` s."""
     loc = parse_uri(uri)
     if loc.scheme != "s3":
         raise StorageError(f"{uri}: only s3:// objects have presigned URLs")
-    client = _s3_hook().get_conn()
+    client = _s3_hook(aws_conn_id).get_conn()
     return str(
         client.generate_presigned_url(
             "get_object", Params={"Bucket": loc.bucket, "Key": loc.path}, ExpiresIn=expires_in
@@ -119,7 +119,12 @@ def _safe_relpath(relpath: str) -> str:
 
 
 def fetch_dataset(
-    dataset_uri: str, host: Host, *, dest_dir: str = DATA_DIR, check_path: Callable[[Path], None] | None = None
+    dataset_uri: str,
+    host: Host,
+    *,
+    dest_dir: str = DATA_DIR,
+    check_path: Callable[[Path], None] | None = None,
+    aws_conn_id: str = AWS_CONN_ID,
 ) -> list[tuple[str, int, str]]:
     """Copy the dataset into the host's ``data/`` directory (or ``dest_dir``); returns ``(relpath, size, sha256)``.
 
@@ -142,7 +147,7 @@ def fetch_dataset(
         else:
             raise StorageError(f"dataset {dataset_uri} does not exist")
         return copied
-    hook = _s3_hook()
+    hook = _s3_hook(aws_conn_id)
     try:
         if is_prefix or not hook.check_for_key(loc.path, bucket_name=loc.bucket):
             prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
@@ -175,12 +180,14 @@ class S3Object:
     md5: str | None  # the ETag of a single-part upload is the content's MD5
 
 
-def list_dataset_objects(dataset_uri: str, *, dest_dir: str = DATA_DIR) -> list[S3Object]:
+def list_dataset_objects(
+    dataset_uri: str, *, dest_dir: str = DATA_DIR, aws_conn_id: str = AWS_CONN_ID
+) -> list[S3Object]:
     """The objects of an ``s3://`` dataset (one object, or every object under a prefix)."""
     import base64
 
     loc = parse_uri(dataset_uri)
-    client = _s3_hook().get_conn()
+    client = _s3_hook(aws_conn_id).get_conn()
     try:
         found: list[dict[str, Any]] = []
         prefix = loc.path
@@ -215,13 +222,13 @@ def list_dataset_objects(dataset_uri: str, *, dest_dir: str = DATA_DIR) -> list[
 
 
 def fetch_dataset_direct(
-    dataset_uri: str, host: Host, *, expiry_seconds: int, dest_dir: str = DATA_DIR
+    dataset_uri: str, host: Host, *, expiry_seconds: int, dest_dir: str = DATA_DIR, aws_conn_id: str = AWS_CONN_ID
 ) -> list[tuple[str, int, str]]:
     """Let the instance download an ``s3://`` dataset itself from presigned URLs (resumed,
     size and checksum verified there): no byte of it passes through this worker."""
     loc = parse_uri(dataset_uri)
-    objects = list_dataset_objects(dataset_uri, dest_dir=dest_dir)
-    client = _s3_hook().get_conn()
+    objects = list_dataset_objects(dataset_uri, dest_dir=dest_dir, aws_conn_id=aws_conn_id)
+    client = _s3_hook(aws_conn_id).get_conn()
     lines = []
     for obj in objects:
         url = client.generate_presigned_url(
@@ -250,7 +257,7 @@ def fetch_dataset_direct(
 # --- outputs ------------------------------------------------------------------------------------
 
 
-def _put(local: Path, dest: Location, sha256: str) -> None:
+def _put(local: Path, dest: Location, sha256: str, aws_conn_id: str = AWS_CONN_ID) -> None:
     """Write one file to its destination and verify it arrived intact."""
     size = local.stat().st_size
     if dest.scheme == "file":
@@ -263,7 +270,7 @@ def _put(local: Path, dest: Location, sha256: str) -> None:
             raise TransferError(f"{dest.uri}: size or SHA256 mismatch after copy")
         os.replace(tmp, target)
         return
-    hook = _s3_hook()
+    hook = _s3_hook(aws_conn_id)
     hook.load_file(str(local), dest.path, bucket_name=dest.bucket, replace=True)
     head = hook.head_object(dest.path, bucket_name=dest.bucket)
     if head is None or int(head.get("ContentLength", -1)) != size:
@@ -378,6 +385,7 @@ def upload_outputs(
     expiry_seconds: int = 3600,
     only: set[str] | None = None,
     on_skipped: Callable[[list[SkippedOutput]], None] | None = None,
+    aws_conn_id: str = AWS_CONN_ID,
 ) -> list[ArtifactRecord]:
     """Upload the trainer's outputs and log; every file hashed, manifest last.
 
@@ -398,7 +406,7 @@ def upload_outputs(
         skipped = []  # a partial upload (a cancelled job's salvage) says nothing about the rest
     records: list[ArtifactRecord] = []
     if direct and root.scheme == "s3":
-        records, sources, refused = _push_direct(host, root, sources, expiry_seconds)
+        records, sources, refused = _push_direct(host, root, sources, expiry_seconds, aws_conn_id)
         skipped += refused
     with tempfile.TemporaryDirectory(prefix="gpu-outputs-") as tmp:
         for remote_rel, name in sources:
@@ -409,13 +417,13 @@ def upload_outputs(
                 skipped.append(SkippedOutput(shown_name(remote_rel), f"{err.what}: not a regular file when fetched"))
                 continue
             dest = root.child(name)
-            _put(local, dest, digest)
+            _put(local, dest, digest, aws_conn_id)
             records.append(ArtifactRecord(name=name, uri=dest.uri, size_bytes=local.stat().st_size, sha256=digest))
             local.unlink()
         manifest = Path(tmp) / MANIFEST_NAME
         manifest.write_text("".join(f"{r.sha256}  {r.name}\n" for r in records))
         digest = sha256_file(manifest)
-        _put(manifest, root.child(MANIFEST_NAME), digest)
+        _put(manifest, root.child(MANIFEST_NAME), digest, aws_conn_id)
         records.append(
             ArtifactRecord(
                 name=MANIFEST_NAME,
@@ -441,7 +449,7 @@ def _say_skipped(skipped: list[SkippedOutput], on_skipped: Callable[[list[Skippe
 
 
 def _push_direct(
-    host: Host, root: Location, sources: list[tuple[str, str]], expiry_seconds: int
+    host: Host, root: Location, sources: list[tuple[str, str]], expiry_seconds: int, aws_conn_id: str = AWS_CONN_ID
 ) -> tuple[list[ArtifactRecord], list[tuple[str, str]], list[SkippedOutput]]:
     """PUT files from the instance to presigned URLs; returns (records, files left to relay, files
     that were no longer regular files inside the work directory when the instance looked)."""
@@ -464,7 +472,7 @@ def _push_direct(
         if remote not in facts
     ]
     sources = [(remote, name) for remote, name in sources if remote in facts]
-    client = _s3_hook().get_conn()
+    client = _s3_hook(aws_conn_id).get_conn()
     direct = [(remote, name) for remote, name in sources if facts[remote][0] <= MAX_SINGLE_PUT]
     relay = [(remote, name) for remote, name in sources if (remote, name) not in direct]
     records: list[ArtifactRecord] = []
@@ -595,7 +603,12 @@ def _presign(client: Any, method: str, dest: Location, expiry_seconds: int) -> s
 
 
 def start_checkpoint_sync(
-    host: Host, job_outputs_uri: str, *, expiry_seconds: int, interval_seconds: float = 10.0
+    host: Host,
+    job_outputs_uri: str,
+    *,
+    expiry_seconds: int,
+    interval_seconds: float = 10.0,
+    aws_conn_id: str = AWS_CONN_ID,
 ) -> bool:
     """Keep the host's latest checkpoint at ``<job_outputs_uri>/checkpoints/latest.tar`` while
     the trainer runs (include/remote/sync_checkpoints.sh, detached); False when it cannot be.
@@ -606,7 +619,7 @@ def start_checkpoint_sync(
     """
     dest = parse_uri(job_outputs_uri).child(CHECKPOINT_ARCHIVE)
     if dest.scheme == "s3":
-        target = _presign(_s3_hook().get_conn(), "put_object", dest, expiry_seconds)
+        target = _presign(_s3_hook(aws_conn_id).get_conn(), "put_object", dest, expiry_seconds)
     elif not host.remote:
         target = str(Path(dest.path).absolute())
     else:
@@ -633,7 +646,9 @@ def start_checkpoint_sync(
     return True
 
 
-def restore_checkpoint(host: Host, job_outputs_uri: str, *, expiry_seconds: int) -> dict[str, Any] | None:
+def restore_checkpoint(
+    host: Host, job_outputs_uri: str, *, expiry_seconds: int, aws_conn_id: str = AWS_CONN_ID
+) -> dict[str, Any] | None:
     """Put the checkpoint kept at ``<job_outputs_uri>/checkpoints/latest.tar`` into the host's
     ``outputs/`` before the trainer starts; returns its ``latest.json``, or None if there is none.
 
@@ -644,7 +659,7 @@ def restore_checkpoint(host: Host, job_outputs_uri: str, *, expiry_seconds: int)
     if src.scheme == "s3":
         from botocore.exceptions import ClientError
 
-        client = _s3_hook().get_conn()
+        client = _s3_hook(aws_conn_id).get_conn()
         try:
             client.head_object(Bucket=src.bucket, Key=src.path)
         except ClientError as err:

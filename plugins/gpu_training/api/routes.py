@@ -420,7 +420,9 @@ def get_artifact(
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.uuid} has no artifact {artifact_id}")
     if parse_uri(row.uri).scheme == "s3":
-        url = presigned_get_url(row.uri, expires_in=PRESIGNED_EXPIRY_SECONDS)
+        url = presigned_get_url(
+            row.uri, expires_in=PRESIGNED_EXPIRY_SECONDS, aws_conn_id=trainer_log.job_aws_conn_id(job)
+        )
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     try:
         opened = output_files.open_output_file(job, row)

@@ -60,13 +60,18 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
-def read_s3_tail(uri: str, max_bytes: int) -> tuple[bytes, int]:
+def job_aws_conn_id(job: TrainingJob) -> str:
+    """The AWS connection of the job's ``s3://`` URIs (its ``aws_conn_id`` param)."""
+    return str((job.params or {}).get("aws_conn_id") or AWS_CONN_ID)
+
+
+def read_s3_tail(uri: str, max_bytes: int, *, aws_conn_id: str = AWS_CONN_ID) -> tuple[bytes, int]:
     """The last ``max_bytes`` of an ``s3://`` object (one ranged GET) and its size."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     loc = parse_uri(uri)
     try:
-        client = S3Hook(aws_conn_id=AWS_CONN_ID).get_conn()
+        client = S3Hook(aws_conn_id=aws_conn_id).get_conn()
         resp = client.get_object(Bucket=loc.bucket, Key=loc.path, Range=f"bytes=-{max_bytes}")
         data = resp["Body"].read()
     except Exception as err:  # botocore's ClientError, a missing connection, the network
@@ -91,7 +96,7 @@ def uploaded_tail(job: TrainingJob, artifact: Artifact) -> tuple[str, bool]:
     # One byte more than shown: when it is a newline, the first line shown is whole.
     max_bytes = READ_BYTES + 1
     if parse_uri(artifact.uri).scheme == "s3":
-        data, size = read_s3_tail(artifact.uri, max_bytes)
+        data, size = read_s3_tail(artifact.uri, max_bytes, aws_conn_id=job_aws_conn_id(job))
     else:
         data, size = read_file_tail(job, artifact, max_bytes)
     earlier = size > len(data)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from gpu_training.errors import JobParamsError
 from gpu_training.params import JobSpec
 from gpu_training.providers.base import ComputeProvider
+
+if TYPE_CHECKING:
+    from gpu_training.providers.cloud import CloudProvider
 
 #: The GPU clouds: provider name -> "module:class". Each reads its credentials from one connection.
 CLOUDS = {
@@ -25,9 +29,9 @@ CLOUD_CONNECTIONS = {
 AVAILABLE = ("local", "ssh", *CLOUDS)
 
 
-def cloud_class(name: str) -> type[ComputeProvider]:
+def cloud_class(name: str) -> type[CloudProvider]:
     module, _, attr = CLOUDS[name].partition(":")
-    cls: type[ComputeProvider] = getattr(importlib.import_module(module), attr)
+    cls: type[CloudProvider] = getattr(importlib.import_module(module), attr)
     return cls
 
 
@@ -44,6 +48,8 @@ def get_provider(name: str, spec: JobSpec | None = None) -> ComputeProvider:
         if spec is None or not spec.ssh_conn_id:
             raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
         return SshProvider(spec.ssh_conn_id, require_docker=spec.runtime == "docker")
+    if name == "ec2" and spec is not None:
+        return cloud_class(name)(spec.aws_conn_id)  # the job's AWS connection (S3's too)
     if name in CLOUDS:
         return cloud_class(name)()
     raise JobParamsError(
