@@ -17,6 +17,7 @@ from gpu_training.errors import (
     BadRequestError,
     InstanceNotFoundError,
     NoCapacityError,
+    OfferRefusedError,
     ProviderUnavailableError,
 )
 from gpu_training.hooks.cloud_api import AuthorizationError
@@ -305,8 +306,9 @@ def test_launch_without_capacity_raises_no_capacity(fake: FakeRunPod, provider: 
     offer = offer_for(provider, A100, "US-KS-2")
     fake.faults.no_capacity = True
     assert not any(o.available for o in provider.list_offers(GpuRequest()))
-    with pytest.raises(NoCapacityError) as caught:
+    with pytest.raises(OfferRefusedError) as caught:  # the next offer is tried; capacity is not claimed
         provider.launch(offer, NAME_PREFIX + "runpod-nocap-1")
+    assert not isinstance(caught.value, NoCapacityError)
     assert CAPACITY_DETAIL in str(caught.value) and "HTTP 400" in str(caught.value)
     assert fake.launched() == [] and posts(fake) == [400]
 
@@ -323,7 +325,7 @@ def test_refused_launch_although_listed(fake: FakeRunPod, provider: RunPodProvid
     offer = offer_for(provider, A100, "US-KS-2")
     assert offer.available
     fake.faults.refuse_launch = 1
-    with pytest.raises(NoCapacityError, match="no longer any instances available"):
+    with pytest.raises(OfferRefusedError, match="no longer any instances available"):
         provider.launch(offer, NAME_PREFIX + "runpod-refuse-1")
     info = provider.launch(offer, NAME_PREFIX + "runpod-refuse-1")
     assert len(fake.launched()) == 1 and info.instance_id == fake.launched()[0].id

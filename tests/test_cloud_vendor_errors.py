@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gpu_training import lifecycle
-from gpu_training.errors import NoCapacityError
+from gpu_training.errors import NoCapacityError, OfferRefusedError
 from gpu_training.hooks.cloud_api import AuthorizationError
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.rigs import STARTERS, Rig
@@ -94,9 +94,12 @@ def test_runpod_pools_closed_to_the_account_are_skipped_then_an_open_one_launche
     rig = use(runpod_server, monkeypatch)
     rig.fake.forbidden_gpus.add("NVIDIA A100 80GB PCIe")
     job = new_job(store, rig, gpu="A100", max_launch_attempts=4)
-    with pytest.raises(NoCapacityError) as caught:  # every A100 offer is in the closed pool
+    with pytest.raises(OfferRefusedError) as caught:  # every A100 offer is in the closed pool
         lifecycle.provision(store, job)
+    assert not isinstance(caught.value, NoCapacityError)  # never called capacity
     assert "not open to the account" in str(caught.value) and "not a capacity refusal" in str(caught.value)
+    reasons = [r.state_reason or "" for r in store.instances_for_job(job)]
+    assert reasons and all(r.startswith("not open: ") for r in reasons), reasons
     assert rig.fake.launched() == []
     rig.fake.assert_all_terminated()
 

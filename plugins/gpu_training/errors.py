@@ -47,10 +47,25 @@ class ProviderError(TrainingError):
         super().__init__(f"{provider}: {message}")
 
 
-class NoCapacityError(ProviderError):
-    """The provider has no capacity for the requested offer right now; try another offer."""
+class OfferRefusedError(ProviderError):
+    """This offer cannot be had: the next offer is tried, and this one is not tried again for the
+    job. ``why`` heads the abandoned attempt's reason (``state_reason`` of its instance row)."""
 
     retryable = True
+    why = "refused"
+
+
+class NoCapacityError(OfferRefusedError):
+    """The provider has no capacity for the requested offer right now; try another offer."""
+
+    why = "no capacity"
+
+
+class OfferNotOpenError(OfferRefusedError):
+    """The offer is not open to this account (e.g. a RunPod GPU pool the key may not use): skipped,
+    and not a capacity refusal."""
+
+    why = "not open"
 
 
 class BadRequestError(ProviderError):

@@ -20,6 +20,8 @@ from gpu_training.errors import (
     JobLimitError,
     JobParamsError,
     NoCapacityError,
+    OfferNotOpenError,
+    OfferRefusedError,
     ProviderError,
     RunSlotBusyError,
     StorageError,
@@ -52,8 +54,10 @@ log = logging.getLogger(__name__)
 #: How long teardown keeps terminating and querying an instance until the provider reports it gone.
 TERMINATE_BUDGET = timedelta(minutes=15)
 TERMINATE_BACKOFF_SECONDS = 2.0
-#: ``state_reason`` prefixes of attempts whose offer is not tried again for the job.
-NO_CAPACITY = "no capacity:"
+#: ``state_reason`` prefixes of attempts whose offer is not tried again for the job: refused by the
+#: cloud (``OfferRefusedError.why``: no capacity, not open to the account, refused) or replaced.
+NO_CAPACITY = f"{NoCapacityError.why}:"
+REFUSED = tuple(f"{cls.why}:" for cls in (NoCapacityError, OfferNotOpenError, OfferRefusedError))
 REPLACED = "replaced:"
 #: ``state_reason`` prefix of an instance the cloud interrupted (spot): its offer stays eligible.
 INTERRUPTED = "interrupted:"
@@ -326,9 +330,12 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     given_up = {
         _offer_key(r.provider, r.instance_type, r.region): r.state_reason or ""
         for r in records
-        if (r.state_reason or "").startswith((NO_CAPACITY, REPLACED))
+        if (r.state_reason or "").startswith((*REFUSED, REPLACED))
     }
     history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
+    refusals: list[OfferRefusedError] = []  # this call's; the earlier ones' reasons are in history
+    if any(not why.startswith((NO_CAPACITY, REPLACED)) for why in given_up.values()):
+        refusals.append(OfferRefusedError("earlier", "an earlier attempt's refusal was not for capacity"))
     ensure_within_cost(store, job_uuid, spec, "before launching another instance")
     ensure_within_run_budget(store, job_uuid, spec)
     ensure_run_slot(store, job_uuid, spec)
@@ -378,15 +385,16 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
             try:
                 info = provider.find_instance(node) or provider.launch(offer, node)
             except ProviderError as err:
-                capacity = isinstance(err, NoCapacityError)
+                capacity = isinstance(err, OfferRefusedError)  # this offer is out; the next is tried
                 where = f"node {rank} of {len(names)}: " if len(names) > 1 else ""
-                reason = f"{NO_CAPACITY} {where}{err}" if capacity else f"{where}{err}"
-                if capacity:
+                reason = f"{err.why}: {where}{err}" if isinstance(err, OfferRefusedError) else f"{where}{err}"
+                if isinstance(err, OfferRefusedError):
+                    refusals.append(err)
                     history.append(
                         f"{offer.provider} {offer.instance_type} {offer.region or ''}".strip() + f": {where}{err}"
                     )
                     log.warning(
-                        "no capacity for %s %s %s, trying the next offer", where, offer.provider, offer.instance_type
+                        "%s for %s %s %s, trying the next offer", err.why, where, offer.provider, offer.instance_type
                     )
                 if err.instance_id:  # created despite the error: make sure teardown can find it
                     store.update_instance(node, instance_id=err.instance_id, state="unknown", state_reason=reason)
@@ -419,7 +427,10 @@ def launch_next(store: ResultsStore, job_uuid: str) -> InstanceInfo:
             ", ".join(i.instance_id for i in launched),
         )
         return launched[0]
-    raise NoCapacityError("all", f"every fitting offer was refused or given up ({len(history)}): " + "; ".join(history))
+    said = f"every fitting offer was refused or given up ({len(history)}): " + "; ".join(history)
+    if all(isinstance(err, NoCapacityError) for err in refusals):
+        raise NoCapacityError("all", said)
+    raise OfferRefusedError("all", said)
 
 
 def node_names(name: str, num_nodes: int) -> list[str]:
@@ -603,7 +614,7 @@ def _replace_or_raise(
     _terminate_group(store, nodes, provider, reason=f"{REPLACED} {reason}")
     try:
         info = launch_next(store, job_uuid)
-    except (NoCapacityError, NoOfferError) as err:
+    except (OfferRefusedError, NoOfferError) as err:
         raise NoOfferError(f"{reason}; no other offer could replace it: {err}") from err
     log.info("replacement instance %s (%s) is %s", info.name, info.instance_id, info.state)
     return False

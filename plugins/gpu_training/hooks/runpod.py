@@ -66,7 +66,7 @@ from urllib.parse import quote
 
 import requests
 
-from gpu_training.errors import BadRequestError, NoCapacityError, ProviderError
+from gpu_training.errors import BadRequestError, OfferNotOpenError, OfferRefusedError, ProviderError
 from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
 
 CLOUDS = ("SECURE", "COMMUNITY")
@@ -77,12 +77,12 @@ PERMISSION_PROBE_NAME = "gpujob-permission-probe"
 PERMISSION_PROBE: dict[str, Any] = {"name": PERMISSION_PROBE_NAME}
 
 
-class CreateRefusedError(NoCapacityError):
+class CreateRefusedError(OfferRefusedError):
     """``createPod`` answered 400: the spec's "rule violation, or this GPU and data center could not
     be placed", which it gives no code to tell apart. The next offer is tried; capacity is not claimed."""
 
 
-class PoolNotOpenError(NoCapacityError):
+class PoolNotOpenError(OfferNotOpenError):
     """``createPod`` answered 403: this GPU pool is not open to the account (the spec: skip this
     candidate, keep going). Not a capacity refusal."""
 

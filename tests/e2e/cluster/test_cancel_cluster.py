@@ -99,7 +99,7 @@ def test_mark_failed_while_booting(cluster: AirflowCluster, store: ResultsStore,
     took = terminated_after(cloud, since)
     print(f"\nmark failed while booting -> terminate requested after {took:.1f} s")
     assert took < CANCEL_TO_TERMINATED_LIMIT
-    assert_cancelled(cluster, store, cloud, run_id, by="airflow")
+    assert_cancelled(cluster, store, cloud, run_id, by="admin (marked the dag run failed in Airflow)")
 
 
 def test_results_api_cancel_while_training(cluster: AirflowCluster, store: ResultsStore, cloud: Rig) -> None:
