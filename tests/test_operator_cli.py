@@ -440,3 +440,24 @@ def test_the_make_targets_are_listed_and_logs_needs_a_job() -> None:
         assert f"#   make {target}" in usage
     proc = subprocess.run(["make", "-s", "logs"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage: make logs JOB=<job uuid>" in proc.stderr
+
+
+def test_validate_says_whether_the_runpod_key_may_create_pods(
+    results_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing offers needs read access only: a read-only key would show up later as every launch
+    refused, so validate probes a create (one the API refuses as a body: no pod is made)."""
+    from tests.fakeclouds.runpod import FakeRunPod
+
+    fake = FakeRunPod()
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_RUNPOD_DEFAULT", fake.connection(retry_attempts=1))
+        checks = checks_by_name()
+        assert checks["cloud runpod"][0] == "ok"
+        assert checks["cloud runpod: create pods"][0] == "ok", checks["cloud runpod: create pods"]
+        fake.read_only = True
+        result, detail = checks_by_name()["cloud runpod: create pods"]
+        assert result == "FAIL" and detail.startswith("runpod_default: "), detail
+        assert fake.launched() == []
+    finally:
+        fake.stop()
