@@ -23,6 +23,11 @@ the local provider run detached in their own session there).
         run_id = cluster.trigger("gpu_training", {"project_id": "x"})
         assert cluster.wait_run("gpu_training", run_id, timeout=300) == "success"
 
+Each component runs with :meth:`AirflowCluster.env_for` its name: the shared environment, less the
+Airflow secrets its role does not get when ``component_secrets`` is given (:data:`COMPONENT_SECRETS`,
+what docker-compose.yaml gives each service), plus ``component_env`` overrides; ``db_connections``
+are stored in the metadata DB by the init step rather than set as ``AIRFLOW_CONN_*``.
+
 ``python tests/airflow_cluster.py HOME`` starts one and keeps it up until Ctrl-C; with ``--celery``
 (``make cluster``, :func:`start_make_cluster`) the compose topology on port 8080 (``--port``), where
 signing in is required: user ``admin``, password generated once per HOME and printed at start.
@@ -42,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,32 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 _HEALTH_KEYS = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}
 FINISHED_RUN_STATES = ("success", "failed")
 FINISHED_TI_STATES = ("success", "failed", "skipped", "upstream_failed", "removed")
+
+#: Airflow's three deployment secrets, by the environment variable that sets each.
+FERNET_KEY = "AIRFLOW__CORE__FERNET_KEY"
+JWT_SECRET = "AIRFLOW__API_AUTH__JWT_SECRET"
+API_SECRET_KEY = "AIRFLOW__API__SECRET_KEY"
+AIRFLOW_SECRETS = (FERNET_KEY, JWT_SECRET, API_SECRET_KEY)
+#: Which of them each component of the CeleryExecutor deployment uses, measured on a running
+#: deployment (``tests/e2e/celery/secrets_matrix.py``; the table and the failures: docs/security.md
+#: "Secrets"). ``CeleryDeployment(compose=True)`` runs with it.
+#: Roles: ``init`` is the one-off setup (``airflow db migrate``, ``airflow connections add``),
+#: ``worker`` every ``airflow celery worker``.
+#: - Fernet key: where stored connections and variables are read or written: the api-server (the
+#:   execution API serves them to tasks), the triggerer (connections its triggers read) and init.
+#:   Not the dag-processor: no DAG file here reads one while parsed.
+#: - JWT secret: the scheduler signs each task's token, the api-server validates it (and signs and
+#:   validates users' tokens).
+#: - API secret key: the api-server signs its requests for a running task's log to the log servers
+#:   of the workers and the triggerer, which check them.
+COMPONENT_SECRETS: dict[str, frozenset[str]] = {
+    "api-server": frozenset({FERNET_KEY, JWT_SECRET, API_SECRET_KEY}),
+    "scheduler": frozenset({JWT_SECRET}),
+    "dag-processor": frozenset(),
+    "triggerer": frozenset({FERNET_KEY, API_SECRET_KEY}),
+    "worker": frozenset({API_SECRET_KEY}),
+    "init": frozenset({FERNET_KEY}),
+}
 
 
 class ClusterError(RuntimeError):
@@ -224,6 +255,9 @@ class AirflowCluster:
         worker_concurrency: int = 8,
         results_url: str | None = None,
         port: int | None = None,
+        component_secrets: Mapping[str, Collection[str]] | None = None,
+        component_env: Mapping[str, Mapping[str, str | None]] | None = None,
+        db_connections: Mapping[str, str] | None = None,
     ) -> None:
         if executor not in ("LocalExecutor", "CeleryExecutor"):
             raise ValueError(f"executor {executor!r}: LocalExecutor or CeleryExecutor")
@@ -249,11 +283,28 @@ class AirflowCluster:
         self.worker_concurrency = worker_concurrency
         self.workers = tuple(f"celery-worker-{i}" for i in range(1, celery_workers + 1)) if broker_url else ()
         self.components = COMPONENTS + self.workers
+        # Each worker's log server has a port of its own (all of them listen on this one host), kept
+        # across restarts, which the api-server reaches it at (tests/cluster_logs.py).
+        self.worker_log_ports = {name: free_port() for name in self.workers}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: The environment each component was last started with (:meth:`env_for` then).
+        self.started_env: dict[str, dict[str, str]] = {}
         self.startup_seconds: float | None = None
         self._migrated = False
         self._http = requests.Session()
         self.users = dict(users or {})
+        # Connections that init stores in the metadata DB (encrypted with its Fernet key), as
+        # docker-compose.yaml's airflow-init does, instead of AIRFLOW_CONN_* variables.
+        self.db_connections = dict(db_connections or {})
+        #: Which of :data:`AIRFLOW_SECRETS` each role (:meth:`role`) gets; None: every process gets
+        #: all three (as before there was a split). See :data:`COMPONENT_SECRETS`.
+        self.component_secrets = (
+            None if component_secrets is None else {role: frozenset(v) for role, v in component_secrets.items()}
+        )
+        #: Per role or component name, variables set (a value) or removed (None) last: experiments
+        #: change it and :meth:`restart` a component to run it with one secret withheld.
+        self.component_env: dict[str, dict[str, str | None]] = {k: dict(v) for k, v in (component_env or {}).items()}
+        #: Every variable of every process but the per-component ones of :meth:`env_for`.
         self.env = self._build_env(extra_env or {})
         atexit.register(self.stop)
 
@@ -304,7 +355,9 @@ class AirflowCluster:
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
             }
         )
-        if self.results_url != f"sqlite:///{self.home / 'training_results.db'}":
+        if self.results_url != f"sqlite:///{self.home / 'training_results.db'}" and (
+            "training_results" not in self.db_connections
+        ):
             env["AIRFLOW_CONN_TRAINING_RESULTS"] = json.dumps(
                 {"conn_type": "generic", "extra": {"sqlalchemy_url": self.results_url}}
             )
@@ -327,7 +380,54 @@ class AirflowCluster:
             )
             env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(passwords)
         env.update(extra)
+        for conn_id in self.db_connections:  # a variable would shadow the metadata DB's row
+            env.pop(f"AIRFLOW_CONN_{conn_id.upper()}", None)
         return env
+
+    @staticmethod
+    def role(component: str) -> str:
+        """The component's role in :data:`COMPONENT_SECRETS`: ``worker`` for every Celery worker."""
+        return "worker" if component.startswith("celery-worker-") else component
+
+    def env_for(self, component: str) -> dict[str, str]:
+        """The environment of one component (a name of :attr:`components`, or ``init`` for the
+        migrations and ``airflow connections add``): :attr:`env`, a Celery worker's own settings,
+        without the secrets its role does not get (:attr:`component_secrets`), then
+        :attr:`component_env` of its role and of its name."""
+        role = self.role(component)
+        env = dict(self.env)
+        if role == "worker":
+            env.update(self._worker_env(component))
+        elif role == "api-server" and self.workers:
+            # A running task's log from the log server of the worker that runs it.
+            env["PYTHONPATH"] = os.pathsep.join((env["PYTHONPATH"], str(REPO)))
+            env["AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS"] = "tests.cluster_logs.LOGGING_CONFIG"
+            env["AIRFLOW_CLUSTER_LOG_SERVERS"] = json.dumps(
+                {name: f"http://127.0.0.1:{port}" for name, port in self.worker_log_ports.items()}
+            )
+        if self.component_secrets is not None:
+            kept = self.component_secrets.get(role, frozenset())
+            for var in AIRFLOW_SECRETS:
+                if var not in kept:
+                    env.pop(var, None)
+        for key in dict.fromkeys((role, component)):
+            for var, value in self.component_env.get(key, {}).items():
+                if value is None:
+                    env.pop(var, None)
+                else:
+                    env[var] = value
+        return env
+
+    def airflow_cli(self, *args: str, component: str = "init", timeout: float = 120.0) -> str:
+        """``airflow ARGS`` with the environment of ``component`` (init: as docker-compose.yaml's
+        airflow-init runs it); its output, or :class:`ClusterError` with it."""
+        argv = [sys.executable, "-m", "airflow", *args]
+        proc = subprocess.run(
+            argv, env=self.env_for(component), cwd=self.home, capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise ClusterError(f"airflow {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        return proc.stdout
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -339,18 +439,30 @@ class AirflowCluster:
         self.stop()
 
     def migrate(self) -> None:
-        """``airflow db migrate`` and the results DB's Alembic upgrade (once)."""
+        """``airflow db migrate``, the results DB's Alembic upgrade and :attr:`db_connections`
+        stored in the metadata DB (once), with init's environment."""
         if self._migrated:
             return
-        for name, argv in (
-            ("db-migrate", [sys.executable, "-m", "airflow", "db", "migrate"]),
-            ("results-migrate", [sys.executable, "-m", "gpu_training.results.migrate", "upgrade"]),
-        ):
-            log = self.logs / f"{name}.log"
-            with log.open("ab") as fh:
-                proc = subprocess.run(argv, env=self.env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT)
-            if proc.returncode != 0:
-                raise ClusterError(f"{' '.join(argv[2:])} failed ({proc.returncode}):\n{tail(log)}")
+        results = [sys.executable, "-m", "gpu_training.results.migrate", "upgrade"]
+        if "training_results" in self.db_connections:  # not in the environment: named here
+            results += ["--url", self.results_url]
+        steps = [("db-migrate", [sys.executable, "-m", "airflow", "db", "migrate"]), ("results-migrate", results)]
+        # All at once (one CLI start, not one per connection), from a file only this user reads.
+        connections = self.home / "init-connections.json"
+        if self.db_connections:
+            _write_private(connections, json.dumps({k: json.loads(v) for k, v in self.db_connections.items()}))
+            argv = [sys.executable, "-m", "airflow", "connections", "import", "--overwrite", str(connections)]
+            steps.append(("connections", argv))
+        env = self.env_for("init")
+        try:
+            for name, argv in steps:
+                log = self.logs / f"{name}.log"
+                with log.open("ab") as fh:
+                    proc = subprocess.run(argv, env=env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT)
+                if proc.returncode != 0:
+                    raise ClusterError(f"{' '.join(argv[2:5])} failed ({proc.returncode}):\n{tail(log)}")
+        finally:
+            connections.unlink(missing_ok=True)
         self._migrated = True
 
     def start(self) -> float:
@@ -395,15 +507,15 @@ class AirflowCluster:
         if old is not None and old.poll() is None:
             raise ClusterError(f"{name} is already running (pid {old.pid})")
         argv = [sys.executable, "-m", "airflow", name]
-        env = self.env
+        env = self.env_for(name)
         if name == "api-server":
             argv += ["--port", str(self.port), "--host", "127.0.0.1"]
         elif name in self.workers:
             argv = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@%h"]
             argv += ["--concurrency", str(self.worker_concurrency)]
-            env = self._worker_env(name)
         log = self.logs / f"{name}.log"
         since = datetime.now(UTC)
+        self.started_env[name] = env
         with log.open("ab") as fh:
             fh.write(f"\n===== {since.isoformat()} harness: starting {' '.join(argv[1:])}\n".encode())
             fh.flush()
@@ -425,14 +537,14 @@ class AirflowCluster:
                 self._wait_healthy([name], since)
 
     def _worker_env(self, name: str) -> dict[str, str]:
-        """A Celery worker's environment: its own log-server port (two on one host) and its name
+        """A Celery worker's own variables: its own log-server port (two on one host) and its name
         as the hostname task instances record (``tests/cluster_hostname.py``)."""
-        env = dict(self.env)
-        env["PYTHONPATH"] = os.pathsep.join((env["PYTHONPATH"], str(REPO)))
-        env["AIRFLOW_CLUSTER_HOSTNAME"] = name
-        env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = "tests.cluster_hostname.hostname"
-        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
-        return env
+        return {
+            "PYTHONPATH": os.pathsep.join((self.env["PYTHONPATH"], str(REPO))),
+            "AIRFLOW_CLUSTER_HOSTNAME": name,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.cluster_hostname.hostname",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.worker_log_ports[name]),
+        }
 
     def _wait_worker(self, name: str, since: datetime) -> None:
         """A Celery worker is up once it has connected to the broker and says ``ready``."""
@@ -787,6 +899,9 @@ class CeleryDeployment:
     and triggerer. ``cluster_kw`` go to :class:`AirflowCluster` (``extra_env`` is merged).
     ``executor="LocalExecutor"``: the same databases, no broker, no S3, no workers (the scheduler's
     own worker processes), so ``bench/cluster.py`` compares executors and nothing else.
+    ``compose=True`` (``make cluster``): also as docker-compose.yaml ships it, each component gets
+    only the secrets it uses (:data:`COMPONENT_SECRETS`) and init stores the ``training_results``
+    and ``aws_default`` connections in the metadata DB, encrypted, instead of ``AIRFLOW_CONN_*``.
 
         with CeleryDeployment(tmp_path) as deployment:
             run_id = deployment.cluster.trigger("gpu_training", {...})
@@ -799,10 +914,12 @@ class CeleryDeployment:
         workers: int = 2,
         worker_concurrency: int = 8,
         executor: str = "CeleryExecutor",
+        compose: bool = False,
         **cluster_kw: Any,
     ) -> None:
         self.root = Path(root).resolve()
         self.executor = executor
+        self.compose = compose
         self.workers = workers
         self.worker_concurrency = worker_concurrency
         self.cluster_kw = cluster_kw
@@ -840,15 +957,26 @@ class CeleryDeployment:
         createdb = [pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", self.postgres.user]
         subprocess.run([*createdb, "training_results"], check=True, capture_output=True)
         extra_env = dict(self.cluster_kw.pop("extra_env", {}))
+        results_url = self.postgres.url().rsplit("/", 1)[0] + "/training_results"
+        db_connections = dict(self.cluster_kw.pop("db_connections", {}))
         if self.executor == "CeleryExecutor":
             self.redis = start_redis(self.root / "redis")
             self.s3 = start_moto()
-            extra_env.setdefault("AIRFLOW_CONN_AWS_DEFAULT", self.s3.aws_connection())
+            if self.compose:
+                db_connections.setdefault("aws_default", self.s3.aws_connection())
+            else:
+                extra_env.setdefault("AIRFLOW_CONN_AWS_DEFAULT", self.s3.aws_connection())
+        if self.compose:
+            db_connections.setdefault(
+                "training_results", json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": results_url}})
+            )
+            self.cluster_kw.setdefault("component_secrets", COMPONENT_SECRETS)
         self.cluster = AirflowCluster(
             self.root / "airflow",
             executor=self.executor,
             sql_alchemy_conn=self.postgres.url(),
-            results_url=self.postgres.url().rsplit("/", 1)[0] + "/training_results",
+            results_url=results_url,
+            db_connections=db_connections,
             broker_url=self.redis.url if self.redis is not None else None,
             celery_workers=self.workers,
             worker_concurrency=self.worker_concurrency,
