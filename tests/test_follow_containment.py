@@ -402,7 +402,7 @@ def test_past_the_row_limit_the_job_fails_and_nothing_more_is_stored(
     trainer.write(event_line("PROJECT", "end"))
     result = asyncio.run(asyncio.wait_for(follower(store, job_uuid, host).run(), 20))
     assert (result.kind, result.succeeded) == ("max_metric_rows", False)
-    assert result.reason.endswith("the job stored 50 metric rows, the limit is 50 (max_metric_rows_per_job)")
+    assert "the job stored 50 metric rows, the limit is 50 (max_metric_rows_per_job)" in result.reason
     assert epochs(store) == list(range(1, 50))  # the iteration row and 49 epochs
     job = store.job(job_uuid)
     assert job.metric_rows == 50 and not job.project_ended

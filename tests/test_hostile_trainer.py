@@ -122,6 +122,17 @@ def test_a_hostile_trainer_that_ends_well_completes_with_every_good_row_and_outp
     assert all(len(m) < follow.LOG_LINE_CHARS + 200 for m in shown)
     skipped = {m for m in messages if m.startswith("output ") and "is not uploaded" in m}
     assert len(skipped) == 8, skipped  # 4 odd names, 3 symlinks, 1 FIFO
+    # ... and each is kept on the job, where its page can show it (job_events OUTPUTS/skipped)
+    assert {o.name for o in store.skipped_outputs(done.job_uuid)} == {
+        "outputs/bad\\nname.txt",
+        "outputs/bell\\x07.txt",
+        "outputs/tab\\tname",
+        "outputs/latin1-\\xe9.txt",
+        "outputs/leak.txt",
+        "outputs/leakdir",
+        "outputs/inside-link.npz",
+        "outputs/pipe",
+    }
 
 
 def test_symlinked_global_json_and_log_fail_the_job_saying_so(

@@ -63,9 +63,10 @@ LOG_LINE_BYTES = 64 * 1024
 LOG_SLICE_SECONDS = 0.005
 #: How much of an existing trainer log is shown when following starts (e.g. after a restart).
 LOG_REPLAY_BYTES = 64 * 1024
-#: The trainer log's last lines kept on the job row for the job page (``training_jobs.log_tail``),
-#: written at most this often while they change.
+#: The trainer log's last lines kept on the job row for the job page (``training_jobs.log_tail``):
+#: at most this many bytes and lines, written at most this often while they change.
 LOG_TAIL_BYTES = 32 * 1024
+LOG_TAIL_LINES = 1000
 LOG_TAIL_WRITE_SECONDS = 2.0
 CONNECT_TIMEOUT_SECONDS = 20.0
 COMMAND_TIMEOUT_SECONDS = 30.0
@@ -793,8 +794,9 @@ class JobFollower:
                     Verdict(
                         "max_metric_rows",
                         False,
-                        f"stopped at byte {self.offset} of {GLOBAL_JSON_PATH}: the job stored {batch.row_limit_at} "
-                        f"metric rows, the limit is {self.max_rows} (max_metric_rows_per_job)",
+                        f"{GLOBAL_JSON_PATH}: the job stored {batch.row_limit_at} metric rows, the limit is "
+                        f"{self.max_rows} (max_metric_rows_per_job); nothing from byte {self.offset - self.base} "
+                        "on was stored",
                     )
                 )
             if batch.consumed == 0:
@@ -1000,11 +1002,13 @@ async def _log_tail(source: Source, lines: int = 20) -> str:
 
 
 class LogTail:
-    """The last lines of the trainer log (every node's), at most ``max_bytes``: what the job page
-    shows while the job trains. Lines longer than :data:`LOG_LINE_CHARS` are cut, marked as cut."""
+    """The last lines of the trainer log (every node's), at most ``max_bytes`` and ``max_lines``:
+    what the job page shows while the job trains. Lines longer than :data:`LOG_LINE_CHARS` are cut,
+    marked as cut."""
 
-    def __init__(self, max_bytes: int = LOG_TAIL_BYTES) -> None:
+    def __init__(self, max_bytes: int = LOG_TAIL_BYTES, max_lines: int = LOG_TAIL_LINES) -> None:
         self.max_bytes = max_bytes
+        self.max_lines = max_lines
         self.lines: deque[str] = deque()
         self.size = 0
         self.changed = False
@@ -1014,7 +1018,7 @@ class LogTail:
         text = shortened(text, cut)
         self.lines.append(text)
         self.size += len(text) + 1
-        while self.size > self.max_bytes and len(self.lines) > 1:
+        while (self.size > self.max_bytes or len(self.lines) > self.max_lines) and len(self.lines) > 1:
             self.size -= len(self.lines.popleft()) + 1
         self.changed = True
 
@@ -1101,6 +1105,7 @@ class _TrainerLog:
         self.offset: int | None = None  # shown up to here
         self.cutter = LineCutter()
         self.refused: NotRegularFileError | None = None
+        self._slice_started = time.perf_counter()
 
     async def follow(self) -> None:
         backoff = Backoff()
@@ -1129,14 +1134,18 @@ class _TrainerLog:
     async def feed(self, data: bytes) -> None:
         """Show the lines ``data`` completes, yielding to the loop between slices.
 
-        Of a large read only the lines the gate can show now and those in its last
-        :data:`LOG_TAIL_BYTES` (what the tail keeps) are handled one by one; the lines between are
-        counted as not shown, in C: a flood of short lines costs little more than a read."""
+        Of a read with many lines only those the gate can show now and the last ones the tail
+        keeps (:data:`LOG_TAIL_LINES`, :data:`LOG_TAIL_BYTES`) are handled one by one; the lines
+        between are counted as not shown, in C: a flood of short lines costs little more than a read."""
         assert self.offset is not None
+        # A stream with data waiting returns chunk after chunk without the loop running anything
+        # else in between (a local read, an SSH channel's buffer): the slice spans the chunks.
+        await self._pause_if_due()
         base, start = self.offset, 0
-        if len(data) > 2 * LOG_TAIL_BYTES:
-            head_end = _after_newlines(data, self.gate.showable() + 1)
-            skip_to = data.rfind(b"\n", 0, len(data) - LOG_TAIL_BYTES) + 1
+        showable = self.gate.showable()
+        if data.count(b"\n") > showable + LOG_TAIL_LINES + 1:
+            head_end = _after_newlines(data, showable + 1)
+            skip_to = _tail_window(data, LOG_TAIL_LINES, LOG_TAIL_BYTES)
             if 0 < head_end < skip_to:
                 await self._feed(data, base, 0, head_end)
                 self.gate.drop(data.count(b"\n", head_end, skip_to), skip_to - head_end)
@@ -1145,13 +1154,17 @@ class _TrainerLog:
         self.offset = base + len(data)
 
     async def _feed(self, data: bytes, base: int, start: int, stop: int) -> None:
-        slice_started = time.perf_counter()
         for count, (line, cut, end) in enumerate(self.cutter.lines(data, start, stop), 1):
             self._line(line.decode("utf-8", "replace"), cut)
             self.offset = base + end
-            if count % 64 == 0 and time.perf_counter() - slice_started > LOG_SLICE_SECONDS:
-                await asyncio.sleep(0)
-                slice_started = time.perf_counter()
+            if count % 64 == 0:
+                await self._pause_if_due()
+
+    async def _pause_if_due(self) -> None:
+        """Let the loop run other tasks once this log held it :data:`LOG_SLICE_SECONDS`."""
+        if time.perf_counter() - self._slice_started > LOG_SLICE_SECONDS:
+            await asyncio.sleep(0)
+            self._slice_started = time.perf_counter()
 
     def _line(self, text: str, cut: int = 0) -> None:
         self.gate.line(text, cut)
@@ -1178,6 +1191,17 @@ class _TrainerLog:
             await self.feed(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
         if (rest := self.cutter.rest()) is not None:
             self._line(rest[0].decode("utf-8", "replace"), rest[1])
+
+
+def _tail_window(data: bytes, lines: int, size: int) -> int:
+    """Where the last ``lines`` complete lines of ``data`` start, or its last ``size`` bytes' first
+    whole line if later (0: from the start)."""
+    newline = data.rfind(b"\n")
+    for _ in range(lines):
+        if newline <= 0:
+            return 0
+        newline = data.rfind(b"\n", 0, newline)
+    return max(newline + 1, data.rfind(b"\n", 0, max(0, len(data) - size)) + 1)
 
 
 def _after_newlines(data: bytes, count: int) -> int:
