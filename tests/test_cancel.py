@@ -395,3 +395,12 @@ def test_the_runs_note_says_who_cancelled_which_job(store: ResultsStore, rig: Ri
     listener.note_on_run(run, note)
     listener.note_on_run(run, note)  # once
     assert run.note == f"found a bad batch, stopping it\n\n{note}"
+
+
+@pytest.mark.parametrize("kind", ["not_regular_file", "max_metric_rows"])
+def test_a_contained_hostile_trainer_is_stopped(stop_failing: Callable[[int], StopFailing], kind: str) -> None:
+    """A job failed for a hostile global.json (a symlink, too many rows) stops its trainer at once:
+    it would otherwise keep writing until teardown."""
+    trainer = stop_failing(0)
+    lifecycle.after_follow(None, "job", {"kind": kind, "reason": "..."})  # type: ignore[arg-type]
+    assert trainer.stops == 1

@@ -914,7 +914,18 @@ def restart_trainer(store: ResultsStore, job_uuid: str) -> dict[str, Any] | None
 
 
 #: Ends after which the trainer may still be running and must be stopped.
-_STOP_AFTER = frozenset({"stall", "max_runtime", "max_cost", "non_finite_loss", "cancelled", "node_failed"})
+_STOP_AFTER = frozenset(
+    {
+        "stall",
+        "max_runtime",
+        "max_cost",
+        "non_finite_loss",
+        "cancelled",
+        "node_failed",
+        "not_regular_file",
+        "max_metric_rows",
+    }
+)
 #: How often :func:`after_follow` tries to stop the trainer, and the wait before the n-th retry
 #: (n times this).
 STOP_ATTEMPTS = 3
