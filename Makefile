@@ -29,7 +29,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down status logs validate
+.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down status logs validate docs
 
 help:
 	@sed -n '2,11p' Makefile
@@ -152,6 +152,11 @@ bench-soak: install
 	  apt-get install -y -qq --no-install-recommends postgresql >/dev/null || \
 	  { echo "bench/soak.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# docs/params.md, generated from PARAM_SPECS (plugins/gpu_training/docs.py); tests/test_docs.py fails
+# when the committed page differs from what this writes.
+docs: $(BIN)/.installed
+	$(BIN)/python -m gpu_training.docs params --output docs/params.md
 
 lint: install
 	$(BIN)/ruff check plugins dags tests bench include
