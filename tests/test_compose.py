@@ -23,8 +23,11 @@ from cryptography.fernet import Fernet
 from sqlalchemy import make_url
 
 from gpu_training.hooks.results import DEFAULT_CONN_ID as RESULTS_CONN_ID
+from gpu_training.params import DEFAULT_IMAGE
+from gpu_training.policy import OPTIONS, SECTION, Policy
 from gpu_training.retraining.spec import DEFAULT_POOL
 from gpu_training.storage import AWS_CONN_ID
+from tests.airflow_cluster import API_SECRET_KEY, COMPONENT_SECRETS, FERNET_KEY, JWT_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -51,6 +54,32 @@ AIRFLOW_SERVICES = (
     "flower",
 )
 LONG_RUNNING = tuple(name for name in AIRFLOW_SERVICES if name != "airflow-init")
+#: Which Airflow secret each service gets: only those its component uses (docs/security.md
+#: "Secrets", measured by tests/e2e/celery/secrets_matrix.py), by the .env variable holding it.
+SERVICE_SECRETS: dict[str, set[str]] = {
+    "airflow-apiserver": {FERNET_KEY, JWT_SECRET, API_SECRET_KEY},
+    "airflow-scheduler": {JWT_SECRET},
+    "airflow-dag-processor": set(),
+    "airflow-triggerer": {FERNET_KEY, API_SECRET_KEY},
+    "airflow-worker": {API_SECRET_KEY},
+    "airflow-init": {FERNET_KEY},
+    "flower": set(),
+}
+#: The component (tests/airflow_cluster.py COMPONENT_SECRETS, what `make cluster` runs) of each service.
+SERVICE_ROLES = {
+    "airflow-apiserver": "api-server",
+    "airflow-scheduler": "scheduler",
+    "airflow-dag-processor": "dag-processor",
+    "airflow-triggerer": "triggerer",
+    "airflow-worker": "worker",
+    "airflow-init": "init",
+}
+#: The .env variable of each Airflow secret.
+SECRET_SOURCES = {
+    FERNET_KEY: "AIRFLOW_FERNET_KEY",
+    JWT_SECRET: "AIRFLOW_JWT_SECRET",
+    API_SECRET_KEY: "AIRFLOW_API_SECRET_KEY",
+}
 
 
 @functools.cache
@@ -128,6 +157,18 @@ def bind_mounts(service: dict[str, Any]) -> list[str]:
     return mounts
 
 
+def volume_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each volume (v2 renders dicts, 1.29 ``source:target:mode`` strings)."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.append((str(volume.get("source")), str(volume.get("target"))))
+        else:
+            source, target = volume.split(":")[:2]
+            mounts.append((source, target))
+    return mounts
+
+
 def depends_on(service: dict[str, Any]) -> dict[str, str]:
     deps = service.get("depends_on") or {}
     if isinstance(deps, list):
@@ -168,18 +209,39 @@ def test_env_file_is_never_committed() -> None:
     assert ".env" in DOCKERIGNORE.read_text().split(), "the build context must not carry .env into a layer"
 
 
-def test_airflow_services_share_the_secrets_of_env(services: dict[str, Any], secrets: dict[str, str]) -> None:
+def test_each_airflow_service_gets_only_the_secrets_its_component_uses(
+    services: dict[str, Any], secrets: dict[str, str]
+) -> None:
     for name in AIRFLOW_SERVICES:
         env = services[name]["environment"]
-        assert env["AIRFLOW__CORE__FERNET_KEY"] == secrets["AIRFLOW_FERNET_KEY"], name
-        assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == secrets["AIRFLOW_JWT_SECRET"], name
-        assert env["AIRFLOW__API__SECRET_KEY"] == secrets["AIRFLOW_API_SECRET_KEY"], name
+        given = {var for var in SECRET_SOURCES if var in env}
+        assert given == SERVICE_SECRETS[name], f"{name} gets {sorted(given)}"
+        for var in given:
+            assert env[var] == secrets[SECRET_SOURCES[var]], (name, var)
         assert f":{secrets['POSTGRES_PASSWORD']}@" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], name
+    # `make cluster` runs the same split (the e2e tests run what compose ships).
+    assert {SERVICE_ROLES[name]: frozenset(SERVICE_SECRETS[name]) for name in SERVICE_ROLES} == COMPONENT_SECRETS
+    # Flower runs no Airflow component: nothing of Airflow's to sign or decrypt.
+    assert SERVICE_SECRETS["flower"] == set()
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == secrets["POSTGRES_PASSWORD"]
     assert services["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == secrets["MINIO_ROOT_PASSWORD"]
     assert services["airflow-apiserver"]["environment"]["AIRFLOW_ADMIN_PASSWORD"] == secrets["AIRFLOW_ADMIN_PASSWORD"]
     dockerfile = DOCKERFILE.read_text()
     assert not any(secrets[name] in dockerfile for name in SECRETS)
+
+
+def test_each_secret_is_said_where_it_is_given(services: dict[str, Any]) -> None:
+    """Every secret comes from one anchor, whose comment names the components that use it."""
+    text = COMPOSE_FILE.read_text()
+    for anchor, var, users in (
+        ("fernet-key", FERNET_KEY, ("api-server", "triggerer", "airflow-init")),
+        ("jwt-secret", JWT_SECRET, ("scheduler", "api-server")),
+        ("api-secret-key", API_SECRET_KEY, ("api-server", "worker", "triggerer")),
+    ):
+        assert text.count(f"{var}:") == 1, f"{var} is set once, in x-{anchor}"
+        block = text[: text.index(f"x-{anchor}: &{anchor}")]
+        comment = block[block.rstrip().rfind("\n\n") :]
+        assert all(user in comment for user in users), (anchor, comment)
 
 
 # --- the Airflow services -----------------------------------------------------------------------
@@ -273,6 +335,39 @@ def test_init_creates_every_connection_the_code_uses(services: dict[str, Any]) -
     assert deps["minio-init"] == "service_completed_successfully"
     assert depends_on(services["minio-init"])["minio"] == "service_healthy"
     assert "mc mb --ignore-existing" in command_text(services["minio-init"])
+
+
+# --- the deployment's policy ([gpu_training]) ----------------------------------------------------
+
+
+def policy_of(service: dict[str, Any]) -> Policy:
+    env = service["environment"]
+    prefix = f"AIRFLOW__{SECTION.upper()}__"
+    return Policy.from_values({key: env[prefix + key.upper()] for key in OPTIONS if prefix + key.upper() in env})
+
+
+def test_the_deployment_ships_without_the_local_provider(services: dict[str, Any]) -> None:
+    policies = {name: policy_of(services[name]) for name in AIRFLOW_SERVICES}
+    assert len(set(policies.values())) == 1, "one policy in every Airflow container"
+    policy = policies["airflow-worker"]
+    assert not policy.allows_provider("local"), "local runs trainers on the workers themselves"
+    assert policy.allowed_providers == ("ssh", "lambda", "runpod", "vast", "ec2")
+    # file:// only inside the image's storage folder, the volume every worker and the api-server share.
+    assert policy.allowed_file_roots == ("/opt/airflow/storage",)
+    for name in AIRFLOW_SERVICES:
+        assert ("gpu-training-storage", "/opt/airflow/storage") in volume_mounts(services[name]), name
+    # The README's examples fit; the deployment's own connections cannot be named by a job.
+    assert all(policy.allows_connection(c) for c in ("gpu_box", "gpu_instance_ssh", "trainer_registry", "team_mail"))
+    for conn_id in (AWS_CONN_ID, RESULTS_CONN_ID, "lambda_default", "runpod_default", "vast_default"):
+        assert not policy.allows_connection(conn_id), conn_id
+    assert policy.allows_image(DEFAULT_IMAGE) and not policy.allows_image("docker.io/library/alpine:latest")
+
+
+def test_init_needs_no_local_provider(services: dict[str, Any]) -> None:
+    """airflow-init creates databases, connections and a pool: nothing it creates or runs is a job
+    (a `dags trigger` on the default params would be refused: their provider is local)."""
+    script = command_text(services["airflow-init"])
+    assert "dags trigger" not in script and "dags test" not in script and "local" not in script
 
 
 # --- the image -----------------------------------------------------------------------------------

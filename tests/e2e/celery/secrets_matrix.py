@@ -27,8 +27,10 @@ server; the fake cloud takes 12 s to terminate), and every task's log once finis
 the connections and the Variable are stored again with init's environment so altered, then the
 same checks run. Each scenario prints what broke with the errors seen; the table comes last.
 Finally the split of :data:`COMPONENT_SECRETS` runs the same checks, also with each component's
-own ``airflow.cfg`` (as in containers), and a Flower started without any secret is asked for its
-page. Needs root (sshd), PostgreSQL and Redis; ~60-80 min on 2 cores.
+own ``airflow.cfg`` (as in containers): all pass but the probe DAG's parse, which needs the Fernet
+key the split gives no dag-processor (no DAG file of the repository reads a stored secret while
+parsed). A Flower started without any secret is asked for its page. Needs root (sshd), PostgreSQL
+and Redis; ~60 min on 2 cores (``--only api-server`` etc. for a part; ``--only none`` for the split).
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class Outcome:
         return [
             name
             for name in ("signin", "parse", "job", "live_trigger_log", "live_worker_log", "finished_logs")
-            if not str(getattr(self, name)).startswith("ok")
+            if not str(getattr(self, name)).startswith(("ok", "expected"))
         ]
 
 
@@ -545,6 +547,8 @@ def main() -> None:
                 matrix.store_init_objects()
                 outcome = Outcome("split", "COMPONENT_SECRETS", variant)
                 matrix.checks(outcome, "split")
+                if FERNET_KEY not in COMPONENT_SECRETS["dag-processor"] and outcome.parse.startswith("import error"):
+                    outcome.parse = "expected (the dag-processor holds no Fernet key): " + outcome.parse
                 report(outcome)
             log(f"flower without any secret: {check_flower(matrix)}")
     finally:
