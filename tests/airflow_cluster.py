@@ -30,7 +30,8 @@ are stored in the metadata DB by the init step rather than set as ``AIRFLOW_CONN
 
 ``python tests/airflow_cluster.py HOME`` starts one and keeps it up until Ctrl-C; with ``--celery``
 (``make cluster``, :func:`start_make_cluster`) the compose topology on port 8080 (``--port``), where
-signing in is required: user ``admin``, password generated once per HOME and printed at start.
+signing in is required: user ``admin``, password generated once per HOME and printed at start; its
+components hold only their secrets and its connections are in the metadata DB, as with compose.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ API_SECRET_KEY = "AIRFLOW__API__SECRET_KEY"
 AIRFLOW_SECRETS = (FERNET_KEY, JWT_SECRET, API_SECRET_KEY)
 #: Which of them each component of the CeleryExecutor deployment uses, measured on a running
 #: deployment (``tests/e2e/celery/secrets_matrix.py``; the table and the failures: docs/security.md
-#: "Secrets"). ``CeleryDeployment(compose=True)`` runs with it.
+#: "Secrets"). docker-compose.yaml gives each service the same; ``make cluster`` runs with it.
 #: Roles: ``init`` is the one-off setup (``airflow db migrate``, ``airflow connections add``),
 #: ``worker`` every ``airflow celery worker``.
 #: - Fernet key: where stored connections and variables are read or written: the api-server (the
@@ -1066,11 +1067,14 @@ def start_make_cluster(
     **cluster_kw: Any,
 ) -> CeleryDeployment:
     """What ``make cluster`` starts: the compose topology (:class:`CeleryDeployment`) on ``port``,
-    signed in as SimpleAuthManager's ``admin`` (role ADMIN) with the password of :func:`admin_password`;
-    prints the URL and the login to ``out`` (stdout) once ``gpu_training`` is parsed. The caller stops it."""
+    as docker-compose.yaml ships it (``compose=True``: each component only its secrets, connections
+    stored encrypted by init), signed in as SimpleAuthManager's ``admin`` (role ADMIN) with the
+    password of :func:`admin_password`; prints the URL and the login to ``out`` (stdout) once
+    ``gpu_training`` is parsed. The caller stops it."""
     out = out if out is not None else sys.stdout
     check_port_free(port)  # before anything starts: a clear error, not an api-server's crash later
     password = admin_password(home)
+    cluster_kw.setdefault("compose", True)
     deployment = CeleryDeployment(home, workers=workers, port=port, users={"admin": ("ADMIN", password)}, **cluster_kw)
     try:
         deployment.start()

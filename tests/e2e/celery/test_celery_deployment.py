@@ -41,7 +41,8 @@ class Batch:
 
 
 @pytest.fixture(scope="module")
-def batch(deployment: CeleryDeployment) -> Batch:
+def batch(deployment: CeleryDeployment, lambda_job: Any) -> Batch:
+    # lambda_job (test_secrets_split.py) is triggered first: it runs beside the batch, not after it.
     cluster = deployment.airflow
     deployment.s3.client().create_bucket(Bucket=BUCKET)
     run_ids = [
