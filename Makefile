@@ -9,6 +9,7 @@
 #   make status [LIMIT=20 PROJECT=x]   recent jobs: state, GPU, nodes, cost
 #   make logs JOB=<uuid> follow a job's trainer log live (every node's) until it finishes
 #   make validate [TRAINER_IMAGE=x]   check the results DB (migrated), each cloud's credentials, the trainer image
+#   make docs            regenerate docs/params.md from the params' definitions
 SHELL := /bin/bash
 PYTHON ?= python3.11
 ifeq (, $(shell command -v $(PYTHON) 2>/dev/null))
@@ -32,7 +33,7 @@ PYTEST_ARGS ?= --durations=25
 .PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down status logs validate docs
 
 help:
-	@sed -n '2,11p' Makefile
+	@sed -n '2,12p' Makefile
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +43,7 @@ $(BIN)/.installed: requirements.txt
 
 install: $(BIN)/.installed ui-if-node
 
-# The Training jobs page (README "Training jobs page"): sources and lockfile in include/ui, the build
+# The Training jobs page (docs/ui.md): sources and lockfile in include/ui, the build
 # (git-ignored) in plugins/gpu_training/ui_dist, served by the plugin at /training/ui/. Rebuilt when
 # a source changes; needs Node.js >= 18 and npm (.ci/system-deps installs Debian's).
 UI_DIR := include/ui
@@ -66,7 +67,7 @@ $(AIRFLOW_HOME)/.migrated: $(BIN)/.installed $(wildcard plugins/gpu_training/res
 	mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -30 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 	$(BIN)/python -m gpu_training.results.migrate upgrade
-	@# The pool sweeps' trials share (README "Retraining"); created once, never resized here.
+	@# The pool sweeps' trials share (docs/retraining.md); created once, never resized here.
 	$(BIN)/airflow pools get gpu_instances >/dev/null 2>&1 || \
 	  $(BIN)/airflow pools set gpu_instances 4 "GPU instances held at once by sweep trials" --include-deferred >/dev/null
 	touch $@
@@ -94,7 +95,7 @@ TRAINER_IMAGE ?=
 validate: $(BIN)/.installed
 	@$(BIN)/python -m gpu_training.cli validate $(if $(TRAINER_IMAGE),--image '$(TRAINER_IMAGE)')
 
-# docker-compose's topology as native processes on 127.0.0.1 (README "make cluster"): Debian's
+# docker-compose's topology as native processes on 127.0.0.1 (docs/deployment.md): Debian's
 # PostgreSQL and Redis, moto's S3 server, api-server (http://localhost:PORT), scheduler,
 # dag-processor, triggerer and WORKERS `airflow celery worker` processes, until Ctrl-C. A fresh
 # deployment at every start, state and logs in CLUSTER_HOME; sign in as admin with the password it

@@ -206,7 +206,7 @@ def _field(err: jsonschema.ValidationError) -> str:
 def _check_params(path: Path, field: str, params: Mapping[str, Any]) -> None:
     unknown = sorted(set(params) - set(PARAM_SPECS))
     if unknown:
-        raise RetrainingSpecError(path, f"{field}.{unknown[0]}", "not a gpu_training param (known: see README)")
+        raise RetrainingSpecError(path, f"{field}.{unknown[0]}", "not a gpu_training param (known: see docs/params.md)")
     try:
         parse_job_params(params)
     except JobParamsError as err:
