@@ -6,8 +6,9 @@ password it printed; the harness's own calls carry that user's token); about 30 
 docker-compose.yaml ships it, each component holds only the Airflow secrets it uses and the
 connections are stored in the metadata DB, encrypted (``COMPONENT_SECRETS``, docs/security.md).
 
-:func:`lambda_job` (``test_secrets_split.py``) is a job on the fake Lambda cloud whose connections
-are stored there too; the first module's batch starts it, so that it runs beside the batch.
+With root (the test sshd), the fake Lambda cloud's connections are stored there too, by the same
+init step, and :func:`lambda_job` (``test_secrets_split.py``) is a job on it: the first module's
+batch starts it, so that it runs beside the batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,39 @@ class MakeCluster:
 
 
 @pytest.fixture(scope="package")
-def make_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeCluster]:
+def lambda_cloud(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig | None]:
+    """The fake Lambda cloud, its instances boxes of the test sshd; None without root (no sshd)."""
+    try:
+        sshd = request.getfixturevalue("sshd_server")
+    except pytest.skip.Exception:
+        yield None
+        return
+    rig = STARTERS["lambda"](sshd, tmp_path_factory.mktemp("celery-lambda-boxes"))
+    rig.fake.faults.terminate_seconds = 600.0  # until test_secrets_split has seen teardown's live log
+    yield rig
+    rig.stop()
+
+
+def cloud_connections(rig: Rig | None) -> dict[str, str]:
+    """conn_id -> connection (JSON) of the fake cloud: ``lambda_default`` (its API key as the
+    password) and the SSH ones (the instances' key in the extra)."""
+    return {} if rig is None else {key.removeprefix("AIRFLOW_CONN_").lower(): v for key, v in rig.env.items()}
+
+
+@pytest.fixture(scope="package")
+def make_cluster(tmp_path_factory: pytest.TempPathFactory, lambda_cloud: Rig | None) -> Iterator[MakeCluster]:
     out = io.StringIO()
     home = tmp_path_factory.mktemp("celery")
-    dep = start_make_cluster(home, port=free_port(), workers=2, out=out, worker_concurrency=8, parallelism=32)
+    # The cloud's connections go into the metadata DB with the deployment's own, by init (one step).
+    dep = start_make_cluster(
+        home,
+        port=free_port(),
+        workers=2,
+        out=out,
+        worker_concurrency=8,
+        parallelism=32,
+        db_connections=cloud_connections(lambda_cloud),
+    )
     try:
         yield MakeCluster(dep, out.getvalue())
     finally:
@@ -76,61 +105,35 @@ class LambdaJob:
     rig: Rig
     run_id: str
     release: Path
-    #: conn_id -> the connection (JSON) stored in the metadata DB by init's environment.
+    #: conn_id -> the cloud's connections (JSON), stored in the metadata DB by init.
     connections: dict[str, str]
 
 
 @pytest.fixture(scope="package")
 def lambda_job(
-    deployment: CeleryDeployment, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    deployment: CeleryDeployment, lambda_cloud: Rig | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LambdaJob | None]:
-    """The fake Lambda's ``lambda_default`` (its API key as the password) and the SSH connections
-    (the instances' key in the extra) stored in the metadata DB as docker-compose.yaml's airflow-init
-    stores connections: ``airflow connections ...`` with init's environment (the Fernet key only).
-    None where the test sshd cannot run (not root): the tests that need it skip."""
-    try:
-        sshd = request.getfixturevalue("sshd_server")
-    except pytest.skip.Exception:
+    """The job on the fake Lambda, triggered; None without root (the tests that need it skip)."""
+    if lambda_cloud is None:
         yield None
         return
     cluster = deployment.airflow
-    work = tmp_path_factory.mktemp("celery-lambda")
-    rig = STARTERS["lambda"](sshd, work / "boxes")
-    rig.fake.faults.terminate_seconds = 600.0  # until the test has seen teardown's live log
-    try:
-        connections = {key.removeprefix("AIRFLOW_CONN_").lower(): value for key, value in rig.env.items()}
-        # The cloud's as the README has it added in a compose container; the SSH ones in one go.
-        cloud = json.loads(connections["lambda_default"])
-        cluster.airflow_cli(
-            *("connections", "add", "lambda_default", "--conn-type", cloud["conn_type"]),
-            *("--conn-host", cloud["host"], "--conn-password", cloud["password"]),
-            *("--conn-extra", json.dumps(cloud["extra"])),
-            component="init",
-        )
-        path = work / "connections.json"
-        ssh = {conn_id: json.loads(value) for conn_id, value in connections.items() if conn_id != "lambda_default"}
-        path.write_text(json.dumps(ssh))
-        path.chmod(0o600)
-        cluster.airflow_cli("connections", "import", str(path), component="init")
-        path.unlink()
-        release = work / "release"
-        run_id = cluster.trigger(
-            "gpu_training",
-            {
-                "project_id": "celery-split-secrets",
-                "provider": "lambda",
-                "gpu": rig.gpu,
-                "command": ["{python}", str(SCRIPTED), "gate", "3", str(release), "0.2"],
-                "poll_interval_seconds": 1,
-            },
-        )
-        yield LambdaJob(rig, run_id, release, connections)
-        release.touch()  # whatever the tests did: let the run end before the rig goes
-        rig.fake.faults.terminate_seconds = 0.0
-        with contextlib.suppress(ClusterError):
-            cluster.wait_run("gpu_training", run_id, timeout=120)
-    finally:
-        rig.stop()
+    release = tmp_path_factory.mktemp("celery-lambda-job") / "release"
+    run_id = cluster.trigger(
+        "gpu_training",
+        {
+            "project_id": "celery-split-secrets",
+            "provider": "lambda",
+            "gpu": lambda_cloud.gpu,
+            "command": ["{python}", str(SCRIPTED), "gate", "3", str(release), "0.2"],
+            "poll_interval_seconds": 1,
+        },
+    )
+    yield LambdaJob(lambda_cloud, run_id, release, cloud_connections(lambda_cloud))
+    release.touch()  # whatever the tests did: the run ends before the deployment stops
+    lambda_cloud.fake.faults.terminate_seconds = 0.0
+    with contextlib.suppress(ClusterError):
+        cluster.wait_run("gpu_training", run_id, timeout=120)
 
 
 def lambda_job_or_skip(job: Any) -> LambdaJob:
