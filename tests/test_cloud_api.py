@@ -108,7 +108,10 @@ def test_client_errors_are_typed_and_not_retried(hook: EchoHook, server: EchoClo
         hook.request("GET", "/x")
     with pytest.raises(BadRequestError, match="status 400"):
         hook.request("GET", "/x")
-    with pytest.raises(BadRequestError, match="check the API key in Airflow connection 'echo_default'") as err:
+    with pytest.raises(
+        BadRequestError,
+        match="the API key was not accepted; set a valid key as the password of Airflow connection 'echo_default'",
+    ) as err:
         hook.request("GET", "/x")
     assert server.api_key not in str(err.value)
     assert len(server.calls) == 3

@@ -508,10 +508,11 @@ def test_ssh_host_unreachable_past_the_timeout_ends_the_job(
     proxy: TcpProxy = ssh_target["proxy"]
 
     async def scenario() -> FollowResult:
-        f = ssh_follower(store, job_uuid, host, ssh_target, unreachable_timeout=timedelta(seconds=2))
+        # 5 s: on a loaded machine one SSH connect and command can take 2.
+        f = ssh_follower(store, job_uuid, host, ssh_target, unreachable_timeout=timedelta(seconds=5))
         task = asyncio.create_task(f.run())
         trainer.epoch(1)
-        await until(lambda: epochs(store) == [1])
+        await until(lambda: epochs(store) == [1], timeout=30)
         proxy.cut(refuse=False)  # packets vanish: connects and commands hang until they time out
         return await asyncio.wait_for(task, 60)
 

@@ -314,6 +314,9 @@ def test_logs_follows_until_ctrl_c_and_exits_quietly(store: ResultsStore, local:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal, though the suite runs in the background (where a shell without job
+        # control starts its commands with SIGINT ignored, and Python keeps it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None

@@ -392,7 +392,18 @@ def test_the_reaper_dag_reaps_a_deleted_runs_instance_and_fails_on_a_cloud_error
     assert migrate.wait(timeout=120) == 0, migrate.stderr.read() if migrate.stderr else ""
 
     result = subprocess.run(
-        [sys.executable, "-m", "airflow", "dags", "test", "gpu_instance_reaper", "--conf", '{"grace_minutes": 0}'],
+        [
+            sys.executable,
+            "-m",
+            "airflow",
+            "dags",
+            "test",
+            "gpu_instance_reaper",
+            "-f",
+            str(REPO / "dags" / "gpu_instance_reaper.py"),
+            "--conf",
+            '{"grace_minutes": 0}',
+        ],
         env=env,
         capture_output=True,
         text=True,

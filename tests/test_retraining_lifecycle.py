@@ -265,7 +265,8 @@ def test_register_job_refuses_a_stage_whose_upstream_has_no_model(store: Results
     assert store.job_uuid_for_run(DAG, RUN, -1, stage="ppo") is None  # nothing registered
 
 
-def test_the_initial_checkpoint_lands_in_the_work_dirs_init(tmp_path: Path) -> None:
+def test_the_initial_checkpoint_lands_in_the_work_dirs_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__GPU_TRAINING__ALLOWED_FILE_ROOTS", str(tmp_path))
     model = tmp_path / "outputs" / "model_final.npz"
     model.parent.mkdir()
     model.write_bytes(b"weights")

@@ -1177,20 +1177,24 @@ class _TrainerLog:
         :data:`LOG_REPLAY_BYTES`, when the stream was further behind)."""
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if self.offset is None:
-            return
-        with contextlib.suppress(
-            SourceUnreachable, StreamBroken, NotRegularFileError, HostError, TimeoutError, OSError
-        ):
+        try:
+            await self._read_the_rest()
+        except NotRegularFileError as err:  # said once, though the stream never got to it
+            self._refuse(err)
+        if (rest := self.cutter.rest()) is not None:
+            self._line(rest[0].decode("utf-8", "replace"), rest[1])
+
+    async def _read_the_rest(self) -> None:
+        with contextlib.suppress(SourceUnreachable, StreamBroken, HostError, TimeoutError, OSError):
             size = await asyncio.wait_for(self.source.size(LOG_PATH), 10)
+            if self.offset is None:  # the stream never started: nothing shown, nothing to add
+                return
             if size - self.offset > LOG_REPLAY_BYTES:
                 skipped = size - LOG_REPLAY_BYTES - self.offset
                 self.gate.log.info("[%s] ... %d bytes of the log not shown", self.gate.label, skipped)
                 self.cutter = LineCutter(in_line=True)
                 self.offset = size - LOG_REPLAY_BYTES
             await self.feed(await asyncio.wait_for(self.source.read(LOG_PATH, self.offset, LOG_REPLAY_BYTES), 10))
-        if (rest := self.cutter.rest()) is not None:
-            self._line(rest[0].decode("utf-8", "replace"), rest[1])
 
 
 def _tail_window(data: bytes, lines: int, size: int) -> int:

@@ -66,6 +66,10 @@ def test_a_whole_job_runs_on_the_cloud_and_its_instance_is_terminated(cloud: tup
     assert rig.fake.api_key not in output and rig.fake.api_key.encode() not in logs_of(env)
 
 
+# Two clouds of different kinds (a REST cloud with an SSH key connection, EC2 through boto3): a
+# failed job's teardown is the same steps on every cloud, and each cloud's refused launch and
+# termination are tested in-process in tests/test_cloud_jobs.py.
+@pytest.mark.parametrize("cloud", ["ec2", "lambda"], indirect=True)
 def test_a_failing_trainer_on_the_cloud_still_terminates(cloud: tuple[Rig, dict[str, str]]) -> None:
     rig, env = cloud
     rig.fake.reset()

@@ -64,7 +64,16 @@ def env(airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 
 
 def dags_test(env: dict[str, str], dag_id: str, logical_date: str | None = None, conf: dict | None = None) -> None:
-    cmd = [sys.executable, "-m", "airflow", "dags", "test", dag_id]
+    cmd = [
+        sys.executable,
+        "-m",
+        "airflow",
+        "dags",
+        "test",
+        dag_id,
+        "-f",
+        env["AIRFLOW__CORE__DAGS_FOLDER"] + "/retraining.py",
+    ]
     if logical_date:
         cmd.append(logical_date)
     if conf is not None:
