@@ -47,7 +47,7 @@ def test_a_cloud_without_its_connection_is_refused_saying_how_to_add_it(store: R
     assert str(info.value) == (
         "invalid param 'provider' (Provider): provider 'lambda' (the Lambda Cloud API key) needs the Airflow "
         "connection 'lambda_default', which is not defined here: add it under Admin > Connections, or "
-        "`airflow connections add lambda_default --conn-type http --conn-password <API key>`"
+        "`airflow connections add lambda_default --conn-type lambda_cloud --conn-password <API key>`"
     )
     assert rows(store) == (0, 0)
 

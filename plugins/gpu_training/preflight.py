@@ -17,9 +17,9 @@ from gpu_training.params import JobSpec
 
 #: What each kind of connection is for, and how to add it (the CLI form; the UI has the same fields).
 _CLOUD_KEYS = {
-    "lambda": ("the Lambda Cloud API key", "--conn-type http --conn-password <API key>"),
-    "runpod": ("the RunPod API key", "--conn-type http --conn-password <API key>"),
-    "vast": ("the Vast.ai API key", "--conn-type http --conn-password <API key>"),
+    "lambda": ("the Lambda Cloud API key", "--conn-type lambda_cloud --conn-password <API key>"),
+    "runpod": ("the RunPod API key", "--conn-type runpod --conn-password <API key>"),
+    "vast": ("the Vast.ai API key", "--conn-type vastai --conn-password <API key>"),
     "ec2": ("the AWS credentials", "--conn-type aws --conn-login <access key id> --conn-password <secret key>"),
 }
 _SSH_ADD = '--conn-type ssh --conn-login <user> --conn-extra \'{"private_key": "<the key>"}\''

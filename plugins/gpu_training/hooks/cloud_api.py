@@ -1,8 +1,10 @@
 """``CloudApiHook``: the HTTP client every GPU cloud's hook builds on.
 
-One Airflow connection per cloud (``lambda_default``, ``runpod_default``, ``vast_default``): the API
-key is the connection's password (masked in every log as soon as it is read); the host is the API's
-public address unless the connection sets one (a proxy, or a local fake in the tests). Requests are
+One Airflow connection per cloud (``lambda_default``, ``runpod_default``, ``vast_default``), of the
+cloud's own connection type (``lambda_cloud``, ``runpod``, ``vastai``: ``connection_types.py``) or a
+plain ``http`` one: the API key is the connection's password (masked in every log as soon as it is
+read); the host is the API's public address unless the connection sets one (a proxy, or a local fake
+in the tests); the settings are its extra's keys. Requests are
 retried by tenacity on 429, 5xx and connection errors, with exponential backoff and jitter, waiting
 what a ``Retry-After`` header asks for. A request that is not idempotent (a launch) is retried only
 on 429 (the cloud did not act on it); after a 5xx the caller asks the cloud what happened.
@@ -33,6 +35,7 @@ from gpu_training.errors import (
     ProviderError,
     ProviderUnavailableError,
 )
+from gpu_training.hooks.connection_types import CloudConnectionType, connection_settings
 
 
 class RateLimitedError(ProviderUnavailableError):
@@ -73,6 +76,9 @@ class CloudApiHook(BaseHook):
 
     conn_name_attr = "conn_id"
     default_conn_name: ClassVar[str]
+    #: The cloud's connection type and its form (a subclass sets it); a connection of type ``http``
+    #: with the same password and extras works as well.
+    connection_type: ClassVar[CloudConnectionType | None] = None
     conn_type = "http"
     #: Provider name used in errors and records (``lambda``, ``runpod``, ``vast``).
     provider: ClassVar[str]
@@ -103,9 +109,18 @@ class CloudApiHook(BaseHook):
                 self.provider, f"Airflow connection {self.conn_id!r} is not defined (it holds the API key): {err}"
             ) from err
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The connection form's standard fields: hidden, relabelled, placeholders (Airflow 3.3 reads the
+        same from the provider info, with the extra fields: ``connection_types.py``)."""
+        if cls.connection_type is None:
+            return {"hidden_fields": [], "relabeling": {}, "placeholders": {}}
+        return cls.connection_type.field_behaviour()
+
     @cached_property
     def extras(self) -> dict[str, Any]:
-        return dict(self.connection.extra_dejson or {})
+        """The connection's settings: its extra's keys, those left empty dropped (the defaults apply)."""
+        return connection_settings(self.connection.extra_dejson, self.conn_type)
 
     @cached_property
     def api_key(self) -> str:

@@ -37,6 +37,7 @@ import requests
 
 from gpu_training.errors import ProviderError
 from gpu_training.hooks.cloud_api import CloudApiHook
+from gpu_training.hooks.connection_types import LAMBDA_CLOUD
 
 #: The launch refusal that means "no machine of this type free in this region now".
 CAPACITY_CODE = "instance-operations/launch/insufficient-capacity"
@@ -58,7 +59,9 @@ class LambdaCloudHook(CloudApiHook):
     """Lambda Cloud API v1 over the ``lambda_default`` connection (API key in the password)."""
 
     default_conn_name = "lambda_default"
-    hook_name = "Lambda Cloud"
+    connection_type = LAMBDA_CLOUD
+    conn_type = LAMBDA_CLOUD.conn_type
+    hook_name = LAMBDA_CLOUD.hook_name
     provider: ClassVar[str] = "lambda"
     default_url: ClassVar[str] = "https://cloud.lambda.ai"
     api_path: ClassVar[str] = "/api/v1"

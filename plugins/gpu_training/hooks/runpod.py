@@ -68,6 +68,7 @@ import requests
 
 from gpu_training.errors import BadRequestError, OfferNotOpenError, OfferRefusedError, ProviderError
 from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
+from gpu_training.hooks.connection_types import RUNPOD
 
 CLOUDS = ("SECURE", "COMMUNITY")
 #: The name of ``make validate``'s create that must fail (see :meth:`RunPodHook.check_create_permission`).
@@ -100,7 +101,9 @@ class RunPodHook(CloudApiHook):
     """RunPod REST API v2 over the ``runpod_default`` connection (API key in the password)."""
 
     default_conn_name = "runpod_default"
-    hook_name = "RunPod"
+    connection_type = RUNPOD
+    conn_type = RUNPOD.conn_type
+    hook_name = RUNPOD.hook_name
     provider: ClassVar[str] = "runpod"
     default_url: ClassVar[str] = "https://api.runpod.io"
     api_path: ClassVar[str] = "/v2"

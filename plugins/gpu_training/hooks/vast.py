@@ -55,6 +55,7 @@ import requests
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, NoCapacityError, ProviderError
 from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
+from gpu_training.hooks.connection_types import VASTAI
 
 #: The error code of an ask that is gone (rented by someone else, or withdrawn by its host).
 NO_SUCH_ASK = "no_such_ask"
@@ -105,7 +106,9 @@ class VastHook(CloudApiHook):
     """Vast.ai API (v0 and v1 operations) over the ``vast_default`` connection (API key in the password)."""
 
     default_conn_name = "vast_default"
-    hook_name = "Vast.ai"
+    connection_type = VASTAI
+    conn_type = VASTAI.conn_type
+    hook_name = VASTAI.hook_name
     provider: ClassVar[str] = "vast"
     default_url: ClassVar[str] = "https://console.vast.ai"
     api_path: ClassVar[str] = ""

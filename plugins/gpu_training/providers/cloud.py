@@ -20,10 +20,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from gpu_training.errors import BadRequestError, InstanceNotFoundError, ProviderError, ProviderUnavailableError
 from gpu_training.hooks.cloud_api import CloudApiHook
+from gpu_training.hooks.connection_types import DEFAULT_SSH_CONN_ID
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState, Offer
 from gpu_training.providers.ssh import SshBox, ssh_hook
 
-DEFAULT_SSH_CONN_ID = "gpu_instance_ssh"
 HookT = TypeVar("HookT", bound=CloudApiHook)
 
 
