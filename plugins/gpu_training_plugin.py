@@ -1,68 +1,17 @@
-"""Airflow plugin entry point of the GPU training orchestrator.
+"""The orchestrator's plugin for an Airflow whose plugins folder is this ``plugins/`` directory.
 
 Airflow imports every ``.py`` file of the plugins folder as a top-level module, so the package
-itself is listed in ``.airflowignore`` and registered from here.
-
-Every Airflow process (scheduler, workers, triggerer, dag-processor) imports this module, but only
-the api-server reads ``fastapi_apps``: the results API app is built on that first read, so importing
-the plugin stays cheap and touches no database. ``external_views`` puts the app's Training jobs page
-(``/training/ui/``) in the Airflow UI's nav bar and a "Training" tab on every dag run (that run's
-jobs); ``operator_extra_links`` a "Training job" button on each task of a job
-(``gpu_training/links.py``). ``listeners`` turns a dag run marked failed into a cancel of its jobs,
-noted on the run (``gpu_training/listener.py``).
+itself is listed in ``.airflowignore`` and its plugin exposed from here. When the distribution is
+installed too (``make install`` installs it editable), its ``airflow.plugins`` entry point registers
+the same plugin and this module exposes none: Airflow would report the second ``gpu_training``
+plugin as a plugin import error (``gpu_training/plugin.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from gpu_training.plugin import registered_by_entry_point
 
-from airflow.plugins_manager import AirflowPlugin
+if not registered_by_entry_point():
+    from gpu_training.plugin import GpuTrainingPlugin
 
-from gpu_training import __version__, listener
-from gpu_training.links import TrainingJobLink
-
-
-class _ResultsApiApps:
-    """``fastapi_apps``, built when first read (by the api-server), then kept."""
-
-    def __init__(self) -> None:
-        self._apps: list[dict[str, Any]] | None = None
-
-    def __get__(self, obj: object, owner: type | None = None) -> list[dict[str, Any]]:
-        if self._apps is None:
-            from gpu_training.api import URL_PREFIX
-            from gpu_training.api.app import TITLE, create_app
-
-            self._apps = [{"name": TITLE, "app": create_app(), "url_prefix": URL_PREFIX}]
-        return self._apps
-
-
-#: The Training jobs page (``gpu_training/api/ui.py``), served by the results API app and shown by
-#: the Airflow UI in an iframe under "Training jobs" in the nav bar (URL ``/plugin/training-jobs``).
-TRAINING_JOBS_VIEW: dict[str, Any] = {
-    "name": "Training jobs",
-    "href": "/training/ui/",
-    "url_route": "training-jobs",
-    "destination": "nav",
-}
-
-#: A "Training" tab on each dag run's page: the run's training job(s) in place. Airflow shows a
-#: dag_run view on every DAG's runs; the page says when a run has no job.
-TRAINING_RUN_VIEW: dict[str, Any] = {
-    "name": "Training",
-    "href": "/training/ui/#/runs/{DAG_ID}/{RUN_ID}",
-    "url_route": "training-run",
-    "destination": "dag_run",
-}
-
-
-class GpuTrainingPlugin(AirflowPlugin):
-    """Registers the orchestrator with Airflow: the results REST API under ``/training`` and its page."""
-
-    name = "gpu_training"
-    version = __version__
-    fastapi_apps = _ResultsApiApps()  # type: ignore[assignment]
-    external_views = [TRAINING_JOBS_VIEW, TRAINING_RUN_VIEW]
-    operator_extra_links = [TrainingJobLink()]
-    # A dag run marked failed (UI or REST) cancels its training jobs.
-    listeners = [listener]
+    __all__ = ["GpuTrainingPlugin"]

@@ -260,7 +260,7 @@ def test_no_token_is_401(api: FastAPI, client: TestClient, world: World) -> None
 
 def test_plugin_registers_the_app_without_building_it_at_import() -> None:
     code = (
-        "import sys, gpu_training_plugin as p\n"
+        "import sys, gpu_training.plugin as p\n"
         "assert 'gpu_training.api.app' not in sys.modules and 'fastapi' not in sys.modules, 'eager'\n"
         "[entry] = p.GpuTrainingPlugin.fastapi_apps\n"
         "assert entry['url_prefix'] == '/training' and entry['app'].title == 'GPU training results'\n"

@@ -23,7 +23,7 @@ import fnmatch
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpu_training.errors import JobParamsError
 
@@ -35,43 +35,63 @@ class JobPolicyError(JobParamsError):
     """A job asks for something the deployment's policy does not allow."""
 
 
-#: key -> (default as written in airflow.cfg, description). The defaults of a single user's machine.
-OPTIONS: dict[str, tuple[str, str]] = {
-    "allowed_providers": (
+class PolicyOption(NamedTuple):
+    """One key of the section: its default as written in airflow.cfg, what it means, its type as
+    Airflow's configuration reference names it, and an example value."""
+
+    default: str
+    description: str
+    type: str = "string"
+    example: str | None = None
+
+
+#: key -> option. The defaults of a single user's machine; the provider info's ``config`` section
+#: (``get_provider_info.py``) is made from these, so ``airflow config list`` shows them.
+OPTIONS: dict[str, PolicyOption] = {
+    "allowed_providers": PolicyOption(
         ANY,
         "Providers a job may use (comma-separated: local, ssh, lambda, runpod, vast, ec2; * for all). "
         "'local' runs trainers on the Airflow worker itself: leave it out of a shared deployment.",
+        example="ssh, lambda, runpod, vast, ec2",
     ),
-    "allow_custom_command": (
+    "allow_custom_command": PolicyOption(
         "True",
         "Whether a job may set `command` (anything but the reference trainer's). A trigger that may set it "
         "runs code of its choosing on the instance.",
+        type="boolean",
+        example="False",
     ),
-    "allowed_file_roots": (
+    "allowed_file_roots": PolicyOption(
         "",
         "Folders every file:// param (dataset_uri, init_checkpoint_uri, outputs_uri) must be inside once "
         "resolved, symlinks included (comma-separated absolute paths; * for anywhere), besides the embedded "
         "storage ($AIRFLOW_HOME/storage, where jobs' outputs go by default), which is always allowed.",
+        example="/data/datasets, /data/checkpoints",
     ),
-    "allowed_connections": (
+    "allowed_connections": PolicyOption(
         ANY,
         "Glob patterns of the Airflow connection ids a job may name (ssh_conn_id, registry_conn_id, "
         "aws_conn_id other than aws_default, notify targets), comma-separated, e.g. 'gpu_box_*, team_slack'. "
         "The clouds' own connections are the deployment's, not named by a job.",
+        example="gpu_box_*, team_slack",
     ),
-    "allowed_images": (
+    "allowed_images": PolicyOption(
         ANY,
         "Glob patterns of the Docker images a job may run (runtime docker), e.g. 'registry.example.com:5000/team/*'.",
+        example="registry.example.com:5000/team/*",
     ),
-    "local_run_as_user": (
+    "local_run_as_user": PolicyOption(
         "",
         "The local provider's trainers run as this unprivileged user (the worker must run as root), so they "
         "cannot read the worker's processes or files; empty: as the worker's own user.",
+        example="gpu-trainer",
     ),
-    "max_metric_rows_per_job": (
+    "max_metric_rows_per_job": PolicyOption(
         "1000000",
         "The most metric rows (epochs, evaluations, steps, events) one job may store; past it the job fails "
         "with that reason and nothing more is stored.",
+        type="integer",
+        example="200000",
     ),
 }
 
@@ -99,7 +119,7 @@ class Policy:
     @classmethod
     def from_values(cls, values: Mapping[str, str]) -> Policy:
         """From the section's raw strings (missing keys: :data:`OPTIONS`' defaults)."""
-        raw = {key: values.get(key, default) for key, (default, _) in OPTIONS.items()}
+        raw = {key: values.get(key, option.default) for key, option in OPTIONS.items()}
         try:
             rows = int(raw["max_metric_rows_per_job"])
         except ValueError:

@@ -33,7 +33,16 @@ TRAINER_DIR = "trainer"
 LOG_PATH = "logs/trainer.log"
 RUN_DIR = "run"
 
-INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
+
+def include_dir(package_dir: Path | None = None) -> Path:
+    """Where the remote scripts and the reference trainer are: inside the installed package
+    (``gpu_training/include``, the distribution's package data), else the checkout's ``include/``."""
+    package_dir = package_dir or Path(__file__).resolve().parents[1]
+    bundled = package_dir / "include"
+    return bundled if (bundled / "remote").is_dir() else package_dir.parents[1] / "include"
+
+
+INCLUDE_DIR = include_dir()
 RUN_TRAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_trainer.sh"
 RUN_CONTAINER_SCRIPT = INCLUDE_DIR / "remote" / "run_container.sh"
 FETCH_URLS_SCRIPT = INCLUDE_DIR / "remote" / "fetch_urls.sh"

@@ -1,7 +1,8 @@
 """Alembic migrations of the results schema, callable from Python and from the command line.
 
-``python -m gpu_training.results.migrate [upgrade|current|check] [--url URL]``; without ``--url``
-the URL comes from the ``training_results`` Airflow connection (or the embedded SQLite default).
+``gpu-training-migrate [upgrade|current|check] [--url URL]`` (the distribution's console command), or
+``python -m gpu_training.results.migrate ...`` in a checkout; without ``--url`` the URL comes from the
+``training_results`` Airflow connection (or the embedded SQLite default).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def check_at_head(engine: Engine) -> None:
     if current != head:
         raise ResultsDbError(
             f"results DB {engine.url.render_as_string(hide_password=True)} is at schema revision "
-            f"{current or 'none'}, expected {head}: run `make migrate` "
-            "(python -m gpu_training.results.migrate upgrade)"
+            f"{current or 'none'}, expected {head}: run `make migrate` in a checkout, else "
+            "`gpu-training-migrate upgrade` (python -m gpu_training.results.migrate upgrade)"
         )
 
 
