@@ -47,6 +47,14 @@ def test_every_package_is_listed() -> None:
     assert listed == found | {"gpu_training.include"}
 
 
+def test_a_build_leaves_its_metadata_off_sys_path() -> None:
+    """``*.egg-info`` in the checkout's root (pytest's and ``python -m``'s sys.path) or in ``plugins/``
+    (every Airflow process's) would make Airflow load the plugin entry point twice."""
+    egg_base = PYPROJECT["tool"]["distutils"]["egg_info"]["egg_base"]
+    assert (REPO / egg_base).is_dir() and Path(egg_base).parts[0] not in ("plugins", "dags", "tests", ".")
+    assert not list(REPO.glob("*.egg-info")) and not list((REPO / "plugins").glob("*.egg-info"))
+
+
 def test_the_entry_points_name_what_exists() -> None:
     project = PYPROJECT["project"]
     assert project["name"] == DISTRIBUTION
@@ -121,7 +129,7 @@ class Installed:
 
 def copy_checkout(dest: Path) -> Path:
     """What a build reads, copied (building in the shared checkout would leave build/ there)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules", "*.egg-info")
     dest.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, dest / name)
