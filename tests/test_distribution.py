@@ -280,3 +280,27 @@ def test_the_migrate_command(installed: Installed) -> None:
     upgraded = installed.run(installed.bin / "gpu-training-migrate", "upgrade", "--url", url)
     assert "migrated to" in upgraded
     assert "is at head" in installed.run(installed.bin / "gpu-training-migrate", "check", "--url", url)
+
+
+@pytest.mark.e2e
+def test_a_job_runs_on_what_the_distribution_ships(installed: Installed) -> None:
+    """One local job by ``airflow dags test``: the remote scripts, the reference trainer and its bundled
+    data come from the installed package (the checkout's include/ is not where it looks)."""
+    env = {"AIRFLOW_HOME": str(installed.home / "job")}  # no plugins folder, as the fixture sets it
+    installed.run(installed.python, "-m", "airflow", "db", "migrate", **env)
+    installed.run(installed.bin / "gpu-training-migrate", "upgrade", **env)
+    conf = {"project_id": "installed", "config": {"iterations": 1, "epochs": 2}, "poll_interval_seconds": 1}
+    dag_file = REPO / "dags" / "gpu_training.py"
+    argv = ("-m", "airflow", "dags", "test", "gpu_training", "-f", str(dag_file), "--conf", json.dumps(conf))
+    installed.run(installed.python, *argv, **env)
+    job = installed.script(
+        "import json; from sqlalchemy import select\n"
+        "from gpu_training.hooks.results import ResultsDbHook\n"
+        "from gpu_training.results.models import EpochTrain, TrainingJob\n"
+        "with ResultsDbHook().get_store().session() as s:\n"
+        "    [job] = s.scalars(select(TrainingJob).where(TrainingJob.project_id == 'installed')).all()\n"
+        "    epochs = len(s.scalars(select(EpochTrain).where(EpochTrain.job_id == job.id)).all())\n"
+        "    print(json.dumps({'status': job.status, 'reason': job.failure_reason, 'epochs': epochs}))",
+        **env,
+    )
+    assert job == {"status": "completed", "reason": None, "epochs": 2}
