@@ -123,6 +123,7 @@ bench: migrate
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/provision.py; else echo "bench/provision.py needs root (sshd)"; fi
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/params.py
 	$(MAKE) --no-print-directory bench-concurrency
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory bench-cluster; else echo "bench/cluster.py needs root (sshd)"; fi
 
