@@ -35,10 +35,11 @@ PYTEST_ARGS ?= --durations=25
 help:
 	@sed -n '2,12p' Makefile
 
-$(BIN)/.installed: requirements.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-torch.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-torch.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
