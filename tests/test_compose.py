@@ -397,6 +397,24 @@ def test_image_installs_requirements_and_bakes_the_code() -> None:
     assert "ENV PYTHONPATH=/opt/airflow/plugins" in lines
 
 
+def test_image_installs_the_provider_distribution_from_the_baked_code() -> None:
+    """pip builds the distribution from the files the image holds (pyproject.toml beside the copied
+    dags/, plugins/ and include/), after them, without touching the pinned dependencies."""
+    lines = dockerfile_lines()
+    copy = next(
+        i
+        for i, line in enumerate(lines)
+        if re.fullmatch(r"COPY (--chown=\S+ )?pyproject\.toml README\.md /opt/airflow/", line)
+    )
+    install = next(
+        i for i, line in enumerate(lines) if line.startswith("RUN pip install --no-cache-dir --no-deps /opt/airflow")
+    )
+    plugins = next(
+        i for i, line in enumerate(lines) if re.fullmatch(r"COPY (--chown=\S+ )?plugins/ /opt/airflow/plugins/", line)
+    )
+    assert plugins < copy < install
+
+
 def test_image_builds_the_ui_where_the_plugin_serves_it() -> None:
     lines = dockerfile_lines()
     stage = lines.index("FROM node:20-bookworm-slim AS ui")
