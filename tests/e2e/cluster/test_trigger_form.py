@@ -59,6 +59,12 @@ def dialog(driver: Any) -> Any:
     return next(d for d in driver.find_elements(By.CSS_SELECTOR, "[role=dialog]") if d.is_displayed())
 
 
+def shown_dialog_saying(driver: Any, text: str) -> Any:
+    """The dialog once it shows ``text`` (None meanwhile, also while React has none on screen)."""
+    shown = next((d for d in driver.find_elements(By.CSS_SELECTOR, "[role=dialog]") if d.is_displayed()), None)
+    return shown if shown is not None and text in shown.text else None
+
+
 def dialog_button(driver: Any, text: str) -> Any:
     return next(b for b in dialog(driver).find_elements(By.TAG_NAME, "button") if b.text.strip() == text)
 
@@ -163,7 +169,7 @@ def test_a_refused_value_is_said_in_the_dialog_and_creates_no_run(
     type_into(element, value)
     before, jobs_before = run_ids(cluster), job_count(store)
     dialog_button(browser, "Trigger").click()
-    alert = wait_for("the refusal in the dialog", lambda: message in dialog(browser).text and dialog(browser), 30)
+    alert = wait_for("the refusal in the dialog", lambda: shown_dialog_saying(browser, message), 30)
     browser.save_screenshot(str(tmp_path / "trigger-form-refused.png"))
     assert "400 Bad Request" in alert.text
     assert "Failed validating" not in alert.text and "{'type'" not in alert.text  # no jsonschema dump
