@@ -544,7 +544,7 @@ def test_a_long_jobs_chart_is_paged_in(
         total = sum(size for _, size in reads)
         assert total < 1_000_000, reads  # /details alone was ~1.75 MB for this job (~35 MB at 200,000 epochs)
         choose(by_testid(browser, "metric-select"), "val_loss")
-        wait_for("the val_loss series", lambda: "0.25" in legend(browser, "loss-chart"))
+        wait_for("the val_loss series", lambda: "0.25" in legend(browser, "loss-chart"), 120)
         assert inked_pixels(browser, "loss-chart") > 200
         screenshot(browser, tmp_path / "ui-long-job.png")
     finally:
