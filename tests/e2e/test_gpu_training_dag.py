@@ -39,26 +39,25 @@ DIGITS = REPO / "include" / "trainer" / "data" / "digits.csv.gz"
 pytestmark = pytest.mark.e2e
 
 
+def dag_test_command(conf: dict[str, Any]) -> list[str]:
+    """``airflow dags test gpu_training`` with ``conf``; ``-f``: that file parsed and serialized, not
+    every DAG of dags/ (the retraining DAGs cost 7x more)."""
+    return [
+        sys.executable,
+        "-m",
+        "airflow",
+        "dags",
+        "test",
+        "gpu_training",
+        "-f",
+        str(DAG_FILE),
+        "--conf",
+        json.dumps(conf),
+    ]
+
+
 def run_dag(env: dict[str, str], conf: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        # -f: that file parsed and serialized, not every DAG of dags/ (the retraining DAGs cost 7x more)
-        [
-            sys.executable,
-            "-m",
-            "airflow",
-            "dags",
-            "test",
-            "gpu_training",
-            "-f",
-            str(DAG_FILE),
-            "--conf",
-            json.dumps(conf),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return subprocess.run(dag_test_command(conf), env=env, capture_output=True, text=True, timeout=600)
 
 
 def session(env: dict[str, str]) -> Session:

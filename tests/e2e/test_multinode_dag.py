@@ -8,11 +8,9 @@ fails the job naming that node, and every node is terminated.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,14 @@ import pytest
 from sqlalchemy import select
 
 from gpu_training.results.models import Artifact, EpochTrain, Instance
-from tests.e2e.test_gpu_training_dag import DAG_FILE, assert_torn_down, job_of, processes_mentioning, run_dag, session
+from tests.e2e.test_gpu_training_dag import (
+    assert_torn_down,
+    dag_test_command,
+    job_of,
+    processes_mentioning,
+    run_dag,
+    session,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -71,18 +76,7 @@ def test_a_node_killed_mid_training_fails_the_job_and_every_node_is_terminated(a
         "poll_interval_seconds": 1,
     }
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "airflow",
-            "dags",
-            "test",
-            "gpu_training",
-            "-f",
-            str(DAG_FILE),
-            "--conf",
-            json.dumps(conf),
-        ],
+        dag_test_command(conf),
         env=airflow_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
