@@ -2,77 +2,41 @@
 
 The URL comes from the Airflow connection ``training_results``: its extra ``sqlalchemy_url`` if set,
 else the connection's URI (``sqlite`` connections: host is the file path). Without the connection
-the embedded default is ``sqlite:///$AIRFLOW_HOME/training_results.db``.
+the embedded default is ``sqlite:///$AIRFLOW_HOME/training_results.db``. The engine itself is made by
+``results/db.py`` (its functions re-exported here).
 """
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
-from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy import Engine
 
+from gpu_training.results.db import (
+    POSTGRES_DRIVER,
+    airflow_home,
+    create_results_engine,
+    default_results_url,
+    engine_url,
+    url_from_connection,
+)
 from gpu_training.results.store import ResultsStore
 
+__all__ = [
+    "DEFAULT_CONN_ID",
+    "POSTGRES_DRIVER",
+    "ResultsDbHook",
+    "airflow_home",
+    "create_results_engine",
+    "default_results_url",
+    "engine_url",
+    "url_from_connection",
+]
+
 DEFAULT_CONN_ID = "training_results"
-
-
-def airflow_home() -> Path:
-    return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-
-
-def default_results_url() -> str:
-    return f"sqlite:///{airflow_home() / 'training_results.db'}"
-
-
-def url_from_connection(conn: Any) -> str:
-    """Turn an Airflow connection into a SQLAlchemy URL."""
-    extra = conn.extra_dejson or {}
-    if extra.get("sqlalchemy_url"):
-        return str(extra["sqlalchemy_url"])
-    if conn.conn_type == "sqlite":
-        return f"sqlite:///{conn.host}" if conn.host else "sqlite://"
-    uri = conn.get_uri()
-    if uri.startswith("postgres://"):
-        uri = "postgresql://" + uri[len("postgres://") :]
-    return uri
-
-
-#: The PostgreSQL driver of ``requirements.txt``. A URL that names none (``postgresql://``) gets it:
-#: SQLAlchemy 2.1's default for such a URL is psycopg 3, which is not installed.
-POSTGRES_DRIVER = "psycopg2"
-
-
-def engine_url(url: str) -> URL:
-    """The URL an engine is made with: ``postgres://`` read as ``postgresql://``, and a PostgreSQL
-    URL that names no driver gets :data:`POSTGRES_DRIVER`."""
-    parsed = make_url("postgresql" + url[len("postgres") :] if url.startswith("postgres://") else url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername=f"postgresql+{POSTGRES_DRIVER}")
-    return parsed
-
-
-def create_results_engine(url: str) -> Engine:
-    """An engine tuned for concurrent writers: WAL and a busy timeout on SQLite; psycopg2 for a
-    PostgreSQL URL that names no driver."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-
-        return engine
-    return create_engine(engine_url(url), pool_pre_ping=True)
 
 
 class ResultsDbHook(BaseHook):

@@ -1,4 +1,5 @@
-"""Alembic migrations of the results schema, callable from Python and from the command line.
+"""Alembic migrations of the results schema from the command line; from Python, ``results/db.py``
+(``upgrade``, ``current_revision``, ``check_at_head``, re-exported here).
 
 ``gpu-training-migrate [upgrade|current|check] [--url URL]`` (the distribution's console command), or
 ``python -m gpu_training.results.migrate ...`` in a checkout; without ``--url`` the URL comes from the
@@ -9,55 +10,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
 
 from gpu_training.errors import ResultsDbError
+from gpu_training.results.db import (
+    MIGRATIONS_DIR,
+    VERSION_TABLE,
+    alembic_config,
+    check_at_head,
+    create_results_engine,
+    current_revision,
+    head_revision,
+    upgrade,
+)
 
-VERSION_TABLE = "training_results_alembic_version"
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-
-
-def alembic_config(url: str) -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return cfg
-
-
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
-    assert head is not None
-    return head
-
-
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
-
-
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the results schema to ``revision`` (idempotent)."""
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
-
-
-def check_at_head(engine: Engine) -> None:
-    """Raise :class:`ResultsDbError` with what to run when the schema is not migrated."""
-    current, head = current_revision(engine), head_revision()
-    if current != head:
-        raise ResultsDbError(
-            f"results DB {engine.url.render_as_string(hide_password=True)} is at schema revision "
-            f"{current or 'none'}, expected {head}: run `make migrate` in a checkout, else "
-            "`gpu-training-migrate upgrade` (python -m gpu_training.results.migrate upgrade)"
-        )
+__all__ = [
+    "MIGRATIONS_DIR",
+    "VERSION_TABLE",
+    "alembic_config",
+    "check_at_head",
+    "current_revision",
+    "head_revision",
+    "main",
+    "upgrade",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="SQLAlchemy URL; default: the training_results connection")
     args = parser.parse_args(argv)
     if args.url:
-        from gpu_training.hooks.results import create_results_engine
-
         engine = create_results_engine(args.url)
     else:
         from gpu_training.hooks.results import ResultsDbHook

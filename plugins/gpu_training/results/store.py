@@ -93,7 +93,7 @@ class ResultsStore:
         return self._sessions()
 
     def check_schema(self) -> None:
-        from gpu_training.results.migrate import check_at_head
+        from gpu_training.results.db import check_at_head
 
         check_at_head(self.engine)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool
 
-from gpu_training.results.migrate import VERSION_TABLE
+from gpu_training.results.db import VERSION_TABLE
 from gpu_training.results.models import metadata
 
 config = context.config
