@@ -13,6 +13,7 @@ import { airflowBase } from "./router.js";
 const RUNNING_REFRESH_MS = 10000;
 const ENDED_REFRESH_MS = 3000;
 const LOG_REFRESH_MS = 3000;
+const SERIES_RETRY_MS = 5000;
 /** Buckets of a chart's series, shared by the iterations drawn (a chart is ~1000 px wide). */
 export const SERIES_POINTS = 1000;
 /** The evaluations a job view holds: the latest ones, read EVAL_PAGE at a time. */
@@ -119,19 +120,30 @@ export function useJobData(uuid, wanted) {
   }, [uuid, version]);
 
   // The series of the metric shown: its cursor is where the stream starts.
+  // A read that failed (the server restarting, a dropped connection) is tried again: the chart
+  // would otherwise say "Loading" until the page is reloaded.
   useEffect(() => {
     let alive = true;
-    fetchSeries(uuid, metric)
-      .then((body) => {
-        if (!alive) return;
-        cursor.current = cursor.current ?? body.cursor;
-        setSeries(body);
-        // The series has every epoch stored before its cursor: the stream's older ones go.
-        setLiveEpochs((rows) => rows.filter((r) => r.id > cursorEpoch(body.cursor)));
-      })
-      .catch((err) => alive && setError(explain(err)));
+    let timer = null;
+    const read = () =>
+      fetchSeries(uuid, metric)
+        .then((body) => {
+          if (!alive) return;
+          cursor.current = cursor.current ?? body.cursor;
+          setSeries(body);
+          setError(null);
+          // The series has every epoch stored before its cursor: the stream's older ones go.
+          setLiveEpochs((rows) => rows.filter((r) => r.id > cursorEpoch(body.cursor)));
+        })
+        .catch((err) => {
+          if (!alive) return;
+          setError(explain(err));
+          timer = setTimeout(read, SERIES_RETRY_MS);
+        });
+    read();
     return () => {
       alive = false;
+      clearTimeout(timer);
     };
   }, [uuid, metric, version, refills]);
   const tooManyLive = liveEpochs.length >= LIVE_EPOCHS_MAX;

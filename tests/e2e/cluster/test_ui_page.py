@@ -138,6 +138,7 @@ def browser(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) -
         options=options,
     )
     try:
+        sign_in(driver, cluster)  # each test runs on its own too (pytest -k)
         yield driver
     finally:
         driver.quit()
@@ -160,7 +161,7 @@ def open_page(driver: WebDriver, cluster: AirflowCluster, fragment: str = "") ->
     path = f"/plugin/training-jobs/training/ui/{fragment}" if fragment else "/plugin/training-jobs"
     driver.get(f"{cluster.base_url}{path}")
     frame = wait_for(
-        "the Training jobs iframe", lambda: driver.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']")
+        "the Training jobs iframe", lambda: driver.find_element(By.CSS_SELECTOR, "iframe[title='Training jobs']"), 60
     )
     assert "allow-same-origin" in (frame.get_attribute("sandbox") or "")
     driver.switch_to.frame(frame)
@@ -543,8 +544,25 @@ def test_a_long_jobs_chart_is_paged_in(
         assert not [url for url, _ in reads if "/epochs" in url], reads
         total = sum(size for _, size in reads)
         assert total < 1_000_000, reads  # /details alone was ~1.75 MB for this job (~35 MB at 200,000 epochs)
+        # The val_loss series' first read fails (the connection dropped): the page says so and
+        # reads it again, rather than showing "Loading val_loss…" until a reload.
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*metric=val_loss*"]})
         choose(by_testid(browser, "metric-select"), "val_loss")
-        wait_for("the val_loss series", lambda: "0.25" in legend(browser, "loss-chart"), 120)
+        try:
+            wait_for(
+                "the failed read shown",
+                lambda: "Failed to fetch" in browser.find_element(By.CSS_SELECTOR, "p.error").text,
+                60,
+            )
+            assert "Loading val_loss" in browser.find_element(By.CSS_SELECTOR, "[data-testid=job-view]").text
+            browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+            wait_for("the val_loss series", lambda: "0.25" in legend(browser, "loss-chart"), 120)
+            assert not browser.find_elements(By.CSS_SELECTOR, "p.error")
+        except AssertionError as err:
+            screenshot(browser, tmp_path / "ui-long-job-val-loss-timeout.png")
+            shown = browser.execute_script("return document.body.innerText")[:3000]
+            raise AssertionError(f"{err}; the page shows: {shown}") from None
         assert inked_pixels(browser, "loss-chart") > 200
         screenshot(browser, tmp_path / "ui-long-job.png")
     finally:
