@@ -2,8 +2,8 @@
 
 Every module of ``plugins/gpu_training`` is parsed with ``ast``; every ``import`` of a ``gpu_training``
 module is an edge, at module level or inside a function (a lazy import is still a cycle, only a later
-one), and a module's package ``__init__`` comes with it. Imports under ``if TYPE_CHECKING:`` are left
-out: they never run.
+one), and so is each package ``__init__`` above the imported module, except the importer's own packages
+(they were imported before it ran). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
         for alias in node.names:
             if f"{base}.{alias.name}" in modules:
                 targets.add(f"{base}.{alias.name}")
-    targets.discard(name)
-    return targets
+    parts = name.split(".")
+    own_packages = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return targets - own_packages
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -171,9 +172,9 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     (pkg / "d.py").write_text("from gpu_training import c\n")
     modules = {module_name_in(tmp_path, p): p for p in sorted(pkg.rglob("*.py"))}
     graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
-    assert graph["gpu_training.a"] == {"gpu_training", "gpu_training.sub", "gpu_training.sub.b"}
-    assert graph["gpu_training.sub.b"] == {"gpu_training", "gpu_training.c"}
-    assert graph["gpu_training.c"] == {"gpu_training", "gpu_training.a"}
+    assert graph["gpu_training.a"] == {"gpu_training.sub", "gpu_training.sub.b"}
+    assert graph["gpu_training.sub.b"] == {"gpu_training.c"}
+    assert graph["gpu_training.c"] == {"gpu_training.a"}
     assert cycles(graph) == [["gpu_training.a", "gpu_training.sub.b", "gpu_training.c", "gpu_training.a"]]
 
 

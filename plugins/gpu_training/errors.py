@@ -6,6 +6,8 @@ anything half-created so teardown can still find and terminate it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TrainingError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -18,6 +20,10 @@ class JobParamsError(TrainingError, ValueError):
         self.param = param
         self.reason = message
         super().__init__(f"invalid param {param!r}{_param_title(param)}: {message}")
+
+
+class JobPolicyError(JobParamsError):
+    """A job asks for something the deployment's policy does not allow."""
 
 
 def _param_title(param: str) -> str:
@@ -68,8 +74,23 @@ class OfferNotOpenError(OfferRefusedError):
     why = "not open"
 
 
+class CreateRefusedError(OfferRefusedError):
+    """``createPod`` answered 400: the spec's "rule violation, or this GPU and data center could not
+    be placed", which it gives no code to tell apart. The next offer is tried; capacity is not claimed."""
+
+
+class PoolNotOpenError(OfferNotOpenError):
+    """``createPod`` answered 403: this GPU pool is not open to the account (the spec: skip this
+    candidate, keep going). Not a capacity refusal."""
+
+
 class BadRequestError(ProviderError):
     """The provider rejected the request as invalid; retrying the same request will not help."""
+
+
+class AuthorizationError(BadRequestError):
+    """The cloud does not accept the API key (HTTP 401), or the key may not do what was asked: no
+    retry and no other offer of this cloud helps; the message names the connection and what to do."""
 
 
 class ProviderUnavailableError(ProviderError):
@@ -78,8 +99,24 @@ class ProviderUnavailableError(ProviderError):
     retryable = True
 
 
+class RateLimitedError(ProviderUnavailableError):
+    """HTTP 429: the request was not acted on; wait ``retry_after`` seconds (if the cloud said)."""
+
+    def __init__(self, provider: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(provider, message)
+        self.retry_after = retry_after
+
+
+class ServerError(ProviderUnavailableError):
+    """HTTP 5xx or no answer: the cloud may or may not have acted on the request."""
+
+
 class InstanceNotFoundError(ProviderError):
     """The provider does not know this instance (never created, or already gone)."""
+
+
+class NoOfferError(TrainingError):
+    """No offer fits the request (nothing matches, nothing free, or all above the price cap)."""
 
 
 class HostError(TrainingError):
@@ -94,6 +131,14 @@ class NotRegularFileError(TrainingError):
         super().__init__(f"{relpath} is not a regular file ({what or 'unknown'})")
         self.relpath = relpath
         self.what = what
+
+
+class SourceUnreachable(TrainingError):
+    """The host does not answer (connection refused, lost, or a command timed out)."""
+
+
+class StreamBroken(TrainingError):
+    """A ``tail -F`` stream ended or failed while the host still answers."""
 
 
 class TransferError(HostError):
@@ -118,3 +163,15 @@ class JobLimitError(TrainingError):
 
 class JobCancelledError(TrainingError):
     """The job was cancelled (by the results API, or its dag run was marked failed): stop here."""
+
+
+class ReapError(TrainingError):
+    """The reaper could not do everything (a cloud or a lookup failed); the rest was done."""
+
+
+class RetrainingSpecError(TrainingError, ValueError):
+    """A spec that cannot become a DAG; the message names the file and the field."""
+
+    def __init__(self, path: Path | str, field: str, message: str) -> None:
+        self.path, self.field = str(path), field
+        super().__init__(f"{path}: {field}: {message}" if field else f"{path}: {message}")

@@ -10,14 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from gpu_training.errors import JobParamsError, TrainingError
+from gpu_training.errors import JobParamsError, NoOfferError
 from gpu_training.providers.base import GpuRequest, Offer
 
 _GPU_RE = re.compile(r"^\s*(?:(?P<pre>\d+)\s*[xX]\s*)?(?P<name>[A-Za-z][A-Za-z0-9 _.-]*?)\s*(?::\s*(?P<post>\d+))?\s*$")
-
-
-class NoOfferError(TrainingError):
-    """No offer fits the request (nothing matches, nothing free, or all above the price cap)."""
 
 
 def parse_gpu(text: str) -> tuple[str | None, int]:

@@ -25,14 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gpu_training.errors import JobParamsError
+from gpu_training.errors import JobPolicyError
 
 SECTION = "gpu_training"
 ANY = "*"
-
-
-class JobPolicyError(JobParamsError):
-    """A job asks for something the deployment's policy does not allow."""
 
 
 class PolicyOption(NamedTuple):

@@ -19,7 +19,8 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from gpu_training.errors import InstanceNotFoundError, TrainingError
+from gpu_training.errors import InstanceNotFoundError
+from gpu_training.errors import ReapError as ReapError  # its home was here: still importable from here
 from gpu_training.lifecycle import settle_terminated, terminate_until_gone
 from gpu_training.providers.base import NAME_PREFIX, ComputeProvider, InstanceInfo
 from gpu_training.results.models import Instance, TrainingJob
@@ -39,10 +40,6 @@ FINISHED_RUN_STATES = frozenset({"success", "failed"})
 #: ``(dag_id, run_id) -> state`` of the dag run ("queued", "running", "success", "failed"), or None
 #: when no such run exists (deleted). Raises when it cannot tell.
 DagRunLookup = Callable[[str, str], str | None]
-
-
-class ReapError(TrainingError):
-    """The reaper could not do everything (a cloud or a lookup failed); the rest was done."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,30 +29,15 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from tenacity.wait import wait_exponential_jitter
 
 from gpu_training.errors import (
+    AuthorizationError,
     BadRequestError,
     InstanceNotFoundError,
     NoCapacityError,
     ProviderError,
-    ProviderUnavailableError,
+    RateLimitedError,
+    ServerError,
 )
 from gpu_training.hooks.connection_types import CloudConnectionType, connection_settings
-
-
-class RateLimitedError(ProviderUnavailableError):
-    """HTTP 429: the request was not acted on; wait ``retry_after`` seconds (if the cloud said)."""
-
-    def __init__(self, provider: str, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(provider, message)
-        self.retry_after = retry_after
-
-
-class ServerError(ProviderUnavailableError):
-    """HTTP 5xx or no answer: the cloud may or may not have acted on the request."""
-
-
-class AuthorizationError(BadRequestError):
-    """The cloud does not accept the API key (HTTP 401), or the key may not do what was asked: no
-    retry and no other offer of this cloud helps; the message names the connection and what to do."""
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -66,8 +66,14 @@ from urllib.parse import quote
 
 import requests
 
-from gpu_training.errors import BadRequestError, OfferNotOpenError, OfferRefusedError, ProviderError
-from gpu_training.hooks.cloud_api import AuthorizationError, CloudApiHook
+from gpu_training.errors import (
+    AuthorizationError,
+    BadRequestError,
+    CreateRefusedError,
+    PoolNotOpenError,
+    ProviderError,
+)
+from gpu_training.hooks.cloud_api import CloudApiHook
 from gpu_training.hooks.connection_types import RUNPOD
 
 CLOUDS = ("SECURE", "COMMUNITY")
@@ -76,16 +82,6 @@ PERMISSION_PROBE_NAME = "gpujob-permission-probe"
 #: A ``createPod`` body the spec must refuse with 422 (no ``image``, which ``CreatePodRequest``
 #: requires without a ``templateId``; no ``gpu`` or ``cpu``): no pod can come of it.
 PERMISSION_PROBE: dict[str, Any] = {"name": PERMISSION_PROBE_NAME}
-
-
-class CreateRefusedError(OfferRefusedError):
-    """``createPod`` answered 400: the spec's "rule violation, or this GPU and data center could not
-    be placed", which it gives no code to tell apart. The next offer is tried; capacity is not claimed."""
-
-
-class PoolNotOpenError(OfferNotOpenError):
-    """``createPod`` answered 403: this GPU pool is not open to the account (the spec: skip this
-    candidate, keep going). Not a capacity refusal."""
 
 
 def problem(response: requests.Response) -> dict[str, Any]:

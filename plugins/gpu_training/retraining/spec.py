@@ -25,7 +25,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from gpu_training.errors import JobParamsError
+from gpu_training.errors import JobParamsError, RetrainingSpecError
 from gpu_training.params import PARAM_SPECS, parse_job_params
 
 DEFAULT_SPEC_DIR = Path(__file__).resolve().parents[3] / "include" / "retraining"
@@ -106,14 +106,6 @@ SPEC_SCHEMA: dict[str, Any] = {
         },
     },
 }
-
-
-class RetrainingSpecError(ValueError):
-    """A spec that cannot become a DAG; the message names the file and the field."""
-
-    def __init__(self, path: Path | str, field: str, message: str) -> None:
-        self.path, self.field = str(path), field
-        super().__init__(f"{path}: {field}: {message}" if field else f"{path}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
