@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -174,13 +175,20 @@ def test_the_listener_cancels_the_jobs_of_a_run_marked_failed_by_someone(
     assert store.job(job).status == "cancelled" and store.job(job).cancel_requested_at is not None
 
 
-def test_the_listener_never_breaks_airflow(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_listener_never_breaks_airflow(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The results DB down when a run is marked failed: Airflow's request goes on (no exception out
+    of the listener), and the log says which run's cancel was not recorded, and why."""
+
     def broken(self: Any) -> Any:
         raise RuntimeError("results DB down")
 
     monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", broken)
     run = SimpleNamespace(dag_id="gpu_training", run_id="manual__x")
-    listener.on_dag_run_failed(dag_run=run, msg="Dag Run's state was manually set to `failed`.")
+    with caplog.at_level(logging.ERROR, logger=listener.log.name):
+        assert listener.on_dag_run_failed(dag_run=run, msg="Dag Run's state was manually set to `failed`.") is None
+    [record] = [r for r in caplog.records if r.name == listener.log.name]
+    assert record.getMessage() == "could not record the cancel of gpu_training/manual__x in the results DB"
+    assert record.exc_info and "results DB down" in str(record.exc_info[1])
 
 
 def test_finalize_after_cancel_keeps_cancelled_whatever_failed(store: ResultsStore, rig: Rig) -> None:
