@@ -7,7 +7,8 @@ read); the host is the API's public address unless the connection sets one (a pr
 in the tests); the settings are its extra's keys. Requests are
 retried by tenacity on 429, 5xx and connection errors, with exponential backoff and jitter, waiting
 what a ``Retry-After`` header asks for. A request that is not idempotent (a launch) is retried only
-on 429 (the cloud did not act on it); after a 5xx the caller asks the cloud what happened.
+on 429 (the cloud did not act on it); after a 5xx the caller asks the cloud what happened. Which
+errors are sent again is decided by ``errors.is_retryable`` from the hierarchy's flags.
 
 Subclasses say how to authenticate and how to read the cloud's error bodies; each talks to one API
 and nothing else.
@@ -36,6 +37,7 @@ from gpu_training.errors import (
     ProviderError,
     RateLimitedError,
     ServerError,
+    is_retryable,
 )
 from gpu_training.hooks.connection_types import CloudConnectionType, connection_settings
 
@@ -155,13 +157,9 @@ class CloudApiHook(BaseHook):
     ) -> Any:
         """Send a request, retrying what is safe to retry; the decoded JSON body (or text)."""
 
-        def retryable(err: BaseException) -> bool:
-            if isinstance(err, RateLimitedError):
-                return True
-            return idempotent and isinstance(err, ServerError)
-
         retrying = Retrying(
-            retry=retry_if_exception(retryable),
+            # 429 always (not acted on); 5xx and no answer only when idempotent: errors.is_retryable.
+            retry=retry_if_exception(lambda err: is_retryable(err, resend=True, idempotent=idempotent)),
             wait=self._wait,
             stop=stop_after_attempt(int(self._setting("retry_attempts")))
             | stop_after_delay(self._setting("retry_budget_seconds")),
