@@ -128,3 +128,22 @@ def test_messages_are_as_before() -> None:
     assert str(errors.RetrainingSpecError("a.yaml", "schedule", "bad cron")) == "a.yaml: schedule: bad cron"
     assert str(errors.RetrainingSpecError("a.yaml", "", "not YAML")) == "a.yaml: not YAML"
     assert isinstance(errors.RetrainingSpecError("a.yaml", "", "x"), ValueError)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "resent"),
+    [
+        ("InsufficientInstanceCapacity", 500, False),  # final for this offer: the next one is tried at once
+        ("InstanceLimitExceeded", 400, False),
+        ("UnauthorizedOperation", 403, False),
+        ("RequestLimitExceeded", 503, None),  # transient: botocore backs off and resends
+        ("InternalError", 500, None),  # a code the hook does not know: botocore's own table decides
+        ("IdempotentParameterMismatch", 400, None),
+    ],
+)
+def test_ec2_resends_are_vetoed_by_the_same_decision(code: str, status: int, resent: bool | None) -> None:
+    from gpu_training.hooks.ec2 import no_resend_when_final
+
+    answer = {"Error": {"Code": code, "Message": "..."}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    assert no_resend_when_final(response=(object(), answer)) is resent
+    assert no_resend_when_final(response=None) is None  # no answer at all: botocore decides

@@ -57,6 +57,7 @@ def get_provider_info() -> dict[str, Any]:
                     "gpu_training.hooks.lambda_cloud",
                     "gpu_training.hooks.runpod",
                     "gpu_training.hooks.vast",
+                    "gpu_training.hooks.ec2",
                     "gpu_training.hooks.ec2_pricing",
                     "gpu_training.hooks.results",
                 ],

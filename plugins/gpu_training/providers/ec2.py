@@ -1,4 +1,4 @@
-"""``Ec2Provider``: GPU instances on AWS EC2, on-demand and spot, through the amazon provider's ``EC2Hook``.
+"""``Ec2Provider``: GPU instances on AWS EC2, on-demand and spot, through :class:`~gpu_training.hooks.ec2.Ec2ApiHook`.
 
 Configuration is the Airflow ``aws`` connection ``aws_default`` (the same one S3 uses): credentials,
 ``region_name``, ``endpoint_url`` and ``config_kwargs`` are boto's as usual; this provider's own
@@ -28,8 +28,9 @@ settings live under the extra key ``gpu_training`` (a dict), so boto's extras st
   retry mode, ``total_max_attempts``), unless the connection's ``config_kwargs`` sets ``retries`` itself.
 - ``ssh_conn_id``: the Airflow SSH connection holding the key pair's private key.
 
-API calls follow the Amazon EC2 API Reference (Query API, version 2016-11-15), one boto3 client per
-region (``EC2Hook(api_type="client_type")``):
+API calls follow the Amazon EC2 API Reference (Query API, version 2016-11-15), made by one
+:class:`~gpu_training.hooks.ec2.Ec2ApiHook` per region (the amazon provider's EC2 client from the
+connection: credentials, region, ``endpoint_url``); this module maps them onto ``ComputeProvider``:
 
 - Offers: the GPU instance types of :data:`INSTANCE_TYPES` in each configured region;
   ``DescribeInstanceTypeOfferings`` (``LocationType=region``, filter ``instance-type``) says which
@@ -71,10 +72,11 @@ reason alone decides. Either mark makes the instance ``interrupted``, its state 
 reads FAILED, not STOPPING) and ``details["interruption"]`` EC2's words: the state reason message
 and/or ``spot request <id> <code>: <message>``.
 
-Errors (EC2 API Reference, "Error codes for the Amazon EC2 API"): the capacity and limit codes of
-:data:`CAPACITY_CODES` -> :class:`NoCapacityError` (EC2 answers InsufficientInstanceCapacity with HTTP
-500; botocore would retry it, a ``needs-retry`` handler stops that so the next offer is tried at
-once); AuthFailure/UnauthorizedOperation and other client errors -> :class:`BadRequestError`;
+Errors (EC2 API Reference, "Error codes for the Amazon EC2 API"; typed by the hook): the capacity and
+limit codes of :data:`~gpu_training.hooks.ec2.CAPACITY_CODES` -> :class:`NoCapacityError` (EC2 answers
+InsufficientInstanceCapacity with HTTP 500; botocore would retry it, the hook's ``needs-retry`` handler
+stops that, as ``errors.is_retryable`` decides, so the next offer is tried at once);
+AuthFailure/UnauthorizedOperation and other client errors -> :class:`BadRequestError`;
 RequestLimitExceeded (503), InternalError and other 5xx -> retried by botocore (``standard`` mode,
 which backs off longer on throttling and honours ``x-amz-retry-after``), then
 :class:`ProviderUnavailableError`; InvalidInstanceID.NotFound/.Malformed ->
@@ -88,7 +90,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -100,6 +102,7 @@ from gpu_training.errors import (
     ProviderError,
     ProviderUnavailableError,
 )
+from gpu_training.hooks.ec2 import DEFAULT_RETRY_ATTEMPTS, Ec2ApiHook, botocore_config
 from gpu_training.offers import fits
 from gpu_training.providers.base import NAME_PREFIX, GpuRequest, InstanceInfo, InstanceState, Offer
 from gpu_training.providers.cloud import CloudProvider
@@ -109,7 +112,6 @@ log = logging.getLogger(__name__)
 
 #: The connection extra holding this provider's settings.
 SETTINGS_KEY = "gpu_training"
-DEFAULT_RETRY_ATTEMPTS = 5
 TAG_MANAGED = "gpu-training:managed"
 TAG_PRICE = "gpu-training:price"
 
@@ -181,35 +183,6 @@ INTERRUPTION_STATUSES = frozenset(
     }
 )
 
-#: Refusals that say "not this offer now": try the next offer.
-CAPACITY_CODES = frozenset(
-    {
-        "InsufficientInstanceCapacity",
-        "InsufficientCapacity",
-        "InsufficientHostCapacity",
-        "InsufficientReservedInstanceCapacity",
-        "UnfulfillableCapacity",
-        "SpotMaxPriceTooLow",
-        "MaxSpotInstanceCountExceeded",
-        "InstanceLimitExceeded",
-        "VcpuLimitExceeded",
-        "Unsupported",  # the type is not offered in the chosen zone
-    }
-)
-AUTH_CODES = frozenset(
-    {
-        "AuthFailure",
-        "UnauthorizedOperation",
-        "InvalidClientTokenId",
-        "SignatureDoesNotMatch",
-        "OptInRequired",
-        "Blocked",
-        "PendingVerification",
-    }
-)
-THROTTLE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException"})
-NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
-
 
 def client_token(name: str, region: str, instance_type: str, spot: bool) -> str:
     """The ``ClientToken`` of a launch (at most 64 ASCII characters, unique per region and request).
@@ -275,7 +248,7 @@ class Ec2Provider(CloudProvider):
         super().__init__(conn_id)
         #: API requests sent (botocore's retries included), counted by a ``before-send`` handler.
         self.calls = 0
-        self._clients: dict[str, Any] = {}
+        self._hooks: dict[str, Ec2ApiHook] = {}
         self._region_of: dict[str, str] = {}  # instance id -> region
         self._spot_zone: dict[tuple[str, str], str] = {}  # (region, type) -> cheapest zone
 
@@ -384,105 +357,28 @@ class Ec2Provider(CloudProvider):
         hook.client.meta.events.register("before-send.pricing", self._count_call)
         return hook
 
-    # --- clients and errors ----------------------------------------------------------------------
+    # --- the API ---------------------------------------------------------------------------------
 
     def _botocore_config(self) -> Any:
-        """The hook's botocore config: the connection's ``config_kwargs`` plus standard-mode retries.
-
-        ``None`` when ``config_kwargs`` sets ``retries`` itself: the hook then uses it as it is.
-        """
-        from botocore import UNSIGNED
-        from botocore.config import Config
-
-        kwargs = dict(self.extras.get("config_kwargs") or {})
-        if "retries" in kwargs:
-            return None
+        """The hooks' botocore config: the connection's ``config_kwargs`` plus standard-mode retries
+        (``retry_attempts``); ``None`` when ``config_kwargs`` sets ``retries`` itself."""
         attempts = int(self.settings.get("retry_attempts") or DEFAULT_RETRY_ATTEMPTS)
-        # ``total_max_attempts`` counts the first attempt; botocore's ``max_attempts`` would count retries only.
-        kwargs["retries"] = {"mode": "standard", "total_max_attempts": max(1, attempts)}
-        if kwargs.get("signature_version") == "unsigned":
-            kwargs["signature_version"] = UNSIGNED
-        return Config(**kwargs)
+        return botocore_config(self.extras, attempts)
+
+    def hook(self, region: str) -> Ec2ApiHook:
+        """The EC2 API of ``region`` (one hook per region), its requests counted in :attr:`calls`."""
+        if region not in self._hooks:
+            self._hooks[region] = Ec2ApiHook(
+                self.conn_id, region_name=region, config=self._botocore_config(), on_request=self._count_call
+            )
+        return self._hooks[region]
 
     def client(self, region: str) -> Any:
-        """The boto3 EC2 client of ``region`` (one ``EC2Hook`` per region)."""
-        if region not in self._clients:
-            from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-
-            hook = EC2Hook(
-                aws_conn_id=self.conn_id, region_name=region, api_type="client_type", config=self._botocore_config()
-            )
-            try:
-                client = hook.conn
-            except Exception as err:  # a broken connection (bad extras, unknown region)
-                raise BadRequestError(
-                    self.name, f"cannot create an EC2 client for {region} from connection {self.conn_id!r}: {err}"
-                ) from err
-            client.meta.events.register("before-send.ec2", self._count_call)
-            client.meta.events.register("needs-retry.ec2.RunInstances", self._no_retry_on_capacity)
-            self._clients[region] = client
-        return self._clients[region]
+        """The boto3 EC2 client of ``region`` (its hook's)."""
+        return self.hook(region).client
 
     def _count_call(self, **_: Any) -> None:
         self.calls += 1
-
-    @staticmethod
-    def _no_retry_on_capacity(response: Any = None, **_: Any) -> bool | None:
-        """``needs-retry`` handler: a capacity refusal (HTTP 500) is final for this offer.
-
-        Returning False (not None) tells botocore's endpoint not to retry whatever the retry handler
-        registered after this one says; None leaves the decision to it.
-        """
-        if response is None:
-            return None
-        error = (response[1] or {}).get("Error") or {}
-        return False if error.get("Code") in CAPACITY_CODES else None
-
-    def _call(self, region: str, operation: str, fn: Callable[..., Any], **params: Any) -> Any:
-        """Call a client method; botocore errors become this package's typed errors."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**params)
-        except ClientError as err:
-            raise self._client_error(region, operation, err) from err
-        except BotoCoreError as err:
-            raise self._botocore_error(region, operation, err) from err
-
-    def _paginate(self, region: str, operation: str, method: str, key: str, **params: Any) -> list[Any]:
-        paginator = self.client(region).get_paginator(method)
-
-        def pages() -> list[Any]:
-            return [item for page in paginator.paginate(**params) for item in page.get(key) or []]
-
-        result: list[Any] = self._call(region, operation, pages)
-        return result
-
-    def _client_error(self, region: str, operation: str, err: Any) -> ProviderError:
-        error = err.response.get("Error") or {}
-        code = str(error.get("Code") or "Unknown")
-        status = int((err.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-        where = f"{operation} in {region} -> {code}: {error.get('Message') or 'no message'}"
-        if code in CAPACITY_CODES:
-            return NoCapacityError(self.name, where)
-        if code in NOT_FOUND_CODES:
-            return InstanceNotFoundError(self.name, where)
-        if code in AUTH_CODES or status in (401, 403):
-            return BadRequestError(self.name, f"{where} (check the AWS credentials of connection {self.conn_id!r})")
-        if code in THROTTLE_CODES or status >= 500 or status == 0:
-            return ProviderUnavailableError(self.name, f"{where} (HTTP {status}, after botocore's retries)")
-        return BadRequestError(self.name, where)
-
-    def _botocore_error(self, region: str, operation: str, err: Exception) -> ProviderError:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError, NoCredentialsError, PartialCredentialsError
-
-        where = f"{operation} in {region}: {type(err).__name__}: {err}"
-        if isinstance(err, (BotoConnectionError, HTTPClientError)):
-            return ProviderUnavailableError(self.name, f"{where} (no answer, after botocore's retries)")
-        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-            return BadRequestError(self.name, f"{where} (set the AWS credentials in connection {self.conn_id!r})")
-        return BadRequestError(self.name, where)
 
     # --- offers ----------------------------------------------------------------------------------
 
@@ -519,14 +415,7 @@ class Ec2Provider(CloudProvider):
     def _offered_types(self, region: str, types: Iterable[str]) -> set[str] | None:
         """The types ``region`` offers (``DescribeInstanceTypeOfferings``); None if not allowed to ask."""
         try:
-            items = self._paginate(
-                region,
-                "DescribeInstanceTypeOfferings",
-                "describe_instance_type_offerings",
-                "InstanceTypeOfferings",
-                LocationType="region",
-                Filters=[{"Name": "instance-type", "Values": sorted(types)}],
-            )
+            items = self.hook(region).instance_type_offerings(types)
         except BadRequestError as err:
             if "UnauthorizedOperation" not in str(err):
                 raise
@@ -543,15 +432,7 @@ class Ec2Provider(CloudProvider):
         if not types:
             return {}
         try:
-            history = self._paginate(
-                region,
-                "DescribeSpotPriceHistory",
-                "describe_spot_price_history",
-                "SpotPriceHistory",
-                InstanceTypes=sorted(types),
-                ProductDescriptions=["Linux/UNIX"],
-                StartTime=datetime.now(UTC),
-            )
+            history = self.hook(region).spot_price_history(types, datetime.now(UTC))
         except ProviderError as err:
             log.warning("no spot offers in %s: %s", region, err)
             return {}
@@ -624,13 +505,7 @@ class Ec2Provider(CloudProvider):
         if not instance_ids:
             return {}
         try:
-            items = self._paginate(
-                region,
-                "DescribeInstanceStatus",
-                "describe_instance_status",
-                "InstanceStatuses",
-                InstanceIds=instance_ids,
-            )
+            items = self.hook(region).instance_statuses(instance_ids)
         except InstanceNotFoundError:  # gone between the two calls: DescribeInstances tells next time
             return {}
         health: dict[str, dict[str, str]] = {}
@@ -646,25 +521,17 @@ class Ec2Provider(CloudProvider):
         """``DescribeSpotInstanceRequests`` by id: ``{request id: request}``; empty if EC2 will not say."""
         if not request_ids:
             return {}
-        client = self.client(region)
         try:
-            reply = self._call(
-                region,
-                "DescribeSpotInstanceRequests",
-                client.describe_spot_instance_requests,
-                SpotInstanceRequestIds=sorted(set(request_ids)),
-            )
+            requests = self.hook(region).spot_instance_requests(request_ids)
         except ProviderError as err:
             log.warning("spot request status not read (%s); the instances' state reasons decide", err)
             return {}
-        requests = reply.get("SpotInstanceRequests") or []
         return {str(r.get("SpotInstanceRequestId")): r for r in requests}
 
     def _describe(self, region: str, **params: Any) -> list[InstanceInfo]:
         """``DescribeInstances`` in one region, with the health of the running ones and the spot
         request of spot instances no longer running (was it an interruption?)."""
-        reservations = self._paginate(region, "DescribeInstances", "describe_instances", "Reservations", **params)
-        found = [data for reservation in reservations for data in reservation.get("Instances") or []]
+        found = self.hook(region).describe_instances(**params)
         running = [str(d["InstanceId"]) for d in found if (d.get("State") or {}).get("Name") == "running"]
         health = self._health(region, running)
         stopped_spot = [
@@ -745,8 +612,7 @@ class Ec2Provider(CloudProvider):
         return ami
 
     def _root_device(self, region: str, ami: str) -> str:
-        images = self._call(region, "DescribeImages", self.client(region).describe_images, ImageIds=[ami])
-        for image in images.get("Images") or []:
+        for image in self.hook(region).images([ami]):
             if image.get("RootDeviceName"):
                 return str(image["RootDeviceName"])
         raise BadRequestError(self.name, f"AMI {ami} ({SETTINGS_KEY}.ami_id) not found in {region}")
@@ -800,9 +666,8 @@ class Ec2Provider(CloudProvider):
             return existing
         region = offer.region or self.regions[0]
         params = self.run_params(offer, name, region)
-        client = self.client(region)
         try:
-            reply = self._call(region, "RunInstances", client.run_instances, **params)
+            reply = self.hook(region).run_instances(params)
         except NoCapacityError as err:
             what = f"{offer.instance_type}{' spot' if offer.spot else ''}"
             raise NoCapacityError(self.name, f"{what}: {str(err).removeprefix(self.name + ': ')}") from err
@@ -830,9 +695,8 @@ class Ec2Provider(CloudProvider):
 
     def terminate(self, instance_id: str) -> None:
         for region in self._regions_for(instance_id):
-            client = self.client(region)
             try:
-                self._call(region, "TerminateInstances", client.terminate_instances, InstanceIds=[instance_id])
+                self.hook(region).terminate_instances([instance_id])
             except InstanceNotFoundError:
                 continue  # not in this region, or already gone for good
             return
