@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,17 @@ def _dag_file_args() -> list[str]:
     return ["-f", str(path)] if path.is_file() else []
 
 
+def run_id_of(dag_id: str, logical_date: datetime) -> str | None:
+    """The run id of this DAG's run of that logical date, in this Airflow home's metadata DB."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return session.scalar(select(DagRun.run_id).where(DagRun.dag_id == dag_id, DagRun.logical_date == logical_date))
+
+
 def run(conf: dict, *, quiet: bool = False) -> int:
+    """``make run``: one job of the gpu_training DAG through ``airflow dags test``, then its summary."""
     try:
         parse_job_params(conf)
     except JobParamsError as err:
@@ -107,19 +117,33 @@ def run(conf: dict, *, quiet: bool = False) -> int:
         return 2
     store = _store()
     store.check_schema()
-    started = datetime.now(UTC) - timedelta(seconds=1)
-    cmd = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, *_dag_file_args(), "--conf", json.dumps(conf)]
+    # Airflow keys a dag run by its logical date: ours, to the microsecond, finds our run (and so
+    # our job) afterwards, whatever else runs in this Airflow home at the same time.
+    logical_date = datetime.now(UTC)
+    cmd = [
+        sys.executable,
+        "-m",
+        "airflow",
+        "dags",
+        "test",
+        DAG_ID,
+        logical_date.isoformat(),
+        *_dag_file_args(),
+        "--conf",
+        json.dumps(conf),
+    ]
     t0 = time.monotonic()
     proc = subprocess.run(
         cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None
     )
     elapsed = time.monotonic() - t0
-    with store.session() as s:
-        job = s.scalars(
-            select(TrainingJob)
-            .where(TrainingJob.dag_id == DAG_ID, TrainingJob.created_at >= started)
-            .order_by(TrainingJob.created_at.desc())
-        ).first()
+    run_id = run_id_of(DAG_ID, logical_date)
+    job = None
+    if run_id is not None:
+        with store.session() as s:
+            job = s.scalars(
+                select(TrainingJob).where(TrainingJob.dag_id == DAG_ID, TrainingJob.run_id == run_id)
+            ).first()
     print()
     if job is None:
         print(f"no job was registered (airflow dags test exited {proc.returncode}); see the log above", file=sys.stderr)
