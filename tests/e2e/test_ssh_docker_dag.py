@@ -122,23 +122,3 @@ def test_missing_image_fails_the_job_and_still_tears_down(remote_env: dict[str, 
     assert "start_trainer: image not available" in (job.failure_reason or "")
     assert "team/does-not-exist:1" in (job.failure_reason or "")
     assert_nothing_left(remote_env, job)
-
-
-def test_container_that_exits_at_once_fails_with_its_code_and_log(remote_env: dict[str, Any]) -> None:
-    conf = {
-        "project_id": "e2e-ssh-exit",
-        "provider": "ssh",
-        "ssh_conn_id": "gpu_box",
-        "runtime": "docker",
-        "image": remote_env["image"],
-        "registry_conn_id": "trainer_registry",
-        "command": ["python3", "-c", "import sys; print('CUDA driver version is insufficient'); sys.exit(4)"],
-        "poll_interval_seconds": 1,
-    }
-    result = run_dag(remote_env["env"], conf)
-    assert result.returncode != 0
-    job = job_of(remote_env["env"], "e2e-ssh-exit")
-    assert job.status == "failed" and job.trainer_exit_code == 4
-    assert "exited with code 4 without PROJECT end" in (job.failure_reason or "")
-    assert "CUDA driver version is insufficient" in (job.failure_reason or "")
-    assert_nothing_left(remote_env, job)
