@@ -1,7 +1,7 @@
 """Benchmark: a hostile trainer beside ordinary jobs, on one triggerer event loop (issue 21, item 3).
 
 Two parts, each run with the trainer log handled the old way (``(partial + data).split(b"\\n")``
-per chunk, every line handled on the loop at once: what ``_TrainerLog.lines`` did) and the new way
+per chunk, every line handled on the loop at once: what ``TrainerLog.lines`` did) and the new way
 (:class:`~gpu_training.follow.LineCutter`, slices of at most ``LOG_SLICE_SECONDS``, a flood's
 middle counted in C), in the same run:
 
@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bench-hostile-"))
 
 from gpu_training import follow  # noqa: E402
-from gpu_training.follow import FollowSpec, JobFollower, LocalSource, LogTail, _LogGate, _TrainerLog  # noqa: E402
+from gpu_training.follow import FollowSettings, JobFollower, LocalSource, LogGate, LogTail, TrainerLog  # noqa: E402
 from gpu_training.hooks.results import create_results_engine  # noqa: E402
 from gpu_training.hosts.base import LOG_PATH  # noqa: E402
 from gpu_training.progress import GLOBAL_JSON_PATH  # noqa: E402
@@ -66,11 +66,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}"
 
 
-# --- the old way, as _TrainerLog.lines was -------------------------------------------------------------
+# --- the old way, as TrainerLog.lines was -------------------------------------------------------------
 
 
-async def old_feed(self: _TrainerLog, data: bytes) -> None:
-    """``_TrainerLog.lines`` before this change: the unterminated line copied again with every chunk,
+async def old_feed(self: TrainerLog, data: bytes) -> None:
+    """``TrainerLog.lines`` before this change: the unterminated line copied again with every chunk,
     every line of a chunk handled before the loop runs anything else."""
     assert self.offset is not None
     self.offset += len(data)
@@ -82,12 +82,12 @@ async def old_feed(self: _TrainerLog, data: bytes) -> None:
 
 @contextmanager
 def the_old_way() -> Iterator[None]:
-    new_feed = _TrainerLog.feed
-    _TrainerLog.feed = old_feed  # type: ignore[method-assign]
+    new_feed = TrainerLog.feed
+    TrainerLog.feed = old_feed  # type: ignore[method-assign]
     try:
         yield
     finally:
-        _TrainerLog.feed = new_feed  # type: ignore[method-assign]
+        TrainerLog.feed = new_feed  # type: ignore[method-assign]
 
 
 WAYS: list[tuple[str, Callable[[], Any]]] = [("before", the_old_way), ("after", nullcontext)]
@@ -105,7 +105,7 @@ class _NullLog:
 
 def one_line(mib: int) -> tuple[float, float]:
     """(total seconds, longest chunk) for a line of ``mib`` MiB in 64 KiB chunks."""
-    shown = _TrainerLog(LocalSource("/nonexistent"), _LogGate(_NullLog()), LogTail())
+    shown = TrainerLog(LocalSource("/nonexistent"), LogGate(_NullLog()), LogTail())
     shown.offset = 0
     chunk = b"x" * SSH_CHUNK
 
@@ -249,7 +249,7 @@ def the_loop(jobs: int, long_mib: int, flood_mib: int, label: str) -> dict[str, 
         limits = {"poll_interval": 1.0, "stall_timeout": timedelta(hours=1), "max_runtime": timedelta(hours=1)}
         followers = [
             JobFollower(
-                FollowSpec(job_uuid=uuid, results_conn_id="bench", max_metric_rows=10**9, **limits),
+                FollowSettings(job_uuid=uuid, results_conn_id="bench", max_metric_rows=10**9, **limits),
                 (SshLikeSource if n == 0 else LocalSource)(str(workdir)),
                 log=log,
                 store=store,
@@ -337,7 +337,7 @@ def main() -> None:
         " callback of that turn together; one callback: the longest single callback, CPU; full gc: the longest"
         " generation-2 collection, which stops the whole process whatever it runs)"
     )
-    follow._DB_THREADS.shutdown(wait=False)
+    follow.DB_THREADS.shutdown(wait=False)
 
 
 if __name__ == "__main__":

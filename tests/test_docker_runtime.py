@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 
 from gpu_training.errors import TrainerFailedError, TransferError
-from gpu_training.follow import FollowSpec, JobFollower, source_for
+from gpu_training.follow import FollowSettings, JobFollower, source_for
 from gpu_training.hosts.base import FETCH_URLS_SCRIPT
 from gpu_training.params import parse_job_params
-from gpu_training.progress import poll_progress
+from gpu_training.progress import FollowOutcome, judge
 from gpu_training.providers.base import GpuRequest
 from gpu_training.providers.ssh import SshProvider
+from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.runtimes import ContainerSpec, ContainerTrainer, registry_login
 from gpu_training.storage import fetch_dataset_direct, upload_outputs
@@ -103,12 +104,11 @@ def test_oom_killed_container_is_reported_as_out_of_memory(
     status = wait_done(trainer)
     assert (status.exit_code, status.oom_killed) == (137, True)
     store.update_job(job_uuid, status="running")
-    outcome = poll_progress(
-        store, host, job_uuid, stall_timeout=timedelta(minutes=5), max_runtime=timedelta(hours=1), trainer=trainer
+    verdict = judge(
+        store.job(job_uuid), status, now=utcnow(), stall_timeout=timedelta(minutes=5), max_runtime=timedelta(hours=1)
     )
-    assert outcome.done and not outcome.succeeded
-    assert "exited with code 137: out of memory" in outcome.reason
-    assert store.job(job_uuid).trainer_exit_code == 137
+    assert verdict is not None and (verdict.kind, verdict.succeeded) == (FollowOutcome.TRAINER_EXIT, False)
+    assert "exited with code 137: out of memory" in verdict.reason
 
 
 def test_the_triggers_follower_reports_an_oom_killed_container_over_ssh(
@@ -119,7 +119,7 @@ def test_the_triggers_follower_reports_an_oom_killed_container_over_ssh(
     trainer = ContainerTrainer(host, name)
     trainer.start(py("b = bytearray(400 * 1024 * 1024); print(len(b))", docker_engine, memory="48m"))
     store.update_job(job_uuid, status="running")
-    spec = FollowSpec(
+    spec = FollowSettings(
         job_uuid=job_uuid,
         results_conn_id="unused",
         poll_interval=0.2,

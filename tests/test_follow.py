@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from gpu_training.follow import FollowResult, FollowSpec, JobFollower, LocalSource, Source, SshSource, source_for
+from gpu_training import follow
+from gpu_training.follow import (
+    FollowResult,
+    FollowSettings,
+    JobFollower,
+    LocalSource,
+    PeerSettings,
+    Source,
+    SshSource,
+    source_for,
+)
 from gpu_training.hosts.base import LOG_PATH, TRAINER_STATUS_SCRIPT
 from gpu_training.hosts.local import LocalHost
+from gpu_training.notify import ProgressNotifier
 from gpu_training.progress import GLOBAL_JSON_PATH
 from gpu_training.results.models import EpochTrain, IngestError, TrainingJob, utcnow
 from gpu_training.results.store import ResultsStore
@@ -81,7 +93,7 @@ def trainer(host: LocalHost) -> Iterator[Trainer]:
     t.stop()
 
 
-def spec(job_uuid: str, host: LocalHost, **overrides: Any) -> FollowSpec:
+def spec(job_uuid: str, host: LocalHost, **overrides: Any) -> FollowSettings:
     values: dict[str, Any] = {
         "job_uuid": job_uuid,
         "results_conn_id": "unused",
@@ -89,7 +101,7 @@ def spec(job_uuid: str, host: LocalHost, **overrides: Any) -> FollowSpec:
         **FAST,
     }
     values.update(overrides)
-    return FollowSpec(**values)
+    return FollowSettings(**values)
 
 
 def epochs(store: ResultsStore) -> list[int]:
@@ -108,12 +120,23 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
 def follower(
     store: ResultsStore, job_uuid: str, host: LocalHost, source: Source | None = None, **kw: Any
 ) -> JobFollower:
+    """The trigger's follower (progress notifications included) on ``host``'s files."""
+    log = logging.getLogger("test.follow")
     return JobFollower(
         spec(job_uuid, host, **kw),
         source or LocalSource(host.workdir),
-        log=logging.getLogger("test.follow"),
+        log=log,
         store=store,
+        progress=ProgressNotifier(log),
     )
+
+
+@pytest.fixture(autouse=True)
+def fresh_follow_state() -> Iterator[None]:
+    """Each test starts and ends without the followers' shared threads, stores and watches."""
+    follow.reset_process_state()
+    yield
+    follow.reset_process_state()
 
 
 # --- local files ----------------------------------------------------------------------------------
@@ -293,14 +316,18 @@ def test_stop_on_nan_stops_the_job_at_the_first_nan(
 def test_a_line_longer_than_a_batch_is_recorded_and_skipped(
     store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gpu_training.follow as follow
-
-    monkeypatch.setattr(follow, "BATCH_BYTES", 4096)
     trainer.epoch(1)
     trainer.write(b"x" * 10_000 + b"\n")
     trainer.epoch(2)
     trainer.write(event_line("PROJECT", "end"))
-    result = asyncio.run(follower(store, job_uuid, host).run())
+    small = JobFollower(
+        spec(job_uuid, host),
+        LocalSource(host.workdir),
+        log=logging.getLogger("test.follow"),
+        store=store,
+        batch_bytes=4096,
+    )
+    result = asyncio.run(small.run())
     assert result.kind == "project_end"
     assert epochs(store) == [1, 2]
     with store.session() as s:
@@ -310,8 +337,6 @@ def test_a_line_longer_than_a_batch_is_recorded_and_skipped(
 def test_trainer_log_lines_reach_the_log_and_a_chatty_trainer_is_cut_short(
     store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import gpu_training.follow as follow
-
     async def scenario() -> FollowResult:
         task = asyncio.create_task(follower(store, job_uuid, host).run())
         trainer.log("epoch 1 done", "y" * 5000)
@@ -338,7 +363,6 @@ def test_the_logs_last_lines_are_kept_on_the_job_row_live_and_at_the_end(
 ) -> None:
     """The job page shows ``training_jobs.log_tail``: the last lines, while the job trains (within
     a few seconds) and once it ended, bounded in size, lines cut and marked."""
-    import gpu_training.follow as follow
 
     async def scenario() -> tuple[str | None, FollowResult]:
         task = asyncio.create_task(follower(store, job_uuid, host).run())
@@ -524,12 +548,90 @@ def test_ssh_host_unreachable_past_the_timeout_ends_the_job(
 # --- the trigger ----------------------------------------------------------------------------------
 
 
+def ssh_host_with_secrets(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    """An SSH host whose Airflow connection holds a password and a private key, and those secrets."""
+    import io
+
+    import paramiko
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    from gpu_training.hosts.ssh import SshHost
+
+    key = paramiko.RSAKey.generate(2048)
+    pem = io.StringIO()
+    key.write_private_key(pem)
+    password = "follow-secret-password-5f3a"
+    connection = {
+        "conn_type": "ssh",
+        "host": "10.0.0.7",
+        "port": 2222,
+        "login": "trainer",
+        "password": password,
+        "extra": {"private_key": pem.getvalue(), "no_host_key_check": "true"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_FOLLOW_SECRETS", json.dumps(connection))
+    host = SshHost(SSHHook(ssh_conn_id="follow_secrets"), "/srv/jobs/j1")
+    secrets = [password, key.get_base64(), *pem.getvalue().splitlines()[1:-1]]
+    return host, secrets
+
+
+def test_follow_settings_round_trip_without_the_ssh_connections_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker -> trigger kwargs -> triggerer: the same settings, and neither the SSH connection's
+    password nor its private key in what is serialized (the connection's id is)."""
+    host, secrets = ssh_host_with_secrets(monkeypatch)
+    target = host.follow_target()
+    settings = FollowSettings(
+        job_uuid="job-1",
+        results_conn_id="training_results",
+        target=target,
+        status_command=(TRAINER_STATUS_SCRIPT, host.workdir),
+        runtime="docker",
+        poll_interval=2.5,
+        stall_timeout=timedelta(minutes=7),
+        max_runtime=timedelta(hours=3),
+        unreachable_timeout=timedelta(seconds=90),
+        stop_on_nan=True,
+        cost_deadline=datetime(2026, 12, 8, 3, 0, tzinfo=UTC),
+        max_cost_usd=12.5,
+        max_metric_rows=5000,
+        peers=(PeerSettings(rank=1, name="node-1", target=target, status_command=("status", "1")),),
+    )
+    path, kwargs = GlobalJsonTrigger.following(settings).serialize()
+    assert path == "gpu_training.triggers.GlobalJsonTrigger"
+    serialized = json.dumps(kwargs)  # what the triggerer's table holds
+    leaked = [secret for secret in secrets if secret in serialized]
+    assert not leaked, f"secrets of the SSH connection serialized: {leaked}"
+    assert kwargs["target"] == {
+        "kind": "ssh",
+        "workdir": "/srv/jobs/j1",
+        "ssh_conn_id": "follow_secrets",
+        "host": "10.0.0.7",
+        "port": 2222,
+        "username": "trainer",
+    }
+    assert "offset" not in serialized  # the offset lives in the results DB only
+    assert GlobalJsonTrigger(**json.loads(serialized)).settings == settings
+    assert FollowSettings.from_kwargs(settings.to_kwargs()) == settings
+    for secret_key in ("password", "private_key"):
+        with_secret = FollowSettings(job_uuid="job-1", target={**target, secret_key: "x"})
+        with pytest.raises(ValueError, match="must not hold secrets"):
+            with_secret.to_kwargs()
+        with pytest.raises(ValueError, match="must not hold secrets"):
+            FollowSettings.from_kwargs({**settings.to_kwargs(), "target": {**target, secret_key: "x"}})
+
+
 def test_trigger_serializes_without_secrets_and_fires_once(
     store: ResultsStore, job_uuid: str, host: LocalHost, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gpu_training.follow as follow
-
     monkeypatch.setattr(follow, "results_store", lambda conn_id: store)
+    ssh_host, secrets = ssh_host_with_secrets(monkeypatch)
+    over_ssh = GlobalJsonTrigger(
+        job_uuid=job_uuid,
+        results_conn_id="training_results",
+        target=ssh_host.follow_target(),
+        status_command=[TRAINER_STATUS_SCRIPT, ssh_host.workdir],
+    )
+    assert not [secret for secret in secrets if secret in json.dumps(over_ssh.serialize()[1])]
     trigger = GlobalJsonTrigger(
         job_uuid=job_uuid,
         results_conn_id="training_results",
@@ -552,5 +654,6 @@ def test_trigger_serializes_without_secrets_and_fires_once(
 
     payload = asyncio.run(first_event())
     assert payload["kind"] == "project_end" and payload["succeeded"] is True
+    assert type(payload["kind"]) is str  # plain JSON in the trigger event
     with store.session() as s:
         assert s.get(TrainingJob, store.job(job_uuid).id).project_ended

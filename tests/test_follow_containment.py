@@ -26,11 +26,11 @@ from gpu_training.follow import (
     JobFollower,
     LineCutter,
     LocalSource,
+    LogGate,
     LogTail,
     Source,
     SshSource,
-    _LogGate,
-    _TrainerLog,
+    TrainerLog,
     source_for,
 )
 from gpu_training.hosts.base import LOG_PATH
@@ -40,7 +40,7 @@ from gpu_training.results.models import EpochTrain
 from gpu_training.results.store import ResultsStore
 
 from .conftest import event_line
-from .test_follow import Trainer, follower, spec
+from .test_follow import Trainer, follower, fresh_follow_state, spec  # noqa: F401 - fresh_follow_state: autouse here too
 
 MiB = 1 << 20
 
@@ -103,9 +103,9 @@ class _Log:
     warning = error = info
 
 
-def trainer_log(source: Source | None = None) -> tuple[_TrainerLog, _Log, LogTail]:
+def trainer_log(source: Source | None = None) -> tuple[TrainerLog, _Log, LogTail]:
     log, tail = _Log(), LogTail()
-    shown = _TrainerLog(source or LocalSource("/nonexistent"), _LogGate(log), tail)
+    shown = TrainerLog(source or LocalSource("/nonexistent"), LogGate(log), tail)
     shown.offset = 0
     return shown, log, tail
 

@@ -1,20 +1,27 @@
 """Ingestion rules of global.json: each rule of the contract has its own test.
 
 Real files in a real work directory (``LocalHost``), a real migrated results DB (SQLite and
-PostgreSQL: ``RESULTS_DB``, see ``tests/conftest.py``).
+PostgreSQL: ``RESULTS_DB``, see ``tests/conftest.py``), and the path production ingests by: the
+triggerer's follower (:class:`~gpu_training.follow.JobFollower`: its reader from the offset the
+results DB holds, its batched writer). Each ``ingest`` is a new follower, as after a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from gpu_training.follow import FollowResult, FollowSettings, JobFollower, LocalSource, Source
+from gpu_training.hosts.base import TRAINER_STATUS_SCRIPT
 from gpu_training.hosts.local import LocalHost
-from gpu_training.progress import GLOBAL_JSON_PATH, ingest_new_bytes, poll_progress
+from gpu_training.progress import GLOBAL_JSON_PATH, FollowOutcome
 from gpu_training.results.models import EpochTrain, Eval, IngestError, JobEvent, TrainingIteration, TrainingStep
 from gpu_training.results.store import ResultsStore
 
@@ -39,8 +46,27 @@ def count(store: ResultsStore, model: type) -> int:
         return s.scalar(select(func.count()).select_from(model)) or 0
 
 
-def ingest(store: ResultsStore, host: LocalHost, job_uuid: str, *, writer_done: bool = False) -> tuple[int, int, int]:
-    return ingest_new_bytes(store, host, job_uuid, writer_done=writer_done)
+def new_follower(
+    store: ResultsStore, host: LocalHost, job_uuid: str, source: Source | None = None, **kw: Any
+) -> JobFollower:
+    settings = FollowSettings(
+        job_uuid=job_uuid,
+        target=host.follow_target(),
+        status_command=(TRAINER_STATUS_SCRIPT, host.workdir),
+        poll_interval=0.2,
+        **kw,
+    )
+    return JobFollower(settings, source or LocalSource(host.workdir), log=logging.getLogger("test.ingest"), store=store)
+
+
+def ingest(
+    store: ResultsStore, host: LocalHost, job_uuid: str, *, writer_done: bool = False, source: Source | None = None
+) -> tuple[int, int, int]:
+    """What a new follower stores of what the file holds past the stored offset: (events, errors,
+    offset). ``writer_done``: the trainer exited, an unterminated last line counts."""
+    follower = new_follower(store, host, job_uuid, source)
+    asyncio.run(follower.ingest_to_end(final=writer_done))
+    return follower.writer.events, follower.writer.errors, follower.offset
 
 
 def test_missing_file_is_not_an_error(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
@@ -269,15 +295,14 @@ def test_offset_lives_in_the_db_and_a_new_poller_resumes_there(
     second = event_line("TRAINING", "epoch_complete", iteration=1, epoch=2, data={"avg_loss": 0.4})
     append(host, second)
     reads: list[int] = []
-    original = host.read_chunk
 
-    def spy(relpath: str, offset: int, max_bytes: int) -> bytes | None:
-        reads.append(offset)
-        return original(relpath, offset, max_bytes)
+    class Spy(LocalSource):
+        async def read(self, relpath: str, offset: int, max_bytes: int) -> bytes:
+            reads.append(offset)
+            return await super().read(relpath, offset, max_bytes)
 
-    host.read_chunk = spy  # type: ignore[method-assign]
     fresh = ResultsStore(results_engine)  # as after a task retry: nothing but the DB survives
-    assert ingest(fresh, host, job_uuid) == (1, 0, len(first) + len(second))
+    assert ingest(fresh, host, job_uuid, source=Spy(host.workdir)) == (1, 0, len(first) + len(second))
     assert reads[0] == len(first)
     assert count(store, EpochTrain) == 2
 
@@ -316,6 +341,11 @@ def wait_exit(host: LocalHost) -> None:
     raise AssertionError("trainer did not exit")
 
 
+def follow(store: ResultsStore, host: LocalHost, job_uuid: str, **kw: Any) -> FollowResult:
+    """Follow the job until it ends, as the trigger does."""
+    return asyncio.run(asyncio.wait_for(new_follower(store, host, job_uuid, **LIMITS, **kw).run(), 30))
+
+
 def test_trainer_exit_without_project_end_fails_with_code_and_log(
     store: ResultsStore, host: LocalHost, job_uuid: str
 ) -> None:
@@ -324,8 +354,8 @@ def test_trainer_exit_without_project_end_fails_with_code_and_log(
     )
     wait_exit(host)
     store.update_job(job_uuid, trainer_started_at=datetime.now(UTC))
-    outcome = poll_progress(store, host, job_uuid, **LIMITS)
-    assert outcome.done and not outcome.succeeded
+    outcome = follow(store, host, job_uuid)
+    assert (outcome.kind, outcome.succeeded) == (FollowOutcome.TRAINER_EXIT, False)
     assert "exited with code 3 without PROJECT end" in outcome.reason
     assert "CUDA error: out of memory" in outcome.reason
     assert store.job(job_uuid).trainer_exit_code == 3
@@ -338,8 +368,8 @@ def test_project_end_succeeds_even_if_written_just_before_exit(
     start_script(host, f"open('outputs/global.json','a').write({line!r})\n")  # no trailing newline
     wait_exit(host)
     store.update_job(job_uuid, trainer_started_at=datetime.now(UTC))
-    outcome = poll_progress(store, host, job_uuid, **LIMITS)
-    assert (outcome.done, outcome.succeeded, outcome.reason) == (True, True, "PROJECT end")
+    outcome = follow(store, host, job_uuid)
+    assert (outcome.kind, outcome.succeeded, outcome.reason) == (FollowOutcome.PROJECT_END, True, "PROJECT end")
 
 
 def test_no_new_bytes_for_the_stall_timeout_is_a_stall(store: ResultsStore, host: LocalHost, job_uuid: str) -> None:
@@ -349,11 +379,12 @@ def test_no_new_bytes_for_the_stall_timeout_is_a_stall(store: ResultsStore, host
         store.update_job(
             job_uuid, trainer_started_at=now - timedelta(minutes=20), last_progress_at=now - timedelta(minutes=16)
         )
-        outcome = poll_progress(store, host, job_uuid, **LIMITS)
-        assert outcome.done and not outcome.succeeded
+        outcome = follow(store, host, job_uuid)
+        assert (outcome.kind, outcome.succeeded) == (FollowOutcome.STALL, False)
         assert outcome.reason.startswith("stalled: no new bytes in global.json for 16")
-        store.update_job(job_uuid, last_progress_at=now - timedelta(minutes=1))
-        assert not poll_progress(store, host, job_uuid, **LIMITS).done
+        store.update_job(job_uuid, last_progress_at=datetime.now(UTC) - timedelta(minutes=1))
+        with pytest.raises(TimeoutError):  # still running: following goes on
+            asyncio.run(asyncio.wait_for(new_follower(store, host, job_uuid, **LIMITS).run(), 1.5))
     finally:
         host.stop_trainer(grace_seconds=2)
 
@@ -363,8 +394,8 @@ def test_max_runtime(store: ResultsStore, host: LocalHost, job_uuid: str) -> Non
     try:
         now = datetime.now(UTC)
         store.update_job(job_uuid, trainer_started_at=now - timedelta(minutes=121), last_progress_at=now)
-        outcome = poll_progress(store, host, job_uuid, **LIMITS)
-        assert outcome.done and not outcome.succeeded
+        outcome = follow(store, host, job_uuid)
+        assert (outcome.kind, outcome.succeeded) == (FollowOutcome.MAX_RUNTIME, False)
         assert "exceeded max_runtime_minutes (120 min)" in outcome.reason
     finally:
         host.stop_trainer(grace_seconds=2)

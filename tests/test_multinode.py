@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gpu_training import lifecycle
-from gpu_training.follow import FollowResult, FollowSpec, JobFollower, Peer, source_for
+from gpu_training.follow import FollowResult, FollowSettings, JobFollower, Peer, source_for
 from gpu_training.params import parse_job_params
 from gpu_training.results.models import EpochTrain
 from gpu_training.results.store import ResultsStore
@@ -70,7 +70,7 @@ def wait_ready(store: ResultsStore, job: str, timeout: float = 60) -> None:
 def follow(store: ResultsStore, job: str, *, poll: float = 0.5) -> FollowResult:
     """What GlobalJsonTrigger does, with this test's store."""
     kw = lifecycle.follow_kwargs(store, job)
-    spec = FollowSpec(
+    spec = FollowSettings(
         job_uuid=job,
         results_conn_id="unused",
         poll_interval=poll,

@@ -19,6 +19,7 @@ and a send that hangs is given up after :data:`SEND_TIMEOUT_SECONDS`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import html
@@ -403,3 +404,40 @@ def notify_progress(store: ResultsStore, job_uuid: str) -> int:
     except Exception:  # the job goes on whatever happens here
         log.exception("notifying the progress of job %s failed", job_uuid)
         return 0
+
+
+class ProgressNotifier:
+    """Progress notifications of a followed job, sent in the background as its events are stored
+    (a :class:`~gpu_training.follow.ProgressListener`): one check at a time in a thread (one asked
+    for meanwhile runs next), so a slow mail server never holds the follower."""
+
+    def __init__(self, log: Any = log) -> None:
+        self.log = log
+        self._task: asyncio.Task[None] | None = None
+        self._wanted = False
+
+    def events_stored(self, store: ResultsStore, job_uuid: str) -> None:
+        """Check (soon) whether a progress notification is due."""
+        self._wanted = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send(store, job_uuid), name="notify progress")
+
+    async def _send(self, store: ResultsStore, job_uuid: str) -> None:
+        while self._wanted:
+            self._wanted = False
+            try:
+                await asyncio.wait_for(asyncio.to_thread(notify_progress, store, job_uuid), PROGRESS_TIMEOUT_SECONDS)
+            except Exception as err:  # notify_progress logs its own failures: a timeout, say
+                self.log.warning("progress notification of job %s: %r (training goes on)", job_uuid, err)
+                return
+
+    async def close(self) -> None:
+        """Let a notification in flight finish (15 s at most) before following stops."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 15)
+        except Exception:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -32,8 +32,10 @@ from gpu_training.errors import (
     RunSlotBusyError,
     TrainerFailedError,
 )
+from gpu_training.follow.settings import FollowSettings
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
 from gpu_training.offers import NoOfferError
+from gpu_training.progress import FollowOutcome
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
@@ -275,10 +277,11 @@ class GlobalJsonSensor(TrainingJobStepOperator):
         return self._follow(store, job_uuid)
 
     def _follow(self, store: ResultsStore, job_uuid: str) -> Any:
-        kwargs = lifecycle.follow_kwargs(store, job_uuid)
-        self.log.info("following %s from the triggerer", kwargs["target"])
+        kwargs = {**lifecycle.follow_kwargs(store, job_uuid), "results_conn_id": self.results_conn_id}
+        settings = FollowSettings.from_kwargs(kwargs)
+        self.log.info("following %s from the triggerer", dict(settings.target))
         self.defer(
-            trigger=GlobalJsonTrigger(results_conn_id=self.results_conn_id, **kwargs),
+            trigger=GlobalJsonTrigger.following(settings),
             method_name="execute_complete",
         )
 
@@ -304,12 +307,14 @@ class GlobalJsonSensor(TrainingJobStepOperator):
             self.log.info("recovery instance %s (%s) is %s", info.name, info.instance_id, info.state)
             return self._recovering(store, job_uuid)
         lifecycle.after_follow(store, job_uuid, result)
-        if result.get("kind") == "unreachable":
+        if result.get("kind") == FollowOutcome.UNREACHABLE:
             raise HostError(reason)  # retried: following resumes where the results DB says
         raise TrainerFailedError(reason)
 
     #: Ends of following after which the instance itself may be gone (an interruption).
-    LOST_HOST = frozenset({"unreachable", "trainer_exit", "not_started", "node_failed"})
+    LOST_HOST = frozenset(
+        {FollowOutcome.UNREACHABLE, FollowOutcome.TRAINER_EXIT, FollowOutcome.NOT_STARTED, FollowOutcome.NODE_FAILED}
+    )
 
     def _recovering(self, store: ResultsStore, job_uuid: str) -> Any:
         """Wait (deferred) for the recovery instance, then restart the trainer and follow again."""
