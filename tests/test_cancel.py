@@ -22,6 +22,10 @@ import pytest
 
 from gpu_training import lifecycle, listener
 from gpu_training.errors import HostError, JobCancelledError, JobLimitError, TrainerFailedError
+from gpu_training.job import following as job_following
+from gpu_training.job import outputs as job_outputs
+from gpu_training.job import teardown as job_teardown
+from gpu_training.job import terminate as job_terminate
 from gpu_training.operators import NOT_RETRYABLE
 from gpu_training.params import parse_job_params
 from gpu_training.providers.base import ComputeProvider
@@ -44,8 +48,8 @@ def rig(lambda_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Rig:
     lambda_rig.fake.reset()
     for key, value in lambda_rig.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
-    monkeypatch.setattr(lifecycle, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_teardown, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
     return lambda_rig
 
 
@@ -259,12 +263,13 @@ class StopFailing:
 
 @pytest.fixture
 def stop_failing(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], StopFailing]:
-    monkeypatch.setattr(lifecycle, "STOP_BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(job_following, "STOP_BACKOFF_SECONDS", 0.01)
 
     def make(failures: int) -> StopFailing:
         trainer = StopFailing(failures)
-        monkeypatch.setattr(lifecycle, "_stop_trainers", lambda store, job_uuid: trainer.stop())
-        monkeypatch.setattr(lifecycle, "job_spec", lambda store, job_uuid: parse_job_params({"project_id": "p"}))
+        monkeypatch.setattr(job_following, "stop_trainers", lambda ctx: trainer.stop())
+        context = SimpleNamespace(spec=parse_job_params({"project_id": "p"}))
+        monkeypatch.setattr(job_following, "load_context", lambda store, job_uuid: context)
         return trainer
 
     return make
@@ -367,8 +372,8 @@ def test_keeping_a_cancelled_jobs_files_never_holds_its_termination_past_the_bud
         release.wait(30)  # an instance that accepts the connection and then never answers
         raise HostError("the instance stopped answering")
 
-    monkeypatch.setattr(lifecycle, "upload_outputs", stuck_upload)
-    monkeypatch.setattr(lifecycle, "SALVAGE_BUDGET", timedelta(seconds=1))
+    monkeypatch.setattr(job_outputs, "upload_outputs", stuck_upload)
+    monkeypatch.setattr(job_outputs, "SALVAGE_BUDGET", timedelta(seconds=1))
     store.request_cancel(job, by="alice")
     started = time.monotonic()
     try:

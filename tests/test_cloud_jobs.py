@@ -16,6 +16,7 @@ import pytest
 
 from gpu_training import lifecycle
 from gpu_training.errors import OfferRefusedError
+from gpu_training.job import terminate as job_terminate
 from gpu_training.offers import NoOfferError
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.boxes import box_processes
@@ -37,7 +38,7 @@ def rig(rig_server: Rig, monkeypatch: pytest.MonkeyPatch) -> Rig:
     rig_server.fake.reset()
     for key, value in rig_server.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
     return rig_server
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gpu_training import lifecycle
+from gpu_training.job import terminate as job_terminate
 from gpu_training.providers.registry import CLOUD_CONNECTIONS
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.ec2 import Ec2FaultProxy
@@ -47,7 +48,7 @@ def both(
         monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", ec2.connection(ami_id=ami, retry_attempts=2))
     monkeypatch.setenv("AIRFLOW_CONN_RUNPOD_DEFAULT", pod.connection(**FAST_RETRIES))
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
     return ec2, pod
 
 

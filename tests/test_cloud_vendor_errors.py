@@ -15,6 +15,7 @@ import pytest
 from gpu_training import lifecycle
 from gpu_training.errors import NoCapacityError, OfferRefusedError
 from gpu_training.hooks.cloud_api import AuthorizationError
+from gpu_training.job import terminate as job_terminate
 from gpu_training.results.store import ResultsStore
 from tests.fakeclouds.rigs import STARTERS, Rig
 
@@ -39,7 +40,7 @@ def use(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Rig:
     rig.fake.reset()
     for key, value in rig.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
     return rig
 
 

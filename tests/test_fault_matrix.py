@@ -82,6 +82,9 @@ from sqlalchemy import func, select
 
 from gpu_training import follow, lifecycle
 from gpu_training.hosts.ssh import SshHost
+from gpu_training.job import following as job_following
+from gpu_training.job import teardown as job_teardown
+from gpu_training.job import terminate as job_terminate
 from gpu_training.providers.registry import CLOUD_CONNECTIONS
 from gpu_training.results.models import Artifact, EpochTrain, IngestError
 from gpu_training.results.store import ResultsStore
@@ -1043,9 +1046,9 @@ def test_fault_cell(
     monkeypatch.setenv("GPU_TRAINING_STORAGE", str(tmp_path / "storage"))
     monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", lambda self: store)
     monkeypatch.setattr(follow, "results_store", lambda conn_id: store)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
-    monkeypatch.setattr(lifecycle, "STOP_BACKOFF_SECONDS", 0.05)
-    monkeypatch.setattr(lifecycle, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_following, "STOP_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_teardown, "LAUNCH_SETTLE_POLL_SECONDS", 0.1)
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
     w = World(cloud, store, tmp_path, monkeypatch)

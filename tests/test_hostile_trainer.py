@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from gpu_training import follow, lifecycle
+from gpu_training import follow
+from gpu_training.job import following as job_following
+from gpu_training.job import terminate as job_terminate
 from gpu_training.results.models import Artifact, EpochTrain, IngestError
 from gpu_training.results.store import ResultsStore
 
@@ -70,8 +72,8 @@ def hostile_job(
     monkeypatch.setenv("HOSTILE_OUTSIDE", str(tmp_path / "outside.txt"))
     monkeypatch.setattr("gpu_training.hooks.results.ResultsDbHook.get_store", lambda self: store)
     monkeypatch.setattr(follow, "results_store", lambda conn_id: store)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
-    monkeypatch.setattr(lifecycle, "STOP_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_following, "STOP_BACKOFF_SECONDS", 0.05)
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
     def run(modes: str, epochs: int = 3) -> tuple[Any, list[str]]:

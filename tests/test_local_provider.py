@@ -118,13 +118,14 @@ def test_wait_for_ready_gives_up_after_the_boot_timeout(store, job_uuid, monkeyp
 
     from gpu_training import lifecycle
     from gpu_training.errors import ProviderError
+    from gpu_training.job import context as job_context
     from gpu_training.providers.base import InstanceInfo
 
     class SlowBoot(LocalProvider):
         def get_instance(self, instance_id: str) -> InstanceInfo:
             return InstanceInfo("local", instance_id, instance_id, InstanceState.BOOTING)
 
-    monkeypatch.setattr(lifecycle, "get_provider", lambda name, spec=None: SlowBoot(tmp_path / "i"))
+    monkeypatch.setattr(job_context, "get_provider", lambda name, spec=None: SlowBoot(tmp_path / "i"))
     store.record_instance_intent(job_uuid, provider="local", name="gpujob-slow")
     store.update_instance("gpujob-slow", instance_id="gpujob-slow", state="booting", launched_at=datetime.now(UTC))
     assert lifecycle.check_ready(store, job_uuid) is False

@@ -21,6 +21,7 @@ import pytest
 
 from gpu_training import lifecycle
 from gpu_training.follow import FollowResult, FollowSettings, JobFollower, Peer, source_for
+from gpu_training.job import terminate as job_terminate
 from gpu_training.params import parse_job_params
 from gpu_training.results.models import EpochTrain
 from gpu_training.results.store import ResultsStore
@@ -42,7 +43,7 @@ def rig(lambda_server: Rig, monkeypatch: pytest.MonkeyPatch) -> Rig:
     lambda_server.fake.reset()
     for key, value in lambda_server.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(lifecycle, "TERMINATE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(job_terminate, "TERMINATE_BACKOFF_SECONDS", 0.05)
     return lambda_server
 
 

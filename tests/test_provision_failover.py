@@ -10,6 +10,7 @@ import pytest
 
 from gpu_training import lifecycle
 from gpu_training.errors import NoCapacityError
+from gpu_training.job import context as job_context
 from gpu_training.offers import NoOfferError
 from gpu_training.providers.base import GpuRequest, InstanceInfo, Offer
 from gpu_training.providers.local import LocalProvider
@@ -49,7 +50,7 @@ def clouds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeClo
             "runpod", tmp_path / "runpod", [Offer("runpod", "NVIDIA H100 80GB HBM3", 2.69, "US", "H100", 1)], set()
         ),
     }
-    monkeypatch.setattr(lifecycle, "get_provider", lambda name, spec=None: clouds[name])
+    monkeypatch.setattr(job_context, "get_provider", lambda name, spec=None: clouds[name])
     return clouds
 
 

@@ -273,11 +273,11 @@ def test_the_initial_checkpoint_lands_in_the_work_dirs_init(tmp_path: Path, monk
     host = LocalHost(tmp_path / "instance")
     host.prepare()
     spec = parse_job_params({"project_id": "p", "init_checkpoint_uri": model.as_uri()})
-    assert lifecycle._fetch_init_checkpoint(spec, host) == 1
+    assert lifecycle.fetch_init_checkpoint(spec, host) == 1
     assert Path(host.path("init/model_final.npz")).read_bytes() == b"weights"
     missing = parse_job_params({"project_id": "p", "init_checkpoint_uri": (tmp_path / "nope.npz").as_uri()})
     with pytest.raises(StorageError, match=r"^init_checkpoint_uri: .*nope\.npz does not exist"):
-        lifecycle._fetch_init_checkpoint(missing, host)
+        lifecycle.fetch_init_checkpoint(missing, host)
 
 
 # --- the run's instance slots (run_max_instances) ------------------------------------------------
