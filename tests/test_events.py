@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gpu_training.events import parse_chunk, parse_event, parse_timestamp, split_lines
+from gpu_training.events import MAX_JSON_DEPTH, LineDecoder, parse_chunk, parse_event, parse_timestamp, split_lines
 
 
 def test_ts_with_offset_is_honoured_and_stored_in_utc() -> None:
@@ -124,10 +124,11 @@ TRICKY_LINES = [
 ]
 
 
+@pytest.mark.parametrize("decoder", list(LineDecoder))
 @pytest.mark.parametrize("final", [False, True])
-def test_parse_chunk_agrees_with_split_lines_and_parse_event(final: bool) -> None:
+def test_parse_chunk_agrees_with_split_lines_and_parse_event(final: bool, decoder: LineDecoder) -> None:
     chunk = b"\n".join(TRICKY_LINES) + b'\n{"ts": "2026-11-22T15:04:05Z", "phase": "P", "event": "partial"}'
-    events, errors, consumed = parse_chunk(chunk, 1000, final=final)
+    events, errors, consumed = parse_chunk(chunk, 1000, final=final, decoder=decoder)
     ref_events, ref_errors, ref_consumed = reference_parse_chunk(chunk, 1000, final=final)
     assert events == ref_events
     assert [(e.offset, e.reason, e.excerpt) for e in errors] == ref_errors
@@ -190,3 +191,53 @@ def test_a_timestamp_out_of_range_is_one_malformed_line_of_its_chunk() -> None:
     events, errors, consumed = parse_chunk(chunk, 0, final=True)
     assert [e.event for e in events] == ["end"] and consumed == len(chunk)
     assert [(e.offset, "out of range" in e.reason) for e in errors] == [(0, True)]
+
+
+def line_with(data: str, **fields: str) -> bytes:
+    """A line whose ``data`` (and other fields) is the raw JSON text given."""
+    head = '{"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete"'
+    extra = "".join(f', "{key}": {value}' for key, value in fields.items())
+    return f'{head}{extra}, "data": {data}}}'.encode("utf-8", "surrogatepass")
+
+
+#: Lines where JSON decoders are known to differ: each decoder must give the same events and errors.
+DECODER_EDGE_LINES = [
+    line_with('{"avg_loss": NaN, "grad_norm": Infinity, "x": -Infinity}'),
+    line_with('{"big": 123456789012345678901234567890, "neg": -9223372036854775809, "u64": 18446744073709551616}'),
+    line_with('{"huge": 1e400, "tiny": 1e-400, "max": 1.7976931348623157e308, "sub": 4.9e-324, "z": -0.0}'),
+    line_with('{"a": 1, "a": 2, "b": {"c": 1, "c": [3]}}'),
+    line_with('{"lone": "\\ud800", "pair": "\\ud83d\\ude00", "nul": "\\u0000"}'),
+    line_with('{"raw_surrogate": "\ud800"}'),
+    line_with('{"control": "a\x01b"}'),
+    line_with('{"n": 01}'),
+    line_with('{"n": .5}'),
+    line_with("{}", iteration="2147483648"),
+    line_with("{}", iteration="1e2"),
+    line_with("{}", epoch="-0"),
+    line_with("{}") + b" ",
+    line_with("{}") + b'{"x": 1}',
+    line_with("[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2)),
+    line_with("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)),
+    line_with('{"s": "caf\u00e9 \\u00e9 \\/ \\b"}'),
+    b"\xef\xbb\xbf" + line_with("{}"),
+    line_with('{"bad_utf8": "\xc0\x80"}'.encode("latin-1").decode("utf-8", "surrogateescape")),
+    b"[1, 2]",
+    b'"a string"',
+    b"123",
+]
+
+
+def test_the_decoders_give_the_same_events_and_errors() -> None:
+    """msgspec takes only what json takes the same way; whatever else goes to json (parse_event), so
+    NaN/Infinity, big ints, numbers beyond a double, duplicate keys, lone surrogates, invalid
+    UTF-8, non-objects and depth give the same result with either decoder."""
+    chunk = b"\n".join(DECODER_EDGE_LINES) + b"\n"
+    by_decoder = {decoder: parse_chunk(chunk, 0, decoder=decoder) for decoder in LineDecoder}
+    json_events, json_errors, json_consumed = by_decoder[LineDecoder.JSON]
+    events, errors, consumed = by_decoder[LineDecoder.MSGSPEC]
+    assert repr(events) == repr(json_events)  # repr: NaN != NaN, and int vs float shows
+    assert [type(v) for ev in events for v in ev.data.values()] == [
+        type(v) for ev in json_events for v in ev.data.values()
+    ]
+    assert errors == json_errors and consumed == json_consumed == len(chunk)
+    assert len(events) > 10 and len(errors) > 5

@@ -147,3 +147,24 @@ def test_a_relative_path_is_refused_or_stays_inside(relpath: str) -> None:
         return
     assert not Path(safe).is_absolute() and ".." not in Path(safe).parts
     assert os.path.normpath(root / safe).startswith(str(root) + os.sep)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5),
+    iteration=st.none() | st.integers() | st.floats(allow_nan=True),
+    ascii_only=st.booleans(),
+)
+def test_any_line_parses_the_same_with_either_line_decoder(
+    data: dict[str, Any], iteration: Any, ascii_only: bool
+) -> None:
+    """msgspec (production's line decoder) and json's scanner give the same events and errors for
+    any line: what msgspec does not take as plain JSON is left to json."""
+    from gpu_training.events import LineDecoder, parse_chunk
+
+    payload = {"ts": "2026-11-22T15:04:05Z", "phase": "TRAINING", "event": "epoch_complete", "data": data}
+    if iteration is not None:
+        payload["iteration"] = iteration
+    line = json.dumps(payload, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass") + b"\n"
+    results = {decoder: parse_chunk(line, 0, decoder=decoder) for decoder in LineDecoder}
+    assert repr(results[LineDecoder.MSGSPEC]) == repr(results[LineDecoder.JSON])

@@ -9,6 +9,11 @@ No line can stop ingestion: one nested deeper than :data:`MAX_JSON_DEPTH` is ref
 parsed (``json`` parses recursively), and anything a line raises while it is parsed makes it a
 malformed line, recorded with its offset like any other.
 
+A plain line is decoded by :class:`LineDecoder` (``msgspec``, about 3x ``json``'s scanner); any line
+it does not take as plain JSON (``NaN``, ``Infinity``, a number beyond a double, a lone surrogate,
+invalid UTF-8, a syntax error) goes to :func:`parse_event` and ``json``, which accepts it or says
+what is wrong: the result is the same with either decoder (``tests/test_events.py``).
+
 What leaves here fits every results DB backend: ``iteration`` and ``epoch`` are 32-bit integers (a
 line with a larger one is malformed), and no text holds U+0000 (PostgreSQL's ``text`` and ``jsonb``
 cannot; a ``\\u0000`` becomes U+FFFD).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import gc
 import json
 import json.scanner
@@ -27,6 +33,8 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+
+import msgspec
 
 try:  # zoneinfo needs the system tz database; IST has had no DST since 1945 either way.
     from zoneinfo import ZoneInfo
@@ -235,17 +243,31 @@ def split_lines(chunk: bytes, base_offset: int, *, final: bool = False) -> tuple
     return lines, start
 
 
+class LineDecoder(enum.StrEnum):
+    """What decodes a plain line in :func:`parse_chunk` (the same events and errors either way)."""
+
+    #: ``msgspec.json.decode`` straight from the bytes.
+    MSGSPEC = "msgspec"
+    #: The C scanner behind ``json.loads``, on the line decoded as UTF-8.
+    JSON = "json"
+
+
+#: The decoder ingestion uses (bench/ingest.py measures both).
+DEFAULT_DECODER = LineDecoder.MSGSPEC
+
+
 def parse_chunk(
-    chunk: bytes, base_offset: int, *, final: bool = False
+    chunk: bytes, base_offset: int, *, final: bool = False, decoder: LineDecoder = DEFAULT_DECODER
 ) -> tuple[list[TrainingEvent], list[MalformedLine], int]:
     """Parse every complete line of ``chunk``: events, malformed lines, bytes consumed.
 
     The same result as :func:`split_lines` then :func:`parse_event` on each line, faster: a line
-    that is plain well-formed UTF-8 JSON with the usual field types is decoded inline; any other
-    line goes through :func:`parse_event`, which accepts it the same way or says what is wrong.
+    that is plain well-formed UTF-8 JSON with the usual field types is decoded inline (by
+    ``decoder``); any other line goes through :func:`parse_event`, which accepts it the same way or
+    says what is wrong.
     """
     with gc_paused():
-        return _parse_chunk(chunk, base_offset, final)
+        return _parse_chunk(chunk, base_offset, final, decoder)
 
 
 @contextlib.contextmanager
@@ -279,11 +301,15 @@ _gc_users = 0
 _gc_was_enabled = True
 
 
-def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[TrainingEvent], list[MalformedLine], int]:
+def _parse_chunk(
+    chunk: bytes, base_offset: int, final: bool, decoder: LineDecoder
+) -> tuple[list[TrainingEvent], list[MalformedLine], int]:
     events: list[TrainingEvent] = []
     errors: list[MalformedLine] = []
     append = events.append
     scan = _scan_once
+    with_msgspec = decoder == LineDecoder.MSGSPEC
+    decode = _msgspec_decode
     new = object.__new__
     cls = TrainingEvent
     fromiso = _fromisoformat
@@ -300,12 +326,20 @@ def _parse_chunk(chunk: bytes, base_offset: int, final: bool) -> tuple[list[Trai
         pos += len(raw) + 1
         ev = None
         if raw[:1] == b"{" and raw[-1:] == b"}" and raw.count(b"[") + raw.count(b"{") <= depth_limit:
-            try:
-                text = raw.decode()
-                payload, end = scan(text, 0)
-            except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
-                payload = end = None
-            if type(payload) is dict and end == len(text):  # nothing after the object
+            if with_msgspec:
+                try:
+                    payload = decode(raw)
+                except Exception:  # not plain JSON to msgspec (NaN, 1e400, a lone surrogate...): parse_event decides
+                    payload = None
+            else:
+                try:
+                    text = raw.decode()
+                    payload, end = scan(text, 0)
+                    if end != len(text):  # something after the object
+                        payload = None
+                except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
+                    payload = None
+            if type(payload) is dict:
                 phase = payload.get("phase")
                 name = payload.get("event")
                 ts = payload.get("ts")
@@ -382,3 +416,4 @@ def _event_without_nul(ev: TrainingEvent) -> TrainingEvent:
 
 # The C scanner behind json.loads, called directly: it returns where the value ended.
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_msgspec_decode = msgspec.json.Decoder().decode

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from gpu_training.errors import HostError, NotRegularFileError
+from gpu_training.events import DEFAULT_DECODER, LineDecoder
 from gpu_training.follow.peers import Peer, PeerWatch
 from gpu_training.follow.reader import GlobalJsonReader
 from gpu_training.follow.settings import FollowSettings
@@ -83,6 +84,7 @@ class JobFollower:
         progress: ProgressListener | None = None,
         batch_bytes: int = BATCH_BYTES,
         db: DbThreads = DB_THREADS,
+        decoder: LineDecoder = DEFAULT_DECODER,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -103,7 +105,7 @@ class JobFollower:
         )
         self.base = 0  # the job-wide offset of this instance's global.json byte 0 (a recovery moves it)
         self.writer = BatchWriter(
-            store, settings.job_uuid, max_rows=settings.max_metric_rows, batch_bytes=batch_bytes, db=db
+            store, settings.job_uuid, max_rows=settings.max_metric_rows, batch_bytes=batch_bytes, db=db, decoder=decoder
         )
         self.reader = GlobalJsonReader(
             source,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from gpu_training.events import MalformedLine, parse_chunk
+from gpu_training.events import DEFAULT_DECODER, LineDecoder, MalformedLine, parse_chunk
 from gpu_training.results.store import ResultsStore
 
 T = TypeVar("T")
@@ -89,6 +89,7 @@ def ingest_batch(
     final: bool,
     max_rows: int | None = None,
     batch_bytes: int = BATCH_BYTES,
+    decoder: LineDecoder = DEFAULT_DECODER,
 ) -> Batch:
     """Parse the complete lines of ``data`` (read at ``offset``) and store them with the new offset.
 
@@ -96,7 +97,7 @@ def ingest_batch(
     thread (parsing a large backlog would otherwise hold the event loop too). With ``max_rows``
     the batch stops at the first line that would take the job past it.
     """
-    events, errors, consumed = parse_chunk(data, offset, final=final)
+    events, errors, consumed = parse_chunk(data, offset, final=final, decoder=decoder)
     if consumed == 0:
         if len(data) < batch_bytes:
             return Batch(0, 0, 0)
@@ -135,8 +136,10 @@ class BatchWriter:
         max_rows: int | None = None,
         batch_bytes: int = BATCH_BYTES,
         db: DbThreads = DB_THREADS,
+        decoder: LineDecoder = DEFAULT_DECODER,
     ) -> None:
         self.store = store
+        self.decoder = decoder
         self.job_uuid = job_uuid
         self.max_rows = max_rows
         self.batch_bytes = batch_bytes
@@ -172,6 +175,7 @@ class BatchWriter:
                 final=final,
                 max_rows=self.max_rows,
                 batch_bytes=self.batch_bytes,
+                decoder=self.decoder,
             )
             self._skip_long_line = batch.consumed == len(data) == self.batch_bytes and not data.endswith(b"\n")
         if batch.conflict_offset is not None:  # another follower stored this range first
