@@ -10,6 +10,7 @@ from gpu_training.errors import JobCancelledError, JobLimitError, RunSlotBusyErr
 from gpu_training.job.context import JobContext
 from gpu_training.job.nodes import current_nodes
 from gpu_training.results.models import utcnow
+from gpu_training.results.states import InstanceState
 from gpu_training.results.store import ResultsStore
 
 #: ``cancelled_by`` of a job that was not launched because its run's budget was spent.
@@ -21,9 +22,9 @@ def job_cost(store: ResultsStore, job_uuid: str, *, now: datetime | None = None)
     now = now or utcnow()
     total = 0.0
     for record in store.instances_for_job(job_uuid):
-        if record.state == "terminated" or record.cost_usd is not None:
+        if record.state == InstanceState.TERMINATED or record.cost_usd is not None:
             total += record.cost_usd or 0.0
-        elif record.instance_id and record.state != "failed":
+        elif record.instance_id and record.state != InstanceState.FAILED:
             started = record.launched_at or record.created_at
             total += max(0.0, (now - started).total_seconds()) / 3600 * (record.price_per_hour or 0.0)
     return total

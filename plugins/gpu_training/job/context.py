@@ -16,6 +16,7 @@ from gpu_training.params import JobSpec, parse_job_params
 from gpu_training.providers.base import ComputeProvider
 from gpu_training.providers.registry import get_provider, provider_names
 from gpu_training.results.models import TrainingJob
+from gpu_training.results.states import JobStatus
 from gpu_training.results.store import ResultsStore
 
 
@@ -67,7 +68,7 @@ def providers_for(spec: JobSpec) -> dict[str, ComputeProvider]:
 
 def cancelled_reason(job: Any) -> str | None:
     """Why the job must not go on (cancelled, or being torn down), else None."""
-    if job.status == "cancelled" or job.cancel_requested_at is not None:
+    if job.status == JobStatus.CANCELLED or job.cancel_requested_at is not None:
         return f"job {job.uuid} was cancelled" + (f" by {job.cancelled_by}" if job.cancelled_by else "")
     if job.teardown_started_at is not None:
         return f"job {job.uuid} is being torn down"

@@ -11,13 +11,14 @@ from gpu_training.job.context import JobContext
 from gpu_training.params import JobSpec
 from gpu_training.providers.base import ComputeProvider, InstanceInfo
 from gpu_training.results.models import Instance
+from gpu_training.results.states import InstanceState
 from gpu_training.runtimes import Trainer, trainer_for
 
 
 def current_nodes(ctx: JobContext) -> list[Instance]:
     """The job's live nodes, rank 0 first: the instances of its latest launch attempt that were not
     terminated (one for a single-node job)."""
-    live = [i for i in ctx.store.instances_for_job(ctx.uuid) if i.state not in ("terminated", "failed")]
+    live = [i for i in ctx.store.instances_for_job(ctx.uuid) if not InstanceState(i.state).is_gone]
     if not live:
         raise InstanceNotFoundError(ctx.job.provider, f"job {ctx.uuid} has no live instance")
     group = live[-1].node_group or live[-1].name

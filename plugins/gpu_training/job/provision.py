@@ -20,6 +20,7 @@ from gpu_training.job.terminate import terminate_group, terminate_record
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, Offer, instance_name
 from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.states import InstanceState, JobStatus
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def provision(store: ResultsStore, job_uuid: str) -> InstanceInfo:
     """
     ctx = load_context(store, job_uuid)
     ctx.ensure_not_cancelled()
-    store.set_status(job_uuid, "provisioning", from_statuses=("pending",))
+    store.set_status(job_uuid, JobStatus.PROVISIONING.value, from_statuses=(JobStatus.PENDING.value,))
     return _adopt_earlier_launch(ctx) or launch_next(ctx)
 
 
@@ -50,7 +51,7 @@ def _adopt_earlier_launch(ctx: JobContext) -> InstanceInfo | None:
     """A complete launch attempt of an earlier try that the cloud still shows (the latest first);
     the rest of what it recorded is marked failed (never launched) or terminated (part of a
     multi-node attempt: all or nothing)."""
-    live = [i for i in ctx.store.instances_for_job(ctx.uuid) if i.state not in ("terminated", "failed")]
+    live = [i for i in ctx.store.instances_for_job(ctx.uuid) if not InstanceState(i.state).is_gone]
     groups: dict[str, list[Instance]] = {}
     for record in live:
         groups.setdefault(record.node_group or record.name, []).append(record)
@@ -61,7 +62,9 @@ def _adopt_earlier_launch(ctx: JobContext) -> InstanceInfo | None:
             if info is not None:
                 ctx.store.update_instance(record.name, instance_id=info.instance_id, state=str(info.state))
             elif not record.instance_id:  # the intent was recorded, the launch never happened
-                ctx.store.update_instance(record.name, state="failed", state_reason="launch did not complete")
+                ctx.store.update_instance(
+                    record.name, state=InstanceState.FAILED.value, state_reason="launch did not complete"
+                )
         if all(found) and len(found) == node_count(nodes[0], ctx.spec):
             return next(info for info in found if info is not None)
         if any(found):  # part of a multi-node launch: all or nothing
@@ -220,7 +223,7 @@ def _refuse_if_cancelled(ctx: JobContext, names: list[str]) -> None:
     stop = cancelled_reason(ctx.fresh_job())
     if stop:
         for node in names:
-            ctx.store.update_instance(node, state="failed", state_reason=NOT_LAUNCHED_CANCELLED)
+            ctx.store.update_instance(node, state=InstanceState.FAILED.value, state_reason=NOT_LAUNCHED_CANCELLED)
         raise JobCancelledError(stop)
 
 
@@ -244,9 +247,11 @@ def _launch_nodes(
                     "%s for %s %s %s, trying the next offer", err.why, where, offer.provider, offer.instance_type
                 )
             if err.instance_id:  # created despite the error: make sure teardown can find it
-                store.update_instance(node, instance_id=err.instance_id, state="unknown", state_reason=reason)
+                store.update_instance(
+                    node, instance_id=err.instance_id, state=InstanceState.UNKNOWN.value, state_reason=reason
+                )
             else:
-                store.update_instance(node, state="failed", state_reason=reason)
+                store.update_instance(node, state=InstanceState.FAILED.value, state_reason=reason)
             _abandon_attempt(store, names, rank, provider, reason)
             if capacity:
                 return None
@@ -273,7 +278,7 @@ def _abandon_attempt(
     why = f"{reason} (all or nothing: the attempt's other nodes are released)"
     launched = [store.instance(n) for n in names[:failed_rank]]
     for node in names[failed_rank + 1 :]:
-        store.update_instance(node, state="failed", state_reason=why)
+        store.update_instance(node, state=InstanceState.FAILED.value, state_reason=why)
     terminate_group(store, [r for r in launched if r is not None], provider, reason=why)
 
 
@@ -285,7 +290,7 @@ def _terminate_if_torn_down(ctx: JobContext, names: list[str], provider: Compute
         return
     for name in names:
         record = ctx.store.instance(name)
-        if record is not None and record.state != "terminated":
+        if record is not None and record.state != InstanceState.TERMINATED:
             log.warning("teardown began while %s was launching: terminating it", name)
             terminate_record(
                 ctx.store, record, provider, reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched")

@@ -9,6 +9,7 @@ from gpu_training.job_config import build_job_config, render_yaml
 from gpu_training.params import parse_job_params
 from gpu_training.policy import enforce as enforce_policy
 from gpu_training.preflight import check_connections
+from gpu_training.results.states import JobStatus
 from gpu_training.results.store import ResultsStore
 from gpu_training.storage import job_outputs_uri
 
@@ -55,7 +56,7 @@ def stage_checkpoint_uri(store: ResultsStore, dag_id: str, run_id: str, stage: s
     if upstream is None:
         raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} has no job in run {run_id}")
     job = store.job(upstream)
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} (job {upstream}) is {job.status}, not completed")
     for artifact in store.artifacts(upstream):
         if artifact.name == checkpoint:

@@ -16,6 +16,7 @@ from gpu_training.params import DEFAULT_COMMAND, JobSpec, render_command
 from gpu_training.policy import Policy
 from gpu_training.providers.base import InstanceInfo
 from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.states import JobStatus
 from gpu_training.results.store import ResultsStore
 from gpu_training.runtimes import ContainerSpec, ContainerTrainer, registry_login
 from gpu_training.storage import fetch_dataset, fetch_dataset_direct
@@ -141,7 +142,9 @@ def run_trainer(ctx: JobContext) -> int | None:
         status = host.start_trainer(argv, trainer_env(host))
     if ctx.job.trainer_started_at is None:
         ctx.store.update_job(ctx.uuid, trainer_started_at=utcnow())
-    ctx.store.set_status(ctx.uuid, "running", from_statuses=("pending", "provisioning"))
+    ctx.store.set_status(
+        ctx.uuid, JobStatus.RUNNING.value, from_statuses=(JobStatus.PENDING.value, JobStatus.PROVISIONING.value)
+    )
     return status.pid
 
 

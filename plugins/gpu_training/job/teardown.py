@@ -12,6 +12,7 @@ from gpu_training.job.outputs import salvage
 from gpu_training.job.terminate import terminate_record
 from gpu_training.providers.base import ComputeProvider
 from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.states import InstanceState, JobStatus
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,12 @@ def teardown(store: ResultsStore, job_uuid: str, *, settle: timedelta = LAUNCH_S
     store.begin_teardown(job_uuid)
     salvage(ctx)
     for record in store.instances_for_job(job_uuid):
-        if record.state == "terminated":
+        if record.state == InstanceState.TERMINATED:
             continue
         try:
             provider = ctx.provider(record.provider)
             record = _settled(store, record, provider, settle)
-            if record.state == "failed" and not record.instance_id:
+            if record.state == InstanceState.FAILED and not record.instance_id:
                 continue
             if terminate_record(store, record, provider):
                 terminated.append(record.name)
@@ -71,7 +72,7 @@ def _settled(store: ResultsStore, record: Instance, provider: ComputeProvider, s
     import time
 
     deadline = record.created_at + settle
-    while record.state == "requested" and not record.instance_id:
+    while record.state == InstanceState.REQUESTED and not record.instance_id:
         found = provider.find_instance(record.name)
         if found is not None:
             store.update_instance(record.name, instance_id=found.instance_id, state=str(found.state))
@@ -91,18 +92,18 @@ def finalize(store: ResultsStore, job_uuid: str, *, failed_tasks: list[str], run
     marked failed by someone (the Airflow UI, ``PATCH .../dagRuns/{run}``) before it completed.
     """
     job = store.job(job_uuid)
-    if run_marked_failed and job.status not in ("completed", "cancelled") and not job.project_ended:
+    if run_marked_failed and job.status not in (JobStatus.COMPLETED, JobStatus.CANCELLED) and not job.project_ended:
         store.request_cancel(job_uuid, by="airflow (the dag run was marked failed)")
         job = store.job(job_uuid)
-    if job.status == "cancelled" or job.cancel_requested_at is not None:
+    if job.status == JobStatus.CANCELLED or job.cancel_requested_at is not None:
         if job.failure_reason is None:
             store.update_job(job_uuid, failure_reason=cancelled_reason(job))
-        store.finish(job_uuid, "cancelled")
-        return "cancelled"
+        store.finish(job_uuid, JobStatus.CANCELLED.value)
+        return JobStatus.CANCELLED.value
     if job.failure_reason is None and (failed_tasks or not job.project_ended):
         what = ", ".join(failed_tasks) if failed_tasks else "the trainer never reported PROJECT end"
         store.record_failure(job_uuid, f"job did not complete: {what}")
     job = store.job(job_uuid)
-    status = "failed" if job.failure_reason else "completed"
+    status = (JobStatus.FAILED if job.failure_reason else JobStatus.COMPLETED).value
     store.finish(job_uuid, status)
     return status

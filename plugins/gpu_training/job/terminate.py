@@ -64,7 +64,7 @@ def settle_terminated(store: ResultsStore, record: Instance, instance_id: str | 
     store.update_instance(
         record.name,
         instance_id=instance_id,
-        state="terminated",
+        state=InstanceState.TERMINATED.value,
         terminated_at=now,
         billable_seconds=round(billable, 3),
         cost_usd=round(billable / 3600 * (record.price_per_hour or 0.0), 6),
@@ -79,8 +79,10 @@ def terminate_record(store: ResultsStore, record: Instance, provider: ComputePro
         found = provider.find_instance(record.name)  # a launch that crashed after the cloud acted
         instance_id = found.instance_id if found else None
     if not instance_id:
-        if record.state != "failed":
-            store.update_instance(record.name, state="failed", state_reason=record.state_reason or "never launched")
+        if record.state != InstanceState.FAILED:
+            store.update_instance(
+                record.name, state=InstanceState.FAILED.value, state_reason=record.state_reason or "never launched"
+            )
         return False
     terminate_until_gone(provider, instance_id)
     settle_terminated(store, record, instance_id, reason=reason)

@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import hashlib
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
+
+# The shared state enum lives with the results schema that stores it; re-exported here for providers.
+from gpu_training.results.states import InstanceState as InstanceState
 
 if TYPE_CHECKING:
     from gpu_training.hosts.base import Host
 
 # Every instance this system launches carries this prefix, so the reaper never touches others.
 NAME_PREFIX = "gpujob-"
-
-
-class InstanceState(enum.StrEnum):
-    """Provider-neutral instance states (stored in ``instances.state``)."""
-
-    PENDING = "pending"
-    BOOTING = "booting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    TERMINATED = "terminated"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
-
-    @property
-    def is_gone(self) -> bool:
-        return self in (InstanceState.TERMINATED, InstanceState.FAILED)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JOB_STATUSES = ("pending", "provisioning", "running", "completed", "failed", "cancelled")
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+from gpu_training.results.states import InstanceState, JobStatus
+
+JOB_STATUSES = tuple(str(s) for s in JobStatus)
+TERMINAL_STATUSES = frozenset(str(s) for s in JobStatus if s.is_terminal)
 STEP_TYPES = ("traj_gen", "training", "evaluation")
-INSTANCE_STATES = ("requested", "pending", "booting", "running", "stopping", "terminated", "failed", "unknown")
+INSTANCE_STATES = tuple(str(s) for s in InstanceState)
 
 metadata = MetaData(
     naming_convention={
@@ -121,7 +123,7 @@ class TrainingJob(Base):
     stage: Mapped[str] = mapped_column(String(64), default="", server_default="")
     provider: Mapped[str] = mapped_column(String(32))
     runtime: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING.value)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     training_config: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
@@ -275,7 +277,7 @@ class Instance(Base):
     region: Mapped[str | None] = mapped_column(String(64))
     price_per_hour: Mapped[float | None] = mapped_column(Float)
     spot: Mapped[bool] = mapped_column(Boolean, default=False)
-    state: Mapped[str] = mapped_column(String(16), default="requested")
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.REQUESTED.value)
     state_reason: Mapped[str | None] = mapped_column(Text)
     address: Mapped[str | None] = mapped_column(String(255))
     details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

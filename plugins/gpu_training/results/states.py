@@ -1,0 +1,42 @@
+"""The states the results DB stores, one enum per concept: a job's status, an instance's state.
+
+``StrEnum`` members compare equal to their strings, so the stored values, the API and SQL over the
+schema stay the same strings; each cloud maps its vendor states onto :class:`InstanceState`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobStatus(enum.StrEnum):
+    """A training job's status (``training_jobs.status``)."""
+
+    PENDING = "pending"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class InstanceState(enum.StrEnum):
+    """Provider-neutral instance states (``instances.state``); ``requested``: the launch intent is
+    recorded, the cloud has not answered yet."""
+
+    REQUESTED = "requested"
+    PENDING = "pending"
+    BOOTING = "booting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    @property
+    def is_gone(self) -> bool:
+        return self in (InstanceState.TERMINATED, InstanceState.FAILED)
