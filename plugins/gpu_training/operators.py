@@ -22,33 +22,25 @@ from airflow.sdk.exceptions import (
 
 from gpu_training import lifecycle
 from gpu_training.errors import (
-    BadRequestError,
     HostError,
     JobCancelledError,
-    JobLimitError,
     JobNotFoundError,
-    JobParamsError,
-    ResultsDbError,
     RunSlotBusyError,
     TrainerFailedError,
+    fail_unless_retryable,
+    is_retryable,
+    not_retryable_classes,
 )
 from gpu_training.follow.settings import FollowSettings
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
-from gpu_training.offers import NoOfferError
 from gpu_training.progress import FollowOutcome
 from gpu_training.results.models import utcnow
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
 
-NOT_RETRYABLE = (
-    JobParamsError,
-    BadRequestError,
-    TrainerFailedError,
-    ResultsDbError,
-    NoOfferError,
-    JobCancelledError,
-    JobLimitError,
-)
+#: The errors no Airflow retry helps (bad params, a rejected request, no offer, the trainer failed, a job
+#: limit, a cancel, the results DB not there): ``errors.is_retryable`` decides, from the hierarchy's flags.
+NOT_RETRYABLE = not_retryable_classes()
 
 
 def _map_index(context: Context) -> int:
@@ -104,11 +96,10 @@ class TrainingJobStepOperator(BaseOperator):
                 # the job's steps are skipped (its dag run still succeeds), not failed.
                 raise AirflowSkipException(str(err)) from err
             ti = context["ti"]
-            final = isinstance(err, NOT_RETRYABLE) or ti.try_number > (ti.max_tries or 0)
+            final = not is_retryable(err) or ti.try_number > (ti.max_tries or 0)
             if final:
                 store.record_failure(job_uuid, f"{self.task_id}: {err}")
-            if isinstance(err, NOT_RETRYABLE):
-                raise AirflowFailException(str(err)) from err
+            fail_unless_retryable(err)
             raise
 
 
@@ -174,11 +165,13 @@ class RegisterTrainingJobOperator(BaseOperator):
                 stage=self.stage,
                 init_from=self.init_from,  # type: ignore[arg-type]
             )
-        except NOT_RETRYABLE as err:
-            # Its own line in the task log, where the run's page shows it first (the traceback's
-            # one-line header is cut at the window's width).
-            self.log.error("the job is refused, nothing was created or provisioned: %s", err)
-            raise AirflowFailException(str(err)) from err
+        except Exception as err:
+            if not is_retryable(err):
+                # Its own line in the task log, where the run's page shows it first (the traceback's
+                # one-line header is cut at the window's width).
+                self.log.error("the job is refused, nothing was created or provisioned: %s", err)
+            fail_unless_retryable(err)
+            raise
         self.log.info("training job %s registered for run %s", job_uuid, ti.run_id)
         return job_uuid
 

@@ -21,7 +21,7 @@ class PlanSweepOperator(BaseOperator):
     ui_color = "#fff4e5"
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        from gpu_training.errors import JobParamsError
+        from gpu_training.errors import JobParamsError, fail_unless_retryable
         from gpu_training.params import parse_job_params
         from gpu_training.retraining.spec import merge_job_params, sweep_trials
 
@@ -35,8 +35,9 @@ class PlanSweepOperator(BaseOperator):
         for i, trial in enumerate(trials):
             try:
                 parse_job_params(merge_job_params(params, {"config": trial}))
-            except JobParamsError as err:
-                raise AirflowFailException(f"invalid sweep trial {i} {trial}: {err}") from err
+            except JobParamsError as err:  # not retryable: the task fails without Airflow's retries
+                fail_unless_retryable(err, f"invalid sweep trial {i} {trial}: {err}")
+                raise
         for i, trial in enumerate(trials):
             self.log.info("trial %d: %s", i, trial)
         return [{"config": trial} for trial in trials]
