@@ -10,6 +10,7 @@ from gpu_training.errors import InstanceNotFoundError, TrainerFailedError
 from gpu_training.job.budget import cost_deadline
 from gpu_training.job.context import JobContext, load_context
 from gpu_training.job.nodes import host_and_trainer, node_hosts, on_each
+from gpu_training.progress import FollowOutcome
 from gpu_training.results.store import ResultsStore
 from gpu_training.runtimes import trainer_for
 
@@ -18,14 +19,14 @@ log = logging.getLogger(__name__)
 #: Ends after which the trainer may still be running and must be stopped.
 _STOP_AFTER = frozenset(
     {
-        "stall",
-        "max_runtime",
-        "max_cost",
-        "non_finite_loss",
-        "cancelled",
-        "node_failed",
-        "not_regular_file",
-        "max_metric_rows",
+        FollowOutcome.STALL,
+        FollowOutcome.MAX_RUNTIME,
+        FollowOutcome.MAX_COST,
+        FollowOutcome.NON_FINITE_LOSS,
+        FollowOutcome.CANCELLED,
+        FollowOutcome.NODE_FAILED,
+        FollowOutcome.NOT_REGULAR_FILE,
+        FollowOutcome.MAX_METRIC_ROWS,
     }
 )
 #: How often :func:`after_follow` tries to stop the trainer, and the wait before the n-th retry
@@ -37,6 +38,10 @@ STOP_BACKOFF_SECONDS = 2.0
 def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
     """What :class:`~gpu_training.triggers.GlobalJsonTrigger` needs to follow the job: how to
     reach its host, how to ask for the trainer's status, and the job's limits."""
+    from datetime import timedelta
+
+    from gpu_training.follow.settings import FollowSettings, PeerSettings
+
     ctx = load_context(store, job_uuid)
     ctx.ensure_not_cancelled()
     spec = ctx.spec
@@ -45,27 +50,28 @@ def follow_kwargs(store: ResultsStore, job_uuid: str) -> dict[str, Any]:
     if spec.num_nodes > 1:  # the other nodes: their trainers are watched and their logs shown too
         for record, _, node_host in node_hosts(ctx)[1:]:
             peers.append(
-                {
-                    "rank": record.node_rank,
-                    "name": record.name,
-                    "target": node_host.follow_target(),
-                    "status_command": trainer_for(spec, node_host, record.name).status_command(),
-                }
+                PeerSettings(
+                    rank=record.node_rank,
+                    name=record.name,
+                    target=node_host.follow_target(),
+                    status_command=tuple(trainer_for(spec, node_host, record.name).status_command()),
+                )
             )
-    return {
-        "job_uuid": job_uuid,
-        "target": host.follow_target(),
-        "status_command": trainer.status_command(),
-        "peers": peers,
-        "runtime": spec.runtime,
-        "poll_interval_seconds": spec.poll_interval_seconds,
-        "stall_timeout_seconds": spec.stall_timeout_minutes * 60,
-        "max_runtime_seconds": spec.max_runtime_minutes * 60,
-        "unreachable_timeout_seconds": spec.unreachable_timeout_minutes * 60,
-        "stop_on_nan": spec.stop_on_nan,
-        "cost_deadline": deadline.isoformat() if (deadline := cost_deadline(ctx)) else None,
-        "max_cost_usd": spec.max_cost_usd,
-    }
+    settings = FollowSettings(
+        job_uuid=job_uuid,
+        target=host.follow_target(),
+        status_command=tuple(trainer.status_command()),
+        peers=tuple(peers),
+        runtime=spec.runtime,
+        poll_interval=spec.poll_interval_seconds,
+        stall_timeout=timedelta(minutes=spec.stall_timeout_minutes),
+        max_runtime=timedelta(minutes=spec.max_runtime_minutes),
+        unreachable_timeout=timedelta(minutes=spec.unreachable_timeout_minutes),
+        stop_on_nan=spec.stop_on_nan,
+        cost_deadline=cost_deadline(ctx),
+        max_cost_usd=spec.max_cost_usd,
+    )
+    return settings.to_kwargs()  # the caller names the results connection (results_conn_id)
 
 
 def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> None:
@@ -79,12 +85,12 @@ def after_follow(store: ResultsStore, job_uuid: str, result: dict[str, Any]) -> 
     (the SSH provider: stops the trainer and removes the work directory), retried until verified.
     """
     kind = result.get("kind")
-    if kind != "trainer_exit" and kind not in _STOP_AFTER:
+    if kind != FollowOutcome.TRAINER_EXIT and kind not in _STOP_AFTER:
         return
     ctx = load_context(store, job_uuid)
     # Node 0's trainer ended: the other nodes' may still run (waiting for it), so they are stopped
     # too. A single node's trainer that ended has nothing left to stop.
-    if kind == "trainer_exit" and ctx.spec.num_nodes == 1:
+    if kind == FollowOutcome.TRAINER_EXIT and ctx.spec.num_nodes == 1:
         return
     import time
 
