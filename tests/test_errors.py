@@ -53,6 +53,8 @@ OLD_HOMES = {
     "gpu_training.reaper": ("ReapError",),
     "gpu_training.policy": ("JobPolicyError",),
     "gpu_training.retraining.spec": ("RetrainingSpecError",),
+    "gpu_training.follow.sources": ("SourceUnreachable", "StreamBroken"),
+    "gpu_training.follow": ("SourceUnreachable", "StreamBroken"),
 }
 
 

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from gpu_training.errors import HostError, NotRegularFileError
+from gpu_training.errors import HostError, NotRegularFileError, SourceUnreachable, StreamBroken
 from gpu_training.hosts.base import LOG_PATH, LOG_TAIL_SCRIPT, NOT_REGULAR_STATUS, OPEN_REGULAR_SCRIPT
 from gpu_training.hosts.local import open_regular
 
@@ -32,14 +32,6 @@ LOCAL_TICK_SECONDS = 0.1
 CONNECT_TIMEOUT_SECONDS = 20.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 30.0
-
-
-class SourceUnreachable(Exception):
-    """The host does not answer (connection refused, lost, or a command timed out)."""
-
-
-class StreamBroken(Exception):
-    """A ``tail -F`` stream ended or failed while the host still answers."""
 
 
 class Backoff:
