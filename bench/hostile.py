@@ -272,7 +272,7 @@ def the_loop(jobs: int, long_mib: int, flood_mib: int, label: str) -> dict[str, 
             if hostile_done.is_set() and (hostile.offset or 0) >= target:
                 break
         worst["seconds"] = time.monotonic() - started
-        worst["epochs"] = float(sum(f.events for f in followers[1:]))
+        worst["epochs"] = float(sum(f.writer.events for f in followers[1:]))
         stop.set()
         for writer in writers:
             writer.join()
