@@ -142,3 +142,49 @@ def test_sqlite_datetimes_are_stored_as_sqlalchemy_stores_them(results_databases
     assert fast(None) is None
     with pytest.raises(ValueError, match="naive datetime"):
         fast(datetime(2026, 11, 22))
+
+
+def test_abandon_reason_is_filled_from_the_reason_prefix_of_older_rows(
+    results_backend: str, results_databases: ResultsDatabases
+) -> None:
+    """Revision 0010: instances given up before it get ``abandon_reason`` from their ``state_reason``."""
+    from sqlalchemy import text
+
+    from gpu_training.results.migrate import upgrade
+
+    engine = results_databases.engine(results_backend, migrated=False)
+    upgrade(engine, "0009")
+    job = ResultsStore(engine).create_job(
+        project_id="p", provider="local", runtime="process", params={}, dag_id="d", run_id="r"
+    )
+    reasons = {
+        "a": "no capacity: node 1 of 2: lambda: out of capacity",
+        "b": "not open: runpod: pool closed",
+        "c": "refused: vast: offer gone",
+        "d": "replaced: instance i-1 turned failed while booting",
+        "e": "interrupted: spot reclaimed",
+        "f": "not launched: the job was cancelled or is being torn down",
+        "g": "never launched",
+    }
+    with engine.begin() as conn:
+        job_id = conn.execute(text("SELECT id FROM training_jobs WHERE uuid = :u"), {"u": job}).scalar_one()
+        for name, reason in reasons.items():
+            conn.execute(
+                text(
+                    "INSERT INTO instances (job_id, provider, name, state, state_reason, spot, created_at)"
+                    " VALUES (:job, 'local', :name, 'failed', :reason, :spot, :now)"
+                ),
+                {"job": job_id, "name": name, "reason": reason, "spot": False, "now": datetime(2026, 12, 8)},
+            )
+    upgrade(engine)
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT name, abandon_reason FROM instances")).all())
+    assert got == {
+        "a": "no_capacity",
+        "b": "not_open",
+        "c": "refused",
+        "d": "replaced",
+        "e": "interrupted",
+        "f": "cancelled",
+        "g": None,
+    }

@@ -20,17 +20,14 @@ from gpu_training.job.terminate import terminate_group, terminate_record
 from gpu_training.offers import NoOfferError, rank_offers, request_from
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, Offer, instance_name
 from gpu_training.results.models import Instance, utcnow
-from gpu_training.results.states import InstanceState, JobStatus
+from gpu_training.results.states import AbandonReason, InstanceState, JobStatus
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
 
-#: ``state_reason`` prefixes of attempts whose offer is not tried again for the job: refused by the
-#: cloud (``OfferRefusedError.why``: no capacity, not open to the account, refused) or replaced.
-NO_CAPACITY = f"{NoCapacityError.why}:"
-REFUSED = tuple(f"{cls.why}:" for cls in (NoCapacityError, OfferNotOpenError, OfferRefusedError))
+#: How the ``state_reason`` of a replaced or interrupted instance begins (why it was given up is in
+#: its ``abandon_reason``, :class:`AbandonReason`; this is the text people read).
 REPLACED = "replaced:"
-#: ``state_reason`` prefix of an instance the cloud interrupted (spot): its offer stays eligible.
 INTERRUPTED = "interrupted:"
 NOT_LAUNCHED_CANCELLED = "not launched: the job was cancelled or is being torn down"
 
@@ -88,14 +85,18 @@ class _Failover:
 
     @classmethod
     def from_records(cls, records: list[Instance]) -> _Failover:
+        abandoned = [(r, AbandonReason(r.abandon_reason)) for r in records if r.abandon_reason]
         given_up = {
             _offer_key(r.provider, r.instance_type, r.region): r.state_reason or ""
-            for r in records
-            if (r.state_reason or "").startswith((*REFUSED, REPLACED))
+            for r, why in abandoned
+            if why.gives_up_offer
         }
         history = [f"{key[0]} {key[1]} {key[2]}".strip() + f": {why}" for key, why in given_up.items()]
         refusals: list[OfferRefusedError] = []  # this call's; the earlier ones' reasons are in history
-        if any(not why.startswith((NO_CAPACITY, REPLACED)) for why in given_up.values()):
+        if any(
+            why.gives_up_offer and why not in (AbandonReason.NO_CAPACITY, AbandonReason.REPLACED)
+            for _, why in abandoned
+        ):
             refusals.append(OfferRefusedError("earlier", "an earlier attempt's refusal was not for capacity"))
         return cls(given_up, history, refusals)
 
@@ -191,7 +192,7 @@ def _next_attempt_name(ctx: JobContext, failover: _Failover) -> str:
     nodes of a multi-node launch are one attempt.
     """
     records = ctx.store.instances_for_job(ctx.uuid)
-    attempts = len({r.node_group or r.name for r in records if not (r.state_reason or "").startswith(INTERRUPTED)})
+    attempts = len({r.node_group or r.name for r in records if r.abandon_reason != AbandonReason.INTERRUPTED})
     if attempts + 1 > ctx.spec.max_launch_attempts:
         raise NoCapacityError(
             "all",
@@ -223,7 +224,12 @@ def _refuse_if_cancelled(ctx: JobContext, names: list[str]) -> None:
     stop = cancelled_reason(ctx.fresh_job())
     if stop:
         for node in names:
-            ctx.store.update_instance(node, state=InstanceState.FAILED.value, state_reason=NOT_LAUNCHED_CANCELLED)
+            ctx.store.update_instance(
+                node,
+                state=InstanceState.FAILED.value,
+                state_reason=NOT_LAUNCHED_CANCELLED,
+                abandon_reason=AbandonReason.CANCELLED.value,
+            )
         raise JobCancelledError(stop)
 
 
@@ -241,6 +247,7 @@ def _launch_nodes(
             capacity = isinstance(err, OfferRefusedError)  # this offer is out; the next is tried
             where = f"node {rank} of {len(names)}: " if len(names) > 1 else ""
             reason = f"{err.why}: {where}{err}" if isinstance(err, OfferRefusedError) else f"{where}{err}"
+            abandon = _refusal(err).value if isinstance(err, OfferRefusedError) else None
             if isinstance(err, OfferRefusedError):
                 failover.refused(offer, err, where)
                 log.warning(
@@ -248,11 +255,17 @@ def _launch_nodes(
                 )
             if err.instance_id:  # created despite the error: make sure teardown can find it
                 store.update_instance(
-                    node, instance_id=err.instance_id, state=InstanceState.UNKNOWN.value, state_reason=reason
+                    node,
+                    instance_id=err.instance_id,
+                    state=InstanceState.UNKNOWN.value,
+                    state_reason=reason,
+                    abandon_reason=abandon,
                 )
             else:
-                store.update_instance(node, state=InstanceState.FAILED.value, state_reason=reason)
-            _abandon_attempt(store, names, rank, provider, reason)
+                store.update_instance(
+                    node, state=InstanceState.FAILED.value, state_reason=reason, abandon_reason=abandon
+                )
+            _abandon_attempt(store, names, rank, provider, reason, AbandonReason(abandon) if abandon else None)
             if capacity:
                 return None
             raise
@@ -268,8 +281,22 @@ def _launch_nodes(
     return launched
 
 
+def _refusal(err: OfferRefusedError) -> AbandonReason:
+    """How the cloud refused the offer."""
+    if isinstance(err, NoCapacityError):
+        return AbandonReason.NO_CAPACITY
+    if isinstance(err, OfferNotOpenError):
+        return AbandonReason.NOT_OPEN
+    return AbandonReason.REFUSED
+
+
 def _abandon_attempt(
-    store: ResultsStore, names: list[str], failed_rank: int, provider: ComputeProvider, reason: str
+    store: ResultsStore,
+    names: list[str],
+    failed_rank: int,
+    provider: ComputeProvider,
+    reason: str,
+    abandon: AbandonReason | None,
 ) -> None:
     """A node of a multi-node launch could not be had: the nodes launched before it are terminated
     and those after it never launched, all with the same reason (so the offer is given up)."""
@@ -278,8 +305,10 @@ def _abandon_attempt(
     why = f"{reason} (all or nothing: the attempt's other nodes are released)"
     launched = [store.instance(n) for n in names[:failed_rank]]
     for node in names[failed_rank + 1 :]:
-        store.update_instance(node, state=InstanceState.FAILED.value, state_reason=why)
-    terminate_group(store, [r for r in launched if r is not None], provider, reason=why)
+        store.update_instance(
+            node, state=InstanceState.FAILED.value, state_reason=why, abandon_reason=abandon.value if abandon else None
+        )
+    terminate_group(store, [r for r in launched if r is not None], provider, reason=why, abandon=abandon)
 
 
 def _terminate_if_torn_down(ctx: JobContext, names: list[str], provider: ComputeProvider) -> None:
@@ -293,6 +322,10 @@ def _terminate_if_torn_down(ctx: JobContext, names: list[str], provider: Compute
         if record is not None and record.state != InstanceState.TERMINATED:
             log.warning("teardown began while %s was launching: terminating it", name)
             terminate_record(
-                ctx.store, record, provider, reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched")
+                ctx.store,
+                record,
+                provider,
+                reason=NOT_LAUNCHED_CANCELLED.replace("not launched", "launched"),
+                abandon=AbandonReason.CANCELLED,
             )
     raise JobCancelledError(cancelled_reason(job) or f"job {ctx.uuid} is being torn down")

@@ -16,6 +16,7 @@ from gpu_training.offers import NoOfferError
 from gpu_training.params import JobSpec
 from gpu_training.providers.base import ComputeProvider, InstanceInfo, InstanceState
 from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.states import AbandonReason
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _replace_or_raise(ctx: JobContext, nodes: list[Instance], provider: ComputeP
     if not provider.ephemeral:
         raise ProviderError(provider.name, reason)
     log.warning("%s: %s; terminating it and trying the next offer", nodes[0].node_group or nodes[0].name, reason)
-    terminate_group(ctx.store, nodes, provider, reason=f"{REPLACED} {reason}")
+    terminate_group(ctx.store, nodes, provider, reason=f"{REPLACED} {reason}", abandon=AbandonReason.REPLACED)
     try:
         info = launch_next(ctx)
     except (OfferRefusedError, NoOfferError) as err:

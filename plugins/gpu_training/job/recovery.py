@@ -15,6 +15,7 @@ from gpu_training.job.start import put_inputs, run_trainer
 from gpu_training.job.terminate import terminate_group
 from gpu_training.providers.base import InstanceInfo
 from gpu_training.results.models import utcnow
+from gpu_training.results.states import AbandonReason
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def recover(store: ResultsStore, job_uuid: str, reason: str) -> InstanceInfo:
     provider = ctx.provider(record.provider)
     for node in nodes:
         store.update_instance(node.name, interrupted_at=utcnow(), interruption=reason[:500])
-    terminate_group(store, nodes, provider, reason=f"{INTERRUPTED} {reason}")
+    terminate_group(store, nodes, provider, reason=f"{INTERRUPTED} {reason}", abandon=AbandonReason.INTERRUPTED)
     store.begin_recovery(job_uuid)
     log.warning("job %s: %s interrupted (%s); recovery %d", job_uuid, record.name, reason, job.recovery_count + 1)
     return launch_next(ctx)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from gpu_training.errors import BadRequestError, HostError, InstanceNotFoundError, ProviderError
 from gpu_training.providers.base import ComputeProvider, InstanceState
 from gpu_training.results.models import Instance, utcnow
+from gpu_training.results.states import AbandonReason
 from gpu_training.results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,16 @@ def terminate_until_gone(provider: ComputeProvider, instance_id: str, *, budget:
                 raise ProviderError(provider.name, f"instance {instance_id} is still {state} after terminate")
 
 
-def settle_terminated(store: ResultsStore, record: Instance, instance_id: str | None, *, reason: str = "") -> None:
-    """Record a verified termination and its cost: billed from launch to now, at the offer's price."""
+def settle_terminated(
+    store: ResultsStore,
+    record: Instance,
+    instance_id: str | None,
+    *,
+    reason: str = "",
+    abandon: AbandonReason | None = None,
+) -> None:
+    """Record a verified termination and its cost: billed from launch to now, at the offer's price
+    (``abandon``: why its attempt was given up)."""
     now = utcnow()
     billable = max(0.0, (now - (record.launched_at or record.created_at)).total_seconds())
     store.update_instance(
@@ -69,10 +78,18 @@ def settle_terminated(store: ResultsStore, record: Instance, instance_id: str | 
         billable_seconds=round(billable, 3),
         cost_usd=round(billable / 3600 * (record.price_per_hour or 0.0), 6),
         **({"state_reason": reason[:4000]} if reason else {}),
+        **({"abandon_reason": abandon.value} if abandon else {}),
     )
 
 
-def terminate_record(store: ResultsStore, record: Instance, provider: ComputeProvider, *, reason: str = "") -> bool:
+def terminate_record(
+    store: ResultsStore,
+    record: Instance,
+    provider: ComputeProvider,
+    *,
+    reason: str = "",
+    abandon: AbandonReason | None = None,
+) -> bool:
     """Terminate the recorded instance until gone and settle its cost; False if it never existed."""
     instance_id = record.instance_id
     if not instance_id:
@@ -85,17 +102,24 @@ def terminate_record(store: ResultsStore, record: Instance, provider: ComputePro
             )
         return False
     terminate_until_gone(provider, instance_id)
-    settle_terminated(store, record, instance_id, reason=reason)
+    settle_terminated(store, record, instance_id, reason=reason, abandon=abandon)
     return True
 
 
-def terminate_group(store: ResultsStore, nodes: list[Instance], provider: ComputeProvider, *, reason: str) -> None:
+def terminate_group(
+    store: ResultsStore,
+    nodes: list[Instance],
+    provider: ComputeProvider,
+    *,
+    reason: str,
+    abandon: AbandonReason | None = None,
+) -> None:
     """Terminate every node of a launch attempt that exists (all or nothing); failures are raised
     after trying each (teardown tries again)."""
     errors = []
     for record in nodes:
         try:
-            terminate_record(store, store.instance(record.name) or record, provider, reason=reason)
+            terminate_record(store, store.instance(record.name) or record, provider, reason=reason, abandon=abandon)
         except Exception as err:
             errors.append(f"{record.name}: {err}")
     if errors:

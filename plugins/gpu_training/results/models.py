@@ -279,6 +279,8 @@ class Instance(Base):
     spot: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.REQUESTED.value)
     state_reason: Mapped[str | None] = mapped_column(Text)
+    #: Why the attempt was given up (:class:`~gpu_training.results.states.AbandonReason`), None: it was not.
+    abandon_reason: Mapped[str | None] = mapped_column(String(16))
     address: Mapped[str | None] = mapped_column(String(255))
     details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

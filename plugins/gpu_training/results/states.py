@@ -40,3 +40,25 @@ class InstanceState(enum.StrEnum):
     @property
     def is_gone(self) -> bool:
         return self in (InstanceState.TERMINATED, InstanceState.FAILED)
+
+
+class AbandonReason(enum.StrEnum):
+    """Why a launch attempt's instance was given up (``instances.abandon_reason``; its words stay in
+    ``state_reason``). The first three and ``replaced``: its offer is not tried again for the job."""
+
+    NO_CAPACITY = "no_capacity"  # the cloud had no capacity for the offer
+    NOT_OPEN = "not_open"  # the offer is not open to the account
+    REFUSED = "refused"  # the cloud refused the offer otherwise
+    REPLACED = "replaced"  # broken while booting, or not usable in time: replaced by the next offer
+    INTERRUPTED = "interrupted"  # the cloud interrupted it (spot): its offer stays eligible
+    CANCELLED = "cancelled"  # not launched, or terminated at once: the job was cancelled or torn down
+
+    @property
+    def gives_up_offer(self) -> bool:
+        """The offer is not tried again for the job."""
+        return self in (
+            AbandonReason.NO_CAPACITY,
+            AbandonReason.NOT_OPEN,
+            AbandonReason.REFUSED,
+            AbandonReason.REPLACED,
+        )
