@@ -27,6 +27,7 @@ from sqlalchemy import select
 from gpu_training.errors import JobParamsError
 from gpu_training.params import parse_job_params
 from gpu_training.results.models import Artifact, EpochTrain, Eval, Instance, TrainingJob
+from gpu_training.results.states import InstanceState, JobStatus
 from gpu_training.results.store import ResultsStore
 
 DAG_ID = "gpu_training"
@@ -77,7 +78,7 @@ def summary(store: ResultsStore, job_uuid: str) -> str:
             + (f" {inst.region}" if inst.region and inst.provider not in ("local", "ssh") else "")
             + f") state {inst.state}"
             + (f", terminated {inst.terminated_at:%Y-%m-%d %H:%M:%S} UTC" if inst.terminated_at else "")
-            + (f" ({inst.state_reason})" if inst.state_reason and inst.state != "running" else "")
+            + (f" ({inst.state_reason})" if inst.state_reason and inst.state != InstanceState.RUNNING else "")
         )
         if inst.price_per_hour and inst.billable_seconds is not None:
             lines.append(
@@ -151,13 +152,13 @@ def run(conf: dict, *, quiet: bool = False) -> int:
     print(summary(store, job.uuid))
     print(f"wall time  {elapsed:.1f} s (airflow dags test)")
     final = store.job(job.uuid).status
-    return 0 if proc.returncode == 0 and final == "completed" else 1
+    return 0 if proc.returncode == 0 and final == JobStatus.COMPLETED else 1
 
 
 # --- make status -----------------------------------------------------------------------------------
 
 #: A job in one of these states is over: its cost is settled and ``logs`` stops following it.
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = tuple(status for status in JobStatus if status.is_terminal)
 
 
 def status_lines(store: ResultsStore, *, limit: int = 20, project: str | None = None) -> list[str]:

@@ -21,6 +21,8 @@ from typing import Any
 
 from airflow.listeners import hookimpl
 
+from gpu_training.results.states import JobStatus
+
 log = logging.getLogger(__name__)
 
 MANUALLY_FAILED = "manually set to"
@@ -66,7 +68,7 @@ def cancel_note(store: Any, dag_id: str, run_id: str) -> str | None:
     lines = []
     for uuid in store.jobs_for_run(dag_id, run_id):
         job = store.job(uuid)
-        if job.status == "cancelled" and job.cancel_requested_at is not None:
+        if job.status == JobStatus.CANCELLED and job.cancel_requested_at is not None:
             what = f"{job.stage} job" if job.stage else "job"
             lines.append(
                 f"Cancelled by {job.cancelled_by or 'someone'}: training {what} {uuid} ({job.project_id}). "

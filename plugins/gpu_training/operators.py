@@ -35,6 +35,7 @@ from gpu_training.follow.settings import FollowSettings
 from gpu_training.hooks.results import DEFAULT_CONN_ID, ResultsDbHook
 from gpu_training.progress import FollowOutcome
 from gpu_training.results.models import utcnow
+from gpu_training.results.states import JobStatus
 from gpu_training.results.store import ResultsStore
 from gpu_training.triggers import GlobalJsonTrigger, PollIntervalTrigger
 
@@ -388,10 +389,10 @@ class FinalizeJobOperator(TrainingJobStepOperator):
         self.log.info("job %s %s (cost %s USD)", job_uuid, status, job.cost_usd)
         if not lifecycle.budget_cancelled(job):  # a trial its run's budget never launched: nothing to say
             self._notify_end(store, job_uuid)
-        if status == "cancelled" and lifecycle.budget_cancelled(job):
+        if status == JobStatus.CANCELLED and lifecycle.budget_cancelled(job):
             # Not launched because the run's budget was spent: what the run was told to do.
             raise AirflowSkipException(f"training job {job_uuid} {status}: {job.failure_reason}")
-        if status != "completed":
+        if status != JobStatus.COMPLETED:
             raise AirflowFailException(f"training job {job_uuid} {status}: {job.failure_reason}")
         return status
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from gpu_training.events import GLOBAL_JSON
 from gpu_training.hosts.base import OUTPUT_DIR, TrainerStatus
+from gpu_training.results.states import JobStatus
 
 GLOBAL_JSON_PATH = f"{OUTPUT_DIR}/{GLOBAL_JSON}"
 
@@ -69,7 +70,7 @@ def judge(
     job's instances will have cost ``max_cost_usd`` (see :func:`gpu_training.lifecycle.cost_deadline`)."""
     if job.project_ended:
         return Verdict(FollowOutcome.PROJECT_END, True, "PROJECT end")
-    if job.status == "cancelled":
+    if job.status == JobStatus.CANCELLED:
         by = getattr(job, "cancelled_by", None)
         return Verdict(FollowOutcome.CANCELLED, False, "the job was cancelled" + (f" by {by}" if by else ""))
     if status is not None and not status.started:

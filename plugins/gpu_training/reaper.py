@@ -24,6 +24,7 @@ from gpu_training.errors import ReapError as ReapError  # its home was here: sti
 from gpu_training.lifecycle import settle_terminated, terminate_until_gone
 from gpu_training.providers.base import NAME_PREFIX, ComputeProvider, InstanceInfo
 from gpu_training.results.models import Instance, TrainingJob
+from gpu_training.results.states import InstanceState
 from gpu_training.results.store import ResultsStore, is_terminal
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ DEFAULT_GRACE = timedelta(minutes=15)
 #: one stuck instance does not hold up the others (the next run tries again).
 REAP_TERMINATE_BUDGET = timedelta(minutes=2)
 #: Instance rows in these states are settled; any other state claims a live instance.
-SETTLED_STATES = ("terminated", "failed")
+SETTLED_STATES = (InstanceState.TERMINATED, InstanceState.FAILED)
 #: Dag run states after which the run does nothing more (its teardown has run, or never will).
 FINISHED_RUN_STATES = frozenset({"success", "failed"})
 
@@ -327,7 +328,7 @@ class _Reaper:
             try:
                 if info is None and not record.instance_id:
                     self.store.update_instance(
-                        record.name, state="failed", state_reason=record.state_reason or "never launched"
+                        record.name, state=InstanceState.FAILED, state_reason=record.state_reason or "never launched"
                     )
                 else:
                     self._settle(record, record.instance_id, f"reaped: {reason}")

@@ -41,6 +41,7 @@ from gpu_training.results.models import (
     TrainingStep,
     utcnow,
 )
+from gpu_training.results.states import JobStatus
 
 JOBS: Table = TrainingJob.__table__  # type: ignore[assignment]
 ITERATIONS: Table = TrainingIteration.__table__  # type: ignore[assignment]
@@ -496,8 +497,8 @@ class MetricsWriter:
             )
             self.conn.execute(
                 update(JOBS)
-                .where((job.id == self.job_id) & job.status.in_(("pending", "provisioning")))
-                .values(status="running")
+                .where((job.id == self.job_id) & job.status.in_((JobStatus.PENDING, JobStatus.PROVISIONING)))
+                .values(status=JobStatus.RUNNING)
             )
         elif ev.kind == ("PROJECT", "end"):
             started = self.conn.execute(select(job.started_at).where(job.id == self.job_id)).scalar()
@@ -512,7 +513,7 @@ class MetricsWriter:
             self.conn.execute(
                 update(JOBS)
                 .where((job.id == self.job_id) & job.status.not_in(tuple(TERMINAL_STATUSES)))
-                .values(status="completed")
+                .values(status=JobStatus.COMPLETED)
             )
         elif ev.kind == ("GROUP_ITERATION", "start"):
             config = ev.data.get("training_config")

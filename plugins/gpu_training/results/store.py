@@ -33,6 +33,7 @@ from gpu_training.results.models import (
     TrainingJob,
     utcnow,
 )
+from gpu_training.results.states import InstanceState, JobStatus
 
 NOTIFICATIONS: Table = Notification.__table__  # type: ignore[assignment]
 
@@ -128,7 +129,7 @@ class ResultsStore:
             map_index=map_index,
             stage=stage,
             outputs_uri=outputs_uri,
-            status="pending",
+            status=JobStatus.PENDING,
         )
         try:
             with self.session() as s, s.begin():
@@ -184,8 +185,8 @@ class ResultsStore:
             )
             conn.execute(
                 update(JOBS)
-                .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.not_in(("failed", "cancelled")))
-                .values(status="failed", updated_at=utcnow())
+                .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.not_in((JobStatus.FAILED, JobStatus.CANCELLED)))
+                .values(status=JobStatus.FAILED, updated_at=utcnow())
             )
 
     def request_cancel(self, job_uuid: str, *, by: str) -> bool:
@@ -198,7 +199,7 @@ class ResultsStore:
             changed = conn.execute(
                 update(JOBS)
                 .where((JOBS.c.uuid == job_uuid) & JOBS.c.status.in_(active))
-                .values(status="cancelled", cancel_requested_at=now, cancelled_by=by[:250], updated_at=now)
+                .values(status=JobStatus.CANCELLED, cancel_requested_at=now, cancelled_by=by[:250], updated_at=now)
             ).rowcount
         return changed == 1
 
@@ -312,7 +313,7 @@ class ResultsStore:
                     .where(
                         TrainingJob.dag_id == dag_id,
                         TrainingJob.run_id == run_id,
-                        Instance.state.not_in(("terminated", "failed")),
+                        Instance.state.not_in((InstanceState.TERMINATED, InstanceState.FAILED)),
                     )
                     .order_by(Instance.id)
                 )

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 
 from gpu_training.results.models import TrainingJob
+from gpu_training.results.states import JobStatus
 from gpu_training.results.store import ResultsStore
 from gpu_training.retraining.promotion import job_metric
 
@@ -30,7 +31,7 @@ def sweep_report(
         )
     trials: list[dict[str, Any]] = []
     for job in jobs:
-        value = job_metric(store, job.uuid, metric) if job.status == "completed" else None
+        value = job_metric(store, job.uuid, metric) if job.status == JobStatus.COMPLETED else None
         trials.append(
             {
                 "map_index": job.map_index,
