@@ -15,12 +15,7 @@ PACKAGE = "gpu_training"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "plugins" / PACKAGE
 
 #: Cycles kept on purpose, each as its sorted modules -> why. Add none lightly.
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    ("gpu_training.errors", "gpu_training.params"): (
-        "JobParamsError names the param's title in the trigger form (PARAM_SPECS), and params raises"
-        " JobParamsError: errors imports params inside _param_title, when an error is made, after both loaded"
-    ),
-}
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 
 def module_name(path: Path) -> str:

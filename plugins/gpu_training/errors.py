@@ -42,26 +42,21 @@ class TrainingError(Exception):
 
 
 class JobParamsError(TrainingError, ValueError):
-    """A job parameter is invalid; raised before anything is provisioned."""
+    """A job parameter is invalid; raised before anything is provisioned. ``title``: the param's
+    title in the trigger form, so a refusal names the field people see (:func:`gpu_training.params.refused`
+    makes one with it)."""
 
     retryable = False
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, *, title: str | None = None) -> None:
         self.param = param
         self.reason = message
-        super().__init__(f"invalid param {param!r}{_param_title(param)}: {message}")
+        self.title = title
+        super().__init__(f"invalid param {param!r}{f' ({title})' if title else ''}: {message}")
 
 
 class JobPolicyError(JobParamsError):
     """A job asks for something the deployment's policy does not allow."""
-
-
-def _param_title(param: str) -> str:
-    """`` (Title)``: the param's title in the trigger form, so a refusal names the field people see."""
-    from gpu_training.params import PARAM_SPECS
-
-    spec = PARAM_SPECS.get(param)
-    return f" ({spec.title})" if spec is not None else ""
 
 
 class ResultsDbError(TrainingError):

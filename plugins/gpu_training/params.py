@@ -616,18 +616,18 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
             if not _finite(value):  # NaN passes minimum and maximum, and JSON (the results DB) has none
                 raise jsonschema.ValidationError("not a finite number")
         except jsonschema.ValidationError:
-            raise JobParamsError(name, f"{shown(value)} is not allowed: {spec.allowed_words()}") from None
+            raise refused(name, f"{shown(value)} is not allowed: {spec.allowed_words()}") from None
         values[name] = value
     if values["runtime"] == "process" and not any(part.strip() for part in values["command"]):
-        raise JobParamsError("command", "must contain a program to run")
+        raise refused("command", "must contain a program to run")
     if values["provider"] == "ssh" and not values["ssh_conn_id"]:
-        raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
+        raise refused("ssh_conn_id", "is required when provider is 'ssh'")
     if values["num_nodes"] > 1 and values["provider"] == "ssh":
-        raise JobParamsError(
+        raise refused(
             "num_nodes", "provider 'ssh' is one host; a multi-node job needs a provider that launches instances"
         )
     if values["num_nodes"] > 1 and values["runtime"] == "docker":
-        raise JobParamsError(
+        raise refused(
             "num_nodes", "multi-node jobs run the trainer as a process (runtime 'process', torchrun on each node)"
         )
     values["command"] = tuple(values["command"])
@@ -636,8 +636,22 @@ def parse_job_params(params: Mapping[str, Any]) -> JobSpec:
     values["regions"] = tuple(values["regions"])
     from gpu_training.offers import parse_gpu
 
-    parse_gpu(values["gpu"])  # a bad GPU request is refused here, naming the param
+    try:
+        parse_gpu(values["gpu"])  # a bad GPU request is refused here, naming the param
+    except JobParamsError as err:
+        raise refused(err.param, err.reason) from None
     return JobSpec(**values)
+
+
+def param_title(param: str) -> str | None:
+    """The param's title in the trigger form (the field people see), if it is one of ours."""
+    spec = PARAM_SPECS.get(param)
+    return spec.title if spec is not None else None
+
+
+def refused(param: str, message: str) -> JobParamsError:
+    """The refusal of ``param``, naming its title in the trigger form."""
+    return JobParamsError(param, message, title=param_title(param))
 
 
 def render_command(command: tuple[str, ...] | list[str], *, python: str, workdir: str) -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gpu_training.errors import JobPolicyError
+from gpu_training.params import param_title
 
 SECTION = "gpu_training"
 ANY = "*"
@@ -185,7 +186,9 @@ class Policy:
     # --- checks ------------------------------------------------------------------------------
 
     def refuse(self, param: str, what: str, key: str, value: str) -> JobPolicyError:
-        return JobPolicyError(param, f"{what} is not allowed here ([{SECTION}] {key} = {value})")
+        return JobPolicyError(
+            param, f"{what} is not allowed here ([{SECTION}] {key} = {value})", title=param_title(param)
+        )
 
     def check_file_uri(self, param: str, uri: str) -> None:
         """A ``file://`` URI must resolve (symlinks included) inside an allowed root."""

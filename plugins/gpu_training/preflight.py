@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from gpu_training.errors import JobParamsError
-from gpu_training.params import JobSpec
+from gpu_training.params import JobSpec, refused
 
 #: What each kind of connection is for, and how to add it (the CLI form; the UI has the same fields).
 _CLOUD_KEYS = {
@@ -35,7 +35,7 @@ class Needed:
     add: str
 
     def refusal(self) -> JobParamsError:
-        return JobParamsError(
+        return refused(
             self.param,
             f"{self.why} needs the Airflow connection {self.conn_id!r}, which is not defined here: add it under "
             f"Admin > Connections, or `airflow connections add {self.conn_id} {self.add}`",

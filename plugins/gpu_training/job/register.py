@@ -3,10 +3,9 @@ providers and connections) and its YAML config."""
 
 from __future__ import annotations
 
-from gpu_training.errors import JobParamsError
 from gpu_training.job.context import load_context, providers_for
 from gpu_training.job_config import build_job_config, render_yaml
-from gpu_training.params import parse_job_params
+from gpu_training.params import parse_job_params, refused
 from gpu_training.policy import enforce as enforce_policy
 from gpu_training.preflight import check_connections
 from gpu_training.results.states import JobStatus
@@ -54,14 +53,14 @@ def stage_checkpoint_uri(store: ResultsStore, dag_id: str, run_id: str, stage: s
     """The URI of ``checkpoint`` (a path in the job's outputs) of the run's completed ``stage`` job."""
     upstream = store.job_uuid_for_run(dag_id, run_id, -1, stage=stage)
     if upstream is None:
-        raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} has no job in run {run_id}")
+        raise refused("init_checkpoint_uri", f"stage {stage!r} has no job in run {run_id}")
     job = store.job(upstream)
     if job.status != JobStatus.COMPLETED:
-        raise JobParamsError("init_checkpoint_uri", f"stage {stage!r} (job {upstream}) is {job.status}, not completed")
+        raise refused("init_checkpoint_uri", f"stage {stage!r} (job {upstream}) is {job.status}, not completed")
     for artifact in store.artifacts(upstream):
         if artifact.name == checkpoint:
             return artifact.uri
-    raise JobParamsError(
+    raise refused(
         "init_checkpoint_uri", f"stage {stage!r} (job {upstream}) uploaded no {checkpoint!r} among its outputs"
     )
 

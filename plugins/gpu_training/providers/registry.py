@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from gpu_training.errors import JobParamsError
-from gpu_training.params import JobSpec
+from gpu_training.params import JobSpec, refused
 from gpu_training.providers.base import ComputeProvider
 
 if TYPE_CHECKING:
@@ -46,15 +45,13 @@ def get_provider(name: str, spec: JobSpec | None = None) -> ComputeProvider:
         from gpu_training.providers.ssh import SshProvider
 
         if spec is None or not spec.ssh_conn_id:
-            raise JobParamsError("ssh_conn_id", "is required when provider is 'ssh'")
+            raise refused("ssh_conn_id", "is required when provider is 'ssh'")
         return SshProvider(spec.ssh_conn_id, require_docker=spec.runtime == "docker")
     if name == "ec2" and spec is not None:
         return cloud_class(name)(spec.aws_conn_id)  # the job's AWS connection (S3's too)
     if name in CLOUDS:
         return cloud_class(name)()
-    raise JobParamsError(
-        "provider", f"{name!r} is not available in this installation (available: {', '.join(AVAILABLE)})"
-    )
+    raise refused("provider", f"{name!r} is not available in this installation (available: {', '.join(AVAILABLE)})")
 
 
 def configured_clouds() -> tuple[str, ...]:
@@ -90,7 +87,7 @@ def provider_names(spec: JobSpec) -> tuple[str, ...]:
                 ", ".join(policy.allowed_providers),
             )
         if not clouds:
-            raise JobParamsError(
+            raise refused(
                 "provider",
                 "'cloud' needs at least one cloud connection: define one of " + ", ".join(CLOUD_CONNECTIONS.values()),
             )
