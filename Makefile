@@ -30,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CONF ?= {}
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak clean status-db ui ui-if-node up down status logs validate docs
+.PHONY: help install system-deps migrate demo run cluster test lint bench bench-concurrency bench-cluster bench-soak bench-followers clean status-db ui ui-if-node up down status logs validate docs
 
 help:
 	@sed -n '2,12p' Makefile
@@ -156,6 +156,14 @@ bench-soak: install
 	  apt-get install -y -qq --no-install-recommends postgresql >/dev/null || \
 	  { echo "bench/soak.py needs PostgreSQL (apt-get install postgresql)"; exit 1; }
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# N jobs (50, 100, 200; half over SSH to the test sshd) followed at once by one triggerer process
+# running GlobalJsonTrigger for each on one event loop: its CPU, the loop's longest block, event -> row
+# latency, lost/duplicated rows (~11 min per N by default on 2 cores). FOLLOWERS_ARGS='--jobs 50 --minutes 2'.
+FOLLOWERS_ARGS ?=
+bench-followers: install
+	@[ "$$(id -u)" = 0 ] || { echo "bench/followers.py needs root (sshd)"; exit 1; }
+	$(BIN)/python bench/followers.py $(FOLLOWERS_ARGS)
 
 # docs/params.md, generated from PARAM_SPECS (plugins/gpu_training/docs.py); tests/test_docs.py fails
 # when the committed page differs from what this writes.
