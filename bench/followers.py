@@ -284,8 +284,11 @@ def start_trainers(tmp: Path, jobs: int, interval: float, epochs: int, first_at:
 
 
 def stop_trainers(workdirs: Sequence[Path]) -> None:
+    """Kill the trainers still running (a follower that failed): their wrapper's process group."""
     for workdir in workdirs:
-        with suppress(OSError, ValueError):  # it ended already
+        if (workdir / "run/exit_code").exists():
+            continue  # it ended: its process group is gone (and its number may be another's by now)
+        with suppress(OSError, ValueError):
             os.killpg(int((workdir / "run/pgid").read_text()), signal.SIGKILL)
 
 
@@ -500,6 +503,7 @@ def report(run: Run, fig: Figures, baseline: Figures | None) -> None:
         f" {fig.callback_ms:>8.1f} {fig.overshoot_ms:>8.1f} {fig.attach_callback_ms:>9.1f}"
         f" {fig.p50:>7.0f} {fig.p95:>7.0f} {fig.max:>7.0f} {run.lost:>5} {run.duplicated:>5}"
         f" {run.offsets_ok:>4}/{run.jobs:<4} {run.window[1] - run.window[0]:>5.0f}s  "
+        f"{run.expected - run.lost}/{run.expected} epochs stored; "
         + ", ".join(f"{kind} {count}" for kind, count in sorted(ends.items()))
     )
     if len(fig.by_kind) > 1:
