@@ -132,6 +132,7 @@ def browser(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) -
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,2400"):
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for failures' reports
     # Explicit paths: Selenium Manager never looks for (or downloads) a browser or driver.
     driver = webdriver.Chrome(
         service=Service(executable_path=str(CHROMEDRIVER), log_output=str(cluster.logs / "chromedriver.log")),
@@ -218,6 +219,20 @@ def choose(select: WebElement, value: str) -> None:
 
 def legend(driver: WebDriver, chart: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f"[data-testid={chart}] .u-legend").text
+
+
+def what_the_page_shows(driver: WebDriver, reads: str) -> str:
+    """For a failure's message: the frame's URL and text, the console, and the page's reads of URLs
+    containing ``reads`` (status, duration)."""
+    url = driver.execute_script("return location.href")
+    text = driver.execute_script("return document.body.innerText")[:1500]
+    entries = driver.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => e.name.includes(arguments[0]))"
+        ".map(e => [e.name, e.responseStatus, Math.round(e.duration)]);",
+        reads,
+    )
+    console = [f"{e.get('level')} {e.get('message')}"[:300] for e in driver.get_log("browser")][-20:]
+    return f"the page at {url} shows: {text}\nits reads of {reads}: {entries}\nits console: {console}"
 
 
 def job_view_of(driver: WebDriver, uuid: str) -> WebElement:
@@ -561,8 +576,7 @@ def test_a_long_jobs_chart_is_paged_in(
             assert not browser.find_elements(By.CSS_SELECTOR, "p.error")
         except AssertionError as err:
             screenshot(browser, tmp_path / "ui-long-job-val-loss-timeout.png")
-            shown = browser.execute_script("return document.body.innerText")[:3000]
-            raise AssertionError(f"{err}; the page shows: {shown}") from None
+            raise AssertionError(f"{err}; {what_the_page_shows(browser, '/series')}") from None
         assert inked_pixels(browser, "loss-chart") > 200
         screenshot(browser, tmp_path / "ui-long-job.png")
     finally:
