@@ -7,7 +7,8 @@ status check (``TRAINER_STATUS_SCRIPT`` every ``poll_interval``) really runs. Ea
 loop (no fork per event) appending a ``TRAINING/epoch_complete`` event carrying its wall-clock write
 time to ``outputs/global.json`` and a line to its log every ``--interval`` s for ``--minutes``, then
 ``PROJECT end``; their phases are spread over one interval. Half the jobs (``--ssh-share``) are
-followed over SSH through the test sshd on 127.0.0.1, the rest locally.
+followed over SSH through the test sshd on 127.0.0.1 (its sessions given an empty ``HOME``, so no
+login file of this machine runs per command), the rest locally.
 
 ONE separate follower process runs the production trigger
 (:class:`~gpu_training.triggers.GlobalJsonTrigger`) for every job on one asyncio event loop, as
@@ -553,7 +554,11 @@ def main() -> None:
         elif args.ssh_share > 0:
             from tests.sshd import start_sshd
 
-            sshd = start_sshd(tmp / "sshd")
+            # An empty home for the sessions: a host's login files are not the follower's cost (this
+            # machine's root .bashrc runs `pyenv init`, a rehash included, for every SSH command).
+            home = tmp / "home"
+            home.mkdir()
+            sshd = start_sshd(tmp / "sshd", [f"SetEnv HOME={home}"])
             os.environ[f"AIRFLOW_CONN_{SSH_CONN_ID.upper()}"] = sshd.connection()
             ssh_port, sshd_pid = sshd.port, sshd.proc.pid
         if args.results_db == "postgres":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def have_sshd() -> bool:
     return shutil.which("sshd") is not None or Path("/usr/sbin/sshd").exists()
 
 
-def start_sshd(root: Path) -> Sshd:
+def start_sshd(root: Path, extra_config: Sequence[str] = ()) -> Sshd:
+    """Start sshd with its keys and config in ``root``; ``extra_config``: more sshd_config lines."""
     root.mkdir(parents=True, exist_ok=True)
     host_key, user_key = root / "host_ed25519", root / "user_ed25519"
     for key in (host_key, user_key):
@@ -68,6 +70,7 @@ def start_sshd(root: Path) -> Sshd:
                 "MaxStartups 100:30:200",
                 "Subsystem sftp internal-sftp",
                 "LogLevel ERROR",
+                *extra_config,
                 "",
             ]
         )
