@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from gpu_training import storage
 from gpu_training.errors import InstanceNotFoundError
@@ -28,21 +29,31 @@ SALVAGE_BUDGET = timedelta(seconds=30)
 
 def upload(store: ResultsStore, job_uuid: str) -> int:
     """Upload outputs with checksums and record them as artifacts; returns the file count."""
-    ctx = load_context(store, job_uuid)
-    spec = ctx.spec
+    return len(_upload_and_record(load_context(store, job_uuid)))
+
+
+def _upload_and_record(ctx: JobContext, *, salvaging: bool = False) -> list[Any]:
+    """The job's outputs uploaded with checksums from its host to ``outputs_uri`` and recorded as
+    artifacts (``salvaging`` a cancelled job: only its log and latest checkpoint); the records."""
+    spec, store, job_uuid = ctx.spec, ctx.store, ctx.uuid
     Policy.current().check_file_uri("outputs_uri", spec.outputs_uri)
     host = host_for(ctx)
+    which: dict[str, Any] = (
+        {"only": storage.latest_checkpoint_sources(host)}
+        if salvaging
+        else {"on_skipped": lambda skipped: store.record_skipped_outputs(job_uuid, skipped)}
+    )
     records = upload_outputs(
         host,
         spec.outputs_uri,
         job_uuid,
         direct=direct_s3(spec, host, ctx.job.outputs_uri or ""),
         expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
-        on_skipped=lambda skipped: store.record_skipped_outputs(job_uuid, skipped),
         aws_conn_id=spec.aws_conn_id,
+        **which,
     )
-    store.record_artifacts(job_uuid, records)
-    return len(records)
+    ctx.store.record_artifacts(ctx.uuid, records)
+    return records
 
 
 def salvage_cancelled(store: ResultsStore, job_uuid: str, *, budget: timedelta | None = None) -> list[str]:
@@ -77,19 +88,7 @@ def salvage(ctx: JobContext, *, budget: timedelta | None = None) -> list[str]:
 
     def keep() -> None:
         try:
-            spec = ctx.spec
-            Policy.current().check_file_uri("outputs_uri", spec.outputs_uri)
-            host = host_for(ctx)
-            records = upload_outputs(
-                host,
-                spec.outputs_uri,
-                job_uuid,
-                direct=direct_s3(spec, host, job.outputs_uri or ""),
-                expiry_seconds=int(spec.presigned_url_expiry_minutes * 60),
-                only=storage.latest_checkpoint_sources(host),
-                aws_conn_id=spec.aws_conn_id,
-            )
-            store.record_artifacts(job_uuid, records)
+            records = _upload_and_record(ctx, salvaging=True)
             uploaded.extend(r.name for r in records)
         except Exception as err:  # an instance that no longer answers keeps nothing: say so
             log.warning("job %s was cancelled; its log and checkpoint could not be kept: %s", job_uuid, err)
